@@ -1,0 +1,44 @@
+//! `--device` and `--dtype`, parsed the same way by every command that runs the model.
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+/// `cpu`, `cuda` or `cuda:N`; `None` means CUDA when a GPU is visible, else CPU.
+pub fn parse_device(spec: Option<&str>) -> Result<Device> {
+    let device = match spec {
+        None => return Ok(Device::cuda_if_available()),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
+        },
+    };
+    if let Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            bail!("device cuda:{n} was asked for, but {count} CUDA device(s) are visible");
+        }
+    }
+    Ok(device)
+}
+
+/// `f32`, `bf16` or `f16`; `None` means f32 on CPU and bf16 on CUDA.
+pub fn parse_dtype(spec: Option<&str>, device: Device) -> Result<Kind> {
+    Ok(match spec {
+        None if device == Device::Cpu => Kind::Float,
+        None => Kind::BFloat16,
+        Some("f32" | "float32") => Kind::Float,
+        Some("bf16" | "bfloat16") => Kind::BFloat16,
+        Some("f16" | "float16") => Kind::Half,
+        Some(s) => bail!("unknown dtype {s:?}: use f32, bf16 or f16"),
+    })
+}
+
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

@@ -1,0 +1,56 @@
+//! Autoregressive generation with a KV cache: greedy by default, or sampling at a temperature.
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use crate::hooks::Hooks;
+use crate::model::Model;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    pub seed: u64,
+    /// Stop after the model emits its EOS token.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_new_tokens: 32, temperature: 0.0, seed: 0, stop_at_eos: true }
+    }
+}
+
+/// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
+/// `hooks` is applied at every step (steering passes its interventions here).
+pub fn generate(model: &Model, prompt: &[u32], opts: &GenerateOptions, hooks: &mut Hooks, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    if opts.temperature < 0.0 || !opts.temperature.is_finite() {
+        bail!("temperature must be a finite number >= 0, got {}", opts.temperature);
+    }
+    tch::manual_seed(opts.seed as i64);
+    let llama = &model.llama;
+    let mut cache = llama.new_cache();
+    let mut input = Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    let mut generated = Vec::with_capacity(opts.max_new_tokens);
+    for _ in 0..opts.max_new_tokens {
+        let out = llama.forward(&input, Some(&mut cache), hooks, true);
+        let logits = out.logits.expect("logits were asked for").select(1, -1).squeeze_dim(0); // [vocab]
+        let next = if opts.temperature == 0.0 {
+            logits.argmax(0, false)
+        } else {
+            (logits / opts.temperature).softmax(0, Kind::Float).multinomial(1, false).squeeze_dim(0)
+        };
+        let next = next.int64_value(&[]) as u32;
+        generated.push(next);
+        on_token(next)?;
+        if opts.stop_at_eos && Some(next) == model.tokenizer.eos_id {
+            break;
+        }
+        input = Tensor::from_slice(&[next as i64]).unsqueeze(0);
+    }
+    Ok(generated)
+}

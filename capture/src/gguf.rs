@@ -1,0 +1,663 @@
+//! GGUF v2/v3 files: header, metadata, tensor infos, and dequantization to f32.
+//!
+//! Layout (little-endian), as llama.cpp's `ggml/docs/gguf.md` describes it:
+//! `magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv | kv* | tensor_info* | pad | data`.
+//! A tensor info is `string name | u32 n_dims | u64 dims[n_dims] | u32 type | u64 offset`,
+//! where `dims` lists the fastest-varying dimension first: the reverse of the row-major shape.
+//! `offset` is relative to the start of the data section, which begins at the first multiple of
+//! `general.alignment` (default 32) after the tensor infos.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read GGUF file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a GGUF file (magic bytes {magic:?}, expected \"GGUF\")")]
+    BadMagic { path: PathBuf, magic: [u8; 4] },
+    #[error("{path}: GGUF version {version} is not supported (only 2 and 3)")]
+    UnsupportedVersion { path: PathBuf, version: u32 },
+    #[error("{path}: file is truncated or corrupt while reading {what}")]
+    Truncated { path: PathBuf, what: String },
+    #[error("{path}: metadata value type {kind} for key {key:?} is unknown")]
+    BadValueType { path: PathBuf, key: String, kind: u32 },
+    #[error("tensor {tensor:?} has type {type_name}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    UnsupportedType { tensor: String, type_name: String },
+    #[error("{path}: tensor {tensor:?} not found")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: metadata key {key:?} is missing or has the wrong type")]
+    MissingKey { path: PathBuf, key: String },
+}
+
+/// A metadata value, typed as in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// Any integer type, widened; GGUF writers are not consistent about integer widths.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v.into()),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// ggml tensor types. Only the ones we can dequantize have their own variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    BF16,
+    /// Any other type id; refused by [`dequantize`].
+    Other(u32),
+}
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Self {
+        match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            other => GgmlType::Other(other),
+        }
+    }
+
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 8,
+            GgmlType::BF16 => 30,
+            GgmlType::Other(id) => id,
+        }
+    }
+
+    /// The name llama.cpp uses for the type.
+    pub fn name(self) -> String {
+        const NAMES: [&str; 40] = [
+            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+            "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
+            "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M",
+            "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4",
+            "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4",
+        ];
+        let id = self.id() as usize;
+        NAMES.get(id).map_or_else(|| format!("type id {id}"), |s| s.to_string())
+    }
+
+    /// (elements per block, bytes per block) for the types we can read.
+    fn block_layout(self) -> Option<(usize, usize)> {
+        match self {
+            GgmlType::F32 => Some((1, 4)),
+            GgmlType::F16 | GgmlType::BF16 => Some((1, 2)),
+            GgmlType::Q4_0 => Some((32, 18)),
+            GgmlType::Q4_1 => Some((32, 20)),
+            GgmlType::Q8_0 => Some((32, 34)),
+            GgmlType::Other(_) => None,
+        }
+    }
+}
+
+/// Where a tensor lives in the file.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Dimensions as stored: fastest-varying first (the reverse of the row-major shape).
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// Row-major shape, as PyTorch and safetensors write it.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+    pub fn n_elements(&self) -> usize {
+        self.dims.iter().product::<u64>() as usize
+    }
+}
+
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A parsed GGUF file; tensor data stays in the (memory-mapped) file until dequantized.
+pub struct GgufFile {
+    path: PathBuf,
+    bytes: Bytes,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`.
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the model file is opened read-only; as with every mmap-based loader, a
+        // concurrent truncation by another process would fault, which we accept.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path.to_path_buf(), Bytes::Mapped(map))
+    }
+
+    /// Parses a GGUF image held in memory; `name` is used in error messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self, GgufError> {
+        Self::parse(PathBuf::from(name), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, bytes: Bytes) -> Result<Self, GgufError> {
+        let mut r = Reader { bytes: &bytes, pos: 0, path: &path };
+        let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
+        if &magic != MAGIC {
+            return Err(GgufError::BadMagic { path, magic });
+        }
+        let version = r.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::UnsupportedVersion { path, version });
+        }
+        let n_tensors = r.u64("tensor count")?;
+        let n_kv = r.u64("metadata count")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string("metadata key")?;
+            let kind = r.u32("metadata value type")?;
+            let value = r.value(kind, &key)?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
+        for _ in 0..n_tensors {
+            let name = r.string("tensor name")?;
+            let n_dims = r.u32("tensor rank")?;
+            if n_dims > 8 {
+                return Err(r.truncated(&format!("tensor {name:?} rank {n_dims}")));
+            }
+            let dims = (0..n_dims).map(|_| r.u64("tensor dims")).collect::<Result<Vec<_>, _>>()?;
+            let ggml_type = GgmlType::from_id(r.u32("tensor type")?);
+            let offset = r.u64("tensor offset")?;
+            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .filter(|&a| a > 0)
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
+        let data_start = data_start as usize;
+        drop(r);
+        Ok(GgufFile { path, bytes, version, metadata, tensors, data_start })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// A metadata value that must be present; the error names the key and the file.
+    pub fn require(&self, key: &str) -> Result<&Value, GgufError> {
+        self.get(key).ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+    }
+
+    pub fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
+        self.require(key)?
+            .as_u64()
+            .ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+    }
+
+    pub fn require_f64(&self, key: &str) -> Result<f64, GgufError> {
+        self.require(key)?
+            .as_f64()
+            .ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+    }
+
+    /// The raw bytes of a tensor's data.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8], GgufError> {
+        let (per_block, block_bytes) = info
+            .ggml_type
+            .block_layout()
+            .ok_or_else(|| unsupported(&info.name, info.ggml_type))?;
+        let n = info.n_elements();
+        if n % per_block != 0 {
+            return Err(GgufError::Truncated {
+                path: self.path.clone(),
+                what: format!("tensor {:?}: {n} elements is not a whole number of blocks", info.name),
+            });
+        }
+        let len = n / per_block * block_bytes;
+        let start = self.data_start + info.offset as usize;
+        self.bytes.get(start..start + len).ok_or_else(|| GgufError::Truncated {
+            path: self.path.clone(),
+            what: format!("data of tensor {:?}", info.name),
+        })
+    }
+
+    /// Dequantizes a tensor to f32, returning its row-major shape and values.
+    pub fn dequantize(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| GgufError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
+        if let GgmlType::Other(_) = info.ggml_type {
+            return Err(unsupported(&info.name, info.ggml_type));
+        }
+        let values = dequantize(info.ggml_type, self.tensor_bytes(info)?, info.n_elements())
+            .map_err(|_| unsupported(&info.name, info.ggml_type))?;
+        Ok((info.shape(), values))
+    }
+}
+
+fn unsupported(tensor: &str, ty: GgmlType) -> GgufError {
+    GgufError::UnsupportedType { tensor: tensor.into(), type_name: ty.name() }
+}
+
+/// Dequantizes `n` elements of type `ty` from `bytes`. Fails only for types we do not support.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgmlType> {
+    let (per_block, block_bytes) = ty.block_layout().ok_or(ty)?;
+    assert_eq!(bytes.len(), n / per_block * block_bytes, "byte length does not match element count");
+    let mut out = vec![0f32; n];
+    // Blocks are independent, so dequantize chunks of blocks in parallel.
+    const BLOCKS_PER_TASK: usize = 4096;
+    out.par_chunks_mut(per_block * BLOCKS_PER_TASK)
+        .zip(bytes.par_chunks(block_bytes * BLOCKS_PER_TASK))
+        .for_each(|(out, bytes)| {
+            for (out, block) in out.chunks_exact_mut(per_block).zip(bytes.chunks_exact(block_bytes)) {
+                dequantize_block(ty, block, out);
+            }
+        });
+    Ok(out)
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+fn dequantize_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        GgmlType::F16 => out[0] = f16_at(b, 0),
+        GgmlType::BF16 => out[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        // d: f16 scale, then 32 signed bytes: x = d * q.
+        GgmlType::Q8_0 => {
+            let d = f16_at(b, 0);
+            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                *o = d * (q as i8) as f32;
+            }
+        }
+        // d: f16 scale, then 16 bytes of nibbles: low nibbles are elements 0..16, high 16..32;
+        // x = d * (q - 8).
+        GgmlType::Q4_0 => {
+            let d = f16_at(b, 0);
+            for (j, &q) in b[2..18].iter().enumerate() {
+                out[j] = d * ((q & 0x0F) as i32 - 8) as f32;
+                out[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
+            }
+        }
+        // d: f16 scale, m: f16 minimum, then 16 bytes of nibbles as in Q4_0; x = d * q + m.
+        GgmlType::Q4_1 => {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            for (j, &q) in b[4..20].iter().enumerate() {
+                out[j] = d * (q & 0x0F) as f32 + m;
+                out[j + 16] = d * (q >> 4) as f32 + m;
+            }
+        }
+        GgmlType::Other(_) => unreachable!("checked by block_layout"),
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn truncated(&self, what: &str) -> GgufError {
+        GgufError::Truncated { path: self.path.to_path_buf(), what: what.to_string() }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], GgufError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| self.truncated(what))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
+        Ok(self.take(N, what)?.try_into().expect("N bytes"))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        let len = usize::try_from(len).map_err(|_| self.truncated(what))?;
+        let bytes = self.take(len, what)?;
+        // Tokenizer vocabularies hold byte-level strings that are valid UTF-8; be lenient anyway.
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+    fn value(&mut self, kind: u32, key: &str) -> Result<Value, GgufError> {
+        Ok(match kind {
+            0 => Value::U8(self.array::<1>(key)?[0]),
+            1 => Value::I8(self.array::<1>(key)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => Value::U32(u32::from_le_bytes(self.array(key)?)),
+            5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => Value::Bool(self.array::<1>(key)?[0] != 0),
+            8 => Value::String(self.string(key)?),
+            9 => {
+                let item_kind = self.u32(key)?;
+                let len = self.u64(key)?;
+                // Every item takes at least one byte, so a length beyond the file is corrupt.
+                if len > self.bytes.len() as u64 {
+                    return Err(self.truncated(key));
+                }
+                let items = (0..len).map(|_| self.value(item_kind, key)).collect::<Result<_, _>>()?;
+                Value::Array(items)
+            }
+            10 => Value::U64(u64::from_le_bytes(self.array(key)?)),
+            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
+            kind => {
+                return Err(GgufError::BadValueType { path: self.path.to_path_buf(), key: key.into(), kind })
+            }
+        })
+    }
+}
+
+/// Builds a GGUF v3 image in memory. Tests use it to make small files with known contents.
+#[derive(Default)]
+pub struct GgufBuilder {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+}
+
+impl GgufBuilder {
+    pub fn metadata(mut self, key: &str, value: Value) -> Self {
+        self.metadata.push((key.into(), value));
+        self
+    }
+
+    /// Adds a tensor with its row-major `shape` and raw (already encoded) data.
+    pub fn tensor(mut self, name: &str, shape: &[usize], ty: GgmlType, data: Vec<u8>) -> Self {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push((name.into(), dims, ty, data));
+        self
+    }
+
+    pub fn build(self) -> Vec<u8> {
+        fn put_str(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        fn kind(v: &Value) -> u32 {
+            match v {
+                Value::U8(_) => 0,
+                Value::I8(_) => 1,
+                Value::U16(_) => 2,
+                Value::I16(_) => 3,
+                Value::U32(_) => 4,
+                Value::I32(_) => 5,
+                Value::F32(_) => 6,
+                Value::Bool(_) => 7,
+                Value::String(_) => 8,
+                Value::Array(_) => 9,
+                Value::U64(_) => 10,
+                Value::I64(_) => 11,
+                Value::F64(_) => 12,
+            }
+        }
+        fn put_value(out: &mut Vec<u8>, v: &Value) {
+            match v {
+                Value::U8(x) => out.push(*x),
+                Value::I8(x) => out.push(*x as u8),
+                Value::U16(x) => out.extend(x.to_le_bytes()),
+                Value::I16(x) => out.extend(x.to_le_bytes()),
+                Value::U32(x) => out.extend(x.to_le_bytes()),
+                Value::I32(x) => out.extend(x.to_le_bytes()),
+                Value::F32(x) => out.extend(x.to_le_bytes()),
+                Value::Bool(x) => out.push(*x as u8),
+                Value::String(s) => put_str(out, s),
+                Value::Array(items) => {
+                    out.extend(items.first().map_or(8, kind).to_le_bytes());
+                    out.extend((items.len() as u64).to_le_bytes());
+                    items.iter().for_each(|i| put_value(out, i));
+                }
+                Value::U64(x) => out.extend(x.to_le_bytes()),
+                Value::I64(x) => out.extend(x.to_le_bytes()),
+                Value::F64(x) => out.extend(x.to_le_bytes()),
+            }
+        }
+        let mut out = Vec::new();
+        out.extend(MAGIC);
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_str(&mut out, key);
+            out.extend(kind(value).to_le_bytes());
+            put_value(&mut out, value);
+        }
+        let mut offset = 0u64;
+        let mut offsets = Vec::new();
+        for (name, dims, ty, data) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+            out.extend(ty.id().to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + data.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        }
+        let data_start = (out.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        out.resize(data_start as usize, 0);
+        for ((_, _, _, data), offset) in self.tensors.iter().zip(offsets) {
+            out.resize((data_start + offset) as usize, 0);
+            out.extend(data);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f16_bytes(x: f32) -> [u8; 2] {
+        f16::from_f32(x).to_le_bytes()
+    }
+
+    #[test]
+    fn q8_0_block_dequantizes_to_scale_times_quant() {
+        let mut block = f16_bytes(0.5).to_vec();
+        let quants: Vec<i8> = (0..32).map(|i| i as i8 - 16).collect();
+        block.extend(quants.iter().map(|&q| q as u8));
+        let out = dequantize(GgmlType::Q8_0, &block, 32).unwrap();
+        let expected: Vec<f32> = quants.iter().map(|&q| 0.5 * q as f32).collect();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn q4_0_block_uses_low_nibbles_first_and_offset_8() {
+        let mut block = f16_bytes(2.0).to_vec();
+        // byte j holds element j in its low nibble and element j+16 in its high nibble.
+        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let out = dequantize(GgmlType::Q4_0, &block, 32).unwrap();
+        for j in 0..16 {
+            assert_eq!(out[j], 2.0 * (j as f32 - 8.0), "element {j}");
+            assert_eq!(out[j + 16], 2.0 * ((15 - j) as f32 - 8.0), "element {}", j + 16);
+        }
+    }
+
+    #[test]
+    fn q4_1_block_adds_minimum() {
+        let mut block = f16_bytes(0.25).to_vec();
+        block.extend(f16_bytes(-1.5));
+        block.extend((0..16u8).map(|j| (j % 16) | (((j + 3) % 16) << 4)));
+        let out = dequantize(GgmlType::Q4_1, &block, 32).unwrap();
+        for j in 0..16 {
+            assert_eq!(out[j], 0.25 * j as f32 - 1.5);
+            assert_eq!(out[j + 16], 0.25 * ((j + 3) % 16) as f32 - 1.5);
+        }
+    }
+
+    #[test]
+    fn multi_block_tensors_keep_block_order() {
+        let mut bytes = Vec::new();
+        for d in [1.0f32, -3.0] {
+            bytes.extend(f16_bytes(d));
+            bytes.extend(std::iter::repeat_n(1u8, 32));
+        }
+        let out = dequantize(GgmlType::Q8_0, &bytes, 64).unwrap();
+        assert!(out[..32].iter().all(|&x| x == 1.0));
+        assert!(out[32..].iter().all(|&x| x == -3.0));
+    }
+
+    #[test]
+    fn file_round_trip_with_metadata_shapes_and_alignment() {
+        let q8: Vec<u8> = {
+            let mut b = f16_bytes(0.125).to_vec();
+            b.extend((0..32).map(|i| i as u8));
+            b
+        };
+        let f32s: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let image = GgufBuilder::default()
+            .metadata("general.architecture", Value::String("llama".into()))
+            .metadata("llama.block_count", Value::U32(30))
+            .metadata("tokenizer.ggml.tokens", Value::Array(vec![Value::String("a".into()), Value::String("b".into())]))
+            .tensor("odd", &[3], GgmlType::F32, f32s)
+            .tensor("q", &[2, 16], GgmlType::Q8_0, q8)
+            .build();
+        let file = GgufFile::from_bytes("test.gguf", image).unwrap();
+        assert_eq!(file.version, 3);
+        assert_eq!(file.require_u64("llama.block_count").unwrap(), 30);
+        assert_eq!(file.get("general.architecture").and_then(Value::as_str), Some("llama"));
+        assert_eq!(file.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len()), Some(2));
+        let (shape, values) = file.dequantize("odd").unwrap();
+        assert_eq!((shape, values), (vec![3], vec![1.5, -2.0, 3.25]));
+        // Stored dims are reversed: a [2, 16] tensor is listed as [16, 2].
+        assert_eq!(file.tensor_info("q").unwrap().dims, vec![16, 2]);
+        let (shape, values) = file.dequantize("q").unwrap();
+        assert_eq!(shape, vec![2, 16]);
+        assert_eq!(values[31], 0.125 * 31.0);
+    }
+
+    #[test]
+    fn unsupported_type_error_names_tensor_and_type() {
+        let image = GgufBuilder::default()
+            .tensor("blk.0.attn_q.weight", &[256], GgmlType::Other(12), vec![0; 144])
+            .build();
+        let file = GgufFile::from_bytes("test.gguf", image).unwrap();
+        let err = file.dequantize("blk.0.attn_q.weight").unwrap_err().to_string();
+        assert!(err.contains("blk.0.attn_q.weight") && err.contains("Q4_K"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_files_are_refused_clearly() {
+        let err = GgufFile::from_bytes("x.gguf", b"GGML\x03\0\0\0".to_vec()).unwrap_err();
+        assert!(matches!(err, GgufError::BadMagic { .. }), "{err}");
+        let mut image = GgufBuilder::default().metadata("k", Value::String("v".into())).build();
+        image.truncate(30);
+        let err = GgufFile::from_bytes("x.gguf", image).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let mut image = GgufBuilder::default().build();
+        image[4] = 9;
+        let err = GgufFile::from_bytes("x.gguf", image).unwrap_err();
+        assert!(matches!(err, GgufError::UnsupportedVersion { version: 9, .. }), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! Hosts a Llama-family language model in libtorch (through `tch`) and reads its activations.
+//!
+//! - [`model::Model::load`] loads a GGUF file or a Hugging Face folder, with its tokenizer.
+//! - [`llama::Llama::forward`] runs the model, reading and changing activations at hook points
+//!   named as in TransformerLens ([`hooks::HookPoint`]), and stops early after the deepest hook
+//!   when no logits are needed.
+//! - [`generate::generate`] decodes with a KV cache.
+//!
+//! This crate knows nothing of SAEs or of how activations are stored.
+
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod gguf;
+pub mod hooks;
+pub mod llama;
+pub mod model;
+pub mod tokenizer;
+
+pub use hooks::{HookPoint, Hooks};
+pub use model::Model;

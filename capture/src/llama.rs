@@ -1,0 +1,226 @@
+//! A Llama-family decoder in libtorch: RMSNorm, rotary embeddings, grouped-query attention with a
+//! causal mask and a KV cache, a SwiGLU MLP, and tied or separate unembedding.
+//!
+//! Weights use Hugging Face names (`model.layers.{i}.self_attn.q_proj.weight`, ...), with Q and K in
+//! Hugging Face's rotary layout (halves, `rotate_half`); the GGUF loader undoes llama.cpp's
+//! permutation before they get here.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::hooks::{HookPoint, Hooks};
+
+struct Block {
+    input_norm: Tensor, // [d]
+    q_proj: Tensor,     // [n_heads * head_dim, d]
+    k_proj: Tensor,     // [n_kv_heads * head_dim, d]
+    v_proj: Tensor,     // [n_kv_heads * head_dim, d]
+    o_proj: Tensor,     // [d, n_heads * head_dim]
+    post_norm: Tensor,  // [d]
+    gate_proj: Tensor,  // [d_ff, d]
+    up_proj: Tensor,    // [d_ff, d]
+    down_proj: Tensor,  // [d, d_ff]
+}
+
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>, // each [batch, n_kv_heads, seen, head_dim]
+    seen: i64,
+}
+
+impl KvCache {
+    /// How many positions the cache holds.
+    pub fn len(&self) -> i64 {
+        self.seen
+    }
+    pub fn is_empty(&self) -> bool {
+        self.seen == 0
+    }
+}
+
+/// What a forward pass returns.
+pub struct ForwardOutput {
+    /// `[batch, seq, vocab]` in f32, when logits were asked for.
+    pub logits: Option<Tensor>,
+    /// Captured hook tensors, each `[batch, seq, d_model]` in the compute dtype.
+    pub hooks: BTreeMap<HookPoint, Tensor>,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor, // [vocab, d]
+    blocks: Vec<Block>,
+    final_norm: Tensor,       // [d]
+    lm_head: Option<Tensor>,  // [vocab, d]; None when tied to `embed`
+    inv_freq: Tensor,         // [head_dim / 2], f32
+    device: Device,
+    kind: Kind,
+}
+
+impl Llama {
+    /// Builds the model from f32 CPU tensors named as in Hugging Face checkpoints, moving them to
+    /// `device` in the compute dtype `kind`.
+    pub fn from_weights(cfg: LlamaConfig, mut weights: HashMap<String, Tensor>, device: Device, kind: Kind) -> Result<Self> {
+        let d = cfg.d_model() as i64;
+        let hd = cfg.head_dim() as i64;
+        let q_rows = cfg.num_attention_heads as i64 * hd;
+        let kv_rows = cfg.n_kv_heads() as i64 * hd;
+        let ff = cfg.intermediate_size as i64;
+        let vocab = cfg.vocab_size as i64;
+        let mut take = |name: &str, shape: &[i64]| -> Result<Tensor> {
+            let t = weights.remove(name).with_context(|| format!("weight {name} is missing from the checkpoint"))?;
+            if t.size() != shape {
+                bail!("weight {name} has shape {:?}, expected {shape:?}", t.size());
+            }
+            Ok(t.to_kind(kind).to_device(device))
+        };
+        let embed = take("model.embed_tokens.weight", &[vocab, d])?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Block {
+                    input_norm: take(&format!("{p}.input_layernorm.weight"), &[d])?,
+                    q_proj: take(&format!("{p}.self_attn.q_proj.weight"), &[q_rows, d])?,
+                    k_proj: take(&format!("{p}.self_attn.k_proj.weight"), &[kv_rows, d])?,
+                    v_proj: take(&format!("{p}.self_attn.v_proj.weight"), &[kv_rows, d])?,
+                    o_proj: take(&format!("{p}.self_attn.o_proj.weight"), &[d, q_rows])?,
+                    post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                    gate_proj: take(&format!("{p}.mlp.gate_proj.weight"), &[ff, d])?,
+                    up_proj: take(&format!("{p}.mlp.up_proj.weight"), &[ff, d])?,
+                    down_proj: take(&format!("{p}.mlp.down_proj.weight"), &[d, ff])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = take("model.norm.weight", &[d])?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight", &[vocab, d])?) };
+        // Hugging Face's default rotary init, computed in f32 as it does:
+        // inv_freq[j] = 1 / theta^(2j / head_dim).
+        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / hd as f64;
+        let inv_freq = (Tensor::from(cfg.rope_theta as f32).pow(&exponents)).reciprocal().to_device(device);
+        Ok(Llama { cfg, embed, blocks, final_norm, lm_head, inv_freq, device, kind })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The unembedding matrix `[vocab, d]` (the embedding when tied).
+    pub fn unembedding(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: (0..self.blocks.len()).map(|_| None).collect(), seen: 0 }
+    }
+
+    /// Runs the model on `tokens` `[batch, seq]` (i64).
+    ///
+    /// With a cache, `tokens` continue the sequence it holds, and the cache is extended.
+    /// Without logits, the pass stops after the deepest hook that `hooks` reads or changes
+    /// (early exit); with a cache, early exit is off so that every layer's cache stays whole.
+    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>, hooks: &mut Hooks, want_logits: bool) -> ForwardOutput {
+        let _guard = tch::no_grad_guard();
+        let n_layers = self.blocks.len();
+        let (_batch, seq) = tokens.size2().expect("tokens must be [batch, seq]");
+        let start = cache.as_ref().map_or(0, |c| c.seen);
+        let blocks_to_run = if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
+
+        let positions = Tensor::arange_start(start, start + seq, (Kind::Float, self.device));
+        let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0); // [seq, head_dim/2]
+        let freqs = Tensor::cat(&[&freqs, &freqs], -1); // [seq, head_dim]
+        let (cos, sin) = (freqs.cos().to_kind(self.kind), freqs.sin().to_kind(self.kind));
+
+        let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.device), -1, false, false); // [batch, seq, d]
+        x = hooks.apply(HookPoint::Embed, x);
+
+        let mut cache = cache;
+        for (i, block) in self.blocks.iter().take(blocks_to_run).enumerate() {
+            if hooks.wants(HookPoint::ResidPre(i)) {
+                x = hooks.apply(HookPoint::ResidPre(i), x);
+            }
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let attn = self.attention(block, &self.rms_norm(&x, &block.input_norm), &cos, &sin, start, layer_cache);
+            let attn = hooks.apply(HookPoint::AttnOut(i), attn);
+            x = x + attn;
+            let h = self.rms_norm(&x, &block.post_norm);
+            let mlp = (h.linear::<Tensor>(&block.gate_proj, None).silu() * h.linear::<Tensor>(&block.up_proj, None))
+                .linear::<Tensor>(&block.down_proj, None);
+            let mlp = hooks.apply(HookPoint::MlpOut(i), mlp);
+            x = x + mlp;
+            x = hooks.apply(HookPoint::ResidPost(i), x);
+        }
+        if let Some(c) = cache {
+            c.seen += seq;
+        }
+
+        let mut logits = None;
+        if blocks_to_run == n_layers && (want_logits || hooks.wants(HookPoint::LnFinal)) {
+            let normed = hooks.apply(HookPoint::LnFinal, self.rms_norm(&x, &self.final_norm));
+            if want_logits {
+                logits = Some(normed.linear::<Tensor>(self.unembedding(), None).to_kind(Kind::Float)); // [batch, seq, vocab]
+            }
+        }
+        ForwardOutput { logits, hooks: hooks.take_captured() }
+    }
+
+    /// RMSNorm in f32, cast back to the compute dtype before the weight, as Hugging Face does.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        let x32 = x.to_kind(Kind::Float);
+        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = x32 * (variance + self.cfg.rms_norm_eps).rsqrt();
+        normed.to_kind(self.kind) * weight
+    }
+
+    /// Grouped-query self-attention; `x` is `[batch, seq, d]`.
+    fn attention(&self, block: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, start: i64, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+        let (b, t, _) = x.size3().expect("[batch, seq, d]");
+        let (h, kvh, hd) = (self.cfg.num_attention_heads as i64, self.cfg.n_kv_heads() as i64, self.cfg.head_dim() as i64);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2); // [b, n, t, hd]
+        let q = rotate(&heads(x.linear::<Tensor>(&block.q_proj, None), h), cos, sin);
+        let mut k = rotate(&heads(x.linear::<Tensor>(&block.k_proj, None), kvh), cos, sin);
+        let mut v = heads(x.linear::<Tensor>(&block.v_proj, None), kvh);
+        if let Some(slot) = cache {
+            if let Some((k_past, v_past)) = slot.take() {
+                k = Tensor::cat(&[k_past, k], 2);
+                v = Tensor::cat(&[v_past, v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        // Each K/V head serves h / kvh query heads: [b, kvh, s, hd] -> [b, h, s, hd].
+        let rep = h / kvh;
+        let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None)) } else { (k, v) };
+        let total = k.size()[2];
+        let out = if start == 0 {
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+        } else if t == 1 {
+            // One new token attends to everything cached: no mask needed.
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)
+        } else {
+            // Several new tokens after a cache: query i (absolute start + i) sees keys 0..=start+i.
+            let qpos = Tensor::arange_start(start, start + t, (Kind::Int64, self.device)).unsqueeze(1);
+            let kpos = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0);
+            let mask = kpos.le_tensor(&qpos); // [t, total], true = may attend
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
+        }; // [b, h, t, hd]
+        out.transpose(1, 2).contiguous().view([b, t, h * hd]).linear::<Tensor>(&block.o_proj, None)
+    }
+}
+
+/// Rotary embedding in Hugging Face's layout: `x * cos + rotate_half(x) * sin`, where
+/// `rotate_half([x1, x2]) = [-x2, x1]` over the two halves of the head dimension.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}

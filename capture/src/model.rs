@@ -1,0 +1,178 @@
+//! Loading a model (weights, configuration and tokenizer) from a GGUF file or a Hugging Face folder.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::gguf::{GgufFile, Value};
+use crate::llama::Llama;
+use crate::tokenizer::TextTokenizer;
+
+/// The default model: SmolLM2-135M-Instruct, as `make` installs it.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$SAE_MODEL_DIR/<file>`, else `$SAE_CACHE/models/<file>`, else `~/.cache/sae-pipeline/models/<file>`.
+pub fn default_model_path() -> PathBuf {
+    let dir = std::env::var_os("SAE_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("SAE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            // home_dir falls back to the password database when HOME is unset (`env -i`).
+            #[allow(deprecated)]
+            let home = std::env::home_dir().unwrap_or_else(|| PathBuf::from("."));
+            home.join(".cache/sae-pipeline")
+        });
+        cache.join("models")
+    });
+    dir.join(DEFAULT_MODEL_FILE)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf,
+    HuggingFace,
+}
+
+/// A loaded language model with its tokenizer.
+pub struct Model {
+    pub llama: Llama,
+    pub tokenizer: TextTokenizer,
+    /// `general.name` from a GGUF header, else the file or folder name.
+    pub name: String,
+    pub path: PathBuf,
+    pub format: ModelFormat,
+}
+
+impl Model {
+    /// Loads a `.gguf` file or a Hugging Face folder (`config.json`, `model.safetensors` or a
+    /// sharded index, `tokenizer.json`), computing in `kind` on `device`.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        if !path.exists() {
+            bail!("model {} does not exist (run `make setup` to install the default model, or pass --model PATH)", path.display());
+        }
+        if path.is_dir() {
+            Self::load_hf(path, device, kind)
+        } else {
+            Self::load_gguf(path, device, kind)
+        }
+    }
+
+    fn load_gguf(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let cfg = LlamaConfig::from_gguf(&file)?;
+        let tokenizer = TextTokenizer::from_gguf(&file)?;
+        let mut weights = HashMap::new();
+        for info in &file.tensors {
+            let Some(name) = hf_name(&info.name) else {
+                tracing::debug!(tensor = %info.name, "skipping tensor the model does not use");
+                continue;
+            };
+            let (shape, values) = file.dequantize(&info.name)?;
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            let mut tensor = Tensor::from_slice(&values).view(shape.as_slice());
+            // llama.cpp's converter permutes Q and K rows for its interleaved rotary layout.
+            if name.ends_with("q_proj.weight") {
+                tensor = unpermute_rotary_rows(&tensor, cfg.num_attention_heads as i64);
+            } else if name.ends_with("k_proj.weight") {
+                tensor = unpermute_rotary_rows(&tensor, cfg.n_kv_heads() as i64);
+            }
+            weights.insert(name, tensor);
+        }
+        let llama = Llama::from_weights(cfg, weights, device, kind).with_context(|| format!("cannot build the model from {}", path.display()))?;
+        let name = file.get("general.name").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| file_stem(path));
+        Ok(Model { llama, tokenizer, name, path: path.to_path_buf(), format: ModelFormat::Gguf })
+    }
+
+    fn load_hf(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let cfg = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
+        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+        let mut weights = HashMap::new();
+        for file in safetensors_files(dir)? {
+            let tensors = Tensor::read_safetensors(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            for (name, tensor) in tensors {
+                weights.insert(name, tensor.to_kind(Kind::Float));
+            }
+        }
+        let llama = Llama::from_weights(cfg, weights, device, kind).with_context(|| format!("cannot build the model from {}", dir.display()))?;
+        Ok(Model { llama, tokenizer, name: file_stem(dir), path: dir.to_path_buf(), format: ModelFormat::HuggingFace })
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// `model.safetensors`, or every file named by `model.safetensors.index.json`.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index_path)
+        .with_context(|| format!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display()))?;
+    let index: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index_path.display()))?;
+    let map = index["weight_map"].as_object().with_context(|| format!("{} has no weight_map", index_path.display()))?;
+    let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Maps llama.cpp tensor names to Hugging Face names.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_owned());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`: within each head the converter interleaved the two
+/// rotary halves (rows `[r0, r_half, r1, r_half+1, ...]`); this restores `[first half, second half]`.
+/// `w` is `[n_head * head_dim, d]`.
+fn unpermute_rotary_rows(w: &Tensor, n_head: i64) -> Tensor {
+    let (rows, cols) = w.size2().expect("2-D weight");
+    w.view([n_head, rows / n_head / 2, 2, cols]).transpose(1, 2).contiguous().view([rows, cols])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, head_dim/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (n_head, head_dim, cols) = (3i64, 8i64, 5i64);
+        let w = Tensor::arange(n_head * head_dim * cols, (Kind::Float, Device::Cpu)).view([n_head * head_dim, cols]);
+        let permuted = w.view([n_head, 2, head_dim / 2, cols]).transpose(1, 2).contiguous().view([n_head * head_dim, cols]);
+        assert!(unpermute_rotary_rows(&permuted, n_head).equal(&w));
+    }
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(hf_name("blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}

@@ -1,0 +1,56 @@
+use std::io::Write;
+
+use anyhow::Result;
+use capture::generate::{generate, GenerateOptions};
+use capture::Hooks;
+
+use crate::model_args::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The text to continue, tokenized exactly as transformers' tokenizer for the model does.
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let model = args.model.load()?;
+    let prompt = model.tokenizer.encode(&args.prompt)?;
+    let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, temperature: args.temperature, seed: args.seed, stop_at_eos: true };
+    let mut ids = Vec::new();
+    let mut printed = 0usize;
+    let mut stdout = std::io::stdout().lock();
+    let started = std::time::Instant::now();
+    generate(&model, &prompt, &opts, &mut Hooks::new(), |id| {
+        if Some(id) == model.tokenizer.eos_id {
+            return Ok(());
+        }
+        ids.push(id);
+        // Byte-level BPE can split a character across tokens: print only whole characters.
+        let text = model.tokenizer.decode(&ids)?;
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            stdout.write_all(&text.as_bytes()[printed..])?;
+            stdout.flush()?;
+            printed = text.len();
+        }
+        Ok(())
+    })?;
+    let text = model.tokenizer.decode(&ids)?;
+    if text.len() > printed {
+        stdout.write_all(&text.as_bytes()[printed..])?;
+    }
+    writeln!(stdout)?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(prompt_tokens = prompt.len(), new_tokens = ids.len(), tokens_per_s = format!("{:.1}", ids.len() as f64 / secs), "generated");
+    Ok(())
+}

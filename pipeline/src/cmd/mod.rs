@@ -1,0 +1,2 @@
+pub mod activations;
+pub mod generate;

@@ -1,0 +1,40 @@
+//! `sae`: the sparse-autoencoder pipeline's command-line program.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod model_args;
+
+/// Capture a language model's activations, store them as datasets, and work with the results.
+///
+/// Logs go to stderr (set RUST_LOG=debug for more); results go to stdout.
+#[derive(Parser)]
+#[command(name = "sae", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt (greedy by default); prints only the continuation.
+    Generate(cmd::generate::Args),
+    /// Run the model over text and report statistics of one hook's activations.
+    Activations(cmd::activations::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Activations(args) => cmd::activations::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
