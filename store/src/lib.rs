@@ -3,3 +3,34 @@
 //! resumable reader.
 //!
 //! This crate knows nothing of models or of `tch`: it moves rows of activations as plain buffers.
+//!
+//! * [`open_store`] turns a dataset URL into an object store and a prefix.
+//! * [`DatasetWriter`] writes shards, one commit record per shard, and [`finalize`] merges the
+//!   commit records into `manifest.json` (created with `PutMode::Create`, last).
+//! * [`reader::Reader`] streams batches of rows: sharded across ranks by row group, shuffled as a
+//!   pure function of (seed, epoch, rank, world), resumable from a [`reader::Cursor`].
+//! * [`info`] and [`verify`] back `sae dataset info` and `sae dataset verify`.
+//!
+//! The on-store format is specified in `docs/format.md`.
+
+mod error;
+mod format;
+mod location;
+mod manifest;
+pub mod reader;
+mod rng;
+mod inspect;
+mod writer;
+
+pub use error::{Error, Result};
+pub use format::Dtype;
+pub use inspect::{info, verify, DatasetInfo, HookInfo, ShardProblem, VerifyReport};
+pub use location::{open_store, open_store_with, Location, StoreOptions};
+pub use manifest::{
+    CommitRecord, CorpusIdentity, CreatedInfo, DatasetHeader, HookSpec, HookStats, HookSummary,
+    Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, FORMAT_VERSION,
+};
+pub use writer::{finalize, finalize_at, DatasetWriter, RowBatch, WriterOptions};
+
+/// Re-exported so callers can tune retries without depending on `object_store` themselves.
+pub use object_store::{BackoffConfig, ClientOptions, RetryConfig};

@@ -1,0 +1,50 @@
+use std::fmt;
+
+/// Errors of the store. Every variant names the dataset URL or the shard key it concerns.
+/// No variant ever carries credentials: URLs are stored without user info or query strings.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid dataset URL `{url}`: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{op} `{location}` failed: {source}")]
+    Store {
+        op: &'static str,
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("`{location}` already exists: {what}")]
+    AlreadyExists { location: String, what: String },
+    #[error("no dataset at `{url}`: {what}")]
+    NotFound { url: String, what: String },
+    #[error("dataset `{url}` has format_version {found}, but this build reads only version {supported}; upgrade sae-pipeline")]
+    UnsupportedVersion { url: String, found: String, supported: u32 },
+    #[error("bad manifest or commit record `{location}`: {detail}")]
+    BadMetadata { location: String, detail: String },
+    #[error("corrupt shard `{key}`: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("parquet error in shard `{key}`: {source}")]
+    Parquet {
+        key: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("writer failed earlier: {0}")]
+    WriterFailed(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn store(op: &'static str, location: impl fmt::Display, source: object_store::Error) -> Self {
+        Error::Store { op, location: location.to_string(), source }
+    }
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::Invalid(msg.into())
+    }
+    pub(crate) fn corrupt(key: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Corrupt { key: key.into(), detail: detail.into() }
+    }
+}

@@ -1,0 +1,317 @@
+//! `manifest.json`, `header.json` and per-shard commit records (see `docs/format.md`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::Dtype;
+
+/// The only format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub const MANIFEST_KEY: &str = "manifest.json";
+pub const HEADER_KEY: &str = "header.json";
+pub const COMMITS_DIR: &str = "commits";
+pub const SHARDS_DIR: &str = "shards";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ModelIdentity {
+    pub name: String,
+    /// SHA-256 of the model file, lowercase hex.
+    pub file_sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TokenizerIdentity {
+    pub name: String,
+    /// A digest of the tokenizer's definition (vocab and merges), lowercase hex.
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CorpusIdentity {
+    /// Where the text came from (a path or URL, without credentials).
+    pub name: String,
+    /// A digest of the corpus files, lowercase hex.
+    pub sha256: String,
+    /// Free-form details of how windows were cut (e.g. "windows of 256 tokens, stride 256").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookSpec {
+    pub name: String,
+    pub d_model: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CreatedInfo {
+    /// The sae-pipeline version that wrote the dataset.
+    pub version: String,
+    /// The command line, with secret-looking arguments redacted.
+    pub command_line: Vec<String>,
+}
+
+impl CreatedInfo {
+    /// This process's command line, with the values of secret-looking options redacted.
+    pub fn from_process() -> Self {
+        CreatedInfo { version: env!("CARGO_PKG_VERSION").to_string(), command_line: redact_args(std::env::args()) }
+    }
+}
+
+fn looks_secret(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["secret", "password", "passwd", "credential", "access-key", "access_key", "session-token", "session_token", "api-key", "api_key", "auth"]
+        .iter()
+        .any(|s| n.contains(s))
+}
+
+pub(crate) fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut redact_next = false;
+    for a in args {
+        if redact_next {
+            out.push("<redacted>".into());
+            redact_next = false;
+            continue;
+        }
+        if let Some((k, _)) = a.split_once('=') {
+            if k.starts_with('-') && looks_secret(k) || k.starts_with("AWS_") {
+                out.push(format!("{k}=<redacted>"));
+                continue;
+            }
+        } else if a.starts_with('-') && looks_secret(&a) {
+            redact_next = true;
+        }
+        // URLs with user info: keep only what is safe to print.
+        if a.contains("://") {
+            out.push(crate::location::redact_url(&a));
+        } else {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// What the dataset is: fixed when the dataset is created, written to `header.json` first and
+/// copied into the manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetHeader {
+    pub model: ModelIdentity,
+    pub tokenizer: TokenizerIdentity,
+    pub hooks: Vec<HookSpec>,
+    pub context_len: usize,
+    pub corpus: CorpusIdentity,
+    pub created: CreatedInfo,
+}
+
+/// Storage settings that shape the shards; fixed at creation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Encoding {
+    pub dtype: Dtype,
+    pub compression: String,
+    pub zstd_level: i32,
+    pub row_group_rows: usize,
+    pub shard_bytes: u64,
+    /// Parquet encoding of the activation columns.
+    pub activation_encoding: String,
+}
+
+/// `header.json`: written first, with `PutMode::Create`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeaderFile {
+    pub format_version: u32,
+    pub dataset_id: String,
+    #[serde(flatten)]
+    pub header: DatasetHeader,
+    pub encoding: Encoding,
+}
+
+/// Per hook and per shard sums, accumulated in f64 over the stored (rounded) values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HookStats {
+    /// Sum of rows, one entry per dimension.
+    pub sum: Vec<f64>,
+    /// Sum over rows of the squared L2 norm.
+    pub sum_sq_norm: f64,
+    pub count: u64,
+}
+
+impl HookStats {
+    pub fn new(d: usize) -> Self {
+        HookStats { sum: vec![0.0; d], sum_sq_norm: 0.0, count: 0 }
+    }
+    pub fn merge(&mut self, other: &HookStats) {
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        self.sum_sq_norm += other.sum_sq_norm;
+        self.count += other.count;
+    }
+}
+
+/// One shard, as listed by the manifest and by its commit record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// Key relative to the dataset prefix, e.g. `shards/w0-00000003-1f2e3d4c.parquet`.
+    pub key: String,
+    pub rows: u64,
+    pub bytes: u64,
+    /// `sha256:<hex>` of the whole object.
+    pub checksum: String,
+    /// The global index of this shard's first row (filled by the manifest; 0 in commit records).
+    pub first_row: u64,
+    /// Rows of each row group, in order.
+    pub row_groups: Vec<u64>,
+    /// Length of the Parquet footer (metadata + 8 bytes), at the end of the object.
+    pub footer_len: u64,
+    /// CRC-32C of the footer bytes.
+    pub footer_crc32c: u32,
+    /// Smallest and largest `sequence_id` in the shard.
+    pub sequence_ids: [u64; 2],
+    /// Per hook sums over this shard's rows.
+    pub stats: BTreeMap<String, HookStats>,
+}
+
+/// `commits/<worker>/<seq>.json`: one per committed shard, created with `PutMode::Create`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    pub format_version: u32,
+    pub dataset_id: String,
+    pub worker: String,
+    pub seq: u64,
+    pub shard: ShardEntry,
+}
+
+/// Per hook summary: the shape and the merged statistics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HookSummary {
+    pub name: String,
+    pub d_model: usize,
+    /// Mean row (sum of the per-shard sums, in shard order, divided by the count).
+    pub mean: Vec<f64>,
+    /// Mean squared L2 norm of a row.
+    pub mean_sq_norm: f64,
+}
+
+/// `manifest.json`: the dataset, written last with `PutMode::Create`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub dataset_id: String,
+    pub model: ModelIdentity,
+    pub tokenizer: TokenizerIdentity,
+    pub hooks: Vec<HookSummary>,
+    pub dtype: Dtype,
+    pub context_len: usize,
+    pub corpus: CorpusIdentity,
+    /// Number of stored rows (one per token).
+    pub tokens: u64,
+    /// Total bytes of the shard objects.
+    pub bytes: u64,
+    pub encoding: Encoding,
+    pub shards: Vec<ShardEntry>,
+    pub created: CreatedInfo,
+}
+
+impl Manifest {
+    pub fn hook(&self, name: &str) -> Option<&HookSummary> {
+        self.hooks.iter().find(|h| h.name == name)
+    }
+    /// Bytes of shard objects per stored activation element.
+    pub fn bytes_per_element(&self) -> f64 {
+        let elems: u64 = self.hooks.iter().map(|h| h.d_model as u64).sum::<u64>() * self.tokens;
+        if elems == 0 { 0.0 } else { self.bytes as f64 / elems as f64 }
+    }
+}
+
+/// Parse JSON metadata, refusing unknown format versions before anything else.
+pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8], location: &str, url: &str) -> Result<T> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::BadMetadata { location: location.to_string(), detail: format!("not JSON: {e}") })?;
+    match v.get("format_version") {
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(FORMAT_VERSION as u64) => {}
+        Some(other) => {
+            return Err(Error::UnsupportedVersion { url: url.to_string(), found: other.to_string(), supported: FORMAT_VERSION })
+        }
+        None => {
+            return Err(Error::UnsupportedVersion { url: url.to_string(), found: "none".into(), supported: FORMAT_VERSION })
+        }
+    }
+    serde_json::from_value(v).map_err(|e| Error::BadMetadata { location: location.to_string(), detail: e.to_string() })
+}
+
+/// Merge commit records (already in shard order) into a manifest.
+pub(crate) fn build_manifest(header: &HeaderFile, commits: &[CommitRecord]) -> Manifest {
+    let mut shards = Vec::with_capacity(commits.len());
+    let mut first_row = 0u64;
+    let mut bytes = 0u64;
+    let mut totals: Vec<HookStats> = header.header.hooks.iter().map(|h| HookStats::new(h.d_model)).collect();
+    for c in commits {
+        let mut s = c.shard.clone();
+        s.first_row = first_row;
+        first_row += s.rows;
+        bytes += s.bytes;
+        for (h, t) in header.header.hooks.iter().zip(totals.iter_mut()) {
+            if let Some(st) = s.stats.get(&h.name) {
+                t.merge(st);
+            }
+        }
+        shards.push(s);
+    }
+    let hooks = header
+        .header
+        .hooks
+        .iter()
+        .zip(totals)
+        .map(|(h, t)| {
+            let n = t.count.max(1) as f64;
+            HookSummary {
+                name: h.name.clone(),
+                d_model: h.d_model,
+                mean: t.sum.iter().map(|s| s / n).collect(),
+                mean_sq_norm: t.sum_sq_norm / n,
+            }
+        })
+        .collect();
+    Manifest {
+        format_version: FORMAT_VERSION,
+        dataset_id: header.dataset_id.clone(),
+        model: header.header.model.clone(),
+        tokenizer: header.header.tokenizer.clone(),
+        hooks,
+        dtype: header.encoding.dtype,
+        context_len: header.header.context_len,
+        corpus: header.header.corpus.clone(),
+        tokens: first_row,
+        bytes,
+        encoding: header.encoding.clone(),
+        shards,
+        created: header.header.created.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_secret_args() {
+        let a = redact_args(
+            ["sae", "capture", "--secret-key", "S3CR3T", "--aws-access-key=AK", "s3://u:p@b/x", "--tokens", "100"]
+                .map(String::from),
+        );
+        let joined = a.join(" ");
+        assert!(!joined.contains("S3CR3T") && !joined.contains("AK") && !joined.contains("u:p"), "{joined}");
+        assert!(joined.contains("--tokens 100") && joined.contains("s3://b/x"), "{joined}");
+    }
+
+    #[test]
+    fn refuses_unknown_version() {
+        let e = parse_versioned::<Manifest>(br#"{"format_version": 99}"#, "m", "memory://x").unwrap_err();
+        assert!(matches!(e, Error::UnsupportedVersion { .. }));
+        assert!(e.to_string().contains("format_version 99"), "{e}");
+    }
+}

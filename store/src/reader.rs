@@ -1,0 +1,1066 @@
+//! The streaming reader: batches of rows of one hook, as plain buffers.
+//!
+//! * The unit of work is the row group. Each epoch, the row groups are permuted (seed, epoch),
+//!   then dealt to ranks longest-first onto the least-loaded rank, so ranks get disjoint row
+//!   groups balanced by rows, and every rank yields the same number of batches per epoch
+//!   (the floor of the smallest rank's rows over the batch size; the rest is dropped).
+//! * Within a rank, rows are permuted within windows of `window_row_groups` consecutive row
+//!   groups, so rows from different shards mix. The order is a pure function of
+//!   (seed, epoch, rank, world), so the position is just a [`Cursor`] (epoch, batch).
+//! * Row groups are fetched ahead (`prefetch_row_groups` concurrent range reads on a tokio
+//!   runtime), checked against their CRC-32C, and decoded on a thread pool. Decoded bytes in
+//!   flight are bounded by `max_bytes_in_flight`.
+//! * Follow mode reads a dataset that is still being written: it picks up shards as their commit
+//!   records appear and ends once `manifest.json` exists and every listed shard was read.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_array::{Array, FixedSizeBinaryArray, UInt32Array, UInt64Array};
+use bytes::Bytes;
+use futures::StreamExt;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
+use parquet::basic::Type as PhysicalType;
+use parquet::file::metadata::ParquetMetaDataReader;
+use parquet::file::reader::{ChunkReader, Length};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, OnceCell, Semaphore};
+
+use crate::error::{Error, Result};
+use crate::format::{self, Dtype};
+use crate::location::{open_store_with, Location, StoreOptions};
+use crate::manifest::{parse_versioned, Manifest, ShardEntry, HEADER_KEY, MANIFEST_KEY};
+use crate::rng::{permutation, SplitMix64};
+use crate::writer::{list_commits, read_header, runtime};
+
+/// The reader's position: the next batch to yield is batch `batch` of epoch `epoch`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+/// The element type of [`Batch::bytes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputDtype {
+    /// The dataset's stored dtype (bf16 by default): no conversion, half the bytes.
+    #[default]
+    Stored,
+    /// f32, converted exactly on the decoding threads.
+    F32,
+}
+
+/// Token columns of the rows of a batch, in the batch's row order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenColumns {
+    pub sequence_id: Vec<u64>,
+    pub position: Vec<u32>,
+    pub token_id: Vec<u32>,
+}
+
+/// A batch of rows of one hook: `rows x d` values of `dtype`, row-major, little-endian.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub hook: String,
+    pub dtype: Dtype,
+    pub rows: usize,
+    pub d: usize,
+    pub bytes: Vec<u8>,
+    /// Present when [`ReaderOptions::with_tokens`] is set.
+    pub tokens: Option<TokenColumns>,
+    /// The cursor of this batch.
+    pub cursor: Cursor,
+    /// The cursor to save to resume after this batch.
+    pub next: Cursor,
+}
+
+impl Batch {
+    /// The values as f32 (exact for every stored dtype).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.d);
+        self.dtype.decode_to_f32(&self.bytes, &mut out);
+        out
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FollowOptions {
+    /// How often to list new commit records.
+    pub poll: Duration,
+    /// Give up when nothing new was committed for this long (None: wait forever).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for FollowOptions {
+    fn default() -> Self {
+        FollowOptions { poll: Duration::from_secs(2), idle_timeout: None }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ReaderOptions {
+    /// The hook to read.
+    pub hook: String,
+    /// If set, the hook must have this `d_model`.
+    pub d_model: Option<usize>,
+    /// Rows per batch.
+    pub batch_rows: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// Rows are permuted within windows of this many consecutive row groups (default 8).
+    pub window_row_groups: usize,
+    pub rank: usize,
+    pub world: usize,
+    /// Where to start.
+    pub start: Cursor,
+    /// Stop after this many epochs in total (counting from epoch 0). None: loop for ever.
+    pub epochs: Option<u64>,
+    /// Drop the rows that do not fill a last batch (default true; required when world > 1).
+    pub drop_last: bool,
+    pub output: OutputDtype,
+    /// Also return sequence_id, position and token_id of every row.
+    pub with_tokens: bool,
+    /// Row groups fetched and decoded concurrently (default 8).
+    pub prefetch_row_groups: usize,
+    /// Threads decoding row groups (default: available parallelism).
+    pub decode_threads: usize,
+    /// Bound on decoded bytes held by the reader (default 1 GiB). Must hold one window.
+    pub max_bytes_in_flight: usize,
+    /// Read a dataset still being written (see the module docs).
+    pub follow: Option<FollowOptions>,
+    pub store: StoreOptions,
+}
+
+impl ReaderOptions {
+    pub fn new(hook: &str, batch_rows: usize) -> Self {
+        ReaderOptions {
+            hook: hook.to_string(),
+            d_model: None,
+            batch_rows,
+            shuffle: true,
+            seed: 0,
+            window_row_groups: 8,
+            rank: 0,
+            world: 1,
+            start: Cursor::default(),
+            epochs: None,
+            drop_last: true,
+            output: OutputDtype::Stored,
+            with_tokens: false,
+            prefetch_row_groups: 8,
+            decode_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            max_bytes_in_flight: 1 << 30,
+            follow: None,
+            store: StoreOptions::default(),
+        }
+    }
+}
+
+/// A row group of the dataset, in global order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RgRef {
+    pub shard: u32,
+    pub rg: u32,
+    pub rows: u64,
+}
+
+/// The row groups of one rank for one epoch, in reading order: a pure function of
+/// (seed, epoch, rank, world).
+pub(crate) fn rank_row_groups(all: &[RgRef], seed: u64, epoch: u64, rank: usize, world: usize, shuffle: bool) -> Vec<RgRef> {
+    let order: Vec<u32> = if shuffle {
+        permutation(all.len(), &mut SplitMix64::keyed(&[seed, epoch, 0x7267]))
+    } else {
+        (0..all.len() as u32).collect()
+    };
+    // Longest first (stable: equal sizes keep the permuted order), onto the least loaded rank.
+    let mut by_size: Vec<u32> = order.clone();
+    by_size.sort_by(|a, b| all[*b as usize].rows.cmp(&all[*a as usize].rows));
+    let mut loads = vec![0u64; world];
+    let mut mine = HashSet::new();
+    for i in by_size {
+        let r = (0..world).min_by_key(|&r| (loads[r], r)).unwrap();
+        loads[r] += all[i as usize].rows;
+        if r == rank {
+            mine.insert(i);
+        }
+    }
+    order.into_iter().filter(|i| mine.contains(i)).map(|i| all[i as usize]).collect()
+}
+
+/// Rows of every rank (epoch-invariant: LPT only depends on the multiset of sizes).
+fn rank_loads(all: &[RgRef], world: usize) -> Vec<u64> {
+    let mut sizes: Vec<u64> = all.iter().map(|r| r.rows).collect();
+    sizes.sort_by(|a, b| b.cmp(a));
+    let mut loads = vec![0u64; world];
+    for s in sizes {
+        let r = (0..world).min_by_key(|&r| (loads[r], r)).unwrap();
+        loads[r] += s;
+    }
+    loads
+}
+
+/// One row group to fetch, with where it sits in the rank's stream.
+#[derive(Clone, Debug)]
+struct Job {
+    epoch: u64,
+    window: u64,
+    /// Row index (within the rank's epoch) of the window's first row.
+    window_row_start: u64,
+    window_rows: u64,
+    window_len: usize,
+    rg: RgRef,
+}
+
+/// The static part of a plan: the dataset's row groups and the batch arithmetic.
+struct Plan {
+    all: Vec<RgRef>,
+    rank: usize,
+    world: usize,
+    shuffle: bool,
+    seed: u64,
+    window: usize,
+    batch_rows: u64,
+    /// Rows yielded per epoch by this rank (= batches_per_epoch * batch_rows with drop_last).
+    epoch_rows: u64,
+    batches_per_epoch: u64,
+}
+
+impl Plan {
+    fn new(all: Vec<RgRef>, o: &ReaderOptions) -> Result<Plan> {
+        if o.world == 0 || o.rank >= o.world {
+            return Err(Error::invalid(format!("rank {} is not in a world of {}", o.rank, o.world)));
+        }
+        if o.batch_rows == 0 {
+            return Err(Error::invalid("batch_rows must be > 0"));
+        }
+        if !o.drop_last && o.world > 1 {
+            return Err(Error::invalid("drop_last = false needs world = 1 (every rank must yield the same batches)"));
+        }
+        if all.len() < o.world {
+            return Err(Error::invalid(format!(
+                "the dataset has {} row groups, fewer than the {} ranks: every rank needs at least one (write smaller row groups)",
+                all.len(),
+                o.world
+            )));
+        }
+        let loads = rank_loads(&all, o.world);
+        let min_rows = *loads.iter().min().unwrap();
+        let b = o.batch_rows as u64;
+        let (batches_per_epoch, epoch_rows) = if o.drop_last {
+            (min_rows / b, (min_rows / b) * b)
+        } else {
+            (min_rows.div_ceil(b), min_rows)
+        };
+        if batches_per_epoch == 0 {
+            return Err(Error::invalid(format!(
+                "rank {} gets {} rows per epoch, less than one batch of {}",
+                o.rank, min_rows, o.batch_rows
+            )));
+        }
+        Ok(Plan {
+            all,
+            rank: o.rank,
+            world: o.world,
+            shuffle: o.shuffle,
+            seed: o.seed,
+            window: o.window_row_groups.max(1),
+            batch_rows: b,
+            epoch_rows,
+            batches_per_epoch,
+        })
+    }
+
+    /// The jobs of one epoch, starting with the window that holds row `from_row`.
+    fn epoch_jobs(&self, epoch: u64, from_row: u64) -> Vec<Job> {
+        let rgs = rank_row_groups(&self.all, self.seed, epoch, self.rank, self.world, self.shuffle);
+        let mut jobs = Vec::new();
+        let mut row = 0u64;
+        for (w, chunk) in rgs.chunks(self.window).enumerate() {
+            let rows: u64 = chunk.iter().map(|r| r.rows).sum();
+            let start = row;
+            row += rows;
+            if row <= from_row || start >= self.epoch_rows {
+                continue;
+            }
+            for rg in chunk {
+                jobs.push(Job {
+                    epoch,
+                    window: w as u64,
+                    window_row_start: start,
+                    window_rows: rows,
+                    window_len: chunk.len(),
+                    rg: *rg,
+                });
+            }
+        }
+        jobs
+    }
+
+    fn window_perm(&self, epoch: u64, window: u64, rows: usize) -> Option<Vec<u32>> {
+        self.shuffle.then(|| {
+            permutation(rows, &mut SplitMix64::keyed(&[self.seed, epoch, self.rank as u64, self.world as u64, window, 0x726f77]))
+        })
+    }
+}
+
+/// What the reader learned of a shard from its footer.
+struct ShardMeta {
+    key: String,
+    arrow: ArrowReaderMetadata,
+    /// Leaf column indices: the hook, then sequence_id, position, token_id.
+    cols: [usize; 4],
+    crcs: Vec<Vec<u32>>,
+    file_len: u64,
+}
+
+/// The decoded rows of one row group, holding its share of the bytes-in-flight budget.
+struct Decoded {
+    job: Job,
+    acts: Vec<u8>,
+    tokens: Option<TokenColumns>,
+    rows: usize,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+struct Ctx {
+    loc: Location,
+    hook: String,
+    d: usize,
+    dtype: Dtype,
+    out_dtype: Dtype,
+    with_tokens: bool,
+    shards: Mutex<Vec<ShardEntry>>,
+    metas: Mutex<HashMap<u32, Arc<OnceCell<Arc<ShardMeta>>>>>,
+    pool: rayon::ThreadPool,
+}
+
+impl Ctx {
+    fn shard(&self, i: u32) -> ShardEntry {
+        self.shards.lock().unwrap()[i as usize].clone()
+    }
+
+    async fn meta(&self, i: u32) -> Result<Arc<ShardMeta>> {
+        let cell = self.metas.lock().unwrap().entry(i).or_default().clone();
+        cell.get_or_try_init(|| self.load_meta(i)).await.cloned()
+    }
+
+    async fn load_meta(&self, i: u32) -> Result<Arc<ShardMeta>> {
+        let s = self.shard(i);
+        let footer = self.loc.get_range(&s.key, s.bytes - s.footer_len..s.bytes).await?;
+        let meta = parse_footer(&s, &footer)?;
+        let cols = check_schema(&s, &meta, &self.hook, self.d, self.dtype)?;
+        let crcs = chunk_crcs(&s, &meta)?;
+        let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
+            .map_err(|e| Error::Parquet { key: s.key.clone(), source: e })?;
+        Ok(Arc::new(ShardMeta { key: s.key, arrow, cols, crcs, file_len: s.bytes }))
+    }
+
+    async fn fetch(self: Arc<Self>, job: Job, sem: Arc<Semaphore>) -> Result<Decoded> {
+        let out_size = self.out_dtype.size();
+        let kib = ((job.rg.rows as usize * self.d * out_size) >> 10).max(1) as u32;
+        let permit = sem.acquire_many_owned(kib).await.expect("semaphore never closed");
+        let meta = self.meta(job.rg.shard).await?;
+        let rg_meta = meta.arrow.metadata().row_group(job.rg.rg as usize);
+        let ncols = if self.with_tokens { 4 } else { 1 };
+        let ranges: Vec<Range<u64>> = meta.cols[..ncols]
+            .iter()
+            .map(|&c| {
+                let (start, len) = rg_meta.column(c).byte_range();
+                start..start + len
+            })
+            .collect();
+        let path = self.loc.path(&meta.key);
+        let parts = self
+            .loc
+            .store
+            .get_ranges(&path, &ranges)
+            .await
+            .map_err(|e| Error::store("GET (ranges)", self.loc.display(&meta.key), e))?;
+        for (k, (&c, part)) in meta.cols[..ncols].iter().zip(&parts).enumerate() {
+            let want = meta.crcs[job.rg.rg as usize][c];
+            let got = crc32c::crc32c(part);
+            if got != want || part.len() as u64 != ranges[k].end - ranges[k].start {
+                return Err(Error::corrupt(
+                    &meta.key,
+                    format!("row group {} column {c}: CRC-32C {got:08x}, the footer says {want:08x}", job.rg.rg),
+                ));
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ctx = self.clone();
+        let chunks = Chunks { parts: ranges.iter().map(|r| r.start).zip(parts).collect(), len: meta.file_len };
+        let meta2 = meta.clone();
+        let rg = job.rg;
+        self.pool.spawn(move || {
+            let _ = tx.send(ctx.decode(&meta2, rg, chunks, ncols));
+        });
+        let (acts, tokens) = rx.await.map_err(|_| Error::invalid("a decoding thread died"))??;
+        Ok(Decoded { job, acts, tokens, rows: rg.rows as usize, _permit: permit })
+    }
+
+    fn decode(&self, meta: &ShardMeta, rg: RgRef, chunks: Chunks, ncols: usize) -> Result<(Vec<u8>, Option<TokenColumns>)> {
+        let pq = |e| Error::Parquet { key: meta.key.clone(), source: e };
+        let mask = ProjectionMask::leaves(meta.arrow.parquet_schema(), meta.cols[..ncols].iter().copied());
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, meta.arrow.clone())
+            .with_row_groups(vec![rg.rg as usize])
+            .with_projection(mask)
+            .with_batch_size(rg.rows as usize)
+            .build()
+            .map_err(pq)?;
+        let width = self.d * self.dtype.size();
+        let mut acts = Vec::with_capacity(rg.rows as usize * self.d * self.out_dtype.size());
+        let mut tokens = (ncols == 4).then(TokenColumns::default);
+        let mut rows = 0usize;
+        for b in reader {
+            let b = b.map_err(|e| pq(e.into()))?;
+            rows += b.num_rows();
+            let col = b
+                .column_by_name(&self.hook)
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+                .ok_or_else(|| Error::corrupt(&meta.key, format!("column `{}` is not fixed-size binary", self.hook)))?;
+            let data = &col.value_data()[col.offset() * width..(col.offset() + col.len()) * width];
+            if self.out_dtype == self.dtype {
+                acts.extend_from_slice(data);
+            } else {
+                decode_into_f32_bytes(self.dtype, data, &mut acts);
+            }
+            if let Some(t) = tokens.as_mut() {
+                let u64col = |n: &str| b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+                let u32col = |n: &str| b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned());
+                let bad = || Error::corrupt(&meta.key, "token columns have unexpected types");
+                t.sequence_id.extend(u64col(format::COL_SEQUENCE_ID).ok_or_else(bad)?.values().iter());
+                t.position.extend(u32col(format::COL_POSITION).ok_or_else(bad)?.values().iter());
+                t.token_id.extend(u32col(format::COL_TOKEN_ID).ok_or_else(bad)?.values().iter());
+            }
+        }
+        if rows as u64 != rg.rows {
+            return Err(Error::corrupt(&meta.key, format!("row group {} has {rows} rows, the manifest says {}", rg.rg, rg.rows)));
+        }
+        Ok((acts, tokens))
+    }
+}
+
+fn decode_into_f32_bytes(dtype: Dtype, src: &[u8], out: &mut Vec<u8>) {
+    match dtype {
+        Dtype::F32 => out.extend_from_slice(src),
+        Dtype::Bf16 => {
+            out.reserve(src.len() * 2);
+            for c in src.chunks_exact(2) {
+                out.extend_from_slice(&[0, 0, c[0], c[1]]);
+            }
+        }
+        Dtype::F16 => {
+            for c in src.chunks_exact(2) {
+                out.extend_from_slice(&half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32().to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The fetched byte ranges of a shard, served to the Parquet decoder.
+struct Chunks {
+    parts: Vec<(u64, Bytes)>,
+    len: u64,
+}
+
+impl Length for Chunks {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl ChunkReader for Chunks {
+    type T = bytes::buf::Reader<Bytes>;
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        use bytes::Buf;
+        // At least one byte must lie in the part: fetched ranges are often adjacent.
+        let (off, b) = self.find(start, 1)?;
+        Ok(b.slice((start - off) as usize..).reader())
+    }
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let (off, b) = self.find(start, length)?;
+        let lo = (start - off) as usize;
+        Ok(b.slice(lo..lo + length))
+    }
+}
+
+impl Chunks {
+    fn find(&self, start: u64, length: usize) -> parquet::errors::Result<(u64, &Bytes)> {
+        self.parts
+            .iter()
+            .find(|(off, b)| start >= *off && start + length as u64 <= off + b.len() as u64)
+            .map(|(o, b)| (*o, b))
+            .ok_or_else(|| parquet::errors::ParquetError::General(format!("range {start}+{length} was not fetched")))
+    }
+}
+
+pub(crate) fn parse_footer(s: &ShardEntry, footer: &[u8]) -> Result<parquet::file::metadata::ParquetMetaData> {
+    let crc = crc32c::crc32c(footer);
+    if crc != s.footer_crc32c {
+        return Err(Error::corrupt(&s.key, format!("footer CRC-32C {crc:08x}, the manifest says {:08x}", s.footer_crc32c)));
+    }
+    if footer.len() < 8 || &footer[footer.len() - 4..] != b"PAR1" {
+        return Err(Error::corrupt(&s.key, "no Parquet footer"));
+    }
+    ParquetMetaDataReader::decode_metadata(&footer[..footer.len() - 8]).map_err(|e| Error::Parquet { key: s.key.clone(), source: e })
+}
+
+/// Check the shard's schema and row groups against the manifest; return the leaf column indices
+/// of the hook and of sequence_id, position, token_id.
+pub(crate) fn check_schema(s: &ShardEntry, meta: &parquet::file::metadata::ParquetMetaData, hook: &str, d: usize, dtype: Dtype) -> Result<[usize; 4]> {
+    let schema = meta.file_metadata().schema_descr();
+    let find = |name: &str| (0..schema.num_columns()).find(|&i| schema.column(i).path().parts() == [name.to_string()]);
+    let bad = |detail: String| Error::corrupt(&s.key, detail);
+    let h = find(hook).ok_or_else(|| bad(format!("no column `{hook}`")))?;
+    let c = schema.column(h);
+    if c.physical_type() != PhysicalType::FIXED_LEN_BYTE_ARRAY || c.type_length() as usize != d * dtype.size() {
+        return Err(bad(format!(
+            "column `{hook}` is {:?}({}), expected FIXED_LEN_BYTE_ARRAY({}) for d_model {d} in {}",
+            c.physical_type(),
+            c.type_length(),
+            d * dtype.size(),
+            dtype.name()
+        )));
+    }
+    let mut cols = [h, 0, 0, 0];
+    for (k, (name, ty)) in [
+        (format::COL_SEQUENCE_ID, PhysicalType::INT64),
+        (format::COL_POSITION, PhysicalType::INT32),
+        (format::COL_TOKEN_ID, PhysicalType::INT32),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let i = find(name).ok_or_else(|| bad(format!("no column `{name}`")))?;
+        if schema.column(i).physical_type() != ty {
+            return Err(bad(format!("column `{name}` is {:?}, expected {ty:?}", schema.column(i).physical_type())));
+        }
+        cols[k + 1] = i;
+    }
+    let rgs: Vec<u64> = meta.row_groups().iter().map(|r| r.num_rows() as u64).collect();
+    if rgs != s.row_groups {
+        return Err(bad(format!("row groups of {:?} rows, the manifest says {:?}", rgs, s.row_groups)));
+    }
+    let rows: u64 = rgs.iter().sum();
+    if rows != s.rows {
+        return Err(bad(format!("{rows} rows, the manifest says {}", s.rows)));
+    }
+    Ok(cols)
+}
+
+pub(crate) fn chunk_crcs(s: &ShardEntry, meta: &parquet::file::metadata::ParquetMetaData) -> Result<Vec<Vec<u32>>> {
+    let kv = meta.file_metadata().key_value_metadata().and_then(|kv| kv.iter().find(|k| k.key == format::KV_CHUNK_CRC));
+    let crcs: Vec<Vec<u32>> = kv
+        .and_then(|k| k.value.as_deref())
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(|| Error::corrupt(&s.key, format!("no `{}` metadata", format::KV_CHUNK_CRC)))?;
+    if crcs.len() != meta.num_row_groups() || crcs.iter().any(|r| r.len() != meta.file_metadata().schema_descr().num_columns()) {
+        return Err(Error::corrupt(&s.key, "column chunk CRC table does not match the row groups"));
+    }
+    Ok(crcs)
+}
+
+enum Source {
+    /// A final dataset: jobs are planned from the manifest.
+    Final(Plan),
+    /// Follow mode: row groups arrive as shards are committed.
+    Follow,
+}
+
+/// Streams [`Batch`]es. A blocking iterator: it owns a small tokio runtime and a decoding pool,
+/// so do not use it from inside an async runtime.
+pub struct Reader {
+    rt: Arc<Runtime>,
+    rx: mpsc::Receiver<Result<Decoded>>,
+    ctx: Arc<Ctx>,
+    source: Arc<Source>,
+    opts: ReaderOptions,
+    cursor: Cursor,
+    /// Row of the rank's epoch stream that the next batch starts at.
+    row: u64,
+    window: Option<Window>,
+    done: bool,
+    manifest: Option<Manifest>,
+}
+
+struct Window {
+    epoch: u64,
+    start: u64,
+    rgs: Vec<Decoded>,
+    /// Window row -> (row group index in `rgs`, row in it), in reading order.
+    order: Vec<(u32, u32)>,
+}
+
+impl Reader {
+    /// Open the dataset at `url` for reading.
+    pub fn open(url: &str, opts: ReaderOptions) -> Result<Reader> {
+        let loc = open_store_with(url, &opts.store)?;
+        Self::open_at(loc, opts)
+    }
+
+    pub fn open_at(loc: Location, opts: ReaderOptions) -> Result<Reader> {
+        let rt = Arc::new(runtime()?);
+        let (manifest, header) = rt.block_on(async {
+            let m = match loc.get(MANIFEST_KEY).await? {
+                Some(b) => Some(parse_versioned::<Manifest>(&b, &loc.display(MANIFEST_KEY), &loc.url)?),
+                None => None,
+            };
+            let h = if m.is_none() { read_header(&loc).await? } else { None };
+            Ok::<_, Error>((m, h))
+        })?;
+        let (hooks, dtype): (Vec<(String, usize)>, Dtype) = match (&manifest, &header) {
+            (Some(m), _) => (m.hooks.iter().map(|h| (h.name.clone(), h.d_model)).collect(), m.dtype),
+            (None, Some(h)) if opts.follow.is_some() => {
+                (h.header.hooks.iter().map(|h| (h.name.clone(), h.d_model)).collect(), h.encoding.dtype)
+            }
+            (None, Some(_)) => {
+                return Err(Error::NotFound {
+                    url: loc.url.clone(),
+                    what: format!("the dataset is not final (no {MANIFEST_KEY}); read it in follow mode"),
+                })
+            }
+            (None, None) => {
+                return Err(Error::NotFound { url: loc.url.clone(), what: format!("no {MANIFEST_KEY} or {HEADER_KEY}") })
+            }
+        };
+        let d = match hooks.iter().find(|(n, _)| n == &opts.hook) {
+            None => {
+                let have: Vec<String> = hooks.iter().map(|(n, d)| format!("{n} (d_model {d})")).collect();
+                return Err(Error::invalid(format!(
+                    "dataset `{}` has no hook `{}`; it has: {}",
+                    loc.url,
+                    opts.hook,
+                    have.join(", ")
+                )));
+            }
+            Some((_, d)) => *d,
+        };
+        if let Some(want) = opts.d_model {
+            if want != d {
+                return Err(Error::invalid(format!(
+                    "hook `{}` of dataset `{}` has d_model {d}, not the {want} asked for",
+                    opts.hook, loc.url
+                )));
+            }
+        }
+        let out_dtype = match opts.output {
+            OutputDtype::Stored => dtype,
+            OutputDtype::F32 => Dtype::F32,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.decode_threads.max(1))
+            .thread_name(|i| format!("sae-store-decode-{i}"))
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start decoding threads: {e}")))?;
+        let shards = manifest.as_ref().map(|m| m.shards.clone()).unwrap_or_default();
+        let ctx = Arc::new(Ctx {
+            loc,
+            hook: opts.hook.clone(),
+            d,
+            dtype,
+            out_dtype,
+            with_tokens: opts.with_tokens,
+            shards: Mutex::new(shards.clone()),
+            metas: Mutex::new(HashMap::new()),
+            pool,
+        });
+        let max_rg = shards.iter().flat_map(|s| s.row_groups.iter().copied()).max().unwrap_or(0) as usize;
+        let window_bytes = max_rg * d * out_dtype.size() * opts.window_row_groups.max(1);
+        if window_bytes > opts.max_bytes_in_flight {
+            return Err(Error::invalid(format!(
+                "max_bytes_in_flight {} cannot hold a window of {} row groups ({} bytes); raise it or lower window_row_groups",
+                opts.max_bytes_in_flight, opts.window_row_groups, window_bytes
+            )));
+        }
+        let source = Arc::new(match (&manifest, &opts.follow) {
+            (Some(_), None) => {
+                let all: Vec<RgRef> = shards
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(si, s)| {
+                        s.row_groups.iter().enumerate().map(move |(ri, &rows)| RgRef { shard: si as u32, rg: ri as u32, rows })
+                    })
+                    .collect();
+                Source::Final(Plan::new(all, &opts)?)
+            }
+            _ => {
+                if opts.world > 1 && opts.rank >= opts.world {
+                    return Err(Error::invalid("rank out of range"));
+                }
+                Source::Follow
+            }
+        });
+        let (tx, rx) = mpsc::channel(2);
+        let sem = Arc::new(Semaphore::new((opts.max_bytes_in_flight >> 10).max(1)));
+        let cursor = opts.start;
+        match &*source {
+            Source::Final(_) => {
+                let (ctx2, src2, o2) = (ctx.clone(), source.clone(), opts.clone());
+                rt.spawn(async move { produce_final(ctx2, src2, o2, tx, sem).await });
+            }
+            Source::Follow => {
+                let (ctx2, o2) = (ctx.clone(), opts.clone());
+                rt.spawn(async move { produce_follow(ctx2, o2, tx, sem).await });
+            }
+        }
+        let row = cursor.batch * opts.batch_rows as u64;
+        Ok(Reader { rt, rx, ctx, source, opts, cursor, row, window: None, done: false, manifest })
+    }
+
+    /// The manifest (None in follow mode before the dataset is final).
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// `d_model` of the hook read.
+    pub fn d_model(&self) -> usize {
+        self.ctx.d
+    }
+
+    /// Batches every rank yields per epoch (None in follow mode).
+    pub fn batches_per_epoch(&self) -> Option<u64> {
+        match &*self.source {
+            Source::Final(p) => Some(p.batches_per_epoch),
+            Source::Follow => None,
+        }
+    }
+
+    /// The cursor of the next batch.
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    fn recv(&mut self) -> Option<Result<Decoded>> {
+        self.rt.block_on(self.rx.recv())
+    }
+
+    fn next_final(&mut self) -> Result<Option<Batch>> {
+        let (bpe, epoch_rows, b) = match &*self.source {
+            Source::Final(p) => (p.batches_per_epoch, p.epoch_rows, p.batch_rows),
+            Source::Follow => unreachable!(),
+        };
+        if self.opts.epochs.is_some_and(|n| self.cursor.epoch >= n) {
+            return Ok(None);
+        }
+        let want = b.min(epoch_rows - self.row) as usize;
+        let mut batch = self.new_batch(want);
+        let mut filled = 0usize;
+        while filled < want {
+            let need_window = match &self.window {
+                Some(w) => w.epoch != self.cursor.epoch || self.row >= w.start + w.order.len() as u64,
+                None => true,
+            };
+            if need_window {
+                self.window = None; // release its bytes before waiting for the next
+                self.window = Some(self.next_window()?);
+                let w = self.window.as_ref().unwrap();
+                if w.epoch != self.cursor.epoch || self.row < w.start || self.row >= w.start + w.order.len() as u64 {
+                    return Err(Error::invalid(format!(
+                        "reader out of step: window of epoch {} rows {}..{}, wanted epoch {} row {}",
+                        w.epoch,
+                        w.start,
+                        w.start + w.order.len() as u64,
+                        self.cursor.epoch,
+                        self.row
+                    )));
+                }
+            }
+            let w = self.window.as_ref().unwrap();
+            let from = (self.row - w.start) as usize;
+            let n = (want - filled).min(w.order.len() - from);
+            copy_rows(w, from, n, &mut batch, self.ctx.d * self.ctx.out_dtype.size());
+            filled += n;
+            self.row += n as u64;
+        }
+        batch.cursor = self.cursor;
+        self.cursor.batch += 1;
+        if self.cursor.batch >= bpe {
+            self.cursor = Cursor { epoch: self.cursor.epoch + 1, batch: 0 };
+            self.row = 0;
+            self.window = None;
+        }
+        batch.next = self.cursor;
+        Ok(Some(batch))
+    }
+
+    fn new_batch(&self, rows: usize) -> Batch {
+        Batch {
+            hook: self.opts.hook.clone(),
+            dtype: self.ctx.out_dtype,
+            rows,
+            d: self.ctx.d,
+            bytes: Vec::with_capacity(rows * self.ctx.d * self.ctx.out_dtype.size()),
+            tokens: self.opts.with_tokens.then(TokenColumns::default),
+            cursor: self.cursor,
+            next: self.cursor,
+        }
+    }
+
+    fn next_window(&mut self) -> Result<Window> {
+        let mut rgs: Vec<Decoded> = Vec::new();
+        loop {
+            let d = match self.recv() {
+                Some(r) => r?,
+                None => return Err(Error::invalid("the reader's fetch task stopped")),
+            };
+            let len = d.job.window_len;
+            rgs.push(d);
+            if rgs.len() == len {
+                break;
+            }
+        }
+        let j = rgs[0].job.clone();
+        let plan = match &*self.source {
+            Source::Final(p) => p,
+            Source::Follow => unreachable!(),
+        };
+        let mut flat: Vec<(u32, u32)> = Vec::with_capacity(j.window_rows as usize);
+        for (i, d) in rgs.iter().enumerate() {
+            flat.extend((0..d.rows as u32).map(|r| (i as u32, r)));
+        }
+        let order = match plan.window_perm(j.epoch, j.window, flat.len()) {
+            Some(p) => p.into_iter().map(|i| flat[i as usize]).collect(),
+            None => flat,
+        };
+        Ok(Window { epoch: j.epoch, start: j.window_row_start, rgs, order })
+    }
+
+    /// Follow mode: row groups in commit order, rows shuffled within windows; single pass.
+    fn next_follow(&mut self) -> Result<Option<Batch>> {
+        let b = self.opts.batch_rows;
+        let mut batch = self.new_batch(b);
+        let mut filled = 0usize;
+        let row_bytes = self.ctx.d * self.ctx.out_dtype.size();
+        while filled < b {
+            let exhausted = match &self.window {
+                Some(w) => self.row >= w.start + w.order.len() as u64,
+                None => true,
+            };
+            if exhausted {
+                let start = self.window.as_ref().map(|w| w.start + w.order.len() as u64).unwrap_or(0);
+                self.window = None;
+                let mut rgs = Vec::new();
+                while rgs.len() < self.opts.window_row_groups.max(1) {
+                    match self.recv() {
+                        Some(r) => rgs.push(r?),
+                        None => break,
+                    }
+                }
+                if rgs.is_empty() {
+                    break;
+                }
+                let mut flat: Vec<(u32, u32)> = Vec::new();
+                for (i, d) in rgs.iter().enumerate() {
+                    flat.extend((0..d.rows as u32).map(|r| (i as u32, r)));
+                }
+                let window_index = start; // unique per window; keys the permutation
+                let order = if self.opts.shuffle {
+                    let p = permutation(
+                        flat.len(),
+                        &mut SplitMix64::keyed(&[self.opts.seed, 0, self.opts.rank as u64, self.opts.world as u64, window_index, 0x666f6c]),
+                    );
+                    p.into_iter().map(|i| flat[i as usize]).collect()
+                } else {
+                    flat
+                };
+                self.window = Some(Window { epoch: 0, start, rgs, order });
+            }
+            let w = self.window.as_ref().unwrap();
+            let from = (self.row - w.start) as usize;
+            let n = (b - filled).min(w.order.len() - from);
+            copy_rows(w, from, n, &mut batch, row_bytes);
+            filled += n;
+            self.row += n as u64;
+        }
+        if filled == 0 || (filled < b && self.opts.drop_last) {
+            return Ok(None);
+        }
+        batch.rows = filled;
+        batch.cursor = self.cursor;
+        self.cursor.batch += 1;
+        batch.next = self.cursor;
+        Ok(Some(batch))
+    }
+}
+
+fn copy_rows(w: &Window, from: usize, n: usize, batch: &mut Batch, row_bytes: usize) {
+    for &(rg, r) in &w.order[from..from + n] {
+        let d = &w.rgs[rg as usize];
+        let r = r as usize;
+        batch.bytes.extend_from_slice(&d.acts[r * row_bytes..(r + 1) * row_bytes]);
+        if let (Some(t), Some(src)) = (batch.tokens.as_mut(), d.tokens.as_ref()) {
+            t.sequence_id.push(src.sequence_id[r]);
+            t.position.push(src.position[r]);
+            t.token_id.push(src.token_id[r]);
+        }
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.done {
+            return None;
+        }
+        let r = match &*self.source {
+            Source::Final(_) => self.next_final(),
+            Source::Follow => self.next_follow(),
+        };
+        match r {
+            Ok(Some(b)) => Some(Ok(b)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+async fn produce_final(ctx: Arc<Ctx>, source: Arc<Source>, o: ReaderOptions, tx: mpsc::Sender<Result<Decoded>>, sem: Arc<Semaphore>) {
+    let Source::Final(plan) = &*source else { return };
+    let start = o.start;
+    let jobs = (start.epoch..o.epochs.unwrap_or(u64::MAX)).flat_map(move |epoch| {
+        let from = if epoch == start.epoch { start.batch * plan.batch_rows } else { 0 };
+        plan.epoch_jobs(epoch, from)
+    });
+    let mut stream = futures::stream::iter(jobs)
+        .map(|job| ctx.clone().fetch(job, sem.clone()))
+        .buffered(o.prefetch_row_groups.max(1));
+    while let Some(item) = stream.next().await {
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn produce_follow(ctx: Arc<Ctx>, o: ReaderOptions, tx: mpsc::Sender<Result<Decoded>>, sem: Arc<Semaphore>) {
+    let fo = o.follow.clone().unwrap_or_default();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut global_rg = 0u64;
+    let mut last_new = tokio::time::Instant::now();
+    loop {
+        // Look for the manifest first: if it exists, what it lists is everything.
+        let listing = async {
+            let manifest = match ctx.loc.get(MANIFEST_KEY).await? {
+                Some(b) => Some(parse_versioned::<Manifest>(&b, &ctx.loc.display(MANIFEST_KEY), &ctx.loc.url)?),
+                None => None,
+            };
+            let shards: Vec<ShardEntry> = match &manifest {
+                Some(m) => m.shards.clone(),
+                None => list_commits(&ctx.loc, None).await?.into_iter().map(|c| c.shard).collect(),
+            };
+            Ok::<_, Error>((manifest.is_some(), shards))
+        };
+        let (is_final, shards) = match listing.await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let new: Vec<ShardEntry> = shards.into_iter().filter(|s| !seen.contains(&s.key)).collect();
+        if !new.is_empty() {
+            last_new = tokio::time::Instant::now();
+        }
+        let mut jobs = Vec::new();
+        for s in new {
+            seen.insert(s.key.clone());
+            let idx = {
+                let mut v = ctx.shards.lock().unwrap();
+                v.push(s.clone());
+                v.len() - 1
+            };
+            for (ri, &rows) in s.row_groups.iter().enumerate() {
+                if global_rg % o.world as u64 == o.rank as u64 {
+                    jobs.push(Job {
+                        epoch: 0,
+                        window: 0,
+                        window_row_start: 0,
+                        window_rows: rows,
+                        window_len: 1,
+                        rg: RgRef { shard: idx as u32, rg: ri as u32, rows },
+                    });
+                }
+                global_rg += 1;
+            }
+        }
+        let mut stream = futures::stream::iter(jobs).map(|job| ctx.clone().fetch(job, sem.clone())).buffered(o.prefetch_row_groups.max(1));
+        while let Some(item) = stream.next().await {
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+        if is_final {
+            return;
+        }
+        if fo.idle_timeout.is_some_and(|t| last_new.elapsed() > t) {
+            let _ = tx
+                .send(Err(Error::invalid(format!(
+                    "follow mode: nothing new was committed to `{}` for {:?} and it is not final",
+                    ctx.loc.url,
+                    fo.idle_timeout.unwrap()
+                ))))
+                .await;
+            return;
+        }
+        tokio::time::sleep(fo.poll).await;
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Reader>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rgs(sizes: &[u64]) -> Vec<RgRef> {
+        sizes.iter().enumerate().map(|(i, &rows)| RgRef { shard: 0, rg: i as u32, rows }).collect()
+    }
+
+    #[test]
+    fn ranks_get_disjoint_balanced_row_groups() {
+        let all = rgs(&[100, 100, 100, 100, 100, 37, 100, 100, 100, 12]);
+        for epoch in 0..3 {
+            let mut seen = HashSet::new();
+            let mut loads = Vec::new();
+            for rank in 0..3 {
+                let mine = rank_row_groups(&all, 9, epoch, rank, 3, true);
+                loads.push(mine.iter().map(|r| r.rows).sum::<u64>());
+                for r in mine {
+                    assert!(seen.insert(r.rg), "row group {} dealt twice", r.rg);
+                }
+            }
+            assert_eq!(seen.len(), all.len());
+            let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+            assert!(hi - lo <= 100, "{loads:?}");
+            assert_eq!(rank_loads(&all, 3).iter().sum::<u64>(), loads.iter().sum::<u64>());
+        }
+        // Epochs differ, the same epoch is reproducible.
+        assert_ne!(rank_row_groups(&all, 9, 0, 0, 1, true), rank_row_groups(&all, 9, 1, 0, 1, true));
+        assert_eq!(rank_row_groups(&all, 9, 1, 0, 1, true), rank_row_groups(&all, 9, 1, 0, 1, true));
+        assert_eq!(rank_row_groups(&all, 9, 1, 0, 1, false), all);
+    }
+
+    #[test]
+    fn plan_refuses_more_ranks_than_row_groups() {
+        let mut o = ReaderOptions::new("h", 10);
+        o.world = 4;
+        o.rank = 1;
+        let e = Plan::new(rgs(&[100, 100, 100]), &o).err().unwrap().to_string();
+        assert!(e.contains("3 row groups, fewer than the 4 ranks"), "{e}");
+    }
+}

@@ -1,0 +1,449 @@
+//! Shared test fixtures: real S3-compatible servers on loopback (moto_server, s3s-fs), a
+//! fault-injecting HTTP proxy, temporary directories and synthetic activations.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use store::{
+    BackoffConfig, ClientOptions, CorpusIdentity, CreatedInfo, DatasetHeader, Dtype, HookSpec,
+    ModelIdentity, RetryConfig, RowBatch, StoreOptions, TokenizerIdentity,
+};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn unique(name: &str) -> String {
+    format!("{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(&format!("sae-store-{name}")));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+}
+
+/// The venv that scripts/setup.sh --test fills (SAE_VENV, default ~/.cache/sae-pipeline/venv).
+pub fn venv() -> PathBuf {
+    std::env::var("SAE_VENV").map(PathBuf::from).unwrap_or_else(|_| home().join(".cache/sae-pipeline/venv"))
+}
+
+pub fn python() -> PathBuf {
+    std::env::var("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|_| venv().join("bin/python3"))
+}
+
+fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    for c in candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in path.split(':') {
+            let c = Path::new(dir).join(name);
+            if c.is_file() {
+                return c;
+            }
+        }
+    }
+    panic!("{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!("{what} exited early: {status}");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not listen on port {port} within 30 s");
+}
+
+/// A server process that dies with the test process: a small shell watchdog kills it once this
+/// process is gone (statics are never dropped, so Drop alone would leak it).
+pub struct Server {
+    pub endpoint: String,
+    pub port: u16,
+    pub bucket: String,
+    child: Mutex<Child>,
+    pub dir: Option<TempDir>,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.lock().unwrap().kill();
+    }
+}
+
+fn spawn_watched(cmd: &str, args: &[String]) -> Child {
+    // sh -c '"$0" "$@" & child; kill it when our parent (the test process) is gone'
+    let script = r#"p=$1; shift; "$@" & c=$!; trap 'kill $c 2>/dev/null' EXIT INT TERM; while kill -0 "$p" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.3; done"#;
+    let mut full = vec!["-c".to_string(), script.to_string(), "sh".into(), std::process::id().to_string(), cmd.to_string()];
+    full.extend(args.iter().cloned());
+    Command::new("sh").args(&full).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn server")
+}
+
+/// Send a bare HTTP request (for moto, which does not check signatures) and return the status.
+pub fn http(port: u16, method: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// moto_server (in memory, no signature checks), shared by the tests of one test binary.
+pub fn moto() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        let bin = find_binary("SAE_MOTO_SERVER", &[venv().join("bin/moto_server")], "moto_server", "pip install 'moto[server]'");
+        for _ in 0..3 {
+            let port = free_port();
+            let mut child = spawn_watched(bin.to_str().unwrap(), &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()]);
+            if !wait_listening(port, &mut child, "moto_server") {
+                continue;
+            }
+            let bucket = "sae-test".to_string();
+            assert_eq!(http(port, "PUT", &format!("/{bucket}")), 200, "create bucket on moto");
+            return Server {
+                endpoint: format!("http://127.0.0.1:{port}"),
+                port,
+                bucket,
+                child: Mutex::new(child),
+                dir: None,
+                access_key: None,
+                secret_key: None,
+            };
+        }
+        panic!("moto_server would not start");
+    })
+}
+
+/// s3s-fs (file-backed, checks SigV4) with the given keys.
+pub fn s3s_fs() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        let bin = find_binary(
+            "SAE_S3S_FS",
+            &[home().join(".cargo/bin/s3s-fs")],
+            "s3s-fs",
+            "cargo install s3s-fs --version 0.14.1 --features binary",
+        );
+        for _ in 0..3 {
+            let dir = TempDir::new("s3s-fs");
+            let bucket = "sae-test".to_string();
+            std::fs::create_dir_all(dir.path().join(&bucket)).unwrap();
+            let port = free_port();
+            let (ak, sk) = ("SAETESTACCESSKEY".to_string(), "sae-test-secret-key-0123456789".to_string());
+            let args: Vec<String> = vec![
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                port.to_string(),
+                "--access-key".into(),
+                ak.clone(),
+                "--secret-key".into(),
+                sk.clone(),
+                dir.path().to_str().unwrap().into(),
+            ];
+            let mut child = spawn_watched(bin.to_str().unwrap(), &args);
+            if !wait_listening(port, &mut child, "s3s-fs") {
+                continue;
+            }
+            return Server {
+                endpoint: format!("http://127.0.0.1:{port}"),
+                port,
+                bucket,
+                child: Mutex::new(child),
+                dir: Some(dir),
+                access_key: Some(ak),
+                secret_key: Some(sk),
+            };
+        }
+        panic!("s3s-fs would not start");
+    })
+}
+
+/// Test retry policy: few, fast retries.
+pub fn test_retry(max_retries: usize) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig { init_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(50), base: 2.0 },
+        max_retries,
+        retry_timeout: Duration::from_secs(20),
+    }
+}
+
+/// Store options for an S3 endpoint (keys default to dummies, which moto accepts).
+pub fn s3_options(endpoint: &str, access_key: &str, secret_key: &str, max_retries: usize) -> StoreOptions {
+    StoreOptions {
+        retry: Some(test_retry(max_retries)),
+        // A fresh connection per request, so a proxy sees (and can fail) every request.
+        client: Some(ClientOptions::new().with_pool_max_idle_per_host(0).with_timeout(Duration::from_secs(30))),
+        s3_config: vec![
+            ("aws_endpoint".into(), endpoint.into()),
+            ("aws_allow_http".into(), "true".into()),
+            ("aws_region".into(), "us-east-1".into()),
+            ("aws_access_key_id".into(), access_key.into()),
+            ("aws_secret_access_key".into(), secret_key.into()),
+            ("aws_virtual_hosted_style_request".into(), "false".into()),
+        ],
+    }
+}
+
+impl Server {
+    pub fn options(&self, max_retries: usize) -> StoreOptions {
+        s3_options(
+            &self.endpoint,
+            self.access_key.as_deref().unwrap_or("test"),
+            self.secret_key.as_deref().unwrap_or("test"),
+            max_retries,
+        )
+    }
+    pub fn url(&self, name: &str) -> String {
+        format!("s3://{}/{}", self.bucket, unique(name))
+    }
+}
+
+/// The backends every store test runs on: memory://, file:// and S3 on moto_server.
+pub struct Backend {
+    pub name: &'static str,
+    pub url: String,
+    pub opts: StoreOptions,
+    pub _dir: Option<TempDir>,
+}
+
+pub fn backends(name: &str) -> Vec<Backend> {
+    let dir = TempDir::new(name);
+    let file_url = format!("file://{}/ds", dir.path().display());
+    vec![
+        Backend { name: "memory", url: format!("memory://{}/ds", unique(name)), opts: StoreOptions::default(), _dir: None },
+        Backend { name: "file", url: file_url, opts: StoreOptions::default(), _dir: Some(dir) },
+        Backend { name: "s3-moto", url: moto().url(name), opts: moto().options(3), _dir: None },
+    ]
+}
+
+pub fn header(hooks: &[(&str, usize)], context_len: usize) -> DatasetHeader {
+    DatasetHeader {
+        model: ModelIdentity { name: "test-model".into(), file_sha256: "00".repeat(32) },
+        tokenizer: TokenizerIdentity { name: "test-tok".into(), sha256: "11".repeat(32) },
+        hooks: hooks.iter().map(|(n, d)| HookSpec { name: n.to_string(), d_model: *d }).collect(),
+        context_len,
+        corpus: CorpusIdentity { name: "synthetic".into(), sha256: "22".repeat(32), detail: String::new() },
+        created: CreatedInfo { version: "test".into(), command_line: vec!["test".into()] },
+    }
+}
+
+/// Deterministic pseudo-activations: `nseq` sequences of `ctx` tokens starting at `seq0`.
+/// Row values depend only on (hook index, sequence id, position), so any slice can be rebuilt.
+pub fn synth(seq0: u64, nseq: usize, ctx: usize, hooks: &[(&str, usize)]) -> RowBatch {
+    let mut b = RowBatch::default();
+    for s in 0..nseq as u64 {
+        for p in 0..ctx as u32 {
+            b.sequence_id.push(seq0 + s);
+            b.position.push(p);
+            b.token_id.push(((seq0 + s) * 31 + p as u64 * 7) as u32 % 49152);
+        }
+    }
+    for (hi, (name, d)) in hooks.iter().enumerate() {
+        let mut v = Vec::with_capacity(b.rows() * d);
+        for (seq, pos) in b.sequence_id.iter().zip(&b.position) {
+            v.extend(row_values(hi, *seq, *pos, *d));
+        }
+        b.activations.push((name.to_string(), v));
+    }
+    b
+}
+
+pub fn row_values(hook: usize, seq: u64, pos: u32, d: usize) -> Vec<f32> {
+    let mut x = (hook as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15) ^ seq.wrapping_mul(0xBF58476D1CE4E5B9) ^ (pos as u64 + 1).wrapping_mul(0x94D049BB133111EB);
+    (0..d)
+        .map(|j| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            (u - 0.5) * 4.0 + (j as f32 * 0.37).sin()
+        })
+        .collect()
+}
+
+/// The f32 values the dataset must hand back for these rows (rounded through `dtype`).
+pub fn stored_values(dtype: Dtype, hook: usize, seq: u64, pos: u32, d: usize) -> Vec<f32> {
+    let mut bytes = Vec::new();
+    dtype.encode_f32(&row_values(hook, seq, pos, d), &mut bytes);
+    let mut out = Vec::new();
+    dtype.decode_to_f32(&bytes, &mut out);
+    out
+}
+
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fault-injecting HTTP proxy.
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Forward everything.
+    Pass,
+    /// Answer `503 Slow Down` to the next `n` matching requests.
+    Http503(usize),
+    /// Read the next `n` matching requests' heads, then close the connection without answering.
+    Drop(usize),
+}
+
+struct ProxyState {
+    fault: Fault,
+    /// Only requests with this method are faulted (None: all).
+    method: Option<String>,
+    injected: usize,
+    requests: usize,
+}
+
+/// A TCP proxy that understands just enough HTTP/1.1 (request head, Content-Length) to fail
+/// whole requests. Each connection carries one request (the client pool is disabled in tests).
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+impl Proxy {
+    pub fn start(upstream_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(ProxyState { fault: Fault::Pass, method: None, injected: 0, requests: 0 }));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = handle(conn, upstream_port, st);
+                });
+            }
+        });
+        Proxy { port, state }
+    }
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    pub fn set(&self, fault: Fault, method: Option<&str>) {
+        let mut s = self.state.lock().unwrap();
+        s.fault = fault;
+        s.method = method.map(String::from);
+    }
+    pub fn injected(&self) -> usize {
+        self.state.lock().unwrap().injected
+    }
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().requests
+    }
+}
+
+fn read_head(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if c.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    Ok(head)
+}
+
+fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>) -> std::io::Result<()> {
+    loop {
+        let head = read_head(&mut client)?;
+        let text = String::from_utf8_lossy(&head).to_string();
+        let method = text.split_whitespace().next().unwrap_or("").to_string();
+        let len: usize = text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
+        let action = {
+            let mut s = st.lock().unwrap();
+            s.requests += 1;
+            let matches = s.method.as_deref().is_none_or(|m| m == method);
+            match s.fault.clone() {
+                Fault::Http503(n) if n > 0 && matches => {
+                    s.fault = Fault::Http503(n - 1);
+                    s.injected += 1;
+                    Fault::Http503(1)
+                }
+                Fault::Drop(n) if n > 0 && matches => {
+                    s.fault = Fault::Drop(n - 1);
+                    s.injected += 1;
+                    Fault::Drop(1)
+                }
+                _ => Fault::Pass,
+            }
+        };
+        let mut body = vec![0u8; len];
+        match action {
+            Fault::Drop(_) => {
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            Fault::Http503(_) => {
+                client.read_exact(&mut body)?;
+                let msg = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>injected by the test proxy</Message></Error>";
+                write!(client, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len())?;
+                return Ok(());
+            }
+            Fault::Pass => {
+                client.read_exact(&mut body)?;
+                let mut up = TcpStream::connect(("127.0.0.1", upstream_port))?;
+                // Ask the upstream to close after answering, then stream its answer back.
+                let mut head: String = text
+                    .trim_end()
+                    .split("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                    .map(|l| format!("{l}\r\n"))
+                    .collect();
+                head.push_str("Connection: close\r\n\r\n");
+                up.write_all(head.as_bytes())?;
+                up.write_all(&body)?;
+                let mut resp = Vec::new();
+                up.read_to_end(&mut resp)?;
+                client.write_all(&resp)?;
+                return Ok(());
+            }
+        }
+    }
+}
