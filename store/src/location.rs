@@ -37,6 +37,8 @@ pub struct Location {
     pub prefix: Path,
     /// The URL as given, with any user info or query string removed: safe to print.
     pub url: String,
+    /// For local datasets, the directory (used to remove staging files of killed uploads).
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 /// Open a dataset URL with default options. See [`open_store_with`].
@@ -81,14 +83,14 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
         }
         let store = b.build().map_err(|e| bad(&format!("cannot configure S3 client: {e}")))?;
         let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location { store: Arc::new(store), prefix, url: redact_url(url) });
+        return Ok(Location { store: Arc::new(store), prefix, url: redact_url(url), local_dir: None });
     }
     if let Some(rest) = url.strip_prefix("memory://") {
         let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let map = MEMORY_STORES.get_or_init(Default::default);
         let store = map.lock().unwrap().entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone();
         let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location { store, prefix, url: url.to_string() });
+        return Ok(Location { store, prefix, url: url.to_string(), local_dir: None });
     }
     let fs_path = if let Some(rest) = url.strip_prefix("file://") {
         if !rest.starts_with('/') {
@@ -110,7 +112,7 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
     };
     let prefix = Path::from_absolute_path(&fs_path).map_err(|e| bad(&e.to_string()))?;
     let store = LocalFileSystem::new().with_automatic_cleanup(true);
-    Ok(Location { store: Arc::new(store), prefix, url: fs_path.display().to_string() })
+    Ok(Location { store: Arc::new(store), prefix, url: fs_path.display().to_string(), local_dir: Some(fs_path) })
 }
 
 /// Remove user info and query strings from a URL before it goes into a message.

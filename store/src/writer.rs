@@ -726,5 +726,20 @@ pub(crate) async fn finalize_async(loc: &Location) -> Result<Manifest> {
             loc.delete(key).await?;
         }
     }
+    // A local multipart upload that was killed leaves a staging file `<key>#<n>`, which the
+    // object store API does not list. (On S3, an abandoned multipart upload stays invisible
+    // and is reclaimed by the bucket's AbortIncompleteMultipartUpload lifecycle rule.)
+    if let Some(dir) = &loc.local_dir {
+        if let Ok(entries) = std::fs::read_dir(dir.join(SHARDS_DIR)) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if let Some((base, n)) = name.rsplit_once('#') {
+                    if base.ends_with(".parquet") && n.chars().all(|c| c.is_ascii_digit()) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+    }
     Ok(manifest)
 }

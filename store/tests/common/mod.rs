@@ -126,6 +126,15 @@ pub fn http(port: u16, method: &str, path: &str) -> u16 {
     resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
+/// Send a bare HTTP request and return the whole response.
+pub fn http_body(port: u16, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp
+}
+
 /// moto_server (in memory, no signature checks), shared by the tests of one test binary.
 pub fn moto() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
