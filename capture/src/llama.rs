@@ -13,15 +13,14 @@ use tch::{Device, Kind, Tensor};
 use crate::config::LlamaConfig;
 use crate::hooks::{HookPoint, Hooks};
 
+/// One transformer block. Q, K and V share one matmul, and so do the MLP's gate and up
+/// projections: fewer, larger GEMMs run faster than three or two small ones.
 struct Block {
     input_norm: Tensor, // [d]
-    q_proj: Tensor,     // [n_heads * head_dim, d]
-    k_proj: Tensor,     // [n_kv_heads * head_dim, d]
-    v_proj: Tensor,     // [n_kv_heads * head_dim, d]
+    qkv_proj: Tensor,   // [(n_heads + 2 * n_kv_heads) * head_dim, d]: rows of q, then k, then v
     o_proj: Tensor,     // [d, n_heads * head_dim]
     post_norm: Tensor,  // [d]
-    gate_proj: Tensor,  // [d_ff, d]
-    up_proj: Tensor,    // [d_ff, d]
+    gate_up_proj: Tensor, // [2 * d_ff, d]: rows of gate, then up
     down_proj: Tensor,  // [d, d_ff]
 }
 
@@ -81,15 +80,17 @@ impl Llama {
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
+                let q = take(&format!("{p}.self_attn.q_proj.weight"), &[q_rows, d])?;
+                let k = take(&format!("{p}.self_attn.k_proj.weight"), &[kv_rows, d])?;
+                let v = take(&format!("{p}.self_attn.v_proj.weight"), &[kv_rows, d])?;
+                let gate = take(&format!("{p}.mlp.gate_proj.weight"), &[ff, d])?;
+                let up = take(&format!("{p}.mlp.up_proj.weight"), &[ff, d])?;
                 Ok(Block {
                     input_norm: take(&format!("{p}.input_layernorm.weight"), &[d])?,
-                    q_proj: take(&format!("{p}.self_attn.q_proj.weight"), &[q_rows, d])?,
-                    k_proj: take(&format!("{p}.self_attn.k_proj.weight"), &[kv_rows, d])?,
-                    v_proj: take(&format!("{p}.self_attn.v_proj.weight"), &[kv_rows, d])?,
+                    qkv_proj: Tensor::cat(&[q, k, v], 0),
                     o_proj: take(&format!("{p}.self_attn.o_proj.weight"), &[d, q_rows])?,
                     post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                    gate_proj: take(&format!("{p}.mlp.gate_proj.weight"), &[ff, d])?,
-                    up_proj: take(&format!("{p}.mlp.up_proj.weight"), &[ff, d])?,
+                    gate_up_proj: Tensor::cat(&[gate, up], 0),
                     down_proj: take(&format!("{p}.mlp.down_proj.weight"), &[d, ff])?,
                 })
             })
@@ -152,8 +153,8 @@ impl Llama {
             let attn = hooks.apply(HookPoint::AttnOut(i), attn);
             x = x + attn;
             let h = self.rms_norm(&x, &block.post_norm);
-            let mlp = (h.linear::<Tensor>(&block.gate_proj, None).silu() * h.linear::<Tensor>(&block.up_proj, None))
-                .linear::<Tensor>(&block.down_proj, None);
+            let gate_up = h.linear::<Tensor>(&block.gate_up_proj, None).chunk(2, -1); // 2 × [batch, seq, d_ff]
+            let mlp = (gate_up[0].silu() * &gate_up[1]).linear::<Tensor>(&block.down_proj, None);
             let mlp = hooks.apply(HookPoint::MlpOut(i), mlp);
             x = x + mlp;
             x = hooks.apply(HookPoint::ResidPost(i), x);
@@ -184,10 +185,11 @@ impl Llama {
     fn attention(&self, block: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, start: i64, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
         let (b, t, _) = x.size3().expect("[batch, seq, d]");
         let (h, kvh, hd) = (self.cfg.num_attention_heads as i64, self.cfg.n_kv_heads() as i64, self.cfg.head_dim() as i64);
-        let heads = |y: Tensor, n: i64| y.view([b, t, n, hd]).transpose(1, 2); // [b, n, t, hd]
-        let q = rotate(&heads(x.linear::<Tensor>(&block.q_proj, None), h), cos, sin);
-        let mut k = rotate(&heads(x.linear::<Tensor>(&block.k_proj, None), kvh), cos, sin);
-        let mut v = heads(x.linear::<Tensor>(&block.v_proj, None), kvh);
+        let qkv = x.linear::<Tensor>(&block.qkv_proj, None).split_with_sizes([h * hd, kvh * hd, kvh * hd], -1);
+        let heads = |y: &Tensor, n: i64| y.reshape([b, t, n, hd]).transpose(1, 2); // [b, n, t, hd]
+        let q = rotate(&heads(&qkv[0], h), cos, sin);
+        let mut k = rotate(&heads(&qkv[1], kvh), cos, sin);
+        let mut v = heads(&qkv[2], kvh);
         if let Some(slot) = cache {
             if let Some((k_past, v_past)) = slot.take() {
                 k = Tensor::cat(&[k_past, k], 2);
@@ -195,21 +197,20 @@ impl Llama {
             }
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        // Each K/V head serves h / kvh query heads: [b, kvh, s, hd] -> [b, h, s, hd].
-        let rep = h / kvh;
-        let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None)) } else { (k, v) };
+        // Each K/V head serves h / kvh query heads; SDPA's enable_gqa broadcasts them without copies.
+        let gqa = h != kvh;
         let total = k.size()[2];
         let out = if start == 0 {
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, gqa)
         } else if t == 1 {
             // One new token attends to everything cached: no mask needed.
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, gqa)
         } else {
             // Several new tokens after a cache: query i (absolute start + i) sees keys 0..=start+i.
             let qpos = Tensor::arange_start(start, start + t, (Kind::Int64, self.device)).unsqueeze(1);
             let kpos = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0);
             let mask = kpos.le_tensor(&qpos); // [t, total], true = may attend
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, gqa)
         }; // [b, h, t, hd]
         out.transpose(1, 2).contiguous().view([b, t, h * hd]).linear::<Tensor>(&block.o_proj, None)
     }

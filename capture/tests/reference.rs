@@ -118,7 +118,8 @@ fn logits_match_transformers_at_every_position() {
         let theirs = reference_logits(i);
         assert_eq!(ours.size(), theirs.size());
         let err = max_relative_error(&ours, theirs);
-        eprintln!("prompt {i}: max relative logit error {err:.2e}");
+        let max_abs = (&ours - theirs).abs().max().double_value(&[]);
+        eprintln!("prompt {i}: max relative logit error {err:.3e}, max absolute difference {max_abs:.3e}");
         assert!(err <= 1e-3, "prompt {prompt:?}: relative logit error {err:.3e} > 1e-3");
     }
 }
