@@ -71,7 +71,8 @@ def main():
     with open(os.path.join(args.out, "reference.json"), "w") as f:
         json.dump(result, f)
     if args.export_hf:
-        model.save_pretrained(args.export_hf, safe_serialization=True)
+        # Sharded, so that the loader's model.safetensors.index.json path is exercised.
+        model.save_pretrained(args.export_hf, safe_serialization=True, max_shard_size="300MB")
         tokenizer.save_pretrained(args.export_hf)
 
 

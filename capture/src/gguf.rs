@@ -597,6 +597,17 @@ mod tests {
     }
 
     #[test]
+    fn f16_bf16_and_f32_elements_decode_exactly() {
+        let values = [1.0f32, -0.5, 3.140625, 65504.0];
+        let f16s: Vec<u8> = values.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect();
+        assert_eq!(dequantize(GgmlType::F16, &f16s, 4).unwrap(), values);
+        let bf16s: Vec<u8> = values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
+        assert_eq!(dequantize(GgmlType::BF16, &bf16s, 4).unwrap(), [1.0, -0.5, 3.140625, 65536.0]);
+        let f32s: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(dequantize(GgmlType::F32, &f32s, 4).unwrap(), values);
+    }
+
+    #[test]
     fn multi_block_tensors_keep_block_order() {
         let mut bytes = Vec::new();
         for d in [1.0f32, -3.0] {

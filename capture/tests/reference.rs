@@ -162,6 +162,7 @@ fn greedy_tokens_match_where_the_margin_is_clear() {
 fn hugging_face_folder_loads_the_same_model() {
     let gguf = common::model();
     let folder = &reference().hf_folder;
+    assert!(folder.join("model.safetensors.index.json").exists(), "the export should be sharded");
     let hf = Model::load(folder, Device::Cpu, Kind::Float).unwrap();
     assert_eq!(hf.llama.config().num_hidden_layers, 30);
     let ids = gguf.tokenizer.encode(LOGIT_PROMPTS[1]).unwrap();
