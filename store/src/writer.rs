@@ -534,15 +534,16 @@ impl Encoder {
             let width = h.d_model * dtype.size();
             let rest = p.acts[i].split_off(n * width);
             let mine = std::mem::replace(&mut p.acts[i], rest);
-            cols.push(Arc::new(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(mine), None)));
+            let mut planar = Vec::with_capacity(mine.len());
+            format::to_planar(&mine, h.d_model, dtype.size(), &mut planar);
+            cols.push(Arc::new(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(planar), None)));
             // Stats were accumulated per pending buffer; when a row group takes all pending rows
             // (the common case) they move over whole, otherwise recompute for the split.
             if p.sequence_id.is_empty() {
                 rg_stats.push(std::mem::replace(&mut p.stats[i], HookStats::new(h.d_model)));
             } else {
-                let col = cols.last().unwrap().as_any().downcast_ref::<FixedSizeBinaryArray>().unwrap();
                 let mut st = HookStats::new(h.d_model);
-                accumulate_stats(dtype, col.value_data(), h.d_model, &mut st);
+                accumulate_stats(dtype, &mine, h.d_model, &mut st);
                 let mut rest_st = HookStats::new(h.d_model);
                 accumulate_stats(dtype, &p.acts[i], h.d_model, &mut rest_st);
                 p.stats[i] = rest_st;
