@@ -21,6 +21,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Run the model over text and report statistics of one hook's activations.
     Activations(cmd::activations::Args),
+    /// Inspect and verify activation datasets.
+    Dataset(cmd::dataset::Args),
 }
 
 fn main() {
@@ -32,6 +34,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Activations(args) => cmd::activations::run(args),
+        Command::Dataset(args) => cmd::dataset::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

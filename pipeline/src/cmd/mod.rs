@@ -1,2 +1,3 @@
 pub mod activations;
+pub mod dataset;
 pub mod generate;
