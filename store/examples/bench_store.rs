@@ -10,6 +10,11 @@
 
 use std::time::Instant;
 
+// Like pyarrow, which allocates its buffers from mimalloc (or jemalloc): glibc's malloc maps and
+// unmaps every large buffer, and the page faults then cost more than the decoding.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use store::reader::{OutputDtype, Reader, ReaderOptions};
 use store::*;
 

@@ -520,6 +520,21 @@ pub(crate) fn unsplit_planar(dtype: Dtype, out_dtype: Dtype, buf: &[u8], n: usiz
 
 const UNSPLIT_TILE: usize = 8;
 
+/// The 4 bytes of `x` spread to the even bytes of a u64.
+#[inline(always)]
+fn spread_bytes(x: u32) -> u64 {
+    let mut v = x as u64;
+    v = (v | (v << 16)) & 0x0000_FFFF_0000_FFFF;
+    (v | (v << 8)) & 0x00FF_00FF_00FF_00FF
+}
+
+/// The 2 u16 of `x` spread to the low halves of the two u32 lanes of a u64.
+#[inline(always)]
+fn spread_u16s(x: u32) -> u64 {
+    let v = x as u64;
+    (v | (v << 16)) & 0x0000_FFFF_0000_FFFF
+}
+
 /// Transpose an 8x8 byte matrix held as 8 little-endian u64 rows.
 #[inline(always)]
 fn transpose8(m: [u64; 8]) -> [u64; 8] {
@@ -560,6 +575,24 @@ fn unsplit_blocks<const S: usize, const OS: usize>(buf: &[u8], n: usize, d: usiz
                     *w = u64::from_le_bytes(buf[off..off + 8].try_into().unwrap());
                 }
                 *plane = transpose8(m);
+            }
+            if S == 2 && OS == 4 {
+                // bf16 -> f32: interleave low and high bytes into u16 pairs, then place each pair
+                // in the top half of a u32 lane, two lanes per u64 store.
+                for ii in 0..8 {
+                    let o = ((i0 + ii) * d + j0) * 4;
+                    let row = &mut out[o..o + 32];
+                    let (lo, hi) = (planes[0][ii], planes[1][ii]);
+                    for half_ in 0..2 {
+                        let pairs = spread_bytes((lo >> (32 * half_)) as u32) | (spread_bytes((hi >> (32 * half_)) as u32) << 8);
+                        for q in 0..2 {
+                            let two = spread_u16s((pairs >> (32 * q)) as u32) << 16;
+                            let at = half_ * 16 + q * 8;
+                            row[at..at + 8].copy_from_slice(&two.to_le_bytes());
+                        }
+                    }
+                }
+                continue;
             }
             for ii in 0..8 {
                 let o = ((i0 + ii) * d + j0) * OS;
