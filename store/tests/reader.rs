@@ -206,3 +206,18 @@ fn follow_mode_reads_a_dataset_while_it_is_written() {
     assert_eq!(rows.len(), 12 * CTX, "every row once");
     assert_eq!(set.len(), 12 * CTX);
 }
+
+#[test]
+fn a_budget_of_one_window_still_streams() {
+    let url = dataset("budget");
+    let mut o = opts(30);
+    o.prefetch_row_groups = 8;
+    // One window of 3 row groups of 50 rows x 8 bf16 values: 2400 bytes, 2 KiB of permits.
+    o.max_bytes_in_flight = 3 * 50 * 8 * 2 + 1023;
+    let bpe = Reader::open(&url, o.clone()).unwrap().batches_per_epoch().unwrap() as usize;
+    let tight: Vec<Batch> = take(&url, o.clone(), 2 * bpe + 1);
+    let loose = take(&url, opts(30), 2 * bpe + 1);
+    assert_eq!(tight.iter().map(ids).collect::<Vec<_>>(), loose.iter().map(ids).collect::<Vec<_>>());
+    o.max_bytes_in_flight = 3 * 50 * 8 * 2 - 1;
+    assert!(Reader::open(&url, o).is_err(), "a budget below one window is refused");
+}
