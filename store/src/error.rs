@@ -18,7 +18,11 @@ pub enum Error {
     #[error("no dataset at `{url}`: {what}")]
     NotFound { url: String, what: String },
     #[error("dataset `{url}` has format_version {found}, but this build reads only version {supported}; upgrade sae-pipeline")]
-    UnsupportedVersion { url: String, found: String, supported: u32 },
+    UnsupportedVersion {
+        url: String,
+        found: String,
+        supported: u32,
+    },
     #[error("bad manifest or commit record `{location}`: {detail}")]
     BadMetadata { location: String, detail: String },
     #[error("corrupt shard `{key}`: {detail}")]
@@ -38,13 +42,24 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn store(op: &'static str, location: impl fmt::Display, source: object_store::Error) -> Self {
-        Error::Store { op, location: location.to_string(), source }
+    pub(crate) fn store(
+        op: &'static str,
+        location: impl fmt::Display,
+        source: object_store::Error,
+    ) -> Self {
+        Error::Store {
+            op,
+            location: location.to_string(),
+            source,
+        }
     }
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())
     }
     pub(crate) fn corrupt(key: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Corrupt { key: key.into(), detail: detail.into() }
+        Error::Corrupt {
+            key: key.into(),
+            detail: detail.into(),
+        }
     }
 }

@@ -7,7 +7,10 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::location::{open_store_with, Location, StoreOptions};
-use crate::manifest::{parse_versioned, CorpusIdentity, CreatedInfo, Manifest, ModelIdentity, TokenizerIdentity, MANIFEST_KEY, SHARDS_DIR};
+use crate::manifest::{
+    parse_versioned, CorpusIdentity, CreatedInfo, Manifest, ModelIdentity, TokenizerIdentity,
+    MANIFEST_KEY, SHARDS_DIR,
+};
 use crate::reader::{check_schema, chunk_crcs, parse_footer};
 use crate::writer::{list_commits, read_header, runtime};
 
@@ -72,7 +75,14 @@ async fn info_async(loc: &Location) -> Result<DatasetInfo> {
         format_version: m.format_version,
         is_final,
         tokens: m.tokens,
-        hooks: m.hooks.iter().map(|h| HookInfo { name: h.name.clone(), d_model: h.d_model }).collect(),
+        hooks: m
+            .hooks
+            .iter()
+            .map(|h| HookInfo {
+                name: h.name.clone(),
+                d_model: h.d_model,
+            })
+            .collect(),
         dtype: m.dtype,
         context_len: m.context_len,
         shards: m.shards.len(),
@@ -127,7 +137,10 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
             let m = &m;
             async move {
                 let p = verify_shard(loc, m, &s).await;
-                ShardProblem { key: s.key.clone(), problems: p }
+                ShardProblem {
+                    key: s.key.clone(),
+                    problems: p,
+                }
             }
         })
         .buffered(concurrency)
@@ -148,13 +161,25 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
     let mut order_problems = Vec::new();
     for s in &m.shards {
         if s.first_row != first {
-            order_problems.push(ShardProblem { key: s.key.clone(), problems: vec![format!("first_row {} but the shards before hold {first} rows", s.first_row)] });
+            order_problems.push(ShardProblem {
+                key: s.key.clone(),
+                problems: vec![format!(
+                    "first_row {} but the shards before hold {first} rows",
+                    s.first_row
+                )],
+            });
         }
         first += s.rows;
         rows += s.rows;
     }
     if rows != m.tokens {
-        order_problems.push(ShardProblem { key: MANIFEST_KEY.into(), problems: vec![format!("tokens {} but the shards hold {rows} rows", m.tokens)] });
+        order_problems.push(ShardProblem {
+            key: MANIFEST_KEY.into(),
+            problems: vec![format!(
+                "tokens {} but the shards hold {rows} rows",
+                m.tokens
+            )],
+        });
     }
     problems.extend(order_problems);
     Ok(VerifyReport {
@@ -168,7 +193,11 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
     })
 }
 
-async fn verify_shard(loc: &Location, m: &Manifest, s: &crate::manifest::ShardEntry) -> Vec<String> {
+async fn verify_shard(
+    loc: &Location,
+    m: &Manifest,
+    s: &crate::manifest::ShardEntry,
+) -> Vec<String> {
     let mut p = Vec::new();
     let data = match loc.get(&s.key).await {
         Ok(Some(d)) => d,
@@ -176,7 +205,11 @@ async fn verify_shard(loc: &Location, m: &Manifest, s: &crate::manifest::ShardEn
         Err(e) => return vec![e.to_string()],
     };
     if data.len() as u64 != s.bytes {
-        p.push(format!("{} bytes, the manifest says {}", data.len(), s.bytes));
+        p.push(format!(
+            "{} bytes, the manifest says {}",
+            data.len(),
+            s.bytes
+        ));
     }
     let sum = format!("sha256:{:x}", Sha256::digest(&data));
     if sum != s.checksum {
@@ -200,7 +233,11 @@ async fn verify_shard(loc: &Location, m: &Manifest, s: &crate::manifest::ShardEn
         }
     }
     if meta.file_metadata().schema_descr().num_columns() != 3 + m.hooks.len() {
-        p.push(format!("{} columns, expected {}", meta.file_metadata().schema_descr().num_columns(), 3 + m.hooks.len()));
+        p.push(format!(
+            "{} columns, expected {}",
+            meta.file_metadata().schema_descr().num_columns(),
+            3 + m.hooks.len()
+        ));
     }
     match chunk_crcs(s, &meta) {
         Err(e) => p.push(e.to_string()),
@@ -209,7 +246,9 @@ async fn verify_shard(loc: &Location, m: &Manifest, s: &crate::manifest::ShardEn
                 for (ci, c) in rg.columns().iter().enumerate() {
                     let (start, len) = c.byte_range();
                     let Some(chunk) = data.get(start as usize..(start + len) as usize) else {
-                        p.push(format!("row group {ri} column {ci} lies outside the object"));
+                        p.push(format!(
+                            "row group {ri} column {ci} lies outside the object"
+                        ));
                         continue;
                     };
                     if crc32c::crc32c(chunk) != crcs[ri][ci] {

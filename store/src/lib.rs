@@ -15,11 +15,11 @@
 
 mod error;
 mod format;
+mod inspect;
 mod location;
 mod manifest;
 pub mod reader;
 mod rng;
-mod inspect;
 mod writer;
 
 pub use error::{Error, Result};

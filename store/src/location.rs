@@ -56,7 +56,10 @@ static MEMORY_STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock
 /// - `memory://name/prefix`: an in-process store shared by every URL with the same `name`
 ///   (for tests).
 pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
-    let bad = |reason: &str| Error::Url { url: redact_url(url), reason: reason.to_string() };
+    let bad = |reason: &str| Error::Url {
+        url: redact_url(url),
+        reason: reason.to_string(),
+    };
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -77,20 +80,38 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
             }
         }
         for (k, v) in &opts.s3_config {
-            let key: object_store::aws::AmazonS3ConfigKey =
-                k.parse().map_err(|_| bad(&format!("unknown S3 setting `{k}`")))?;
+            let key: object_store::aws::AmazonS3ConfigKey = k
+                .parse()
+                .map_err(|_| bad(&format!("unknown S3 setting `{k}`")))?;
             b = b.with_config(key, v);
         }
-        let store = b.build().map_err(|e| bad(&format!("cannot configure S3 client: {e}")))?;
+        let store = b
+            .build()
+            .map_err(|e| bad(&format!("cannot configure S3 client: {e}")))?;
         let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location { store: Arc::new(store), prefix, url: redact_url(url), local_dir: None });
+        return Ok(Location {
+            store: Arc::new(store),
+            prefix,
+            url: redact_url(url),
+            local_dir: None,
+        });
     }
     if let Some(rest) = url.strip_prefix("memory://") {
         let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let map = MEMORY_STORES.get_or_init(Default::default);
-        let store = map.lock().unwrap().entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone();
+        let store = map
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(InMemory::new()))
+            .clone();
         let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location { store, prefix, url: url.to_string(), local_dir: None });
+        return Ok(Location {
+            store,
+            prefix,
+            url: url.to_string(),
+            local_dir: None,
+        });
     }
     let fs_path = if let Some(rest) = url.strip_prefix("file://") {
         if !rest.starts_with('/') {
@@ -98,7 +119,9 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
         }
         std::path::PathBuf::from(rest)
     } else if url.contains("://") {
-        return Err(bad("unsupported scheme (use a path, file://, s3:// or memory://)"));
+        return Err(bad(
+            "unsupported scheme (use a path, file://, s3:// or memory://)",
+        ));
     } else {
         if url.is_empty() {
             return Err(bad("empty path"));
@@ -107,12 +130,19 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
         if p.is_absolute() {
             p
         } else {
-            std::env::current_dir().map_err(|e| bad(&e.to_string()))?.join(p)
+            std::env::current_dir()
+                .map_err(|e| bad(&e.to_string()))?
+                .join(p)
         }
     };
     let prefix = Path::from_absolute_path(&fs_path).map_err(|e| bad(&e.to_string()))?;
     let store = LocalFileSystem::new().with_automatic_cleanup(true);
-    Ok(Location { store: Arc::new(store), prefix, url: fs_path.display().to_string(), local_dir: Some(fs_path) })
+    Ok(Location {
+        store: Arc::new(store),
+        prefix,
+        url: fs_path.display().to_string(),
+        local_dir: Some(fs_path),
+    })
 }
 
 /// Remove user info and query strings from a URL before it goes into a message.
@@ -150,14 +180,21 @@ impl Location {
     /// The key of `path` relative to the prefix.
     pub(crate) fn rel(&self, path: &Path) -> String {
         match path.prefix_match(&self.prefix) {
-            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+            Some(parts) => parts
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
             None => path.to_string(),
         }
     }
 
     pub(crate) async fn get(&self, rel: &str) -> Result<Option<Bytes>> {
         match self.store.get(&self.path(rel)).await {
-            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| Error::store("GET", self.display(rel), e))?)),
+            Ok(r) => Ok(Some(
+                r.bytes()
+                    .await
+                    .map_err(|e| Error::store("GET", self.display(rel), e))?,
+            )),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store("GET", self.display(rel), e)),
         }
@@ -172,8 +209,15 @@ impl Location {
 
     /// Create `rel` with `PutMode::Create`. Returns `Ok(false)` if it already exists.
     pub(crate) async fn put_create(&self, rel: &str, data: Bytes) -> Result<bool> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&self.path(rel), PutPayload::from_bytes(data), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(rel), PutPayload::from_bytes(data), opts)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(Error::store("PUT (create)", self.display(rel), e)),
@@ -196,7 +240,10 @@ impl Location {
             .try_collect()
             .await
             .map_err(|e| Error::store("LIST", self.display(rel_dir), e))?;
-        let mut out: Vec<_> = metas.into_iter().map(|m| (self.rel(&m.location), m)).collect();
+        let mut out: Vec<_> = metas
+            .into_iter()
+            .map(|m| (self.rel(&m.location), m))
+            .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
@@ -208,13 +255,18 @@ mod tests {
 
     #[test]
     fn redacts_credentials() {
-        assert_eq!(redact_url("s3://AKIA:secret@bucket/x?sig=1"), "s3://bucket/x");
+        assert_eq!(
+            redact_url("s3://AKIA:secret@bucket/x?sig=1"),
+            "s3://bucket/x"
+        );
         assert_eq!(redact_url("/tmp/x"), "/tmp/x");
     }
 
     #[test]
     fn rejects_credentials_in_url() {
-        let e = open_store("s3://KEY:SECRET@bucket/p").unwrap_err().to_string();
+        let e = open_store("s3://KEY:SECRET@bucket/p")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("SECRET"), "{e}");
         assert!(e.contains("AWS_"), "{e}");
     }

@@ -57,15 +57,30 @@ pub struct CreatedInfo {
 impl CreatedInfo {
     /// This process's command line, with the values of secret-looking options redacted.
     pub fn from_process() -> Self {
-        CreatedInfo { version: env!("CARGO_PKG_VERSION").to_string(), command_line: redact_args(std::env::args()) }
+        CreatedInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            command_line: redact_args(std::env::args()),
+        }
     }
 }
 
 fn looks_secret(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    ["secret", "password", "passwd", "credential", "access-key", "access_key", "session-token", "session_token", "api-key", "api_key", "auth"]
-        .iter()
-        .any(|s| n.contains(s))
+    [
+        "secret",
+        "password",
+        "passwd",
+        "credential",
+        "access-key",
+        "access_key",
+        "session-token",
+        "session_token",
+        "api-key",
+        "api_key",
+        "auth",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
 }
 
 pub(crate) fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
@@ -141,7 +156,11 @@ pub struct HookStats {
 
 impl HookStats {
     pub fn new(d: usize) -> Self {
-        HookStats { sum: vec![0.0; d], sum_sq_norm: 0.0, count: 0 }
+        HookStats {
+            sum: vec![0.0; d],
+            sum_sq_norm: 0.0,
+            count: 0,
+        }
     }
     pub fn merge(&mut self, other: &HookStats) {
         for (a, b) in self.sum.iter_mut().zip(&other.sum) {
@@ -223,24 +242,45 @@ impl Manifest {
     /// Bytes of shard objects per stored activation element.
     pub fn bytes_per_element(&self) -> f64 {
         let elems: u64 = self.hooks.iter().map(|h| h.d_model as u64).sum::<u64>() * self.tokens;
-        if elems == 0 { 0.0 } else { self.bytes as f64 / elems as f64 }
+        if elems == 0 {
+            0.0
+        } else {
+            self.bytes as f64 / elems as f64
+        }
     }
 }
 
 /// Parse JSON metadata, refusing unknown format versions before anything else.
-pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8], location: &str, url: &str) -> Result<T> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| Error::BadMetadata { location: location.to_string(), detail: format!("not JSON: {e}") })?;
+pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    location: &str,
+    url: &str,
+) -> Result<T> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::BadMetadata {
+        location: location.to_string(),
+        detail: format!("not JSON: {e}"),
+    })?;
     match v.get("format_version") {
         Some(serde_json::Value::Number(n)) if n.as_u64() == Some(FORMAT_VERSION as u64) => {}
         Some(other) => {
-            return Err(Error::UnsupportedVersion { url: url.to_string(), found: other.to_string(), supported: FORMAT_VERSION })
+            return Err(Error::UnsupportedVersion {
+                url: url.to_string(),
+                found: other.to_string(),
+                supported: FORMAT_VERSION,
+            })
         }
         None => {
-            return Err(Error::UnsupportedVersion { url: url.to_string(), found: "none".into(), supported: FORMAT_VERSION })
+            return Err(Error::UnsupportedVersion {
+                url: url.to_string(),
+                found: "none".into(),
+                supported: FORMAT_VERSION,
+            })
         }
     }
-    serde_json::from_value(v).map_err(|e| Error::BadMetadata { location: location.to_string(), detail: e.to_string() })
+    serde_json::from_value(v).map_err(|e| Error::BadMetadata {
+        location: location.to_string(),
+        detail: e.to_string(),
+    })
 }
 
 /// Merge commit records (already in shard order) into a manifest.
@@ -248,7 +288,12 @@ pub(crate) fn build_manifest(header: &HeaderFile, commits: &[CommitRecord]) -> M
     let mut shards = Vec::with_capacity(commits.len());
     let mut first_row = 0u64;
     let mut bytes = 0u64;
-    let mut totals: Vec<HookStats> = header.header.hooks.iter().map(|h| HookStats::new(h.d_model)).collect();
+    let mut totals: Vec<HookStats> = header
+        .header
+        .hooks
+        .iter()
+        .map(|h| HookStats::new(h.d_model))
+        .collect();
     for c in commits {
         let mut s = c.shard.clone();
         s.first_row = first_row;
@@ -300,17 +345,33 @@ mod tests {
     #[test]
     fn redacts_secret_args() {
         let a = redact_args(
-            ["sae", "capture", "--secret-key", "S3CR3T", "--aws-access-key=AK", "s3://u:p@b/x", "--tokens", "100"]
-                .map(String::from),
+            [
+                "sae",
+                "capture",
+                "--secret-key",
+                "S3CR3T",
+                "--aws-access-key=AK",
+                "s3://u:p@b/x",
+                "--tokens",
+                "100",
+            ]
+            .map(String::from),
         );
         let joined = a.join(" ");
-        assert!(!joined.contains("S3CR3T") && !joined.contains("AK") && !joined.contains("u:p"), "{joined}");
-        assert!(joined.contains("--tokens 100") && joined.contains("s3://b/x"), "{joined}");
+        assert!(
+            !joined.contains("S3CR3T") && !joined.contains("AK") && !joined.contains("u:p"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("--tokens 100") && joined.contains("s3://b/x"),
+            "{joined}"
+        );
     }
 
     #[test]
     fn refuses_unknown_version() {
-        let e = parse_versioned::<Manifest>(br#"{"format_version": 99}"#, "m", "memory://x").unwrap_err();
+        let e = parse_versioned::<Manifest>(br#"{"format_version": 99}"#, "m", "memory://x")
+            .unwrap_err();
         assert!(matches!(e, Error::UnsupportedVersion { .. }));
         assert!(e.to_string().contains("format_version 99"), "{e}");
     }

@@ -21,13 +21,15 @@ use std::time::Duration;
 use arrow_array::{Array, FixedSizeBinaryArray, UInt32Array, UInt64Array};
 use bytes::Bytes;
 use futures::StreamExt;
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::ProjectionMask;
 use parquet::basic::{Encoding as ParquetEncoding, Type as PhysicalType};
 use parquet::column::page::Page;
-use parquet::file::serialized_reader::SerializedPageReader;
 use parquet::file::metadata::ParquetMetaDataReader;
 use parquet::file::reader::{ChunkReader, Length};
+use parquet::file::serialized_reader::SerializedPageReader;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, OnceCell, Semaphore};
@@ -99,7 +101,10 @@ pub struct FollowOptions {
 
 impl Default for FollowOptions {
     fn default() -> Self {
-        FollowOptions { poll: Duration::from_secs(2), idle_timeout: None }
+        FollowOptions {
+            poll: Duration::from_secs(2),
+            idle_timeout: None,
+        }
     }
 }
 
@@ -154,7 +159,9 @@ impl ReaderOptions {
             output: OutputDtype::Stored,
             with_tokens: false,
             prefetch_row_groups: 8,
-            decode_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            decode_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             max_bytes_in_flight: 1 << 30,
             follow: None,
             store: StoreOptions::default(),
@@ -172,7 +179,14 @@ pub(crate) struct RgRef {
 
 /// The row groups of one rank for one epoch, in reading order: a pure function of
 /// (seed, epoch, rank, world).
-pub(crate) fn rank_row_groups(all: &[RgRef], seed: u64, epoch: u64, rank: usize, world: usize, shuffle: bool) -> Vec<RgRef> {
+pub(crate) fn rank_row_groups(
+    all: &[RgRef],
+    seed: u64,
+    epoch: u64,
+    rank: usize,
+    world: usize,
+    shuffle: bool,
+) -> Vec<RgRef> {
     let order: Vec<u32> = if shuffle {
         permutation(all.len(), &mut SplitMix64::keyed(&[seed, epoch, 0x7267]))
     } else {
@@ -190,7 +204,11 @@ pub(crate) fn rank_row_groups(all: &[RgRef], seed: u64, epoch: u64, rank: usize,
             mine.insert(i);
         }
     }
-    order.into_iter().filter(|i| mine.contains(i)).map(|i| all[i as usize]).collect()
+    order
+        .into_iter()
+        .filter(|i| mine.contains(i))
+        .map(|i| all[i as usize])
+        .collect()
 }
 
 /// Rows of every rank (epoch-invariant: LPT only depends on the multiset of sizes).
@@ -234,13 +252,18 @@ struct Plan {
 impl Plan {
     fn new(all: Vec<RgRef>, o: &ReaderOptions) -> Result<Plan> {
         if o.world == 0 || o.rank >= o.world {
-            return Err(Error::invalid(format!("rank {} is not in a world of {}", o.rank, o.world)));
+            return Err(Error::invalid(format!(
+                "rank {} is not in a world of {}",
+                o.rank, o.world
+            )));
         }
         if o.batch_rows == 0 {
             return Err(Error::invalid("batch_rows must be > 0"));
         }
         if !o.drop_last && o.world > 1 {
-            return Err(Error::invalid("drop_last = false needs world = 1 (every rank must yield the same batches)"));
+            return Err(Error::invalid(
+                "drop_last = false needs world = 1 (every rank must yield the same batches)",
+            ));
         }
         if all.len() < o.world {
             return Err(Error::invalid(format!(
@@ -278,7 +301,14 @@ impl Plan {
 
     /// The jobs of one epoch, starting with the window that holds row `from_row`.
     fn epoch_jobs(&self, epoch: u64, from_row: u64) -> Vec<Job> {
-        let rgs = rank_row_groups(&self.all, self.seed, epoch, self.rank, self.world, self.shuffle);
+        let rgs = rank_row_groups(
+            &self.all,
+            self.seed,
+            epoch,
+            self.rank,
+            self.world,
+            self.shuffle,
+        );
         let mut jobs = Vec::new();
         let mut row = 0u64;
         for (w, chunk) in rgs.chunks(self.window).enumerate() {
@@ -304,7 +334,17 @@ impl Plan {
 
     fn window_perm(&self, epoch: u64, window: u64, rows: usize) -> Option<Vec<u32>> {
         self.shuffle.then(|| {
-            permutation(rows, &mut SplitMix64::keyed(&[self.seed, epoch, self.rank as u64, self.world as u64, window, 0x726f77]))
+            permutation(
+                rows,
+                &mut SplitMix64::keyed(&[
+                    self.seed,
+                    epoch,
+                    self.rank as u64,
+                    self.world as u64,
+                    window,
+                    0x726f77,
+                ]),
+            )
         })
     }
 }
@@ -352,19 +392,34 @@ impl Ctx {
 
     async fn load_meta(&self, i: u32) -> Result<Arc<ShardMeta>> {
         let s = self.shard(i);
-        let footer = self.loc.get_range(&s.key, s.bytes - s.footer_len..s.bytes).await?;
+        let footer = self
+            .loc
+            .get_range(&s.key, s.bytes - s.footer_len..s.bytes)
+            .await?;
         let meta = parse_footer(&s, &footer)?;
         let cols = check_schema(&s, &meta, &self.hook, self.d, self.dtype)?;
         let crcs = chunk_crcs(&s, &meta)?;
         let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
-            .map_err(|e| Error::Parquet { key: s.key.clone(), source: e })?;
-        Ok(Arc::new(ShardMeta { key: s.key, arrow, cols, crcs, file_len: s.bytes }))
+            .map_err(|e| Error::Parquet {
+                key: s.key.clone(),
+                source: e,
+            })?;
+        Ok(Arc::new(ShardMeta {
+            key: s.key,
+            arrow,
+            cols,
+            crcs,
+            file_len: s.bytes,
+        }))
     }
 
     async fn fetch(self: Arc<Self>, job: Job, sem: Arc<Semaphore>) -> Result<Decoded> {
         let out_size = self.out_dtype.size();
         let kib = ((job.rg.rows as usize * self.d * out_size) >> 10).max(1) as u32;
-        let permit = sem.acquire_many_owned(kib).await.expect("semaphore never closed");
+        let permit = sem
+            .acquire_many_owned(kib)
+            .await
+            .expect("semaphore never closed");
         let meta = self.meta(job.rg.shard).await?;
         let rg_meta = meta.arrow.metadata().row_group(job.rg.rg as usize);
         let ncols = if self.with_tokens { 4 } else { 1 };
@@ -388,35 +443,73 @@ impl Ctx {
             if got != want || part.len() as u64 != ranges[k].end - ranges[k].start {
                 return Err(Error::corrupt(
                     &meta.key,
-                    format!("row group {} column {c}: CRC-32C {got:08x}, the footer says {want:08x}", job.rg.rg),
+                    format!(
+                        "row group {} column {c}: CRC-32C {got:08x}, the footer says {want:08x}",
+                        job.rg.rg
+                    ),
                 ));
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let ctx = self.clone();
-        let chunks = Chunks { parts: ranges.iter().map(|r| r.start).zip(parts).collect(), len: meta.file_len };
+        let chunks = Chunks {
+            parts: ranges.iter().map(|r| r.start).zip(parts).collect(),
+            len: meta.file_len,
+        };
         let meta2 = meta.clone();
         let rg = job.rg;
         self.pool.spawn(move || {
             let _ = tx.send(ctx.decode(&meta2, rg, chunks, ncols));
         });
-        let (acts, tokens) = rx.await.map_err(|_| Error::invalid("a decoding thread died"))??;
-        Ok(Decoded { job, acts, tokens, rows: rg.rows as usize, _permit: permit })
+        let (acts, tokens) = rx
+            .await
+            .map_err(|_| Error::invalid("a decoding thread died"))??;
+        Ok(Decoded {
+            job,
+            acts,
+            tokens,
+            rows: rg.rows as usize,
+            _permit: permit,
+        })
     }
 
     /// The fast path for the activation column as this crate writes it: BYTE_STREAM_SPLIT pages
     /// without levels, un-split straight into the output layout (one pass, no Arrow array).
     /// Returns None when a page has another shape; the Arrow path then handles it.
-    fn decode_acts_fast(&self, meta: &ShardMeta, rg: RgRef, chunks: Chunks) -> Result<Option<Vec<u8>>> {
-        let pq = |e| Error::Parquet { key: meta.key.clone(), source: e };
+    fn decode_acts_fast(
+        &self,
+        meta: &ShardMeta,
+        rg: RgRef,
+        chunks: Chunks,
+    ) -> Result<Option<Vec<u8>>> {
+        let pq = |e| Error::Parquet {
+            key: meta.key.clone(),
+            source: e,
+        };
         let rgm = meta.arrow.metadata().row_group(rg.rg as usize);
-        let pages = SerializedPageReader::new(Arc::new(chunks), rgm.column(meta.cols[0]), rg.rows as usize, None).map_err(pq)?;
-        let (rows, d, s, os) = (rg.rows as usize, self.d, self.dtype.size(), self.out_dtype.size());
+        let pages = SerializedPageReader::new(
+            Arc::new(chunks),
+            rgm.column(meta.cols[0]),
+            rg.rows as usize,
+            None,
+        )
+        .map_err(pq)?;
+        let (rows, d, s, os) = (
+            rg.rows as usize,
+            self.d,
+            self.dtype.size(),
+            self.out_dtype.size(),
+        );
         let mut out = vec![0u8; rows * d * os];
         let mut row0 = 0usize;
         for page in pages {
             let (buf, n) = match page.map_err(pq)? {
-                Page::DataPage { buf, num_values, encoding: ParquetEncoding::BYTE_STREAM_SPLIT, .. } => (buf, num_values as usize),
+                Page::DataPage {
+                    buf,
+                    num_values,
+                    encoding: ParquetEncoding::BYTE_STREAM_SPLIT,
+                    ..
+                } => (buf, num_values as usize),
                 Page::DataPageV2 {
                     buf,
                     num_values,
@@ -430,24 +523,58 @@ impl Ctx {
                 _ => return Ok(None),
             };
             if buf.len() != n * d * s || row0 + n > rows {
-                return Err(Error::corrupt(&meta.key, format!("row group {}: a page of {} bytes for {n} values", rg.rg, buf.len())));
+                return Err(Error::corrupt(
+                    &meta.key,
+                    format!(
+                        "row group {}: a page of {} bytes for {n} values",
+                        rg.rg,
+                        buf.len()
+                    ),
+                ));
             }
-            unsplit_planar(self.dtype, self.out_dtype, &buf, n, d, &mut out[row0 * d * os..(row0 + n) * d * os]);
+            unsplit_planar(
+                self.dtype,
+                self.out_dtype,
+                &buf,
+                n,
+                d,
+                &mut out[row0 * d * os..(row0 + n) * d * os],
+            );
             row0 += n;
         }
         if row0 != rows {
-            return Err(Error::corrupt(&meta.key, format!("row group {} has {row0} rows, the manifest says {rows}", rg.rg)));
+            return Err(Error::corrupt(
+                &meta.key,
+                format!(
+                    "row group {} has {row0} rows, the manifest says {rows}",
+                    rg.rg
+                ),
+            ));
         }
         Ok(Some(out))
     }
 
-    fn decode(&self, meta: &ShardMeta, rg: RgRef, chunks: Chunks, ncols: usize) -> Result<(Vec<u8>, Option<TokenColumns>)> {
-        let pq = |e| Error::Parquet { key: meta.key.clone(), source: e };
+    fn decode(
+        &self,
+        meta: &ShardMeta,
+        rg: RgRef,
+        chunks: Chunks,
+        ncols: usize,
+    ) -> Result<(Vec<u8>, Option<TokenColumns>)> {
+        let pq = |e| Error::Parquet {
+            key: meta.key.clone(),
+            source: e,
+        };
         let fast = self.decode_acts_fast(meta, rg, chunks.clone())?;
-        if fast.is_some() && ncols == 1 {
-            return Ok((fast.unwrap(), None));
-        }
-        let cols: Vec<usize> = if fast.is_some() { meta.cols[1..ncols].to_vec() } else { meta.cols[..ncols].to_vec() };
+        let fast = match fast {
+            Some(acts) if ncols == 1 => return Ok((acts, None)),
+            other => other,
+        };
+        let cols: Vec<usize> = if fast.is_some() {
+            meta.cols[1..ncols].to_vec()
+        } else {
+            meta.cols[..ncols].to_vec()
+        };
         let mask = ProjectionMask::leaves(meta.arrow.parquet_schema(), cols);
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, meta.arrow.clone())
             .with_row_groups(vec![rg.rg as usize])
@@ -456,7 +583,9 @@ impl Ctx {
             .build()
             .map_err(pq)?;
         let have_acts = fast.is_some();
-        let mut acts = fast.unwrap_or_else(|| Vec::with_capacity(rg.rows as usize * self.d * self.out_dtype.size()));
+        let mut acts = fast.unwrap_or_else(|| {
+            Vec::with_capacity(rg.rows as usize * self.d * self.out_dtype.size())
+        });
         let mut tokens = (ncols == 4).then(TokenColumns::default);
         let mut rows = 0usize;
         for b in reader {
@@ -466,27 +595,64 @@ impl Ctx {
                 self.acts_from_arrow(meta, &b, &mut acts)?;
             }
             if let Some(t) = tokens.as_mut() {
-                let u64col = |n: &str| b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
-                let u32col = |n: &str| b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned());
+                let u64col = |n: &str| {
+                    b.column_by_name(n)
+                        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned())
+                };
+                let u32col = |n: &str| {
+                    b.column_by_name(n)
+                        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned())
+                };
                 let bad = || Error::corrupt(&meta.key, "token columns have unexpected types");
-                t.sequence_id.extend(u64col(format::COL_SEQUENCE_ID).ok_or_else(bad)?.values().iter());
-                t.position.extend(u32col(format::COL_POSITION).ok_or_else(bad)?.values().iter());
-                t.token_id.extend(u32col(format::COL_TOKEN_ID).ok_or_else(bad)?.values().iter());
+                t.sequence_id.extend(
+                    u64col(format::COL_SEQUENCE_ID)
+                        .ok_or_else(bad)?
+                        .values()
+                        .iter(),
+                );
+                t.position.extend(
+                    u32col(format::COL_POSITION)
+                        .ok_or_else(bad)?
+                        .values()
+                        .iter(),
+                );
+                t.token_id.extend(
+                    u32col(format::COL_TOKEN_ID)
+                        .ok_or_else(bad)?
+                        .values()
+                        .iter(),
+                );
             }
         }
         if rows as u64 != rg.rows {
-            return Err(Error::corrupt(&meta.key, format!("row group {} has {rows} rows, the manifest says {}", rg.rg, rg.rows)));
+            return Err(Error::corrupt(
+                &meta.key,
+                format!(
+                    "row group {} has {rows} rows, the manifest says {}",
+                    rg.rg, rg.rows
+                ),
+            ));
         }
         Ok((acts, tokens))
     }
 
-    fn acts_from_arrow(&self, meta: &ShardMeta, b: &arrow_array::RecordBatch, acts: &mut Vec<u8>) -> Result<()> {
+    fn acts_from_arrow(
+        &self,
+        meta: &ShardMeta,
+        b: &arrow_array::RecordBatch,
+        acts: &mut Vec<u8>,
+    ) -> Result<()> {
         let width = self.d * self.dtype.size();
         {
             let col = b
                 .column_by_name(&self.hook)
                 .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
-                .ok_or_else(|| Error::corrupt(&meta.key, format!("column `{}` is not fixed-size binary", self.hook)))?;
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        &meta.key,
+                        format!("column `{}` is not fixed-size binary", self.hook),
+                    )
+                })?;
             let data = &col.value_data()[col.offset() * width..(col.offset() + col.len()) * width];
             if self.out_dtype == self.dtype {
                 format::from_planar(data, self.d, self.dtype.size(), acts);
@@ -500,7 +666,14 @@ impl Ctx {
 
 /// Un-split one BYTE_STREAM_SPLIT page of `n` byte-planar rows straight into little-endian
 /// output rows. Stream `b * d + j` holds byte `b` of element `j` of every row.
-pub(crate) fn unsplit_planar(dtype: Dtype, out_dtype: Dtype, buf: &[u8], n: usize, d: usize, out: &mut [u8]) {
+pub(crate) fn unsplit_planar(
+    dtype: Dtype,
+    out_dtype: Dtype,
+    buf: &[u8],
+    n: usize,
+    d: usize,
+    out: &mut [u8],
+) {
     assert_eq!(buf.len(), n * d * dtype.size());
     assert_eq!(out.len(), n * d * out_dtype.size());
     match (dtype.size(), out_dtype.size()) {
@@ -508,7 +681,11 @@ pub(crate) fn unsplit_planar(dtype: Dtype, out_dtype: Dtype, buf: &[u8], n: usiz
             let mut tmp = vec![0u8; n * d * 2];
             unsplit_blocks::<2, 2>(buf, n, d, &mut tmp);
             for (o, c) in out.chunks_exact_mut(4).zip(tmp.chunks_exact(2)) {
-                o.copy_from_slice(&half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32().to_le_bytes());
+                o.copy_from_slice(
+                    &half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))
+                        .to_f32()
+                        .to_le_bytes(),
+                );
             }
         }
         (2, 4) => unsplit_blocks::<2, 4>(buf, n, d, out), // bf16 -> f32: the top two bytes
@@ -566,44 +743,44 @@ fn unsplit_blocks<const S: usize, const OS: usize>(buf: &[u8], n: usize, d: usiz
     // enough for the prefetcher), and each row's tile of output is a cache line or two.
     for jt in (0..d8).step_by(UNSPLIT_TILE) {
         for i0 in (0..n8).step_by(8) {
-        for j0 in (jt..(jt + UNSPLIT_TILE).min(d8)).step_by(8) {
-            let mut planes = [[0u64; 8]; S];
-            for (b, plane) in planes.iter_mut().enumerate() {
-                let mut m = [0u64; 8];
-                for (jj, w) in m.iter_mut().enumerate() {
-                    let off = (b * d + j0 + jj) * n + i0;
-                    *w = u64::from_le_bytes(buf[off..off + 8].try_into().unwrap());
+            for j0 in (jt..(jt + UNSPLIT_TILE).min(d8)).step_by(8) {
+                let mut planes = [[0u64; 8]; S];
+                for (b, plane) in planes.iter_mut().enumerate() {
+                    let mut m = [0u64; 8];
+                    for (jj, w) in m.iter_mut().enumerate() {
+                        let off = (b * d + j0 + jj) * n + i0;
+                        *w = u64::from_le_bytes(buf[off..off + 8].try_into().unwrap());
+                    }
+                    *plane = transpose8(m);
                 }
-                *plane = transpose8(m);
-            }
-            if S == 2 && OS == 4 {
-                // bf16 -> f32: interleave low and high bytes into u16 pairs, then place each pair
-                // in the top half of a u32 lane, two lanes per u64 store.
+                if S == 2 && OS == 4 {
+                    // bf16 -> f32: interleave low and high bytes into u16 pairs, then place each pair
+                    // in the top half of a u32 lane, two lanes per u64 store.
+                    for (ii, (&lo, &hi)) in planes[0].iter().zip(&planes[1]).enumerate() {
+                        let o = ((i0 + ii) * d + j0) * 4;
+                        let row = &mut out[o..o + 32];
+                        for half_ in 0..2 {
+                            let pairs = spread_bytes((lo >> (32 * half_)) as u32)
+                                | (spread_bytes((hi >> (32 * half_)) as u32) << 8);
+                            for q in 0..2 {
+                                let two = spread_u16s((pairs >> (32 * q)) as u32) << 16;
+                                let at = half_ * 16 + q * 8;
+                                row[at..at + 8].copy_from_slice(&two.to_le_bytes());
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for ii in 0..8 {
-                    let o = ((i0 + ii) * d + j0) * 4;
-                    let row = &mut out[o..o + 32];
-                    let (lo, hi) = (planes[0][ii], planes[1][ii]);
-                    for half_ in 0..2 {
-                        let pairs = spread_bytes((lo >> (32 * half_)) as u32) | (spread_bytes((hi >> (32 * half_)) as u32) << 8);
-                        for q in 0..2 {
-                            let two = spread_u16s((pairs >> (32 * q)) as u32) << 16;
-                            let at = half_ * 16 + q * 8;
-                            row[at..at + 8].copy_from_slice(&two.to_le_bytes());
+                    let o = ((i0 + ii) * d + j0) * OS;
+                    let row = &mut out[o..o + 8 * OS];
+                    for k in 0..8 {
+                        for (b, plane) in planes.iter().enumerate() {
+                            row[k * OS + shift + b] = (plane[ii] >> (8 * k)) as u8;
                         }
                     }
                 }
-                continue;
             }
-            for ii in 0..8 {
-                let o = ((i0 + ii) * d + j0) * OS;
-                let row = &mut out[o..o + 8 * OS];
-                for k in 0..8 {
-                    for (b, plane) in planes.iter().enumerate() {
-                        row[k * OS + shift + b] = (plane[ii] >> (8 * k)) as u8;
-                    }
-                }
-            }
-        }
         }
     }
     // Edges: rows past the last multiple of 8, and elements past the last multiple of 8.
@@ -658,30 +835,58 @@ impl Chunks {
             .iter()
             .find(|(off, b)| start >= *off && start + length as u64 <= off + b.len() as u64)
             .map(|(o, b)| (*o, b))
-            .ok_or_else(|| parquet::errors::ParquetError::General(format!("range {start}+{length} was not fetched")))
+            .ok_or_else(|| {
+                parquet::errors::ParquetError::General(format!(
+                    "range {start}+{length} was not fetched"
+                ))
+            })
     }
 }
 
-pub(crate) fn parse_footer(s: &ShardEntry, footer: &[u8]) -> Result<parquet::file::metadata::ParquetMetaData> {
+pub(crate) fn parse_footer(
+    s: &ShardEntry,
+    footer: &[u8],
+) -> Result<parquet::file::metadata::ParquetMetaData> {
     let crc = crc32c::crc32c(footer);
     if crc != s.footer_crc32c {
-        return Err(Error::corrupt(&s.key, format!("footer CRC-32C {crc:08x}, the manifest says {:08x}", s.footer_crc32c)));
+        return Err(Error::corrupt(
+            &s.key,
+            format!(
+                "footer CRC-32C {crc:08x}, the manifest says {:08x}",
+                s.footer_crc32c
+            ),
+        ));
     }
     if footer.len() < 8 || &footer[footer.len() - 4..] != b"PAR1" {
         return Err(Error::corrupt(&s.key, "no Parquet footer"));
     }
-    ParquetMetaDataReader::decode_metadata(&footer[..footer.len() - 8]).map_err(|e| Error::Parquet { key: s.key.clone(), source: e })
+    ParquetMetaDataReader::decode_metadata(&footer[..footer.len() - 8]).map_err(|e| {
+        Error::Parquet {
+            key: s.key.clone(),
+            source: e,
+        }
+    })
 }
 
 /// Check the shard's schema and row groups against the manifest; return the leaf column indices
 /// of the hook and of sequence_id, position, token_id.
-pub(crate) fn check_schema(s: &ShardEntry, meta: &parquet::file::metadata::ParquetMetaData, hook: &str, d: usize, dtype: Dtype) -> Result<[usize; 4]> {
+pub(crate) fn check_schema(
+    s: &ShardEntry,
+    meta: &parquet::file::metadata::ParquetMetaData,
+    hook: &str,
+    d: usize,
+    dtype: Dtype,
+) -> Result<[usize; 4]> {
     let schema = meta.file_metadata().schema_descr();
-    let find = |name: &str| (0..schema.num_columns()).find(|&i| schema.column(i).path().parts() == [name.to_string()]);
+    let find = |name: &str| {
+        (0..schema.num_columns()).find(|&i| schema.column(i).path().parts() == [name.to_string()])
+    };
     let bad = |detail: String| Error::corrupt(&s.key, detail);
     let h = find(hook).ok_or_else(|| bad(format!("no column `{hook}`")))?;
     let c = schema.column(h);
-    if c.physical_type() != PhysicalType::FIXED_LEN_BYTE_ARRAY || c.type_length() as usize != d * dtype.size() {
+    if c.physical_type() != PhysicalType::FIXED_LEN_BYTE_ARRAY
+        || c.type_length() as usize != d * dtype.size()
+    {
         return Err(bad(format!(
             "column `{hook}` is {:?}({}), expected FIXED_LEN_BYTE_ARRAY({}) for d_model {d} in {}",
             c.physical_type(),
@@ -701,13 +906,23 @@ pub(crate) fn check_schema(s: &ShardEntry, meta: &parquet::file::metadata::Parqu
     {
         let i = find(name).ok_or_else(|| bad(format!("no column `{name}`")))?;
         if schema.column(i).physical_type() != ty {
-            return Err(bad(format!("column `{name}` is {:?}, expected {ty:?}", schema.column(i).physical_type())));
+            return Err(bad(format!(
+                "column `{name}` is {:?}, expected {ty:?}",
+                schema.column(i).physical_type()
+            )));
         }
         cols[k + 1] = i;
     }
-    let rgs: Vec<u64> = meta.row_groups().iter().map(|r| r.num_rows() as u64).collect();
+    let rgs: Vec<u64> = meta
+        .row_groups()
+        .iter()
+        .map(|r| r.num_rows() as u64)
+        .collect();
     if rgs != s.row_groups {
-        return Err(bad(format!("row groups of {:?} rows, the manifest says {:?}", rgs, s.row_groups)));
+        return Err(bad(format!(
+            "row groups of {:?} rows, the manifest says {:?}",
+            rgs, s.row_groups
+        )));
     }
     let rows: u64 = rgs.iter().sum();
     if rows != s.rows {
@@ -716,14 +931,27 @@ pub(crate) fn check_schema(s: &ShardEntry, meta: &parquet::file::metadata::Parqu
     Ok(cols)
 }
 
-pub(crate) fn chunk_crcs(s: &ShardEntry, meta: &parquet::file::metadata::ParquetMetaData) -> Result<Vec<Vec<u32>>> {
-    let kv = meta.file_metadata().key_value_metadata().and_then(|kv| kv.iter().find(|k| k.key == format::KV_CHUNK_CRC));
+pub(crate) fn chunk_crcs(
+    s: &ShardEntry,
+    meta: &parquet::file::metadata::ParquetMetaData,
+) -> Result<Vec<Vec<u32>>> {
+    let kv = meta
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == format::KV_CHUNK_CRC));
     let crcs: Vec<Vec<u32>> = kv
         .and_then(|k| k.value.as_deref())
         .and_then(|v| serde_json::from_str(v).ok())
         .ok_or_else(|| Error::corrupt(&s.key, format!("no `{}` metadata", format::KV_CHUNK_CRC)))?;
-    if crcs.len() != meta.num_row_groups() || crcs.iter().any(|r| r.len() != meta.file_metadata().schema_descr().num_columns()) {
-        return Err(Error::corrupt(&s.key, "column chunk CRC table does not match the row groups"));
+    if crcs.len() != meta.num_row_groups()
+        || crcs
+            .iter()
+            .any(|r| r.len() != meta.file_metadata().schema_descr().num_columns())
+    {
+        return Err(Error::corrupt(
+            &s.key,
+            "column chunk CRC table does not match the row groups",
+        ));
     }
     Ok(crcs)
 }
@@ -770,30 +998,57 @@ impl Reader {
         let rt = Arc::new(runtime()?);
         let (manifest, header) = rt.block_on(async {
             let m = match loc.get(MANIFEST_KEY).await? {
-                Some(b) => Some(parse_versioned::<Manifest>(&b, &loc.display(MANIFEST_KEY), &loc.url)?),
+                Some(b) => Some(parse_versioned::<Manifest>(
+                    &b,
+                    &loc.display(MANIFEST_KEY),
+                    &loc.url,
+                )?),
                 None => None,
             };
-            let h = if m.is_none() { read_header(&loc).await? } else { None };
+            let h = if m.is_none() {
+                read_header(&loc).await?
+            } else {
+                None
+            };
             Ok::<_, Error>((m, h))
         })?;
         let (hooks, dtype): (Vec<(String, usize)>, Dtype) = match (&manifest, &header) {
-            (Some(m), _) => (m.hooks.iter().map(|h| (h.name.clone(), h.d_model)).collect(), m.dtype),
-            (None, Some(h)) if opts.follow.is_some() => {
-                (h.header.hooks.iter().map(|h| (h.name.clone(), h.d_model)).collect(), h.encoding.dtype)
-            }
+            (Some(m), _) => (
+                m.hooks
+                    .iter()
+                    .map(|h| (h.name.clone(), h.d_model))
+                    .collect(),
+                m.dtype,
+            ),
+            (None, Some(h)) if opts.follow.is_some() => (
+                h.header
+                    .hooks
+                    .iter()
+                    .map(|h| (h.name.clone(), h.d_model))
+                    .collect(),
+                h.encoding.dtype,
+            ),
             (None, Some(_)) => {
                 return Err(Error::NotFound {
                     url: loc.url.clone(),
-                    what: format!("the dataset is not final (no {MANIFEST_KEY}); read it in follow mode"),
+                    what: format!(
+                        "the dataset is not final (no {MANIFEST_KEY}); read it in follow mode"
+                    ),
                 })
             }
             (None, None) => {
-                return Err(Error::NotFound { url: loc.url.clone(), what: format!("no {MANIFEST_KEY} or {HEADER_KEY}") })
+                return Err(Error::NotFound {
+                    url: loc.url.clone(),
+                    what: format!("no {MANIFEST_KEY} or {HEADER_KEY}"),
+                })
             }
         };
         let d = match hooks.iter().find(|(n, _)| n == &opts.hook) {
             None => {
-                let have: Vec<String> = hooks.iter().map(|(n, d)| format!("{n} (d_model {d})")).collect();
+                let have: Vec<String> = hooks
+                    .iter()
+                    .map(|(n, d)| format!("{n} (d_model {d})"))
+                    .collect();
                 return Err(Error::invalid(format!(
                     "dataset `{}` has no hook `{}`; it has: {}",
                     loc.url,
@@ -820,7 +1075,10 @@ impl Reader {
             .thread_name(|i| format!("sae-store-decode-{i}"))
             .build()
             .map_err(|e| Error::invalid(format!("cannot start decoding threads: {e}")))?;
-        let shards = manifest.as_ref().map(|m| m.shards.clone()).unwrap_or_default();
+        let shards = manifest
+            .as_ref()
+            .map(|m| m.shards.clone())
+            .unwrap_or_default();
         let ctx = Arc::new(Ctx {
             loc,
             hook: opts.hook.clone(),
@@ -832,7 +1090,11 @@ impl Reader {
             metas: Mutex::new(HashMap::new()),
             pool,
         });
-        let max_rg = shards.iter().flat_map(|s| s.row_groups.iter().copied()).max().unwrap_or(0) as usize;
+        let max_rg = shards
+            .iter()
+            .flat_map(|s| s.row_groups.iter().copied())
+            .max()
+            .unwrap_or(0) as usize;
         let window_bytes = max_rg * d * out_dtype.size() * opts.window_row_groups.max(1);
         if window_bytes > opts.max_bytes_in_flight {
             return Err(Error::invalid(format!(
@@ -846,7 +1108,14 @@ impl Reader {
                     .iter()
                     .enumerate()
                     .flat_map(|(si, s)| {
-                        s.row_groups.iter().enumerate().map(move |(ri, &rows)| RgRef { shard: si as u32, rg: ri as u32, rows })
+                        s.row_groups
+                            .iter()
+                            .enumerate()
+                            .map(move |(ri, &rows)| RgRef {
+                                shard: si as u32,
+                                rg: ri as u32,
+                                rows,
+                            })
                     })
                     .collect();
                 Source::Final(Plan::new(all, &opts)?)
@@ -872,7 +1141,18 @@ impl Reader {
             }
         }
         let row = cursor.batch * opts.batch_rows as u64;
-        Ok(Reader { rt, rx, ctx, source, opts, cursor, row, window: None, done: false, manifest })
+        Ok(Reader {
+            rt,
+            rx,
+            ctx,
+            source,
+            opts,
+            cursor,
+            row,
+            window: None,
+            done: false,
+            manifest,
+        })
     }
 
     /// The manifest (None in follow mode before the dataset is final).
@@ -915,14 +1195,19 @@ impl Reader {
         let mut filled = 0usize;
         while filled < want {
             let need_window = match &self.window {
-                Some(w) => w.epoch != self.cursor.epoch || self.row >= w.start + w.order.len() as u64,
+                Some(w) => {
+                    w.epoch != self.cursor.epoch || self.row >= w.start + w.order.len() as u64
+                }
                 None => true,
             };
             if need_window {
                 self.window = None; // release its bytes before waiting for the next
                 self.window = Some(self.next_window()?);
                 let w = self.window.as_ref().unwrap();
-                if w.epoch != self.cursor.epoch || self.row < w.start || self.row >= w.start + w.order.len() as u64 {
+                if w.epoch != self.cursor.epoch
+                    || self.row < w.start
+                    || self.row >= w.start + w.order.len() as u64
+                {
                     return Err(Error::invalid(format!(
                         "reader out of step: window of epoch {} rows {}..{}, wanted epoch {} row {}",
                         w.epoch,
@@ -944,7 +1229,10 @@ impl Reader {
         batch.cursor = self.cursor;
         self.cursor.batch += 1;
         if self.cursor.batch >= bpe {
-            self.cursor = Cursor { epoch: self.cursor.epoch + 1, batch: 0 };
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                batch: 0,
+            };
             self.row = 0;
             self.window = None;
         }
@@ -991,7 +1279,12 @@ impl Reader {
             Some(p) => p.into_iter().map(|i| flat[i as usize]).collect(),
             None => flat,
         };
-        Ok(Window { epoch: j.epoch, start: j.window_row_start, rgs, order })
+        Ok(Window {
+            epoch: j.epoch,
+            start: j.window_row_start,
+            rgs,
+            order,
+        })
     }
 
     /// Follow mode: row groups in commit order, rows shuffled within windows; single pass.
@@ -1006,7 +1299,11 @@ impl Reader {
                 None => true,
             };
             if exhausted {
-                let start = self.window.as_ref().map(|w| w.start + w.order.len() as u64).unwrap_or(0);
+                let start = self
+                    .window
+                    .as_ref()
+                    .map(|w| w.start + w.order.len() as u64)
+                    .unwrap_or(0);
                 self.window = None;
                 let mut rgs = Vec::new();
                 while rgs.len() < self.opts.window_row_groups.max(1) {
@@ -1026,13 +1323,25 @@ impl Reader {
                 let order = if self.opts.shuffle {
                     let p = permutation(
                         flat.len(),
-                        &mut SplitMix64::keyed(&[self.opts.seed, 0, self.opts.rank as u64, self.opts.world as u64, window_index, 0x666f6c]),
+                        &mut SplitMix64::keyed(&[
+                            self.opts.seed,
+                            0,
+                            self.opts.rank as u64,
+                            self.opts.world as u64,
+                            window_index,
+                            0x666f6c,
+                        ]),
                     );
                     p.into_iter().map(|i| flat[i as usize]).collect()
                 } else {
                     flat
                 };
-                self.window = Some(Window { epoch: 0, start, rgs, order });
+                self.window = Some(Window {
+                    epoch: 0,
+                    start,
+                    rgs,
+                    order,
+                });
             }
             let w = self.window.as_mut().unwrap();
             let from = (self.row - w.start) as usize;
@@ -1066,7 +1375,12 @@ fn copy_rows(w: &mut Window, from: usize, n: usize, batch: &mut Batch, row_bytes
         }
         let d = &mut w.rgs[rg as usize];
         let r0 = r0 as usize;
-        if batch.bytes.is_empty() && r0 == 0 && len == d.rows && len == batch.rows && d.acts.len() == len * row_bytes {
+        if batch.bytes.is_empty()
+            && r0 == 0
+            && len == d.rows
+            && len == batch.rows
+            && d.acts.len() == len * row_bytes
+        {
             batch.bytes = std::mem::take(&mut d.acts);
             if batch.tokens.is_some() {
                 batch.tokens = d.tokens.take();
@@ -1075,9 +1389,12 @@ fn copy_rows(w: &mut Window, from: usize, n: usize, batch: &mut Batch, row_bytes
             if batch.bytes.is_empty() {
                 batch.bytes.reserve_exact(batch.rows * row_bytes);
             }
-            batch.bytes.extend_from_slice(&d.acts[r0 * row_bytes..(r0 + len) * row_bytes]);
+            batch
+                .bytes
+                .extend_from_slice(&d.acts[r0 * row_bytes..(r0 + len) * row_bytes]);
             if let (Some(t), Some(src)) = (batch.tokens.as_mut(), d.tokens.as_ref()) {
-                t.sequence_id.extend_from_slice(&src.sequence_id[r0..r0 + len]);
+                t.sequence_id
+                    .extend_from_slice(&src.sequence_id[r0..r0 + len]);
                 t.position.extend_from_slice(&src.position[r0..r0 + len]);
                 t.token_id.extend_from_slice(&src.token_id[r0..r0 + len]);
             }
@@ -1110,11 +1427,23 @@ impl Iterator for Reader {
     }
 }
 
-async fn produce_final(ctx: Arc<Ctx>, source: Arc<Source>, o: ReaderOptions, tx: mpsc::Sender<Result<Decoded>>, sem: Arc<Semaphore>) {
-    let Source::Final(plan) = &*source else { return };
+async fn produce_final(
+    ctx: Arc<Ctx>,
+    source: Arc<Source>,
+    o: ReaderOptions,
+    tx: mpsc::Sender<Result<Decoded>>,
+    sem: Arc<Semaphore>,
+) {
+    let Source::Final(plan) = &*source else {
+        return;
+    };
     let start = o.start;
     let jobs = (start.epoch..o.epochs.unwrap_or(u64::MAX)).flat_map(move |epoch| {
-        let from = if epoch == start.epoch { start.batch * plan.batch_rows } else { 0 };
+        let from = if epoch == start.epoch {
+            start.batch * plan.batch_rows
+        } else {
+            0
+        };
         plan.epoch_jobs(epoch, from)
     });
     let mut stream = futures::stream::iter(jobs)
@@ -1128,7 +1457,12 @@ async fn produce_final(ctx: Arc<Ctx>, source: Arc<Source>, o: ReaderOptions, tx:
     }
 }
 
-async fn produce_follow(ctx: Arc<Ctx>, o: ReaderOptions, tx: mpsc::Sender<Result<Decoded>>, sem: Arc<Semaphore>) {
+async fn produce_follow(
+    ctx: Arc<Ctx>,
+    o: ReaderOptions,
+    tx: mpsc::Sender<Result<Decoded>>,
+    sem: Arc<Semaphore>,
+) {
     let fo = o.follow.clone().unwrap_or_default();
     let mut seen: HashSet<String> = HashSet::new();
     let mut global_rg = 0u64;
@@ -1137,12 +1471,20 @@ async fn produce_follow(ctx: Arc<Ctx>, o: ReaderOptions, tx: mpsc::Sender<Result
         // Look for the manifest first: if it exists, what it lists is everything.
         let listing = async {
             let manifest = match ctx.loc.get(MANIFEST_KEY).await? {
-                Some(b) => Some(parse_versioned::<Manifest>(&b, &ctx.loc.display(MANIFEST_KEY), &ctx.loc.url)?),
+                Some(b) => Some(parse_versioned::<Manifest>(
+                    &b,
+                    &ctx.loc.display(MANIFEST_KEY),
+                    &ctx.loc.url,
+                )?),
                 None => None,
             };
             let shards: Vec<ShardEntry> = match &manifest {
                 Some(m) => m.shards.clone(),
-                None => list_commits(&ctx.loc, None).await?.into_iter().map(|c| c.shard).collect(),
+                None => list_commits(&ctx.loc, None)
+                    .await?
+                    .into_iter()
+                    .map(|c| c.shard)
+                    .collect(),
             };
             Ok::<_, Error>((manifest.is_some(), shards))
         };
@@ -1153,7 +1495,10 @@ async fn produce_follow(ctx: Arc<Ctx>, o: ReaderOptions, tx: mpsc::Sender<Result
                 return;
             }
         };
-        let new: Vec<ShardEntry> = shards.into_iter().filter(|s| !seen.contains(&s.key)).collect();
+        let new: Vec<ShardEntry> = shards
+            .into_iter()
+            .filter(|s| !seen.contains(&s.key))
+            .collect();
         if !new.is_empty() {
             last_new = tokio::time::Instant::now();
         }
@@ -1173,13 +1518,19 @@ async fn produce_follow(ctx: Arc<Ctx>, o: ReaderOptions, tx: mpsc::Sender<Result
                         window_row_start: 0,
                         window_rows: rows,
                         window_len: 1,
-                        rg: RgRef { shard: idx as u32, rg: ri as u32, rows },
+                        rg: RgRef {
+                            shard: idx as u32,
+                            rg: ri as u32,
+                            rows,
+                        },
                     });
                 }
                 global_rg += 1;
             }
         }
-        let mut stream = futures::stream::iter(jobs).map(|job| ctx.clone().fetch(job, sem.clone())).buffered(o.prefetch_row_groups.max(1));
+        let mut stream = futures::stream::iter(jobs)
+            .map(|job| ctx.clone().fetch(job, sem.clone()))
+            .buffered(o.prefetch_row_groups.max(1));
         while let Some(item) = stream.next().await {
             let failed = item.is_err();
             if tx.send(item).await.is_err() || failed {
@@ -1214,7 +1565,15 @@ mod tests {
     use super::*;
 
     fn rgs(sizes: &[u64]) -> Vec<RgRef> {
-        sizes.iter().enumerate().map(|(i, &rows)| RgRef { shard: 0, rg: i as u32, rows }).collect()
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| RgRef {
+                shard: 0,
+                rg: i as u32,
+                rows,
+            })
+            .collect()
     }
 
     #[test]
@@ -1233,17 +1592,31 @@ mod tests {
             assert_eq!(seen.len(), all.len());
             let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
             assert!(hi - lo <= 100, "{loads:?}");
-            assert_eq!(rank_loads(&all, 3).iter().sum::<u64>(), loads.iter().sum::<u64>());
+            assert_eq!(
+                rank_loads(&all, 3).iter().sum::<u64>(),
+                loads.iter().sum::<u64>()
+            );
         }
         // Epochs differ, the same epoch is reproducible.
-        assert_ne!(rank_row_groups(&all, 9, 0, 0, 1, true), rank_row_groups(&all, 9, 1, 0, 1, true));
-        assert_eq!(rank_row_groups(&all, 9, 1, 0, 1, true), rank_row_groups(&all, 9, 1, 0, 1, true));
+        assert_ne!(
+            rank_row_groups(&all, 9, 0, 0, 1, true),
+            rank_row_groups(&all, 9, 1, 0, 1, true)
+        );
+        assert_eq!(
+            rank_row_groups(&all, 9, 1, 0, 1, true),
+            rank_row_groups(&all, 9, 1, 0, 1, true)
+        );
         assert_eq!(rank_row_groups(&all, 9, 1, 0, 1, false), all);
     }
 
     #[test]
     fn unsplit_matches_the_naive_transpose() {
-        for (dt, odt) in [(Dtype::Bf16, Dtype::F32), (Dtype::Bf16, Dtype::Bf16), (Dtype::F32, Dtype::F32), (Dtype::F16, Dtype::F16)] {
+        for (dt, odt) in [
+            (Dtype::Bf16, Dtype::F32),
+            (Dtype::Bf16, Dtype::Bf16),
+            (Dtype::F32, Dtype::F32),
+            (Dtype::F16, Dtype::F16),
+        ] {
             for (n, d) in [(8, 8), (21, 13), (64, 24), (3, 5)] {
                 let s = dt.size();
                 // Planar rows, then BYTE_STREAM_SPLIT: stream p holds byte p of every row.
@@ -1281,7 +1654,10 @@ mod tests {
         for _ in 0..16 {
             unsplit_planar(Dtype::Bf16, Dtype::F32, &buf, n, d, &mut out);
         }
-        eprintln!("unsplit bf16->f32: {:.1} ms per row group", t.elapsed().as_secs_f64() * 1e3 / 16.0);
+        eprintln!(
+            "unsplit bf16->f32: {:.1} ms per row group",
+            t.elapsed().as_secs_f64() * 1e3 / 16.0
+        );
     }
 
     #[test]
@@ -1289,7 +1665,10 @@ mod tests {
         let mut o = ReaderOptions::new("h", 10);
         o.world = 4;
         o.rank = 1;
-        let e = Plan::new(rgs(&[100, 100, 100]), &o).err().unwrap().to_string();
+        let e = Plan::new(rgs(&[100, 100, 100]), &o)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("3 row groups, fewer than the 4 ranks"), "{e}");
     }
 }

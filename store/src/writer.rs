@@ -79,7 +79,9 @@ impl Default for WriterOptions {
 
 impl WriterOptions {
     fn shard_target(&self) -> u64 {
-        self.shard_bytes.unwrap_or(self.shard_mib.saturating_mul(1 << 20)).max(1)
+        self.shard_bytes
+            .unwrap_or(self.shard_mib.saturating_mul(1 << 20))
+            .max(1)
     }
 }
 
@@ -122,7 +124,12 @@ fn random_hex() -> String {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u32(i);
         h.write_u32(std::process::id());
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
         out.push_str(&format!("{:016x}", h.finish()));
     }
     out
@@ -144,7 +151,10 @@ pub(crate) async fn read_header(loc: &Location) -> Result<Option<HeaderFile>> {
     }
 }
 
-pub(crate) async fn list_commits(loc: &Location, worker: Option<&str>) -> Result<Vec<CommitRecord>> {
+pub(crate) async fn list_commits(
+    loc: &Location,
+    worker: Option<&str>,
+) -> Result<Vec<CommitRecord>> {
     let dir = match worker {
         Some(w) => format!("{COMMITS_DIR}/{w}"),
         None => COMMITS_DIR.to_string(),
@@ -189,13 +199,31 @@ impl DatasetWriter {
         let mut names: Vec<&str> = header.hooks.iter().map(|h| h.name.as_str()).collect();
         names.sort();
         names.dedup();
-        if names.len() != header.hooks.len() || header.hooks.iter().any(|h| {
-            h.d_model == 0 || [format::COL_SEQUENCE_ID, format::COL_POSITION, format::COL_TOKEN_ID].contains(&h.name.as_str())
-        }) {
-            return Err(Error::invalid("hook names must be distinct, non-reserved, with d_model > 0"));
+        if names.len() != header.hooks.len()
+            || header.hooks.iter().any(|h| {
+                h.d_model == 0
+                    || [
+                        format::COL_SEQUENCE_ID,
+                        format::COL_POSITION,
+                        format::COL_TOKEN_ID,
+                    ]
+                    .contains(&h.name.as_str())
+            })
+        {
+            return Err(Error::invalid(
+                "hook names must be distinct, non-reserved, with d_model > 0",
+            ));
         }
-        if opts.worker.is_empty() || !opts.worker.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(Error::invalid(format!("worker id `{}` must be non-empty [A-Za-z0-9_-]", opts.worker)));
+        if opts.worker.is_empty()
+            || !opts
+                .worker
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(Error::invalid(format!(
+                "worker id `{}` must be non-empty [A-Za-z0-9_-]",
+                opts.worker
+            )));
         }
         let encoding = Encoding {
             dtype: opts.dtype,
@@ -242,7 +270,10 @@ impl DatasetWriter {
             if r.dataset_id != header_file.dataset_id {
                 return Err(Error::BadMetadata {
                     location: loc.display(&commit_key(&r.worker, r.seq)),
-                    detail: format!("belongs to dataset {}, not {}", r.dataset_id, header_file.dataset_id),
+                    detail: format!(
+                        "belongs to dataset {}, not {}",
+                        r.dataset_id, header_file.dataset_id
+                    ),
                 });
             }
         }
@@ -253,7 +284,15 @@ impl DatasetWriter {
             .name("sae-store-encode".into())
             .spawn(move || enc.run(rx))
             .map_err(|e| Error::invalid(format!("cannot start the encoding thread: {e}")))?;
-        Ok(DatasetWriter { rt, loc, header: header_file, resumed, tx: Some(tx), thread: Some(thread), failed: None })
+        Ok(DatasetWriter {
+            rt,
+            loc,
+            header: header_file,
+            resumed,
+            tx: Some(tx),
+            thread: Some(thread),
+            failed: None,
+        })
     }
 
     /// Shards this worker had committed before this writer was created (when resuming).
@@ -281,7 +320,11 @@ impl DatasetWriter {
         if batch.rows() == 0 {
             return Ok(());
         }
-        let sent = self.tx.as_ref().map(|tx| tx.send(Msg::Rows(batch)).is_ok()).unwrap_or(false);
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(Msg::Rows(batch)).is_ok())
+            .unwrap_or(false);
         if !sent {
             return Err(self.join_error());
         }
@@ -307,7 +350,10 @@ impl DatasetWriter {
     /// several workers write one dataset, then call [`finalize`] once. Returns every commit
     /// record of this worker, resumed ones included.
     pub fn finish_worker(mut self) -> Result<Vec<CommitRecord>> {
-        let tx = self.tx.take().ok_or_else(|| Error::WriterFailed("already finished".into()))?;
+        let tx = self
+            .tx
+            .take()
+            .ok_or_else(|| Error::WriterFailed("already finished".into()))?;
         let _ = tx.send(Msg::Finish);
         drop(tx);
         let new = match self.thread.take().map(|t| t.join()) {
@@ -358,9 +404,11 @@ fn validate(h: &HeaderFile, b: &RowBatch) -> Result<()> {
         )));
     }
     for spec in &h.header.hooks {
-        let (_, v) = b.activations.iter().find(|(name, _)| name == &spec.name).ok_or_else(|| {
-            Error::invalid(format!("row batch lacks hook `{}`", spec.name))
-        })?;
+        let (_, v) = b
+            .activations
+            .iter()
+            .find(|(name, _)| name == &spec.name)
+            .ok_or_else(|| Error::invalid(format!("row batch lacks hook `{}`", spec.name)))?;
         if v.len() != n * spec.d_model {
             return Err(Error::invalid(format!(
                 "hook `{}`: {} values for {} rows of d_model {}",
@@ -413,12 +461,21 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(rt: Arc<Runtime>, loc: Location, header: HeaderFile, opts: WriterOptions, next_seq: u64) -> Result<Self> {
+    fn new(
+        rt: Arc<Runtime>,
+        loc: Location,
+        header: HeaderFile,
+        opts: WriterOptions,
+        next_seq: u64,
+    ) -> Result<Self> {
         let hooks = &header.header.hooks;
         let schema = format::shard_schema(hooks, opts.dtype);
         // One page per row group per column: BYTE_STREAM_SPLIT then sees long streams.
-        let rg_bytes = opts.row_group_rows * hooks.iter().map(|h| h.d_model).max().unwrap_or(1) * opts.dtype.size();
-        let props = format::writer_properties(hooks, opts.zstd_level, opts.row_group_rows, rg_bytes + 1)?;
+        let rg_bytes = opts.row_group_rows
+            * hooks.iter().map(|h| h.d_model).max().unwrap_or(1)
+            * opts.dtype.size();
+        let props =
+            format::writer_properties(hooks, opts.zstd_level, opts.row_group_rows, rg_bytes + 1)?;
         let pending = Pending {
             sequence_id: Vec::new(),
             position: Vec::new(),
@@ -426,7 +483,18 @@ impl Encoder {
             acts: vec![Vec::new(); hooks.len()],
             stats: hooks.iter().map(|h| HookStats::new(h.d_model)).collect(),
         };
-        Ok(Encoder { rt, loc, header, opts, schema, props, next_seq, pending, shard: None, committed: Vec::new() })
+        Ok(Encoder {
+            rt,
+            loc,
+            header,
+            opts,
+            schema,
+            props,
+            next_seq,
+            pending,
+            shard: None,
+            committed: Vec::new(),
+        })
     }
 
     fn run(mut self, rx: Receiver<Msg>) -> Result<Vec<CommitRecord>> {
@@ -479,7 +547,11 @@ impl Encoder {
         let dtype = self.opts.dtype;
         let p = &mut self.pending;
         for (i, spec) in self.header.header.hooks.iter().enumerate() {
-            let (_, v) = b.activations.iter().find(|(n, _)| n == &spec.name).expect("validated");
+            let (_, v) = b
+                .activations
+                .iter()
+                .find(|(n, _)| n == &spec.name)
+                .expect("validated");
             let start = p.acts[i].len();
             dtype.encode_f32(v, &mut p.acts[i]);
             accumulate_stats(dtype, &p.acts[i][start..], spec.d_model, &mut p.stats[i]);
@@ -491,14 +563,21 @@ impl Encoder {
 
     fn open_shard(&mut self) -> Result<Shard> {
         let seq = self.next_seq;
-        let key = format!("{SHARDS_DIR}/{}-{seq:08}-{}.parquet", self.opts.worker, &random_hex()[..8]);
+        let key = format!(
+            "{SHARDS_DIR}/{}-{seq:08}-{}.parquet",
+            self.opts.worker,
+            &random_hex()[..8]
+        );
         let path = self.loc.path(&key);
         let upload = self
             .rt
             .block_on(self.loc.store.put_multipart(&path))
             .map_err(|e| Error::store("start multipart upload", self.loc.display(&key), e))?;
         let arrow = ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(self.props.clone()))
-            .map_err(|e| Error::Parquet { key: key.clone(), source: e })?;
+            .map_err(|e| Error::Parquet {
+                key: key.clone(),
+                source: e,
+            })?;
         Ok(Shard {
             seq,
             key,
@@ -510,7 +589,13 @@ impl Encoder {
             row_groups: Vec::new(),
             rows: 0,
             seq_range: [u64::MAX, 0],
-            stats: self.header.header.hooks.iter().map(|h| HookStats::new(h.d_model)).collect(),
+            stats: self
+                .header
+                .header
+                .hooks
+                .iter()
+                .map(|h| HookStats::new(h.d_model))
+                .collect(),
         })
     }
 
@@ -536,11 +621,18 @@ impl Encoder {
             let mine = std::mem::replace(&mut p.acts[i], rest);
             let mut planar = Vec::with_capacity(mine.len());
             format::to_planar(&mine, h.d_model, dtype.size(), &mut planar);
-            cols.push(Arc::new(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(planar), None)));
+            cols.push(Arc::new(FixedSizeBinaryArray::new(
+                width as i32,
+                Buffer::from_vec(planar),
+                None,
+            )));
             // Stats were accumulated per pending buffer; when a row group takes all pending rows
             // (the common case) they move over whole, otherwise recompute for the split.
             if p.sequence_id.is_empty() {
-                rg_stats.push(std::mem::replace(&mut p.stats[i], HookStats::new(h.d_model)));
+                rg_stats.push(std::mem::replace(
+                    &mut p.stats[i],
+                    HookStats::new(h.d_model),
+                ));
             } else {
                 let mut st = HookStats::new(h.d_model);
                 accumulate_stats(dtype, &mine, h.d_model, &mut st);
@@ -550,16 +642,24 @@ impl Encoder {
                 rg_stats.push(st);
             }
         }
-        let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("schema matches columns");
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), cols).expect("schema matches columns");
         let shard = self.shard.as_mut().unwrap();
         let key = shard.key.clone();
-        let pq = |e| Error::Parquet { key: key.clone(), source: e };
+        let pq = |e| Error::Parquet {
+            key: key.clone(),
+            source: e,
+        };
         shard.arrow.write(&batch).map_err(pq)?;
         shard.arrow.flush().map_err(pq)?;
         shard.arrow.sync().map_err(|e| pq(e.into()))?;
         let buf = std::mem::take(shard.arrow.inner_mut());
         let base = shard.written;
-        let rg = shard.arrow.flushed_row_groups().last().expect("a row group was flushed");
+        let rg = shard
+            .arrow
+            .flushed_row_groups()
+            .last()
+            .expect("a row group was flushed");
         let mut crcs = Vec::with_capacity(rg.num_columns());
         for c in rg.columns() {
             let (start, len) = c.byte_range();
@@ -590,7 +690,11 @@ impl Encoder {
         let loc = &self.loc;
         let key = &shard.key;
         self.rt.block_on(async {
-            shard.upload.wait_for_capacity(conc).await.map_err(|e| Error::store("upload part of", loc.display(key), e))?;
+            shard
+                .upload
+                .wait_for_capacity(conc)
+                .await
+                .map_err(|e| Error::store("upload part of", loc.display(key), e))?;
             shard.upload.put(Bytes::from(buf));
             Ok(())
         })
@@ -599,9 +703,18 @@ impl Encoder {
     fn close_shard(&mut self) -> Result<()> {
         let shard = self.shard.as_mut().unwrap();
         let key = shard.key.clone();
-        let pq = |e| Error::Parquet { key: key.clone(), source: e };
-        shard.arrow.append_key_value_metadata(KeyValue::new(format::KV_CHUNK_CRC.to_string(), serde_json::to_string(&shard.crcs).unwrap()));
-        shard.arrow.append_key_value_metadata(KeyValue::new(format::KV_DATASET_ID.to_string(), self.header.dataset_id.clone()));
+        let pq = |e| Error::Parquet {
+            key: key.clone(),
+            source: e,
+        };
+        shard.arrow.append_key_value_metadata(KeyValue::new(
+            format::KV_CHUNK_CRC.to_string(),
+            serde_json::to_string(&shard.crcs).unwrap(),
+        ));
+        shard.arrow.append_key_value_metadata(KeyValue::new(
+            format::KV_DATASET_ID.to_string(),
+            self.header.dataset_id.clone(),
+        ));
         shard.arrow.finish().map_err(pq)?;
         shard.arrow.sync().map_err(|e| pq(e.into()))?;
         let tail = std::mem::take(shard.arrow.inner_mut());
@@ -609,10 +722,14 @@ impl Encoder {
         if tail.len() < 8 || &tail[tail.len() - 4..] != b"PAR1" {
             return Err(Error::corrupt(&key, "the writer produced no footer"));
         }
-        let meta_len = u32::from_le_bytes(tail[tail.len() - 8..tail.len() - 4].try_into().unwrap()) as usize;
+        let meta_len =
+            u32::from_le_bytes(tail[tail.len() - 8..tail.len() - 4].try_into().unwrap()) as usize;
         let footer_len = meta_len + 8;
         if footer_len > tail.len() {
-            return Err(Error::corrupt(&key, "footer split across row group flushes"));
+            return Err(Error::corrupt(
+                &key,
+                "footer split across row group flushes",
+            ));
         }
         let footer_crc32c = crc32c::crc32c(&tail[tail.len() - footer_len..]);
         self.send(tail)?;
@@ -628,8 +745,14 @@ impl Encoder {
                 Err(e) => Err(Error::store("complete upload of", loc.display(&key), e)),
             }
         })?;
-        let stats: BTreeMap<String, HookStats> =
-            self.header.header.hooks.iter().map(|h| h.name.clone()).zip(shard.stats).collect();
+        let stats: BTreeMap<String, HookStats> = self
+            .header
+            .header
+            .hooks
+            .iter()
+            .map(|h| h.name.clone())
+            .zip(shard.stats)
+            .collect();
         let rec = CommitRecord {
             format_version: FORMAT_VERSION,
             dataset_id: self.header.dataset_id.clone(),
@@ -653,7 +776,10 @@ impl Encoder {
         if !rt.block_on(loc.put_create(&ckey, body.into()))? {
             return Err(Error::AlreadyExists {
                 location: loc.display(&ckey),
-                what: format!("another writer with worker id `{}` committed this shard first", self.opts.worker),
+                what: format!(
+                    "another writer with worker id `{}` committed this shard first",
+                    self.opts.worker
+                ),
             });
         }
         self.next_seq += 1;
@@ -700,27 +826,49 @@ pub(crate) async fn finalize_async(loc: &Location) -> Result<Manifest> {
         what: format!("no {HEADER_KEY}: nothing was written here"),
     })?;
     let commits = list_commits(loc, None).await?;
-    let objects: BTreeMap<String, u64> =
-        loc.list(SHARDS_DIR).await?.into_iter().map(|(k, m)| (k, m.size)).collect();
+    let objects: BTreeMap<String, u64> = loc
+        .list(SHARDS_DIR)
+        .await?
+        .into_iter()
+        .map(|(k, m)| (k, m.size))
+        .collect();
     for c in &commits {
         let where_ = loc.display(&commit_key(&c.worker, c.seq));
         if c.dataset_id != header.dataset_id {
-            return Err(Error::BadMetadata { location: where_, detail: format!("belongs to dataset {}", c.dataset_id) });
+            return Err(Error::BadMetadata {
+                location: where_,
+                detail: format!("belongs to dataset {}", c.dataset_id),
+            });
         }
         match objects.get(&c.shard.key) {
             Some(&size) if size == c.shard.bytes => {}
             Some(&size) => {
-                return Err(Error::corrupt(&c.shard.key, format!("committed with {} bytes, the object has {size}", c.shard.bytes)))
+                return Err(Error::corrupt(
+                    &c.shard.key,
+                    format!(
+                        "committed with {} bytes, the object has {size}",
+                        c.shard.bytes
+                    ),
+                ))
             }
-            None => return Err(Error::corrupt(&c.shard.key, "committed but missing from the store")),
+            None => {
+                return Err(Error::corrupt(
+                    &c.shard.key,
+                    "committed but missing from the store",
+                ))
+            }
         }
     }
     let manifest = build_manifest(&header, &commits);
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     if !loc.put_create(MANIFEST_KEY, body.into()).await? {
-        return Err(Error::AlreadyExists { location: loc.display(MANIFEST_KEY), what: "the dataset was already finalized".into() });
+        return Err(Error::AlreadyExists {
+            location: loc.display(MANIFEST_KEY),
+            what: "the dataset was already finalized".into(),
+        });
     }
-    let listed: std::collections::HashSet<&str> = manifest.shards.iter().map(|s| s.key.as_str()).collect();
+    let listed: std::collections::HashSet<&str> =
+        manifest.shards.iter().map(|s| s.key.as_str()).collect();
     for key in objects.keys() {
         if !listed.contains(key.as_str()) {
             tracing::info!("removing {} (not committed)", loc.display(key));

@@ -10,7 +10,12 @@ use store::{info, verify, DatasetWriter, WriterOptions};
 const HOOKS: [(&str, usize); 1] = [("h", 32)];
 
 fn write(url: &str, store: &store::StoreOptions, nseq: u64) -> store::Result<store::Manifest> {
-    let opts = WriterOptions { row_group_rows: 64, shard_bytes: Some(8_000), store: store.clone(), ..Default::default() };
+    let opts = WriterOptions {
+        row_group_rows: 64,
+        shard_bytes: Some(8_000),
+        store: store.clone(),
+        ..Default::default()
+    };
     let mut w = DatasetWriter::create(url, header(&HOOKS, 16), opts)?;
     w.append(synth(0, nseq as usize, 16, &HOOKS))?;
     w.finish()
@@ -36,7 +41,17 @@ fn retries_get_past_503s_and_dropped_connections() {
     let url = moto().url("retry");
     // Two 503s on the first requests (header creation), then two more on PUTs mid-write.
     proxy.set(Fault::Http503(2), None);
-    let mut w = DatasetWriter::create(&url, header(&HOOKS, 16), WriterOptions { row_group_rows: 64, shard_bytes: Some(8_000), store: store.clone(), ..Default::default() }).unwrap();
+    let mut w = DatasetWriter::create(
+        &url,
+        header(&HOOKS, 16),
+        WriterOptions {
+            row_group_rows: 64,
+            shard_bytes: Some(8_000),
+            store: store.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(proxy.injected(), 2);
     proxy.set(Fault::Http503(2), Some("PUT"));
     w.append(synth(0, 40, 16, &HOOKS)).unwrap();
@@ -60,19 +75,35 @@ fn giving_up_is_reported_clearly() {
     proxy.set(Fault::Http503(usize::MAX), None);
     let e = info(&url, &store).unwrap_err().to_string();
     eprintln!("gave up: {e}");
-    assert!(e.contains("manifest.json") && e.contains("503") && e.contains("after 2 retries"), "{e}");
+    assert!(
+        e.contains("manifest.json") && e.contains("503") && e.contains("after 2 retries"),
+        "{e}"
+    );
     // Reads that start fine and then fail name the shard.
     proxy.set(Fault::Pass, None);
     let mut o = ReaderOptions::new("h", 64);
     o.store = store.clone();
     let r = Reader::open(&url, o).unwrap();
     proxy.set(Fault::Http503(usize::MAX), None);
-    let e = r.take(3).find_map(|b| b.err()).expect("must fail").to_string();
+    let e = r
+        .take(3)
+        .find_map(|b| b.err())
+        .expect("must fail")
+        .to_string();
     assert!(e.contains("shards/w0-") && e.contains("503"), "{e}");
     // A writer whose uploads keep failing reports the shard and gives up.
     let url2 = moto().url("giveup-write");
     proxy.set(Fault::Pass, None);
-    let mut w = DatasetWriter::create(&url2, header(&HOOKS, 16), WriterOptions { row_group_rows: 64, store: store.clone(), ..Default::default() }).unwrap();
+    let mut w = DatasetWriter::create(
+        &url2,
+        header(&HOOKS, 16),
+        WriterOptions {
+            row_group_rows: 64,
+            store: store.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     proxy.set(Fault::Http503(usize::MAX), Some("PUT"));
     w.append(synth(0, 10, 16, &HOOKS)).unwrap();
     let e = w.finish().unwrap_err().to_string();
@@ -82,7 +113,10 @@ fn giving_up_is_reported_clearly() {
     let prefix = url2.rsplit('/').next().unwrap();
     let uploads = http_body(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
     assert!(uploads.contains("ListMultipartUploadsResult"), "{uploads}");
-    assert!(!uploads.contains(&format!("<Key>{prefix}/")), "an upload was left open: {uploads}");
+    assert!(
+        !uploads.contains(&format!("<Key>{prefix}/")),
+        "an upload was left open: {uploads}"
+    );
 }
 
 #[test]
@@ -99,10 +133,18 @@ fn s3s_fs_with_sigv4_roundtrip_and_wrong_credentials() {
     let bad = s3_options(&srv.endpoint, srv.access_key.as_deref().unwrap(), secret, 1);
     let e = info(&url, &bad).unwrap_err().to_string();
     eprintln!("wrong secret: {e}");
-    assert!(e.contains("403") || e.contains("SignatureDoesNotMatch"), "{e}");
+    assert!(
+        e.contains("403") || e.contains("SignatureDoesNotMatch"),
+        "{e}"
+    );
     assert!(!e.contains(secret), "the secret leaked into: {e}");
-    let e = write(&srv.url("sigv4-bad"), &bad, 2).unwrap_err().to_string();
-    assert!(e.contains("403") || e.contains("SignatureDoesNotMatch"), "{e}");
+    let e = write(&srv.url("sigv4-bad"), &bad, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("403") || e.contains("SignatureDoesNotMatch"),
+        "{e}"
+    );
     assert!(!e.contains(secret));
     let unknown = s3_options(&srv.endpoint, "NOSUCHKEY", secret, 1);
     let e = info(&url, &unknown).unwrap_err().to_string();
@@ -114,13 +156,22 @@ fn large_shards_use_multipart_on_both_servers() {
     for (name, srv) in [("moto", moto()), ("s3s-fs", s3s_fs())] {
         let url = srv.url("multipart");
         let hooks = [("h", 1024)];
-        let opts = WriterOptions { row_group_rows: 1024, shard_bytes: Some(11 << 20), store: srv.options(2), ..Default::default() };
+        let opts = WriterOptions {
+            row_group_rows: 1024,
+            shard_bytes: Some(11 << 20),
+            store: srv.options(2),
+            ..Default::default()
+        };
         let mut w = DatasetWriter::create(&url, header(&hooks, 128), opts).unwrap();
         for s in 0..72 {
             w.append(synth(s, 1, 128, &hooks)).unwrap(); // 72 x 128 rows of 1024 values, ~1.5 B each: ~14 MiB
         }
         let m = w.finish().unwrap();
-        assert!(m.shards[0].bytes > 10 << 20, "{name}: shard of {} bytes", m.shards[0].bytes);
+        assert!(
+            m.shards[0].bytes > 10 << 20,
+            "{name}: shard of {} bytes",
+            m.shards[0].bytes
+        );
         let v = verify(&url, &srv.options(2), 2).unwrap();
         assert!(v.ok, "{name}: {v:?}");
         let mut o = ReaderOptions::new("h", 1000);

@@ -18,7 +18,11 @@ use store::{
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub fn unique(name: &str) -> String {
-    format!("{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// A temporary directory, removed on drop.
@@ -45,11 +49,15 @@ fn home() -> PathBuf {
 
 /// The venv that scripts/setup.sh --test fills (SAE_VENV, default ~/.cache/sae-pipeline/venv).
 pub fn venv() -> PathBuf {
-    std::env::var("SAE_VENV").map(PathBuf::from).unwrap_or_else(|_| home().join(".cache/sae-pipeline/venv"))
+    std::env::var("SAE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| home().join(".cache/sae-pipeline/venv"))
 }
 
 pub fn python() -> PathBuf {
-    std::env::var("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|_| venv().join("bin/python3"))
+    std::env::var("SAE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| venv().join("bin/python3"))
 }
 
 fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> PathBuf {
@@ -69,11 +77,17 @@ fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> 
             }
         }
     }
-    panic!("{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)");
+    panic!(
+        "{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)"
+    );
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
@@ -112,9 +126,20 @@ impl Drop for Server {
 fn spawn_watched(cmd: &str, args: &[String]) -> Child {
     // sh -c '"$0" "$@" & child; kill it when our parent (the test process) is gone'
     let script = r#"p=$1; shift; "$@" & c=$!; trap 'kill $c 2>/dev/null' EXIT INT TERM; while kill -0 "$p" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.3; done"#;
-    let mut full = vec!["-c".to_string(), script.to_string(), "sh".into(), std::process::id().to_string(), cmd.to_string()];
+    let mut full = vec![
+        "-c".to_string(),
+        script.to_string(),
+        "sh".into(),
+        std::process::id().to_string(),
+        cmd.to_string(),
+    ];
     full.extend(args.iter().cloned());
-    Command::new("sh").args(&full).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn server")
+    Command::new("sh")
+        .args(&full)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server")
 }
 
 /// Send a bare HTTP request (for moto, which does not check signatures) and return the status.
@@ -123,7 +148,10 @@ pub fn http(port: u16, method: &str, path: &str) -> u16 {
     write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Send a bare HTTP request and return the whole response.
@@ -139,15 +167,32 @@ pub fn http_body(port: u16, method: &str, path: &str) -> String {
 pub fn moto() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
-        let bin = find_binary("SAE_MOTO_SERVER", &[venv().join("bin/moto_server")], "moto_server", "pip install 'moto[server]'");
+        let bin = find_binary(
+            "SAE_MOTO_SERVER",
+            &[venv().join("bin/moto_server")],
+            "moto_server",
+            "pip install 'moto[server]'",
+        );
         for _ in 0..3 {
             let port = free_port();
-            let mut child = spawn_watched(bin.to_str().unwrap(), &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()]);
+            let mut child = spawn_watched(
+                bin.to_str().unwrap(),
+                &[
+                    "-H".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    port.to_string(),
+                ],
+            );
             if !wait_listening(port, &mut child, "moto_server") {
                 continue;
             }
             let bucket = "sae-test".to_string();
-            assert_eq!(http(port, "PUT", &format!("/{bucket}")), 200, "create bucket on moto");
+            assert_eq!(
+                http(port, "PUT", &format!("/{bucket}")),
+                200,
+                "create bucket on moto"
+            );
             return Server {
                 endpoint: format!("http://127.0.0.1:{port}"),
                 port,
@@ -177,7 +222,10 @@ pub fn s3s_fs() -> &'static Server {
             let bucket = "sae-test".to_string();
             std::fs::create_dir_all(dir.path().join(&bucket)).unwrap();
             let port = free_port();
-            let (ak, sk) = ("SAETESTACCESSKEY".to_string(), "sae-test-secret-key-0123456789".to_string());
+            let (ak, sk) = (
+                "SAETESTACCESSKEY".to_string(),
+                "sae-test-secret-key-0123456789".to_string(),
+            );
             let args: Vec<String> = vec![
                 "--host".into(),
                 "127.0.0.1".into(),
@@ -210,18 +258,31 @@ pub fn s3s_fs() -> &'static Server {
 /// Test retry policy: few, fast retries.
 pub fn test_retry(max_retries: usize) -> RetryConfig {
     RetryConfig {
-        backoff: BackoffConfig { init_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(50), base: 2.0 },
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            base: 2.0,
+        },
         max_retries,
         retry_timeout: Duration::from_secs(20),
     }
 }
 
 /// Store options for an S3 endpoint (keys default to dummies, which moto accepts).
-pub fn s3_options(endpoint: &str, access_key: &str, secret_key: &str, max_retries: usize) -> StoreOptions {
+pub fn s3_options(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    max_retries: usize,
+) -> StoreOptions {
     StoreOptions {
         retry: Some(test_retry(max_retries)),
         // A fresh connection per request, so a proxy sees (and can fail) every request.
-        client: Some(ClientOptions::new().with_pool_max_idle_per_host(0).with_timeout(Duration::from_secs(30))),
+        client: Some(
+            ClientOptions::new()
+                .with_pool_max_idle_per_host(0)
+                .with_timeout(Duration::from_secs(30)),
+        ),
         s3_config: vec![
             ("aws_endpoint".into(), endpoint.into()),
             ("aws_allow_http".into(), "true".into()),
@@ -259,20 +320,54 @@ pub fn backends(name: &str) -> Vec<Backend> {
     let dir = TempDir::new(name);
     let file_url = format!("file://{}/ds", dir.path().display());
     vec![
-        Backend { name: "memory", url: format!("memory://{}/ds", unique(name)), opts: StoreOptions::default(), _dir: None },
-        Backend { name: "file", url: file_url, opts: StoreOptions::default(), _dir: Some(dir) },
-        Backend { name: "s3-moto", url: moto().url(name), opts: moto().options(3), _dir: None },
+        Backend {
+            name: "memory",
+            url: format!("memory://{}/ds", unique(name)),
+            opts: StoreOptions::default(),
+            _dir: None,
+        },
+        Backend {
+            name: "file",
+            url: file_url,
+            opts: StoreOptions::default(),
+            _dir: Some(dir),
+        },
+        Backend {
+            name: "s3-moto",
+            url: moto().url(name),
+            opts: moto().options(3),
+            _dir: None,
+        },
     ]
 }
 
 pub fn header(hooks: &[(&str, usize)], context_len: usize) -> DatasetHeader {
     DatasetHeader {
-        model: ModelIdentity { name: "test-model".into(), file_sha256: "00".repeat(32) },
-        tokenizer: TokenizerIdentity { name: "test-tok".into(), sha256: "11".repeat(32) },
-        hooks: hooks.iter().map(|(n, d)| HookSpec { name: n.to_string(), d_model: *d }).collect(),
+        model: ModelIdentity {
+            name: "test-model".into(),
+            file_sha256: "00".repeat(32),
+        },
+        tokenizer: TokenizerIdentity {
+            name: "test-tok".into(),
+            sha256: "11".repeat(32),
+        },
+        hooks: hooks
+            .iter()
+            .map(|(n, d)| HookSpec {
+                name: n.to_string(),
+                d_model: *d,
+            })
+            .collect(),
         context_len,
-        corpus: CorpusIdentity { name: "synthetic".into(), sha256: "22".repeat(32), detail: String::new() },
-        created: CreatedInfo { version: "test".into(), command_line: vec!["test".into()] },
+        corpus: CorpusIdentity {
+            name: "synthetic".into(),
+            sha256: "22".repeat(32),
+            detail: String::new(),
+        },
+        created: CreatedInfo {
+            version: "test".into(),
+            command_line: vec!["test".into()],
+        },
     }
 }
 
@@ -284,7 +379,8 @@ pub fn synth(seq0: u64, nseq: usize, ctx: usize, hooks: &[(&str, usize)]) -> Row
         for p in 0..ctx as u32 {
             b.sequence_id.push(seq0 + s);
             b.position.push(p);
-            b.token_id.push(((seq0 + s) * 31 + p as u64 * 7) as u32 % 49152);
+            b.token_id
+                .push(((seq0 + s) * 31 + p as u64 * 7) as u32 % 49152);
         }
     }
     for (hi, (name, d)) in hooks.iter().enumerate() {
@@ -298,7 +394,9 @@ pub fn synth(seq0: u64, nseq: usize, ctx: usize, hooks: &[(&str, usize)]) -> Row
 }
 
 pub fn row_values(hook: usize, seq: u64, pos: u32, d: usize) -> Vec<f32> {
-    let mut x = (hook as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15) ^ seq.wrapping_mul(0xBF58476D1CE4E5B9) ^ (pos as u64 + 1).wrapping_mul(0x94D049BB133111EB);
+    let mut x = (hook as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15)
+        ^ seq.wrapping_mul(0xBF58476D1CE4E5B9)
+        ^ (pos as u64 + 1).wrapping_mul(0x94D049BB133111EB);
     (0..d)
         .map(|j| {
             x ^= x << 13;
@@ -320,7 +418,10 @@ pub fn stored_values(dtype: Dtype, hook: usize, seq: u64, pos: u32, d: usize) ->
 }
 
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,7 +456,12 @@ impl Proxy {
     pub fn start(upstream_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(ProxyState { fault: Fault::Pass, method: None, injected: 0, requests: 0 }));
+        let state = Arc::new(Mutex::new(ProxyState {
+            fault: Fault::Pass,
+            method: None,
+            injected: 0,
+            requests: 0,
+        }));
         let st = state.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -396,14 +502,24 @@ fn read_head(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
-fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>) -> std::io::Result<()> {
-    loop {
+/// Serve one request (the client's connection pool is disabled in tests: one request per
+/// connection).
+fn handle(
+    mut client: TcpStream,
+    upstream_port: u16,
+    st: Arc<Mutex<ProxyState>>,
+) -> std::io::Result<()> {
+    {
         let head = read_head(&mut client)?;
         let text = String::from_utf8_lossy(&head).to_string();
         let method = text.split_whitespace().next().unwrap_or("").to_string();
         let len: usize = text
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
             .unwrap_or(0);
         let action = {
             let mut s = st.lock().unwrap();
@@ -427,13 +543,12 @@ fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>)
         match action {
             Fault::Drop(_) => {
                 let _ = client.shutdown(std::net::Shutdown::Both);
-                return Ok(());
+                Ok(())
             }
             Fault::Http503(_) => {
                 client.read_exact(&mut body)?;
                 let msg = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>injected by the test proxy</Message></Error>";
-                write!(client, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len())?;
-                return Ok(());
+                write!(client, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len())
             }
             Fault::Pass => {
                 client.read_exact(&mut body)?;
@@ -450,8 +565,7 @@ fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>)
                 up.write_all(&body)?;
                 let mut resp = Vec::new();
                 up.read_to_end(&mut resp)?;
-                client.write_all(&resp)?;
-                return Ok(());
+                client.write_all(&resp)
             }
         }
     }
