@@ -99,6 +99,29 @@ impl Model {
     }
 }
 
+impl Model {
+    /// SHA-256 (lowercase hex) of the model's weights: the GGUF file, or a Hugging Face folder's
+    /// `config.json` and safetensors files in name order. Datasets record it, so that a dataset
+    /// can be matched with the exact model that produced it.
+    pub fn file_sha256(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let files = match self.format {
+            ModelFormat::Gguf => vec![self.path.clone()],
+            ModelFormat::HuggingFace => {
+                let mut files = vec![self.path.join("config.json")];
+                files.extend(safetensors_files(&self.path)?);
+                files
+            }
+        };
+        let mut hasher = Sha256::new();
+        for file in files {
+            let mut reader = std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            std::io::copy(&mut reader, &mut hasher).with_context(|| format!("cannot read {}", file.display()))?;
+        }
+        Ok(format!("{:x}", hasher.finalize()))
+    }
+}
+
 fn file_stem(path: &Path) -> String {
     path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned())
 }

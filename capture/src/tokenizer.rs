@@ -23,6 +23,7 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::gguf::{GgufFile, Value};
 
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     pub bos_id: Option<u32>,
@@ -131,5 +132,17 @@ impl TextTokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// SHA-256 (lowercase hex) of the tokenizer's full definition (model, vocabulary, merges,
+    /// pre-tokenizer, special tokens) and of whether BOS is added: two tokenizers with the same
+    /// digest give the same ids.
+    pub fn digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let json = self.inner.to_string(false).map_err(|e| anyhow!("cannot serialize the tokenizer: {e}"))?;
+        let mut hasher = Sha256::new();
+        hasher.update(json.as_bytes());
+        hasher.update([self.add_bos as u8]);
+        Ok(format!("{:x}", hasher.finalize()))
     }
 }
