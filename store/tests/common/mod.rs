@@ -213,7 +213,10 @@ pub fn s3s_fs() -> &'static Server {
     S.get_or_init(|| {
         let bin = find_binary(
             "SAE_S3S_FS",
-            &[home().join(".cargo/bin/s3s-fs")],
+            &[
+                std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home().join(".cargo")).join("bin/s3s-fs"),
+                home().join(".cargo/bin/s3s-fs"),
+            ],
             "s3s-fs",
             "cargo install s3s-fs --version 0.14.1 --features binary",
         );
