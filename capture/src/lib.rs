@@ -9,6 +9,7 @@
 //! This crate knows nothing of SAEs or of how activations are stored.
 
 pub mod config;
+pub mod corpus;
 pub mod device;
 pub mod generate;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod hooks;
 pub mod llama;
 pub mod model;
 pub mod tokenizer;
+pub mod windows;
 
 pub use hooks::{HookPoint, Hooks};
 pub use model::Model;
