@@ -101,6 +101,7 @@ impl Dtype {
 /// out all low bytes of the row group before all high bytes, which zstd compresses well (the
 /// high bytes of bf16 activations hold sign and exponent, and compress ~2.6x; the low bytes do
 /// not compress).
+#[cfg_attr(not(test), allow(dead_code))] // the writer fuses this with encoding
 pub fn to_planar(src: &[u8], d: usize, size: usize, out: &mut Vec<u8>) {
     let w = d * size;
     let start = out.len();

@@ -427,10 +427,10 @@ struct Pending {
     sequence_id: Vec<u64>,
     position: Vec<u32>,
     token_id: Vec<u32>,
-    /// Per hook (in header order): stored bytes.
+    /// Per hook (in header order): stored bytes, byte-planar rows.
     acts: Vec<Vec<u8>>,
-    /// Per hook: stats of the pending rows.
-    stats: Vec<HookStats>,
+    /// Stats per future row group (slot k covers pending rows k*R..(k+1)*R), per hook.
+    stats: std::collections::VecDeque<Vec<HookStats>>,
 }
 
 struct Shard {
@@ -481,7 +481,7 @@ impl Encoder {
             position: Vec::new(),
             token_id: Vec::new(),
             acts: vec![Vec::new(); hooks.len()],
-            stats: hooks.iter().map(|h| HookStats::new(h.d_model)).collect(),
+            stats: Default::default(),
         };
         Ok(Encoder {
             rt,
@@ -545,16 +545,37 @@ impl Encoder {
 
     fn push(&mut self, b: RowBatch) {
         let dtype = self.opts.dtype;
+        let r = self.opts.row_group_rows;
+        let hooks = &self.header.header.hooks;
         let p = &mut self.pending;
-        for (i, spec) in self.header.header.hooks.iter().enumerate() {
+        let base = p.sequence_id.len();
+        let n = b.rows();
+        let slots_needed = (base + n).div_ceil(r);
+        while p.stats.len() < slots_needed {
+            p.stats
+                .push_back(hooks.iter().map(|h| HookStats::new(h.d_model)).collect());
+        }
+        for (i, spec) in hooks.iter().enumerate() {
             let (_, v) = b
                 .activations
                 .iter()
                 .find(|(n, _)| n == &spec.name)
                 .expect("validated");
-            let start = p.acts[i].len();
-            dtype.encode_f32(v, &mut p.acts[i]);
-            accumulate_stats(dtype, &p.acts[i][start..], spec.d_model, &mut p.stats[i]);
+            let d = spec.d_model;
+            // Rows in segments that each fall into one future row group's stats slot.
+            let mut row = 0;
+            while row < n {
+                let slot = (base + row) / r;
+                let end = n.min((slot + 1) * r - base);
+                encode_rows_planar(
+                    dtype,
+                    &v[row * d..end * d],
+                    d,
+                    &mut p.acts[i],
+                    &mut p.stats[slot][i],
+                );
+                row = end;
+            }
         }
         p.sequence_id.extend_from_slice(&b.sequence_id);
         p.position.extend_from_slice(&b.position);
@@ -614,33 +635,20 @@ impl Encoder {
             Arc::new(UInt32Array::from(p.position.drain(..n).collect::<Vec<_>>())),
             Arc::new(UInt32Array::from(p.token_id.drain(..n).collect::<Vec<_>>())),
         ];
-        let mut rg_stats = Vec::with_capacity(hooks.len());
+        // Row groups are cut at multiples of R (or take all that is left): slot 0 is theirs.
+        let rg_stats = p
+            .stats
+            .pop_front()
+            .expect("a stats slot per pending row group");
         for (i, h) in hooks.iter().enumerate() {
             let width = h.d_model * dtype.size();
             let rest = p.acts[i].split_off(n * width);
             let mine = std::mem::replace(&mut p.acts[i], rest);
-            let mut planar = Vec::with_capacity(mine.len());
-            format::to_planar(&mine, h.d_model, dtype.size(), &mut planar);
             cols.push(Arc::new(FixedSizeBinaryArray::new(
                 width as i32,
-                Buffer::from_vec(planar),
+                Buffer::from_vec(mine),
                 None,
             )));
-            // Stats were accumulated per pending buffer; when a row group takes all pending rows
-            // (the common case) they move over whole, otherwise recompute for the split.
-            if p.sequence_id.is_empty() {
-                rg_stats.push(std::mem::replace(
-                    &mut p.stats[i],
-                    HookStats::new(h.d_model),
-                ));
-            } else {
-                let mut st = HookStats::new(h.d_model);
-                accumulate_stats(dtype, &mine, h.d_model, &mut st);
-                let mut rest_st = HookStats::new(h.d_model);
-                accumulate_stats(dtype, &p.acts[i], h.d_model, &mut rest_st);
-                p.stats[i] = rest_st;
-                rg_stats.push(st);
-            }
         }
         let batch =
             RecordBatch::try_new(self.schema.clone(), cols).expect("schema matches columns");
@@ -788,7 +796,60 @@ impl Encoder {
     }
 }
 
-/// Add rows of stored values (row-major, `d` per row) to `st`, in f64.
+/// Encode f32 rows into byte-planar rows of `dtype` (see `format::to_planar`), adding the
+/// stored (rounded) values to `st` in f64.
+pub(crate) fn encode_rows_planar(
+    dtype: Dtype,
+    src: &[f32],
+    d: usize,
+    out: &mut Vec<u8>,
+    st: &mut HookStats,
+) {
+    let s = dtype.size();
+    let start = out.len();
+    out.resize(start + src.len() * s, 0);
+    for (row, dst) in src
+        .chunks_exact(d)
+        .zip(out[start..].chunks_exact_mut(d * s))
+    {
+        let mut sq = 0f64;
+        match dtype {
+            Dtype::Bf16 | Dtype::F16 => {
+                let (lo, hi) = dst.split_at_mut(d);
+                for (j, &x) in row.iter().enumerate() {
+                    let (bits, v) = if dtype == Dtype::Bf16 {
+                        let h = half::bf16::from_f32(x);
+                        (h.to_bits(), h.to_f32())
+                    } else {
+                        let h = half::f16::from_f32(x);
+                        (h.to_bits(), h.to_f32())
+                    };
+                    lo[j] = bits as u8;
+                    hi[j] = (bits >> 8) as u8;
+                    let v = v as f64;
+                    st.sum[j] += v;
+                    sq += v * v;
+                }
+            }
+            Dtype::F32 => {
+                for (j, &x) in row.iter().enumerate() {
+                    for (b, byte) in x.to_le_bytes().into_iter().enumerate() {
+                        dst[b * d + j] = byte;
+                    }
+                    let v = x as f64;
+                    st.sum[j] += v;
+                    sq += v * v;
+                }
+            }
+        }
+        st.sum_sq_norm += sq;
+        st.count += 1;
+    }
+}
+
+/// Add rows of stored values (row-major, `d` per row) to `st`, in f64. (The reference for
+/// `encode_rows_planar`'s fused statistics.)
+#[cfg(test)]
 pub(crate) fn accumulate_stats(dtype: Dtype, bytes: &[u8], d: usize, st: &mut HookStats) {
     let row_bytes = d * dtype.size();
     let mut row = Vec::with_capacity(d);
@@ -891,4 +952,30 @@ pub(crate) async fn finalize_async(loc: &Location) -> Result<Manifest> {
         }
     }
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_encoding_matches_encode_then_planarize() {
+        let d = 7;
+        let src: Vec<f32> = (0..5 * d)
+            .map(|i| (i as f32 * 0.731).sin() * 40.0)
+            .collect();
+        for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+            let mut fused = Vec::new();
+            let mut st = HookStats::new(d);
+            encode_rows_planar(dtype, &src, d, &mut fused, &mut st);
+            let mut le = Vec::new();
+            dtype.encode_f32(&src, &mut le);
+            let mut planar = Vec::new();
+            format::to_planar(&le, d, dtype.size(), &mut planar);
+            assert_eq!(fused, planar, "{dtype:?}");
+            let mut want = HookStats::new(d);
+            accumulate_stats(dtype, &le, d, &mut want);
+            assert_eq!(st, want, "{dtype:?}");
+        }
+    }
 }

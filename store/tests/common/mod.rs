@@ -214,7 +214,10 @@ pub fn s3s_fs() -> &'static Server {
         let bin = find_binary(
             "SAE_S3S_FS",
             &[
-                std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home().join(".cargo")).join("bin/s3s-fs"),
+                std::env::var("CARGO_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| home().join(".cargo"))
+                    .join("bin/s3s-fs"),
                 home().join(".cargo/bin/s3s-fs"),
             ],
             "s3s-fs",
