@@ -1465,7 +1465,6 @@ async fn produce_follow(
 ) {
     let fo = o.follow.clone().unwrap_or_default();
     let mut seen: HashSet<String> = HashSet::new();
-    let mut global_rg = 0u64;
     let mut last_new = tokio::time::Instant::now();
     loop {
         // Look for the manifest first: if it exists, what it lists is everything.
@@ -1511,7 +1510,14 @@ async fn produce_follow(
                 v.len() - 1
             };
             for (ri, &rows) in s.row_groups.iter().enumerate() {
-                if global_rg % o.world as u64 == o.rank as u64 {
+                // Ranks may discover commits in different orders, so the owner of a row group
+                // depends only on its identity: (shard key, row group index).
+                let owner = crc32c::crc32c_append(
+                    crc32c::crc32c(s.key.as_bytes()),
+                    &(ri as u64).to_le_bytes(),
+                ) as u64
+                    % o.world as u64;
+                if owner == o.rank as u64 {
                     jobs.push(Job {
                         epoch: 0,
                         window: 0,
@@ -1525,7 +1531,6 @@ async fn produce_follow(
                         },
                     });
                 }
-                global_rg += 1;
             }
         }
         let mut stream = futures::stream::iter(jobs)

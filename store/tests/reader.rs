@@ -309,3 +309,27 @@ fn a_budget_of_one_window_still_streams() {
         "a budget below one window is refused"
     );
 }
+
+#[test]
+fn follow_mode_splits_ranks_by_row_group_identity() {
+    let url = dataset("follow-ranks");
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for rank in 0..2 {
+        let mut o = opts(16);
+        o.rank = rank;
+        o.world = 2;
+        o.drop_last = false;
+        o.follow = Some(FollowOptions {
+            poll: std::time::Duration::from_millis(20),
+            idle_timeout: None,
+        });
+        for b in Reader::open(&url, o).unwrap() {
+            for id in ids(&b.unwrap()) {
+                assert!(seen.insert(id), "row {id:?} read by two ranks");
+                total += 1;
+            }
+        }
+    }
+    assert_eq!(total, 22 * CTX, "the ranks together read every row once");
+}
