@@ -285,7 +285,8 @@ impl Producer {
         stats.windows_packed = self.packer.windows_packed;
         stats.corpus_exhausted = !finished_early;
         stats.read = documents.stats().clone();
-        if stats.documents == 0 {
+        // Only a corpus read to its end can be too small (`max_windows: Some(0)` reads nothing).
+        if stats.corpus_exhausted && stats.documents == 0 {
             let read = &stats.read;
             bail!(
                 "empty corpus: no documents in {} ({} files read, {} skipped)",
@@ -294,7 +295,7 @@ impl Producer {
                 read.skipped.len()
             );
         }
-        if stats.windows_packed == 0 {
+        if stats.corpus_exhausted && stats.windows_packed == 0 {
             bail!(
                 "the corpus is shorter than one window: {} documents give {} tokens, fewer than the context length {}",
                 stats.documents,

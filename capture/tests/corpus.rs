@@ -13,7 +13,9 @@ use capture::windows::{load_tokenizer, Window, WindowOptions, WindowStats, Windo
 /// (The 20,889 of earlier notes also counted the Chinese files: + 5263 + 313 + 95 records.)
 const ENGLISH_FORTUNES: u64 = 15_217;
 /// SmolLM2 tokens of those documents, one EOS after each included, measured with this crate's
-/// tokenizer (whose ids equal transformers', see tests/reference.rs).
+/// tokenizer and checked once against transformers' tokenizer for the same GGUF
+/// (`add_special_tokens=False`, same splitting). The 1.84M tokens of earlier notes also counted
+/// the Chinese files (all 46 top-level files: 20,888 documents, 1,836,233 tokens).
 const ENGLISH_FORTUNE_TOKENS: u64 = 699_175;
 
 fn tokenizer() -> Arc<TextTokenizer> {
@@ -356,6 +358,8 @@ fn resume_from_window_w_equals_the_tail_of_a_full_run() {
     }
     let (none, stats) = collect(&corpus, options.start_window(300));
     assert!(none.is_empty() && stats.windows == 0);
+    let (none, stats) = collect(&corpus, WindowOptions { max_windows: Some(0), ..WindowOptions::default() });
+    assert!(none.is_empty() && !stats.corpus_exhausted && stats.documents == 0, "{stats:?}");
 }
 
 #[test]
