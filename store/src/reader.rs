@@ -1622,7 +1622,15 @@ mod tests {
             (Dtype::F32, Dtype::F32),
             (Dtype::F16, Dtype::F16),
         ] {
-            for (n, d) in [(8, 8), (21, 13), (64, 24), (3, 5)] {
+            for (n, d) in [
+                (8, 8),
+                (21, 13),
+                (64, 24),
+                (3, 5),
+                (16, 16),
+                (35, 40),
+                (48, 17),
+            ] {
                 let s = dt.size();
                 // Planar rows, then BYTE_STREAM_SPLIT: stream p holds byte p of every row.
                 let rows_le: Vec<u8> = (0..n * d * s).map(|i| (i * 31 % 253) as u8).collect();
@@ -1655,14 +1663,14 @@ mod tests {
         let (n, d) = (4096, 576);
         let buf: Vec<u8> = (0..n * d * 2).map(|i| (i * 31 % 253) as u8).collect();
         let mut out = vec![0u8; n * d * 4];
-        let t = std::time::Instant::now();
-        for _ in 0..16 {
-            unsplit_planar(Dtype::Bf16, Dtype::F32, &buf, n, d, &mut out);
+        for round in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..16 {
+                unsplit_planar(Dtype::Bf16, Dtype::F32, &buf, n, d, &mut out);
+            }
+            let a = t.elapsed().as_secs_f64() * 1e3 / 16.0;
+            eprintln!("round {round}: unsplit bf16->f32 {a:.2} ms per row group of 4096 x 576");
         }
-        eprintln!(
-            "unsplit bf16->f32: {:.1} ms per row group",
-            t.elapsed().as_secs_f64() * 1e3 / 16.0
-        );
     }
 
     #[test]
