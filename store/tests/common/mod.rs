@@ -123,14 +123,16 @@ impl Drop for Server {
     }
 }
 
-fn spawn_watched(cmd: &str, args: &[String]) -> Child {
-    // sh -c '"$0" "$@" & child; kill it when our parent (the test process) is gone'
-    let script = r#"p=$1; shift; "$@" & c=$!; trap 'kill $c 2>/dev/null' EXIT INT TERM; while kill -0 "$p" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.3; done"#;
+/// Start `cmd args` under a shell watchdog that kills it once this test process is gone, then
+/// removes `cleanup` (a server's data directory), if given.
+fn spawn_watched(cmd: &str, args: &[String], cleanup: Option<&Path>) -> Child {
+    let script = r#"p=$1; dir=$2; shift 2; "$@" & c=$!; trap 'kill $c 2>/dev/null; wait $c 2>/dev/null; [ -n "$dir" ] && rm -rf "$dir"' EXIT INT TERM; while kill -0 "$p" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.3; done"#;
     let mut full = vec![
         "-c".to_string(),
         script.to_string(),
         "sh".into(),
         std::process::id().to_string(),
+        cleanup.map(|d| d.display().to_string()).unwrap_or_default(),
         cmd.to_string(),
     ];
     full.extend(args.iter().cloned());
@@ -183,6 +185,7 @@ pub fn moto() -> &'static Server {
                     "-p".into(),
                     port.to_string(),
                 ],
+                None,
             );
             if !wait_listening(port, &mut child, "moto_server") {
                 continue;
@@ -243,7 +246,7 @@ pub fn s3s_fs() -> &'static Server {
                 sk.clone(),
                 dir.path().to_str().unwrap().into(),
             ];
-            let mut child = spawn_watched(bin.to_str().unwrap(), &args);
+            let mut child = spawn_watched(bin.to_str().unwrap(), &args, Some(dir.path()));
             if !wait_listening(port, &mut child, "s3s-fs") {
                 continue;
             }
