@@ -341,6 +341,10 @@ fn windows_do_not_depend_on_threads_or_chunks() {
     assert_eq!(one_thread.len() as u64, 150_000u64.div_ceil(255));
     assert!(one_thread == four_threads && one_thread == global_pool);
     assert!(!stats.corpus_exhausted && stats.windows_missing() == 0);
+    // The stream reads lazily: it stopped at the file that completed the last window.
+    assert!(stats.read.files_read < corpus.files().len(), "{} files read", stats.read.files_read);
+    let last = one_thread.last().unwrap();
+    assert!(last.tokens.len() == 256 && stats.windows_packed == last.sequence_id + 1);
     assert_eq!(one_thread.iter().map(|w| w.sequence_id).collect::<Vec<_>>(), (0..one_thread.len() as u64).collect::<Vec<_>>());
 }
 
