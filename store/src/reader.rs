@@ -1118,7 +1118,14 @@ impl Reader {
                             })
                     })
                     .collect();
-                Source::Final(Plan::new(all, &opts)?)
+                let plan = Plan::new(all, &opts)?;
+                if opts.start.batch >= plan.batches_per_epoch {
+                    return Err(Error::invalid(format!(
+                        "cursor {:?} is past the end of an epoch of {} batches (was it saved with another batch size, world or dataset?)",
+                        opts.start, plan.batches_per_epoch
+                    )));
+                }
+                Source::Final(plan)
             }
             _ => {
                 if opts.world > 1 && opts.rank >= opts.world {

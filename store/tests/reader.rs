@@ -241,6 +241,13 @@ fn clear_errors_for_bad_requests() {
     .unwrap()
     .to_string();
     assert!(e.contains("no manifest.json"), "{e}");
+    let mut o = ReaderOptions::new("h", 10);
+    o.start = Cursor {
+        epoch: 0,
+        batch: 10_000,
+    };
+    let e = Reader::open(&url, o).err().unwrap().to_string();
+    assert!(e.contains("past the end of an epoch"), "{e}");
 }
 
 #[test]
