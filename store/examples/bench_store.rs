@@ -178,10 +178,12 @@ fn read(args: &[String]) {
         // The same result as the pyarrow snippet: one (rows, d) float32 array.
         out = Vec::with_capacity(rows_total * d * 4);
         rows = 0;
-        for b in reader {
+        let mut reader = reader;
+        while let Some(b) = reader.next() {
             let b = b.unwrap();
             rows += b.rows;
             out.extend_from_slice(&b.bytes);
+            reader.recycle(b);
         }
         best = best.min(t.elapsed().as_secs_f64());
     }

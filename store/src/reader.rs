@@ -366,6 +366,46 @@ struct Decoded {
     tokens: Option<TokenColumns>,
     rows: usize,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    buffers: Arc<BufPool>,
+}
+
+impl Drop for Decoded {
+    fn drop(&mut self) {
+        self.buffers.put(std::mem::take(&mut self.acts));
+    }
+}
+
+/// Recycled row group buffers: fresh multi-megabyte buffers cost page faults and zeroing, which
+/// cost more than decoding into them.
+struct BufPool {
+    bufs: Mutex<Vec<Vec<u8>>>,
+    max: usize,
+}
+
+impl BufPool {
+    /// A buffer of exactly `len` bytes, with unspecified contents.
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut bufs = self.bufs.lock().unwrap();
+        match bufs.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = bufs.swap_remove(i);
+                drop(bufs);
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        if b.capacity() == 0 {
+            return;
+        }
+        let mut bufs = self.bufs.lock().unwrap();
+        if bufs.len() < self.max {
+            bufs.push(b);
+        }
+    }
 }
 
 struct Ctx {
@@ -378,6 +418,7 @@ struct Ctx {
     shards: Mutex<Vec<ShardEntry>>,
     metas: Mutex<HashMap<u32, Arc<OnceCell<Arc<ShardMeta>>>>>,
     pool: rayon::ThreadPool,
+    buffers: Arc<BufPool>,
 }
 
 impl Ctx {
@@ -470,6 +511,7 @@ impl Ctx {
             tokens,
             rows: rg.rows as usize,
             _permit: permit,
+            buffers: self.buffers.clone(),
         })
     }
 
@@ -500,7 +542,8 @@ impl Ctx {
             self.dtype.size(),
             self.out_dtype.size(),
         );
-        let mut out = vec![0u8; rows * d * os];
+        // Every byte is written below, so a recycled buffer needs no clearing.
+        let mut out = self.buffers.get(rows * d * os);
         let mut row0 = 0usize;
         for page in pages {
             let (buf, n) = match page.map_err(pq)? {
@@ -785,8 +828,10 @@ fn unsplit_blocks<const S: usize, const OS: usize>(buf: &[u8], n: usize, d: usiz
     }
     // Edges: rows past the last multiple of 8, and elements past the last multiple of 8.
     let mut scalar = |i: usize, j: usize| {
+        let o = (i * d + j) * OS;
+        out[o..o + shift].fill(0);
         for b in 0..S {
-            out[(i * d + j) * OS + shift + b] = buf[(b * d + j) * n + i];
+            out[o + shift + b] = buf[(b * d + j) * n + i];
         }
     };
     for i in n8..n {
@@ -1089,6 +1134,10 @@ impl Reader {
             shards: Mutex::new(shards.clone()),
             metas: Mutex::new(HashMap::new()),
             pool,
+            buffers: Arc::new(BufPool {
+                bufs: Mutex::new(Vec::new()),
+                max: opts.prefetch_row_groups + opts.window_row_groups + 4,
+            }),
         });
         let max_rg = shards
             .iter()
@@ -1183,6 +1232,12 @@ impl Reader {
     /// The cursor of the next batch.
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// Hand a consumed batch's buffer back for reuse (optional). Reading into recycled buffers
+    /// avoids the page faults and zeroing of fresh multi-megabyte allocations.
+    pub fn recycle(&self, batch: Batch) {
+        self.ctx.buffers.put(batch.bytes);
     }
 
     fn recv(&mut self) -> Option<Result<Decoded>> {
