@@ -2,8 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod capture_rows;
 mod cmd;
+mod corpus_source;
 mod model_args;
+mod workers;
 
 /// Capture a language model's activations, store them as datasets, and work with the results.
 ///
@@ -21,6 +24,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Run the model over text and report statistics of one hook's activations.
     Activations(cmd::activations::Args),
+    /// Capture a model's activations at one or more hooks over a corpus into a dataset.
+    Capture(cmd::capture::Args),
     /// Inspect and verify activation datasets.
     Dataset(cmd::dataset::Args),
 }
@@ -34,6 +39,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Activations(args) => cmd::activations::run(args),
+        Command::Capture(args) => cmd::capture::run(args),
         Command::Dataset(args) => cmd::dataset::run(args),
     };
     if let Err(err) = result {

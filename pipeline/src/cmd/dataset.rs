@@ -17,6 +17,10 @@ enum DatasetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Merge the parts that several capture workers committed into one manifest.
+    Finalize {
+        url: String,
+    },
     /// Check every shard's checksum, schema and row count; names each bad shard.
     Verify {
         url: String,
@@ -50,6 +54,11 @@ pub fn run(args: Args) -> Result<()> {
             println!("model          {}", serde_json::to_string(&info.model)?);
             println!("corpus         {}", serde_json::to_string(&info.corpus)?);
             println!("created        {}", serde_json::to_string(&info.created)?);
+            Ok(())
+        }
+        DatasetCommand::Finalize { url } => {
+            let manifest = store::finalize(&url, &options)?;
+            println!("finalized {url}: {} tokens in {} shards", manifest.tokens, manifest.shards.len());
             Ok(())
         }
         DatasetCommand::Verify { url, concurrency, json } => {

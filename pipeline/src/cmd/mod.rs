@@ -1,3 +1,4 @@
 pub mod activations;
+pub mod capture;
 pub mod dataset;
 pub mod generate;

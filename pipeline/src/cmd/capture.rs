@@ -1,0 +1,277 @@
+//! `sae capture`: corpus → tokenizer → model → activation dataset.
+//!
+//! Stages and the threads that run them:
+//! 1. a tokenizer thread packs the corpus into windows and sends batches of them over a bounded
+//!    channel (batch b is always windows [b·B, (b+1)·B) of the global window order, so a resumed
+//!    run or a worker computes exactly the same matrix products, and so the same bits);
+//! 2. this thread runs the model up to the deepest hook and turns each batch into rows;
+//! 3. the store's writer converts rows to the stored dtype and encodes Parquet on its own thread,
+//!    uploads on its tokio runtime, and commits each shard; `append` blocks only when storage is
+//!    slower than the model (bounded queues, so memory stays bounded);
+//! 4. the manifest is created last (single worker), or by `sae dataset finalize`.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use capture::HookPoint;
+use crossbeam_channel::bounded;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use store::{CorpusIdentity, CreatedInfo, DatasetHeader, DatasetWriter, Dtype, HookSpec, ModelIdentity, TokenizerIdentity, WriterOptions};
+
+use capture::windows::Window;
+
+use crate::capture_rows::{keep_rows, rows_of_batch};
+use crate::corpus_source::{CorpusArgs, WindowSource};
+use crate::model_args::ModelArgs;
+use crate::workers::WorkerSlot;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Hook to capture (TransformerLens name); repeat for several hooks in one pass.
+    #[arg(long = "hook", default_value = "blocks.15.hook_resid_post")]
+    hooks: Vec<String>,
+    /// Rows (tokens) the dataset will hold, over all workers.
+    #[arg(long, default_value_t = 100_000)]
+    max_tokens: u64,
+    /// Where to write the dataset: a path, file://, s3://bucket/prefix or memory://.
+    #[arg(long)]
+    out: String,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 256)]
+    context_len: usize,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Also store position 0 of every window (an attention sink whose norm is an outlier).
+    #[arg(long)]
+    keep_first_position: bool,
+    /// Stored dtype of the activations: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    store_dtype: String,
+    /// zstd level of the shards.
+    #[arg(long, default_value_t = 1)]
+    zstd_level: i32,
+    /// Target shard size in MiB.
+    #[arg(long, default_value_t = 256)]
+    shard_mib: u64,
+    /// Rows per Parquet row group (the reader's unit of work).
+    #[arg(long, default_value_t = 4096)]
+    row_group_rows: usize,
+    /// This worker's index (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK.
+    #[arg(long)]
+    worker: Option<usize>,
+    /// Number of workers; default from SLURM_ARRAY_TASK_COUNT, SAE_WORKERS or WORLD_SIZE.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// What makes two captures the same dataset; stored in the header so that resuming with other
+/// settings is refused. Worker flags, device and logging are deliberately not part of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CaptureConfig {
+    corpus: String,
+    corpus_format: String,
+    max_tokens: u64,
+    batch_size: usize,
+    first_position: usize,
+    compute_dtype: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let slot = WorkerSlot::resolve(args.worker, args.workers)?;
+    if args.context_len < 2 {
+        bail!("--context-len must be at least 2");
+    }
+    if args.batch_size == 0 || args.max_tokens == 0 {
+        bail!("--batch-size and --max-tokens must be positive");
+    }
+    let store_dtype = Dtype::parse(&args.store_dtype).context("--store-dtype")?;
+    let model = args.model.load()?;
+    let n_layers = model.llama.config().num_hidden_layers;
+    let mut hooks = args.hooks.iter().map(|h| HookPoint::parse(h, n_layers)).collect::<Result<Vec<_>, _>>()?;
+    hooks.sort();
+    hooks.dedup();
+
+    let first_position = usize::from(!args.keep_first_position);
+    let rows_per_window = (args.context_len - first_position) as u64;
+    let rows_per_batch = rows_per_window * args.batch_size as u64;
+    let total_batches = args.max_tokens.div_ceil(rows_per_batch);
+    let my_batches = slot.batch_range(total_batches);
+    // Global rows this worker owns: [first_row, end_row).
+    let first_row = my_batches.start * rows_per_batch;
+    let end_row = (my_batches.end * rows_per_batch).min(args.max_tokens);
+
+    let source = WindowSource::open(&args.corpus, &model.tokenizer, args.context_len)?;
+    let config = CaptureConfig {
+        corpus: source.identity().name.clone(),
+        corpus_format: source.format().to_string(),
+        max_tokens: args.max_tokens,
+        batch_size: args.batch_size,
+        first_position,
+        compute_dtype: format!("{:?}", model.llama.kind()),
+    };
+    let header = DatasetHeader {
+        model: ModelIdentity { name: model.name.clone(), file_sha256: model.file_sha256()? },
+        tokenizer: TokenizerIdentity { name: model.name.clone(), sha256: model.tokenizer.digest()? },
+        hooks: hooks.iter().map(|h| HookSpec { name: h.to_string(), d_model: model.llama.config().d_model() }).collect(),
+        context_len: args.context_len,
+        corpus: CorpusIdentity { detail: serde_json::to_string(&config)?, ..source.identity().clone() },
+        created: CreatedInfo::from_process(),
+    };
+    if let Some(done) = already_finished_or_different(&args.out, &header)? {
+        return report(&args, &done, started, true);
+    }
+    let opts = WriterOptions {
+        dtype: store_dtype,
+        zstd_level: args.zstd_level,
+        shard_mib: args.shard_mib,
+        row_group_rows: args.row_group_rows,
+        worker: slot.store_id(),
+        ..WriterOptions::default()
+    };
+    let mut writer = DatasetWriter::create(&args.out, header, opts).with_context(|| format!("cannot write the dataset at {}", args.out))?;
+    let resume_row = first_row + writer.committed_rows();
+    if writer.committed_rows() > 0 {
+        tracing::info!(rows = writer.committed_rows(), "resuming after the rows this worker already committed");
+    }
+
+    // Windows from the start of the batch that holds the first row still to write.
+    let first_batch = resume_row / rows_per_batch;
+    let (tx, rx) = bounded::<Result<Vec<Window>>>(4);
+    let batch_size = args.batch_size;
+    let producer = {
+        let end_window = my_batches.end * batch_size as u64;
+        let mut windows = source.windows(first_batch * batch_size as u64, end_window)?;
+        std::thread::Builder::new().name("sae-tokenize".into()).spawn(move || {
+            loop {
+                let batch: Result<Vec<Window>> = windows.by_ref().take(batch_size).collect();
+                let done = matches!(&batch, Ok(b) if b.len() < batch_size) || batch.is_err();
+                let empty = matches!(&batch, Ok(b) if b.is_empty());
+                if !empty && tx.send(batch).is_err() {
+                    return;
+                }
+                if done {
+                    return;
+                }
+            }
+        })?
+    };
+
+    let bar = ProgressBar::new(end_row.saturating_sub(resume_row)).with_style(
+        ProgressStyle::with_template("{spinner} capture [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta} {msg}").expect("valid template"),
+    );
+    let mut row = first_batch * rows_per_batch;
+    let mut batch_index = first_batch;
+    while row < end_row {
+        let Ok(windows) = rx.recv() else { break };
+        let windows = windows?;
+        let mut rows = rows_of_batch(&model, &hooks, &windows, first_position)?;
+        let batch_rows = rows.rows() as u64;
+        // Keep only [resume_row, end_row) of this batch's global rows.
+        let keep_from = resume_row.saturating_sub(row) as usize;
+        let keep_to = (end_row - row).min(batch_rows) as usize;
+        keep_rows(&mut rows, keep_from..keep_to);
+        bar.inc(rows.rows() as u64);
+        writer.append(rows)?;
+        row += batch_rows;
+        batch_index += 1;
+        if windows.len() < batch_size {
+            break;
+        }
+    }
+    drop(rx);
+    let _ = producer.join();
+    bar.finish_and_clear();
+    let written = row.min(end_row);
+    if written < end_row {
+        tracing::warn!(rows = written - first_row, wanted = end_row - first_row, "the corpus ended before --max-tokens: the dataset holds what there was");
+    }
+    tracing::debug!(batches = batch_index - first_batch, "model batches run");
+    if slot.count == 1 {
+        let manifest = writer.finish()?;
+        let info = store::info(&args.out, &store::StoreOptions::default())?;
+        tracing::debug!(shards = manifest.shards.len(), "committed the manifest");
+        report(&args, &info, started, false)
+    } else {
+        let records = writer.finish_worker()?;
+        eprintln!(
+            "worker {} of {} done: {} shards; run `sae dataset finalize {}` once every worker is done",
+            slot.index, slot.count, records.len(), args.out
+        );
+        Ok(())
+    }
+}
+
+/// `Some(info)` when `out` already holds this dataset, finished; an error when it holds a
+/// different one (naming what differs); `None` when capture should (re)start.
+fn already_finished_or_different(out: &str, header: &DatasetHeader) -> Result<Option<store::DatasetInfo>> {
+    let info = match store::info(out, &store::StoreOptions::default()) {
+        Ok(info) => info,
+        Err(store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let hooks: Vec<HookSpec> = info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect();
+    let mut differences = Vec::new();
+    if info.model != header.model {
+        differences.push(format!("model {:?} here, {:?} asked", info.model.name, header.model.name));
+    }
+    if hooks != header.hooks {
+        differences.push(format!("hooks {:?} here, {:?} asked", names(&hooks), names(&header.hooks)));
+    }
+    if info.context_len != header.context_len {
+        differences.push(format!("context length {} here, {} asked", info.context_len, header.context_len));
+    }
+    if info.corpus.sha256 != header.corpus.sha256 || info.corpus.name != header.corpus.name {
+        differences.push(format!("corpus {} here, {} asked", info.corpus.name, header.corpus.name));
+    }
+    if info.corpus.detail != header.corpus.detail {
+        differences.push(format!("settings {} here, {} asked", info.corpus.detail, header.corpus.detail));
+    }
+    if info.tokenizer != header.tokenizer {
+        differences.push("a different tokenizer".into());
+    }
+    if !differences.is_empty() {
+        bail!("{out} holds a different capture: {}. Use another --out, or delete it to start over", differences.join("; "));
+    }
+    Ok(info.is_final.then_some(info))
+}
+
+fn names(hooks: &[HookSpec]) -> Vec<&str> {
+    hooks.iter().map(|h| h.name.as_str()).collect()
+}
+
+fn report(args: &Args, info: &store::DatasetInfo, started: Instant, was_finished: bool) -> Result<()> {
+    let secs = started.elapsed().as_secs_f64();
+    let summary = serde_json::json!({
+        "url": args.out,
+        "already_finished": was_finished,
+        "tokens": info.tokens,
+        "hooks": info.hooks.iter().map(|h| &h.name).collect::<Vec<_>>(),
+        "shards": info.shards,
+        "bytes": info.bytes,
+        "bytes_per_element": info.bytes_per_element,
+        "wall_seconds": secs,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        if was_finished {
+            println!("{} is already a finished dataset; nothing to capture", args.out);
+        }
+        println!("tokens      {}", info.tokens);
+        println!("hooks       {}", names(&info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect::<Vec<_>>()).join(", "));
+        println!("shards      {}", info.shards);
+        println!("bytes       {} ({:.3} B/elem, {:?})", info.bytes, info.bytes_per_element, info.dtype);
+        println!("wall time   {secs:.1} s");
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The corpus flags shared by the commands that read text, and the window stream they open.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use capture::corpus::{Corpus, CorpusFormat, CorpusSpec};
+use capture::tokenizer::TextTokenizer;
+use capture::windows::{WindowOptions, WindowStream};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CorpusArgs {
+    /// Text inputs: files, folders (read recursively, in sorted order) or object-store URLs.
+    /// Default: the English fortune files of /usr/share/games/fortunes (fortune format).
+    #[arg(long = "corpus", value_name = "PATH_OR_URL")]
+    pub inputs: Vec<String>,
+    /// text (a file is a document), fortune (documents separated by `%` lines), jsonl or parquet.
+    /// Default: fortune for the default corpus, else text.
+    #[arg(long)]
+    pub corpus_format: Option<CorpusFormat>,
+    /// The JSONL key or Parquet column that holds the text.
+    #[arg(long, default_value = capture::corpus::DEFAULT_TEXT_FIELD)]
+    pub text_field: String,
+}
+
+impl CorpusArgs {
+    pub fn spec(&self) -> Result<CorpusSpec> {
+        let spec = if self.inputs.is_empty() {
+            let mut spec = CorpusSpec::default_fortunes()?;
+            if let Some(format) = self.corpus_format {
+                spec.format = format;
+            }
+            spec
+        } else {
+            CorpusSpec::new(self.inputs.iter().cloned(), self.corpus_format.unwrap_or_default())
+        };
+        Ok(spec.with_text_field(self.text_field.clone()))
+    }
+}
+
+/// A listed corpus, its identity, and windows of it on demand.
+pub struct WindowSource {
+    corpus: Corpus,
+    identity: store::CorpusIdentity,
+    tokenizer: Arc<TextTokenizer>,
+    context_len: usize,
+}
+
+impl WindowSource {
+    /// Lists the corpus and hashes its files (the identity a dataset records).
+    pub fn open(args: &CorpusArgs, tokenizer: &TextTokenizer, context_len: usize) -> Result<Self> {
+        let spec = args.spec()?;
+        let corpus = Corpus::open(spec.clone())?;
+        let identity = corpus.identity().with_context(|| format!("cannot read the corpus {}", spec.name))?;
+        tracing::info!(corpus = %spec.name, files = identity.files, bytes = identity.bytes, "corpus");
+        let identity = identity.to_manifest(&spec, String::new());
+        Ok(WindowSource { corpus, identity, tokenizer: Arc::new(tokenizer.clone()), context_len })
+    }
+
+    pub fn identity(&self) -> &store::CorpusIdentity {
+        &self.identity
+    }
+
+    pub fn format(&self) -> CorpusFormat {
+        self.corpus.spec().format
+    }
+
+    /// Windows `start..end` of the global window order (fewer if the corpus ends first).
+    pub fn windows(&self, start: u64, end: u64) -> Result<WindowStream> {
+        let options = WindowOptions { start_window: start, max_windows: Some(end), ..WindowOptions::new(self.context_len) };
+        WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)
+    }
+}

@@ -1,0 +1,300 @@
+//! `sae capture` on the real model and the real fortunes: round trip against the model's own
+//! hooks, a real S3 server on loopback, resume after SIGKILL, workers, and bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use capture::corpus::{Corpus, CorpusSpec};
+use capture::windows::{WindowOptions, WindowStream};
+use capture::{HookPoint, Hooks, Model};
+use store::reader::{OutputDtype, Reader, ReaderOptions};
+use tch::{Device, Kind, Tensor};
+
+const SAE: &str = env!("CARGO_BIN_EXE_sae");
+/// Small windows and batches keep the captures short on 2 cores.
+const SMALL: &[&str] = &["--context-len", "64", "--batch-size", "4", "--threads", "2", "--row-group-rows", "128"];
+
+fn sae(args: &[&str]) -> Output {
+    Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn capture(out: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["capture", "--out", out];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    sae(&args)
+}
+
+/// Every row of `hook`, in dataset order: (sequence_id, position, token_id) and f32 values.
+fn read_all(url: &str, hook: &str) -> (Vec<(u64, u32, u32)>, Vec<f32>) {
+    let mut opts = ReaderOptions::new(hook, 1000);
+    opts.shuffle = false;
+    opts.epochs = Some(1);
+    opts.drop_last = false;
+    opts.output = OutputDtype::F32;
+    opts.with_tokens = true;
+    let mut rows = Vec::new();
+    let mut values = Vec::new();
+    for batch in Reader::open(url, opts).unwrap() {
+        let batch = batch.unwrap();
+        let t = batch.tokens.as_ref().unwrap();
+        rows.extend((0..batch.rows).map(|i| (t.sequence_id[i], t.position[i], t.token_id[i])));
+        values.extend(batch.to_f32());
+    }
+    (rows, values)
+}
+
+fn model() -> std::sync::MutexGuard<'static, Model> {
+    static MODEL: OnceLock<Mutex<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            tch::set_num_threads(2);
+            Mutex::new(Model::load(&capture::model::default_model_path(), Device::Cpu, Kind::Float).unwrap())
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+#[test]
+fn captured_rows_equal_the_models_own_hooks_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = ["blocks.3.hook_resid_post", "blocks.15.hook_resid_post"];
+    let f32_url = dir.path().join("f32").display().to_string();
+    let bf16_url = dir.path().join("bf16").display().to_string();
+    for (url, dtype) in [(&f32_url, "f32"), (&bf16_url, "bf16")] {
+        let out = capture(url, &["--max-tokens", "600", "--hook", hooks[0], "--hook", hooks[1], "--store-dtype", dtype]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    // The same windows, batched the same way (batch b = windows [4b, 4b+4)), through the model.
+    let model = model();
+    let corpus = Corpus::open(CorpusSpec::default_fortunes().unwrap()).unwrap();
+    let opts = WindowOptions { max_windows: Some(10), ..WindowOptions::new(64) };
+    let windows: Vec<_> = WindowStream::start(corpus, std::sync::Arc::new(model.tokenizer.clone()), opts).unwrap().map(Result::unwrap).collect();
+    for hook_name in hooks {
+        let hook = HookPoint::parse(hook_name, 30).unwrap();
+        let mut expected_rows = Vec::new();
+        let mut expected = Vec::new();
+        for batch in windows.chunks(4) {
+            let flat: Vec<i64> = batch.iter().flat_map(|w| w.tokens.iter().map(|&t| t as i64)).collect();
+            let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, 64]);
+            let out = model.llama.forward(&tokens, None, &mut Hooks::new().capture([hook]), false);
+            expected.push(out.hooks[&hook].narrow(1, 1, 63).reshape([-1, 576]));
+            for w in batch {
+                expected_rows.extend((1..64).map(|p| (w.sequence_id, p as u32, w.tokens[p])));
+            }
+        }
+        let expected = Tensor::cat(&expected, 0).narrow(0, 0, 600); // --max-tokens 600
+        expected_rows.truncate(600);
+
+        let (rows, values) = read_all(&f32_url, hook_name);
+        assert_eq!(rows, expected_rows, "{hook_name}: token columns differ");
+        let stored = Tensor::from_slice(&values).view([-1, 576]);
+        assert!(stored.equal(&expected), "{hook_name}: f32 rows are not bit-for-bit the model's");
+
+        let (rows, values) = read_all(&bf16_url, hook_name);
+        assert_eq!(rows, expected_rows);
+        let stored = Tensor::from_slice(&values).view([-1, 576]);
+        let rounded = expected.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        assert!(stored.equal(&rounded), "{hook_name}: bf16 rows are not the model's rows rounded to bf16");
+    }
+}
+
+/// Polls `dir/commits/<worker>/` until it holds at least `n` commit records.
+fn wait_for_commits(dir: &Path, n: usize, child: &mut Child) {
+    let commits = dir.join("commits/w00000");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let count = std::fs::read_dir(&commits).map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count()).unwrap_or(0);
+        if count >= n {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("capture ended ({status}) before {n} commits");
+        }
+        assert!(Instant::now() < deadline, "no {n} commits after 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_capture_killed_twice_resumes_to_exactly_the_uninterrupted_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole").display().to_string();
+    // Shards of about 1 MiB (~1300 bf16 rows): kills land between commits.
+    let settings = ["--max-tokens", "4500", "--shard-mib", "1"];
+    let out = capture(&whole, &settings);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = dir.path().join("killed");
+    let killed_url = killed.display().to_string();
+    for commits in [1, 2] {
+        let mut args = vec!["capture", "--out", killed_url.as_str()];
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(&settings);
+        let mut child = Command::new(SAE).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        wait_for_commits(&killed, commits, &mut child);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(!killed.join("manifest.json").exists(), "the kill came too late to test resume");
+    }
+    let out = capture(&killed_url, &settings);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let hook = "blocks.15.hook_resid_post";
+    let (rows_a, values_a) = read_all(&whole, hook);
+    let (rows_b, values_b) = read_all(&killed_url, hook);
+    assert_eq!(rows_a.len(), 4500);
+    assert_eq!(rows_a, rows_b, "token columns differ after resume");
+    assert!(values_a.iter().zip(&values_b).all(|(a, b)| a.to_bits() == b.to_bits()) && values_a.len() == values_b.len(), "activations differ after resume");
+    let verify = sae(&["dataset", "verify", &killed_url]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+
+    // A finished dataset is reported, not captured again.
+    let again = capture(&killed_url, &settings);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already a finished dataset"));
+}
+
+#[test]
+fn two_workers_and_finalize_equal_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single").display().to_string();
+    let split = dir.path().join("split").display().to_string();
+    let settings = ["--max-tokens", "1500"];
+    let out = capture(&single, &settings);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for worker in ["0", "1"] {
+        let mut args = settings.to_vec();
+        args.extend(["--worker", worker, "--workers", "2"]);
+        let out = capture(&split, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert!(!Path::new(&split).join("manifest.json").exists());
+    let out = sae(&["dataset", "finalize", &split]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hook = "blocks.15.hook_resid_post";
+    let (rows_a, values_a) = read_all(&single, hook);
+    let (rows_b, values_b) = read_all(&split, hook);
+    assert_eq!(rows_a.len(), 1500);
+    assert_eq!(rows_a, rows_b);
+    assert_eq!(values_a, values_b);
+}
+
+/// moto's S3 server on a free loopback port, with a bucket; stopped when dropped.
+struct S3Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn venv_bin(name: &str) -> PathBuf {
+    let python = std::env::var_os("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/sae-pipeline/venv/bin/python3")
+    });
+    python.with_file_name(name)
+}
+
+fn start_moto(bucket: &str) -> S3Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(venv_bin("moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server not found: run `make setup-test`");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // moto does not check signatures, so a plain PUT creates the bucket.
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "bucket creation failed: {reply}");
+    S3Server { child, endpoint }
+}
+
+#[test]
+fn capture_to_a_real_s3_server() {
+    let server = start_moto("acts");
+    let url = "s3://acts/smollm2/l15";
+    let mut args = vec!["capture", "--out", url, "--max-tokens", "500"];
+    args.extend_from_slice(SMALL);
+    let with_env = |cmd: &mut Command| {
+        cmd.env("AWS_ENDPOINT", &server.endpoint)
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "warn");
+    };
+    let mut cmd = Command::new(SAE);
+    cmd.args(&args);
+    with_env(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut info = Command::new(SAE);
+    info.args(["dataset", "info", url, "--json"]);
+    with_env(&mut info);
+    let out = info.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["tokens"], 500);
+    assert_eq!(info["hooks"][0]["name"], "blocks.15.hook_resid_post");
+    assert_eq!(info["final"], true);
+
+    let mut verify = Command::new(SAE);
+    verify.args(["dataset", "verify", url]);
+    with_env(&mut verify);
+    assert!(verify.output().unwrap().status.success());
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_url = dir.path().join("ds").display().to_string();
+
+    let empty = dir.path().join("empty-corpus");
+    std::fs::create_dir(&empty).unwrap();
+    let out = capture(&out_url, &["--corpus", empty.to_str().unwrap(), "--max-tokens", "100"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("empty corpus"), "{}", stderr(&out));
+
+    let out = capture(&out_url, &["--hook", "blocks.99.hook_resid_post", "--max-tokens", "100"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("blocks.99.hook_resid_post"), "{}", stderr(&out));
+
+    let missing = dir.path().join("no-such-file.txt");
+    let out = capture(&out_url, &["--corpus", missing.to_str().unwrap(), "--max-tokens", "100"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no-such-file.txt"), "{}", stderr(&out));
+
+    // A destination that holds a different capture is refused, naming the difference.
+    let out = capture(&out_url, &["--max-tokens", "100"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = capture(&out_url, &["--max-tokens", "100", "--hook", "blocks.14.hook_resid_post"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("different capture") && err.contains("blocks.14.hook_resid_post"), "{err}");
+    let out = capture(&out_url, &["--max-tokens", "200"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("\"max_tokens\":200"), "{}", stderr(&out));
+}
