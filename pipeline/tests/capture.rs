@@ -170,11 +170,17 @@ fn two_workers_and_finalize_equal_one_worker() {
     let settings = ["--max-tokens", "1500"];
     let out = capture(&single, &settings);
     assert!(out.status.success(), "{}", stderr(&out));
-    for worker in ["0", "1"] {
+    for worker in ["1", "0"] {
         let mut args = settings.to_vec();
         args.extend(["--worker", worker, "--workers", "2"]);
         let out = capture(&split, &args);
         assert!(out.status.success(), "{}", stderr(&out));
+        if worker == "1" {
+            // Worker 0 has not run: finalize must refuse.
+            let out = sae(&["dataset", "finalize", &split]);
+            assert!(!out.status.success());
+            assert!(stderr(&out).contains("only 1 of 2 workers have finished"), "{}", stderr(&out));
+        }
     }
     assert!(!Path::new(&split).join("manifest.json").exists());
     let out = sae(&["dataset", "finalize", &split]);

@@ -14,6 +14,8 @@ pub const MANIFEST_KEY: &str = "manifest.json";
 pub const HEADER_KEY: &str = "header.json";
 pub const COMMITS_DIR: &str = "commits";
 pub const SHARDS_DIR: &str = "shards";
+/// `parts/<worker>.json`: written when one of several workers has committed its whole share.
+pub const PARTS_DIR: &str = "parts";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ModelIdentity {

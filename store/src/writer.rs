@@ -34,8 +34,23 @@ use crate::format::{self, Dtype};
 use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{
     build_manifest, parse_versioned, CommitRecord, DatasetHeader, Encoding, HeaderFile, HookStats,
-    Manifest, ShardEntry, COMMITS_DIR, FORMAT_VERSION, HEADER_KEY, MANIFEST_KEY, SHARDS_DIR,
+    Manifest, ShardEntry, COMMITS_DIR, FORMAT_VERSION, HEADER_KEY, MANIFEST_KEY, PARTS_DIR, SHARDS_DIR,
 };
+
+/// `parts/<worker>.json`: one worker of `workers` has committed its whole share. [`finalize`]
+/// refuses while fewer than `workers` parts exist, so a dataset is never finalized with a
+/// worker's share missing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartRecord {
+    pub format_version: u32,
+    pub dataset_id: String,
+    pub worker: String,
+    /// How many workers share the dataset.
+    pub workers: usize,
+    /// Rows and shards this worker committed.
+    pub rows: u64,
+    pub shards: usize,
+}
 
 /// Storage settings of a dataset, plus writer tuning.
 #[derive(Clone, Debug)]
@@ -116,6 +131,7 @@ pub struct DatasetWriter {
     tx: Option<SyncSender<Msg>>,
     thread: Option<JoinHandle<Result<Vec<CommitRecord>>>>,
     failed: Option<String>,
+    worker: String,
 }
 
 fn random_hex() -> String {
@@ -278,6 +294,7 @@ impl DatasetWriter {
             }
         }
         let next_seq = resumed.last().map(|r| r.seq + 1).unwrap_or(0);
+        let worker = opts.worker.clone();
         let (tx, rx) = sync_channel(opts.queue_batches.max(1));
         let enc = Encoder::new(rt.clone(), loc.clone(), header_file.clone(), opts, next_seq)?;
         let thread = std::thread::Builder::new()
@@ -292,6 +309,7 @@ impl DatasetWriter {
             tx: Some(tx),
             thread: Some(thread),
             failed: None,
+            worker,
         })
     }
 
@@ -364,6 +382,29 @@ impl DatasetWriter {
         let mut all = std::mem::take(&mut self.resumed);
         all.extend(new);
         Ok(all)
+    }
+
+    /// [`DatasetWriter::finish_worker`], then records that this worker's share of a dataset split
+    /// over `workers` workers is complete (`parts/<worker>.json`, created with `PutMode::Create`;
+    /// a worker that finishes again finds its record and leaves it).
+    pub fn finish_part(self, workers: usize) -> Result<Vec<CommitRecord>> {
+        let rt = self.rt.clone();
+        let loc = self.loc.clone();
+        let dataset_id = self.header.dataset_id.clone();
+        let worker = self.worker.clone();
+        let records = self.finish_worker()?;
+        let part = PartRecord {
+            format_version: FORMAT_VERSION,
+            dataset_id,
+            worker: worker.clone(),
+            workers,
+            rows: records.iter().map(|r| r.shard.rows).sum(),
+            shards: records.len(),
+        };
+        let key = format!("{PARTS_DIR}/{worker}.json");
+        let body = serde_json::to_vec_pretty(&part).expect("part serializes");
+        rt.block_on(loc.put_create(&key, body.into()))?;
+        Ok(records)
     }
 
     /// [`DatasetWriter::finish_worker`], then [`finalize`]: for a single writer.
@@ -881,11 +922,42 @@ pub fn finalize_at(loc: &Location) -> Result<Manifest> {
     runtime()?.block_on(finalize_async(loc))
 }
 
+/// When workers recorded parts, every one of them must be there.
+async fn check_parts(loc: &Location, dataset_id: &str) -> Result<()> {
+    let mut parts = Vec::new();
+    for (key, _) in loc.list(PARTS_DIR).await? {
+        let bytes = loc.get(&key).await?.ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
+        let part: PartRecord = serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata { location: loc.display(&key), detail: e.to_string() })?;
+        if part.dataset_id != dataset_id {
+            return Err(Error::BadMetadata { location: loc.display(&key), detail: format!("belongs to dataset {}", part.dataset_id) });
+        }
+        parts.push(part);
+    }
+    let Some(workers) = parts.first().map(|p| p.workers) else { return Ok(()) };
+    if let Some(odd) = parts.iter().find(|p| p.workers != workers) {
+        return Err(Error::invalid(format!(
+            "cannot finalize {}: worker {} was run with {} workers, another with {workers}",
+            loc.url, odd.worker, odd.workers
+        )));
+    }
+    if parts.len() < workers {
+        let done: Vec<&str> = parts.iter().map(|p| p.worker.as_str()).collect();
+        return Err(Error::invalid(format!(
+            "cannot finalize {}: only {} of {workers} workers have finished ({}); run the missing workers first",
+            loc.url,
+            parts.len(),
+            done.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) async fn finalize_async(loc: &Location) -> Result<Manifest> {
     let header = read_header(loc).await?.ok_or_else(|| Error::NotFound {
         url: loc.url.clone(),
         what: format!("no {HEADER_KEY}: nothing was written here"),
     })?;
+    check_parts(loc, &header.dataset_id).await?;
     let commits = list_commits(loc, None).await?;
     let objects: BTreeMap<String, u64> = loc
         .list(SHARDS_DIR)

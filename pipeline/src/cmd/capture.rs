@@ -202,7 +202,7 @@ pub fn run(args: Args) -> Result<()> {
         tracing::debug!(shards = manifest.shards.len(), "committed the manifest");
         report(&args, &info, started, false)
     } else {
-        let records = writer.finish_worker()?;
+        let records = writer.finish_part(slot.count)?;
         eprintln!(
             "worker {} of {} done: {} shards; run `sae dataset finalize {}` once every worker is done",
             slot.index, slot.count, records.len(), args.out
