@@ -30,7 +30,7 @@ pub use manifest::{
     CommitRecord, CorpusIdentity, CreatedInfo, DatasetHeader, HookSpec, HookStats, HookSummary,
     Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, FORMAT_VERSION,
 };
-pub use writer::{finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions};
+pub use writer::{finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress};
 
 /// Re-exported so callers can tune retries without depending on `object_store` themselves.
 pub use object_store::{BackoffConfig, ClientOptions, RetryConfig};

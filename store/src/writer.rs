@@ -37,6 +37,30 @@ use crate::manifest::{
     Manifest, ShardEntry, COMMITS_DIR, FORMAT_VERSION, HEADER_KEY, MANIFEST_KEY, PARTS_DIR, SHARDS_DIR,
 };
 
+/// What a writer has committed so far (resumed shards included), for progress displays.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterProgress {
+    pub shards: u64,
+    pub bytes: u64,
+    pub rows: u64,
+}
+
+#[derive(Default)]
+struct ProgressCounters {
+    shards: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    rows: std::sync::atomic::AtomicU64,
+}
+
+impl ProgressCounters {
+    fn add(&self, shards: u64, bytes: u64, rows: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shards.fetch_add(shards, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        self.rows.fetch_add(rows, Relaxed);
+    }
+}
+
 /// `parts/<worker>.json`: one worker of `workers` has committed its whole share. [`finalize`]
 /// refuses while fewer than `workers` parts exist, so a dataset is never finalized with a
 /// worker's share missing.
@@ -132,6 +156,7 @@ pub struct DatasetWriter {
     thread: Option<JoinHandle<Result<Vec<CommitRecord>>>>,
     failed: Option<String>,
     worker: String,
+    progress: Arc<ProgressCounters>,
 }
 
 fn random_hex() -> String {
@@ -295,8 +320,11 @@ impl DatasetWriter {
         }
         let next_seq = resumed.last().map(|r| r.seq + 1).unwrap_or(0);
         let worker = opts.worker.clone();
+        let progress = Arc::new(ProgressCounters::default());
+        progress.add(resumed.len() as u64, resumed.iter().map(|r| r.shard.bytes).sum(), resumed.iter().map(|r| r.shard.rows).sum());
         let (tx, rx) = sync_channel(opts.queue_batches.max(1));
-        let enc = Encoder::new(rt.clone(), loc.clone(), header_file.clone(), opts, next_seq)?;
+        let mut enc = Encoder::new(rt.clone(), loc.clone(), header_file.clone(), opts, next_seq)?;
+        enc.progress = progress.clone();
         let thread = std::thread::Builder::new()
             .name("sae-store-encode".into())
             .spawn(move || enc.run(rx))
@@ -310,12 +338,23 @@ impl DatasetWriter {
             thread: Some(thread),
             failed: None,
             worker,
+            progress,
         })
     }
 
     /// Shards this worker had committed before this writer was created (when resuming).
     pub fn committed(&self) -> &[CommitRecord] {
         &self.resumed
+    }
+
+    /// Shards, bytes and rows committed so far by this worker, resumed ones included.
+    pub fn progress(&self) -> WriterProgress {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterProgress {
+            shards: self.progress.shards.load(Relaxed),
+            bytes: self.progress.bytes.load(Relaxed),
+            rows: self.progress.rows.load(Relaxed),
+        }
     }
 
     /// Rows this worker had committed before this writer was created.
@@ -499,6 +538,7 @@ struct Encoder {
     pending: Pending,
     shard: Option<Shard>,
     committed: Vec<CommitRecord>,
+    progress: Arc<ProgressCounters>,
 }
 
 impl Encoder {
@@ -535,6 +575,7 @@ impl Encoder {
             pending,
             shard: None,
             committed: Vec::new(),
+            progress: Arc::default(),
         })
     }
 
@@ -832,6 +873,7 @@ impl Encoder {
             });
         }
         self.next_seq += 1;
+        self.progress.add(1, rec.shard.bytes, rec.shard.rows);
         self.committed.push(rec);
         Ok(())
     }

@@ -128,7 +128,7 @@ pub fn run(args: Args) -> Result<()> {
         created: CreatedInfo::from_process(),
     };
     if let Some(done) = already_finished_or_different(&args.out, &header)? {
-        return report(&args, &done, started, true);
+        return report(&args, &done, started, None);
     }
     let opts = WriterOptions {
         dtype: store_dtype,
@@ -169,6 +169,7 @@ pub fn run(args: Args) -> Result<()> {
     let bar = ProgressBar::new(end_row.saturating_sub(resume_row)).with_style(
         ProgressStyle::with_template("{spinner} capture [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta} {msg}").expect("valid template"),
     );
+    let loop_started = Instant::now();
     let mut row = first_batch * rows_per_batch;
     let mut batch_index = first_batch;
     while row < end_row {
@@ -182,6 +183,8 @@ pub fn run(args: Args) -> Result<()> {
         keep_rows(&mut rows, keep_from..keep_to);
         bar.inc(rows.rows() as u64);
         writer.append(rows)?;
+        let committed = writer.progress();
+        bar.set_message(format!("{} shards, {} committed", committed.shards, indicatif::HumanBytes(committed.bytes)));
         row += batch_rows;
         batch_index += 1;
         if windows.len() < batch_size {
@@ -198,9 +201,11 @@ pub fn run(args: Args) -> Result<()> {
     tracing::debug!(batches = batch_index - first_batch, "model batches run");
     if slot.count == 1 {
         let manifest = writer.finish()?;
+        let capture_seconds = loop_started.elapsed().as_secs_f64();
         let info = store::info(&args.out, &store::StoreOptions::default())?;
         tracing::debug!(shards = manifest.shards.len(), "committed the manifest");
-        report(&args, &info, started, false)
+        let captured = written.saturating_sub(resume_row);
+        report(&args, &info, started, Some((captured, capture_seconds)))
     } else {
         let records = writer.finish_part(slot.count)?;
         eprintln!(
@@ -249,11 +254,19 @@ fn names(hooks: &[HookSpec]) -> Vec<&str> {
     hooks.iter().map(|h| h.name.as_str()).collect()
 }
 
-fn report(args: &Args, info: &store::DatasetInfo, started: Instant, was_finished: bool) -> Result<()> {
+/// The summary; `captured` is (rows captured by this run, seconds from the first batch to the
+/// committed manifest), `None` when the dataset was already finished.
+fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Option<(u64, f64)>) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
+    let was_finished = captured.is_none();
+    let (rows, capture_seconds) = captured.unwrap_or((0, 0.0));
+    let tokens_per_s = if capture_seconds > 0.0 { rows as f64 / capture_seconds } else { 0.0 };
     let summary = serde_json::json!({
         "url": args.out,
         "already_finished": was_finished,
+        "captured_tokens": rows,
+        "capture_seconds": capture_seconds,
+        "tokens_per_s": tokens_per_s,
         "tokens": info.tokens,
         "hooks": info.hooks.iter().map(|h| &h.name).collect::<Vec<_>>(),
         "shards": info.shards,
@@ -271,6 +284,9 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, was_finished
         println!("hooks       {}", names(&info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect::<Vec<_>>()).join(", "));
         println!("shards      {}", info.shards);
         println!("bytes       {} ({:.3} B/elem, {:?})", info.bytes, info.bytes_per_element, info.dtype);
+        if !was_finished {
+            println!("throughput  {tokens_per_s:.1} tokens/s (model, encoding and upload, after loading)");
+        }
         println!("wall time   {secs:.1} s");
     }
     Ok(())
