@@ -3,6 +3,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 CARGO ?= cargo
 SAE := target/release/sae
+# Where `make demo` keeps its dataset; a rerun finds it finished (or resumes it) instead of redoing it.
+DEMO_DATA ?= data/demo/fortunes-l15
 WITH_ENV := source scripts/env.sh &&
 
 .PHONY: setup setup-test build demo test bench clean
@@ -23,8 +25,10 @@ build: setup
 demo: build
 	@echo "== sae generate (greedy) =="
 	$(SAE) generate --prompt "The capital of France is" --max-new-tokens 16
-	@echo "== sae activations: blocks.15.hook_resid_post on English fortunes =="
-	$(SAE) activations --hook blocks.15.hook_resid_post --max-tokens 4096
+	@echo "== sae capture: 100k tokens of English fortunes at blocks.15.hook_resid_post =="
+	$(SAE) capture --out $(DEMO_DATA) --max-tokens 100000 --hook blocks.15.hook_resid_post
+	@echo "== sae dataset info =="
+	$(SAE) dataset info $(DEMO_DATA)
 
 ## The whole suite, in the release profile so the workspace compiles once.
 test: setup-test

@@ -1720,22 +1720,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore]
-    fn unsplit_speed() {
-        let (n, d) = (4096, 576);
-        let buf: Vec<u8> = (0..n * d * 2).map(|i| (i * 31 % 253) as u8).collect();
-        let mut out = vec![0u8; n * d * 4];
-        for round in 0..3 {
-            let t = std::time::Instant::now();
-            for _ in 0..16 {
-                unsplit_planar(Dtype::Bf16, Dtype::F32, &buf, n, d, &mut out);
-            }
-            let a = t.elapsed().as_secs_f64() * 1e3 / 16.0;
-            eprintln!("round {round}: unsplit bf16->f32 {a:.2} ms per row group of 4096 x 576");
-        }
-    }
-
-    #[test]
     fn plan_refuses_more_ranks_than_row_groups() {
         let mut o = ReaderOptions::new("h", 10);
         o.world = 4;

@@ -11,24 +11,7 @@ use store::reader::{Reader, ReaderOptions};
 use store::{info, open_store_with, verify, DatasetWriter, StoreOptions, WriterOptions};
 
 fn list_all(url: &str, opts: &StoreOptions) -> BTreeSet<String> {
-    let loc = open_store_with(url, opts).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use futures::TryStreamExt;
-        let metas: Vec<_> = loc
-            .store
-            .list(Some(&loc.prefix))
-            .try_collect()
-            .await
-            .unwrap();
-        metas
-            .into_iter()
-            .map(|m| m.location.to_string()[loc.prefix.as_ref().len() + 1..].to_string())
-            .collect()
-    })
+    list_keys(url, opts)
 }
 
 const KILL_HOOKS: [(&str, usize); 1] = [("h", 512)];

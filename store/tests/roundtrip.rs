@@ -15,25 +15,7 @@ const HOOKS: [(&str, usize); 2] = [
 const CTX: usize = 32;
 
 fn list_parquet(url: &str, opts: &store::StoreOptions) -> BTreeSet<String> {
-    let loc = open_store_with(url, opts).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use futures::TryStreamExt;
-        let metas: Vec<_> = loc
-            .store
-            .list(Some(&loc.prefix))
-            .try_collect()
-            .await
-            .unwrap();
-        metas
-            .into_iter()
-            .map(|m| m.location.to_string()[loc.prefix.as_ref().len() + 1..].to_string())
-            .filter(|k| k.ends_with(".parquet"))
-            .collect()
-    })
+    list_keys(url, opts).into_iter().filter(|k| k.ends_with(".parquet")).collect()
 }
 
 #[test]

@@ -149,7 +149,10 @@ pub fn run(args: Args) -> Result<()> {
     let (tx, rx) = bounded::<Result<Vec<Window>>>(4);
     let batch_size = args.batch_size;
     let producer = {
-        let end_window = my_batches.end * batch_size as u64;
+        // The last batch holds only the windows that reach --max-tokens. That depends on the
+        // configuration alone, so every run (resumed or split) still computes the same batches.
+        let windows_needed = args.max_tokens.div_ceil(rows_per_window);
+        let end_window = (my_batches.end * batch_size as u64).min(windows_needed);
         let mut windows = source.windows(first_batch * batch_size as u64, end_window)?;
         std::thread::Builder::new().name("sae-tokenize".into()).spawn(move || {
             loop {
@@ -172,10 +175,15 @@ pub fn run(args: Args) -> Result<()> {
     let loop_started = Instant::now();
     let mut row = first_batch * rows_per_batch;
     let mut batch_index = first_batch;
+    let mut model_tokens = 0u64;
     while row < end_row {
         let Ok(windows) = rx.recv() else { break };
         let windows = windows?;
+        if batch_index == first_batch {
+            tracing::debug!(seconds = loop_started.elapsed().as_secs_f64(), "first batch of windows ready");
+        }
         let mut rows = rows_of_batch(&model, &hooks, &windows, first_position)?;
+        model_tokens += (windows.len() * args.context_len) as u64;
         let batch_rows = rows.rows() as u64;
         // Keep only [resume_row, end_row) of this batch's global rows.
         let keep_from = resume_row.saturating_sub(row) as usize;
@@ -191,6 +199,7 @@ pub fn run(args: Args) -> Result<()> {
             break;
         }
     }
+    tracing::debug!(seconds = loop_started.elapsed().as_secs_f64(), "model done");
     drop(rx);
     let _ = producer.join();
     bar.finish_and_clear();
@@ -202,10 +211,11 @@ pub fn run(args: Args) -> Result<()> {
     if slot.count == 1 {
         let manifest = writer.finish()?;
         let capture_seconds = loop_started.elapsed().as_secs_f64();
+        tracing::debug!(seconds = capture_seconds, "manifest committed");
         let info = store::info(&args.out, &store::StoreOptions::default())?;
         tracing::debug!(shards = manifest.shards.len(), "committed the manifest");
         let captured = written.saturating_sub(resume_row);
-        report(&args, &info, started, Some((captured, capture_seconds)))
+        report(&args, &info, started, Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds }))
     } else {
         let records = writer.finish_part(slot.count)?;
         eprintln!(
@@ -254,19 +264,29 @@ fn names(hooks: &[HookSpec]) -> Vec<&str> {
     hooks.iter().map(|h| h.name.as_str()).collect()
 }
 
-/// The summary; `captured` is (rows captured by this run, seconds from the first batch to the
-/// committed manifest), `None` when the dataset was already finished.
-fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Option<(u64, f64)>) -> Result<()> {
+/// What this run captured: stored rows, tokens the model ran over (position 0 of each window
+/// included), and seconds from the first batch to the committed manifest.
+#[derive(Default)]
+struct Throughput {
+    rows: u64,
+    model_tokens: u64,
+    seconds: f64,
+}
+
+/// The summary; `captured` is `None` when the dataset was already finished.
+fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Option<Throughput>) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let was_finished = captured.is_none();
-    let (rows, capture_seconds) = captured.unwrap_or((0, 0.0));
-    let tokens_per_s = if capture_seconds > 0.0 { rows as f64 / capture_seconds } else { 0.0 };
+    let t = captured.unwrap_or_default();
+    let per_s = |n: u64| if t.seconds > 0.0 { n as f64 / t.seconds } else { 0.0 };
+    let tokens_per_s = per_s(t.rows);
     let summary = serde_json::json!({
         "url": args.out,
         "already_finished": was_finished,
-        "captured_tokens": rows,
-        "capture_seconds": capture_seconds,
+        "captured_tokens": t.rows,
+        "capture_seconds": t.seconds,
         "tokens_per_s": tokens_per_s,
+        "model_tokens_per_s": per_s(t.model_tokens),
         "tokens": info.tokens,
         "hooks": info.hooks.iter().map(|h| &h.name).collect::<Vec<_>>(),
         "shards": info.shards,
@@ -285,7 +305,7 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
         println!("shards      {}", info.shards);
         println!("bytes       {} ({:.3} B/elem, {:?})", info.bytes, info.bytes_per_element, info.dtype);
         if !was_finished {
-            println!("throughput  {tokens_per_s:.1} tokens/s (model, encoding and upload, after loading)");
+            println!("throughput  {tokens_per_s:.1} stored tokens/s (model, encoding and upload, after loading)");
         }
         println!("wall time   {secs:.1} s");
     }

@@ -15,6 +15,17 @@ use store::{
     ModelIdentity, RetryConfig, RowBatch, StoreOptions, TokenizerIdentity,
 };
 
+/// Every object key under the dataset at `url`, relative to its prefix.
+pub fn list_keys(url: &str, opts: &StoreOptions) -> std::collections::BTreeSet<String> {
+    let loc = store::open_store_with(url, opts).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        let metas: Vec<_> = loc.store.list(Some(&loc.prefix)).try_collect().await.unwrap();
+        metas.into_iter().map(|m| m.location.to_string()[loc.prefix.as_ref().len() + 1..].to_string()).collect()
+    })
+}
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub fn unique(name: &str) -> String {
