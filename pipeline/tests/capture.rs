@@ -304,3 +304,27 @@ fn bad_inputs_are_clear_errors() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("\"max_tokens\":200"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_corpus_shorter_than_max_tokens_ends_cleanly_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("short.txt");
+    // About 300 tokens: 4 windows of 64, the last partial window dropped.
+    let text = "The quick brown fox jumps over the lazy dog, and then it naps in the sun. ".repeat(18);
+    std::fs::write(&corpus, &text).unwrap();
+    let url = dir.path().join("ds").display().to_string();
+    let out = Command::new(SAE)
+        .args(["capture", "--out", &url, "--corpus", corpus.to_str().unwrap(), "--max-tokens", "100000", "--json"])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the corpus ended before --max-tokens"), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    let model = model();
+    let stream_tokens = model.tokenizer.encode(&text).unwrap().len() + 1; // + EOS
+    let windows = (stream_tokens / 64) as u64;
+    assert_eq!(summary["tokens"], windows * 63, "{summary}");
+    let (rows, _) = read_all(&url, "blocks.15.hook_resid_post");
+    assert_eq!(rows.len() as u64, windows * 63);
+}
