@@ -328,3 +328,24 @@ fn a_corpus_shorter_than_max_tokens_ends_cleanly_with_a_warning() {
     let (rows, _) = read_all(&url, "blocks.15.hook_resid_post");
     assert_eq!(rows.len() as u64, windows * 63);
 }
+
+#[test]
+fn dataset_verify_names_a_corrupted_shard_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("ds").display().to_string();
+    let out = capture(&url, &["--max-tokens", "300"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ok = sae(&["dataset", "verify", &url]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    let shard = std::fs::read_dir(dir.path().join("ds/shards")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "parquet")).unwrap();
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+    let bad = sae(&["dataset", "verify", &url]);
+    assert!(!bad.status.success());
+    let key = format!("shards/{}", shard.file_name().unwrap().to_string_lossy());
+    assert!(stderr(&bad).contains(&key), "stderr does not name {key}: {}", stderr(&bad));
+    assert!(String::from_utf8_lossy(&bad.stdout).contains(&format!("BAD {key}")));
+}
