@@ -211,9 +211,8 @@ pub fn run(args: Args) -> Result<()> {
     if slot.count == 1 {
         let manifest = writer.finish()?;
         let capture_seconds = loop_started.elapsed().as_secs_f64();
-        tracing::debug!(seconds = capture_seconds, "manifest committed");
+        tracing::debug!(seconds = capture_seconds, shards = manifest.shards.len(), "manifest committed");
         let info = store::info(&args.out, &store::StoreOptions::default())?;
-        tracing::debug!(shards = manifest.shards.len(), "committed the manifest");
         let captured = written.saturating_sub(resume_row);
         report(&args, &info, started, Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds }))
     } else {
