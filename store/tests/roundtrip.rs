@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use store::reader::{OutputDtype, Reader, ReaderOptions};
-use store::{finalize, info, open_store_with, verify, DatasetWriter, Dtype, Error, WriterOptions};
+use store::{finalize, info, verify, DatasetWriter, Dtype, Error, WriterOptions};
 
 const HOOKS: [(&str, usize); 2] = [
     ("blocks.3.hook_resid_post", 16),
