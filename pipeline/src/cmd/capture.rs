@@ -302,7 +302,7 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
         println!("tokens      {}", info.tokens);
         println!("hooks       {}", names(&info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect::<Vec<_>>()).join(", "));
         println!("shards      {}", info.shards);
-        println!("bytes       {} ({:.3} B/elem, {:?})", info.bytes, info.bytes_per_element, info.dtype);
+        println!("bytes       {} ({:.3} B/elem, {})", info.bytes, info.bytes_per_element, info.dtype.name());
         if !was_finished {
             println!("throughput  {tokens_per_s:.1} stored tokens/s (model, encoding and upload, after loading)");
         }

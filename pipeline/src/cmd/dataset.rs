@@ -47,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
             for hook in &info.hooks {
                 println!("hook           {} (d_model {})", hook.name, hook.d_model);
             }
-            println!("dtype          {:?}", info.dtype);
+            println!("dtype          {}", info.dtype.name());
             println!("context_len    {}", info.context_len);
             println!("shards         {}", info.shards);
             println!("bytes          {} ({:.3} B/elem)", info.bytes, info.bytes_per_element);
