@@ -1508,15 +1508,28 @@ async fn produce_final(
         };
         plan.epoch_jobs(epoch, from)
     });
+    pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await;
+}
+
+/// Fetches and decodes `jobs` with up to `prefetch` in flight, forwarding each result in order;
+/// stops at the first error or when the consumer has gone. Returns false in either case.
+async fn pump(
+    jobs: impl IntoIterator<Item = Job>,
+    ctx: &Arc<Ctx>,
+    sem: &Arc<Semaphore>,
+    prefetch: usize,
+    tx: &mpsc::Sender<Result<Decoded>>,
+) -> bool {
     let mut stream = futures::stream::iter(jobs)
         .map(|job| ctx.clone().fetch(job, sem.clone()))
-        .buffered(o.prefetch_row_groups.max(1));
+        .buffered(prefetch.max(1));
     while let Some(item) = stream.next().await {
         let failed = item.is_err();
         if tx.send(item).await.is_err() || failed {
-            return;
+            return false;
         }
     }
+    true
 }
 
 async fn produce_follow(
@@ -1595,14 +1608,8 @@ async fn produce_follow(
                 }
             }
         }
-        let mut stream = futures::stream::iter(jobs)
-            .map(|job| ctx.clone().fetch(job, sem.clone()))
-            .buffered(o.prefetch_row_groups.max(1));
-        while let Some(item) = stream.next().await {
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
-            }
+        if !pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await {
+            return;
         }
         if is_final {
             return;
