@@ -124,6 +124,35 @@ pub struct DatasetHeader {
     pub created: CreatedInfo,
 }
 
+impl DatasetHeader {
+    /// What makes `other` a different dataset from `self`, one phrase per field that differs
+    /// (`created` does not count: the same dataset is written again by a resumed command).
+    /// Empty when they describe the same dataset.
+    pub fn differences(&self, other: &DatasetHeader) -> Vec<String> {
+        let names = |h: &DatasetHeader| h.hooks.iter().map(|s| format!("{}({})", s.name, s.d_model)).collect::<Vec<_>>().join(", ");
+        let mut out = Vec::new();
+        if self.model != other.model {
+            out.push(format!("model {:?} ({}) here, {:?} ({}) asked", self.model.name, self.model.file_sha256, other.model.name, other.model.file_sha256));
+        }
+        if self.tokenizer != other.tokenizer {
+            out.push(format!("tokenizer {} here, {} asked", self.tokenizer.sha256, other.tokenizer.sha256));
+        }
+        if self.hooks != other.hooks {
+            out.push(format!("hooks [{}] here, [{}] asked", names(self), names(other)));
+        }
+        if self.context_len != other.context_len {
+            out.push(format!("context length {} here, {} asked", self.context_len, other.context_len));
+        }
+        if self.corpus.name != other.corpus.name || self.corpus.sha256 != other.corpus.sha256 {
+            out.push(format!("corpus {} ({}) here, {} ({}) asked", self.corpus.name, self.corpus.sha256, other.corpus.name, other.corpus.sha256));
+        }
+        if self.corpus.detail != other.corpus.detail {
+            out.push(format!("settings {} here, {} asked", self.corpus.detail, other.corpus.detail));
+        }
+        out
+    }
+}
+
 /// Storage settings that shape the shards; fixed at creation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Encoding {
@@ -342,6 +371,30 @@ pub(crate) fn build_manifest(header: &HeaderFile, commits: &[CommitRecord]) -> M
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn header_differences_name_each_field_that_differs() {
+        let a = DatasetHeader {
+            model: ModelIdentity { name: "m".into(), file_sha256: "aa".into() },
+            tokenizer: TokenizerIdentity::default(),
+            hooks: vec![HookSpec { name: "blocks.15.hook_resid_post".into(), d_model: 576 }],
+            context_len: 256,
+            corpus: CorpusIdentity { name: "fortunes".into(), sha256: "cc".into(), detail: "{}".into() },
+            created: CreatedInfo::default(),
+        };
+        // Another command line writing the same dataset is not a difference.
+        let mut same = a.clone();
+        same.created.command_line = vec!["sae".into(), "capture".into()];
+        assert!(a.differences(&same).is_empty());
+
+        let mut b = a.clone();
+        b.hooks[0].name = "blocks.14.hook_resid_post".into();
+        b.context_len = 128;
+        let diff = a.differences(&b);
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(diff[0].contains("blocks.15.hook_resid_post") && diff[0].contains("blocks.14.hook_resid_post"), "{diff:?}");
+        assert!(diff[1].contains("256") && diff[1].contains("128"), "{diff:?}");
+    }
     use super::*;
 
     #[test]

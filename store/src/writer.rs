@@ -293,13 +293,14 @@ impl DatasetWriter {
                     location: loc.display(HEADER_KEY),
                     detail: "exists but cannot be read".into(),
                 })?;
-                let same = |a: &DatasetHeader, b: &DatasetHeader| {
-                    a.model == b.model && a.tokenizer == b.tokenizer && a.hooks == b.hooks && a.context_len == b.context_len && a.corpus == b.corpus
-                };
-                if !same(&existing.header, &fresh.header) || existing.encoding != fresh.encoding {
+                let mut differences = existing.header.differences(&fresh.header);
+                if existing.encoding != fresh.encoding {
+                    differences.push(format!("encoding {:?} here, {:?} asked", existing.encoding, fresh.encoding));
+                }
+                if !differences.is_empty() {
                     return Err(Error::AlreadyExists {
                         location: loc.display(HEADER_KEY),
-                        what: "a different dataset (other model, hooks, corpus or encoding) is being written here".into(),
+                        what: format!("a different dataset is being written here: {}", differences.join("; ")),
                     });
                 }
                 existing

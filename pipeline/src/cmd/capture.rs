@@ -157,12 +157,9 @@ pub fn run(args: Args) -> Result<()> {
         std::thread::Builder::new().name("sae-tokenize".into()).spawn(move || {
             loop {
                 let batch: Result<Vec<Window>> = windows.by_ref().take(batch_size).collect();
-                let done = matches!(&batch, Ok(b) if b.len() < batch_size) || batch.is_err();
-                let empty = matches!(&batch, Ok(b) if b.is_empty());
-                if !empty && tx.send(batch).is_err() {
-                    return;
-                }
-                if done {
+                // A short batch or an error is the last thing this stream has to send.
+                let last = !matches!(&batch, Ok(b) if b.len() == batch_size);
+                if matches!(&batch, Ok(b) if b.is_empty()) || tx.send(batch).is_err() || last {
                     return;
                 }
             }
@@ -174,14 +171,10 @@ pub fn run(args: Args) -> Result<()> {
     );
     let loop_started = Instant::now();
     let mut row = first_batch * rows_per_batch;
-    let mut batch_index = first_batch;
     let mut model_tokens = 0u64;
     while row < end_row {
         let Ok(windows) = rx.recv() else { break };
         let windows = windows?;
-        if batch_index == first_batch {
-            tracing::debug!(seconds = loop_started.elapsed().as_secs_f64(), "first batch of windows ready");
-        }
         let mut rows = rows_of_batch(&model, &hooks, &windows, first_position)?;
         model_tokens += (windows.len() * args.context_len) as u64;
         let batch_rows = rows.rows() as u64;
@@ -194,12 +187,10 @@ pub fn run(args: Args) -> Result<()> {
         let committed = writer.progress();
         bar.set_message(format!("{} shards, {} committed", committed.shards, indicatif::HumanBytes(committed.bytes)));
         row += batch_rows;
-        batch_index += 1;
         if windows.len() < batch_size {
             break;
         }
     }
-    tracing::debug!(seconds = loop_started.elapsed().as_secs_f64(), "model done");
     drop(rx);
     let _ = producer.join();
     bar.finish_and_clear();
@@ -207,7 +198,6 @@ pub fn run(args: Args) -> Result<()> {
     if written < end_row {
         tracing::warn!(rows = written - first_row, wanted = end_row - first_row, "the corpus ended before --max-tokens: the dataset holds what there was");
     }
-    tracing::debug!(batches = batch_index - first_batch, "model batches run");
     if slot.count == 1 {
         let manifest = writer.finish()?;
         let capture_seconds = loop_started.elapsed().as_secs_f64();
@@ -233,34 +223,19 @@ fn already_finished_or_different(out: &str, header: &DatasetHeader) -> Result<Op
         Err(store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let hooks: Vec<HookSpec> = info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect();
-    let mut differences = Vec::new();
-    if info.model != header.model {
-        differences.push(format!("model {:?} here, {:?} asked", info.model.name, header.model.name));
-    }
-    if hooks != header.hooks {
-        differences.push(format!("hooks {:?} here, {:?} asked", names(&hooks), names(&header.hooks)));
-    }
-    if info.context_len != header.context_len {
-        differences.push(format!("context length {} here, {} asked", info.context_len, header.context_len));
-    }
-    if info.corpus.sha256 != header.corpus.sha256 || info.corpus.name != header.corpus.name {
-        differences.push(format!("corpus {} here, {} asked", info.corpus.name, header.corpus.name));
-    }
-    if info.corpus.detail != header.corpus.detail {
-        differences.push(format!("settings {} here, {} asked", info.corpus.detail, header.corpus.detail));
-    }
-    if info.tokenizer != header.tokenizer {
-        differences.push("a different tokenizer".into());
-    }
+    let existing = DatasetHeader {
+        model: info.model.clone(),
+        tokenizer: info.tokenizer.clone(),
+        hooks: info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect(),
+        context_len: info.context_len,
+        corpus: info.corpus.clone(),
+        created: info.created.clone(),
+    };
+    let differences = existing.differences(header);
     if !differences.is_empty() {
         bail!("{out} holds a different capture: {}. Use another --out, or delete it to start over", differences.join("; "));
     }
     Ok(info.is_final.then_some(info))
-}
-
-fn names(hooks: &[HookSpec]) -> Vec<&str> {
-    hooks.iter().map(|h| h.name.as_str()).collect()
 }
 
 /// What this run captured: stored rows, tokens the model ran over (position 0 of each window
@@ -300,7 +275,7 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
             println!("{} is already a finished dataset; nothing to capture", args.out);
         }
         println!("tokens      {}", info.tokens);
-        println!("hooks       {}", names(&info.hooks.iter().map(|h| HookSpec { name: h.name.clone(), d_model: h.d_model }).collect::<Vec<_>>()).join(", "));
+        println!("hooks       {}", info.hooks.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "));
         println!("shards      {}", info.shards);
         println!("bytes       {} ({:.3} B/elem, {})", info.bytes, info.bytes_per_element, info.dtype.name());
         if !was_finished {
