@@ -97,9 +97,7 @@ impl Model {
         let llama = Llama::from_weights(cfg, weights, device, kind).with_context(|| format!("cannot build the model from {}", dir.display()))?;
         Ok(Model { llama, tokenizer, name: file_stem(dir), path: dir.to_path_buf(), format: ModelFormat::HuggingFace })
     }
-}
 
-impl Model {
     /// SHA-256 (lowercase hex) of the model's weights: the GGUF file, or a Hugging Face folder's
     /// `config.json` and safetensors files in name order. Datasets record it, so that a dataset
     /// can be matched with the exact model that produced it.

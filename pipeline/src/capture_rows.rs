@@ -6,7 +6,6 @@ use capture::{HookPoint, Hooks, Model};
 use store::RowBatch;
 use tch::{Device, Kind, Tensor};
 
-
 /// Runs `windows` (all of the same length) through the model up to the deepest of `hooks`, and
 /// returns their rows: every position from `first_position` on (1 leaves out each window's
 /// attention-sink position 0), activations as f32 in row-major `[rows, d_model]` per hook.
