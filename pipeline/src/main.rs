@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod capture_rows;
+mod ce_score;
 mod cmd;
 mod corpus_source;
 mod model_args;
@@ -12,7 +13,7 @@ mod workers;
 ///
 /// Logs go to stderr (set RUST_LOG=debug for more); results go to stdout.
 #[derive(Parser)]
-#[command(name = "sae", version, about, long_about = None, propagate_version = true)]
+#[command(name = "sae", version, about, long_about = None, propagate_version = true, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +29,10 @@ enum Command {
     Capture(cmd::capture::Args),
     /// Inspect and verify activation datasets.
     Dataset(cmd::dataset::Args),
+    /// Train a sparse autoencoder (or a sweep of them in one pass) on an activation dataset.
+    Train(cmd::train::Args),
+    /// Evaluate a trained SAE: FVU, L0, dead latents, feature density and the CE-loss score.
+    Eval(cmd::eval::Args),
 }
 
 fn main() {
@@ -35,12 +40,21 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let cli = Cli::parse();
+    let argv = match cmd::train::expand_config(std::env::args().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Activations(args) => cmd::activations::run(args),
         Command::Capture(args) => cmd::capture::run(args),
         Command::Dataset(args) => cmd::dataset::run(args),
+        Command::Train(args) => cmd::train::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

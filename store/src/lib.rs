@@ -9,6 +9,8 @@
 //!   commit records into `manifest.json` (created with `PutMode::Create`, last).
 //! * [`reader::Reader`] streams batches of rows: sharded across ranks by row group, shuffled as a
 //!   pure function of (seed, epoch, rank, world), resumable from a [`reader::Cursor`].
+//! * [`ObjectDir`] is a folder of plain objects (the trainer's checkpoints and outputs), and
+//!   [`load_manifest`] / [`shard_tokens`] read a dataset's statistics and stored token ids.
 //! * [`info`] and [`verify`] back `sae dataset info` and `sae dataset verify`.
 //!
 //! The on-store format is specified in `docs/format.md`.
@@ -18,6 +20,7 @@ mod format;
 mod inspect;
 mod location;
 mod manifest;
+mod objects;
 pub mod reader;
 mod rng;
 mod writer;
@@ -30,6 +33,7 @@ pub use manifest::{
     CommitRecord, CorpusIdentity, CreatedInfo, DatasetHeader, HookSpec, HookStats, HookSummary,
     Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, FORMAT_VERSION,
 };
+pub use objects::{load_manifest, shard_tokens, ObjectDir};
 pub use writer::{finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress};
 
 /// Re-exported so callers can tune retries without depending on `object_store` themselves.

@@ -1,8 +1,22 @@
 //! Sparse-autoencoder training: architectures, the training loop, metrics, checkpoints with exact
-//! resume, and data-parallel collectives on PyTorch's c10d.
+//! resume, and the SAELens export.
 //!
-//! So far the crate holds the SAE itself, in [`sae`]: its parameters, the ReLU, TopK, BatchTopK
-//! and JumpReLU architectures, and their losses (reconstruction, sparsity, AuxK). The training
-//! loop, metrics and checkpoints arrive with the rest of the trainer issue.
+//! * [`sae`]: the SAE's parameters, the ReLU, TopK, BatchTopK and JumpReLU architectures and
+//!   their losses (reconstruction, sparsity, AuxK).
+//! * [`train`]: the loop over the store's reader, for one SAE or a sweep, with checkpoints.
+//! * [`adam`], [`schedule`], [`dead`], [`loader`], [`metrics`]: one idea each.
+//! * [`checkpoint`], [`export`], [`tensors`]: what goes to the output folder.
+//! * [`eval`]: reconstruction statistics over a stream of activations; [`plots`]: PNG charts.
 
+pub mod adam;
+pub mod checkpoint;
+pub mod dead;
+pub mod eval;
+pub mod export;
+pub mod loader;
+pub mod metrics;
+pub mod plots;
 pub mod sae;
+pub mod schedule;
+pub mod tensors;
+pub mod train;

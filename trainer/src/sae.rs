@@ -172,6 +172,8 @@ pub enum SaeError {
     KExceedsWidth { k: usize, d_sae: usize },
     #[error("{name} = {value} is out of range")]
     BadHyperparameter { name: &'static str, value: f64 },
+    #[error("saved SAE state does not fit this SAE: {detail}")]
+    StateMismatch { detail: String },
     #[error("{what} has shape {got:?}, expected {expected}")]
     Shape { what: &'static str, got: Vec<i64>, expected: String },
 }
@@ -280,6 +282,54 @@ impl Sae {
     }
     pub fn b_dec(&self) -> &Tensor {
         &self.b_dec
+    }
+
+    /// The trainable parameters by name (`W_enc`, `W_dec`, `b_enc`, `b_dec`, `log_threshold`),
+    /// sorted, for the optimizer.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> =
+            self.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Every tensor of the SAE's state by name, trainable or not (BatchTopK's threshold too),
+    /// sorted: what a checkpoint stores.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Copies saved state into this SAE. Every tensor of [`Sae::state_tensors`] must be present
+    /// with its shape; extra names are refused too, since they mean another architecture.
+    pub fn load_state_tensors(
+        &mut self,
+        saved: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<(), SaeError> {
+        let _guard = tch::no_grad_guard();
+        let mine = self.state_tensors();
+        if saved.len() != mine.len() {
+            return Err(SaeError::StateMismatch {
+                detail: format!(
+                    "saved tensors {:?}, this SAE has {:?}",
+                    saved.keys().collect::<Vec<_>>(),
+                    mine.iter().map(|(n, _)| n).collect::<Vec<_>>()
+                ),
+            });
+        }
+        for (name, tensor) in mine {
+            let value = saved
+                .get(&name)
+                .ok_or_else(|| SaeError::StateMismatch { detail: format!("no tensor `{name}`") })?;
+            if value.size() != tensor.size() {
+                return Err(SaeError::StateMismatch {
+                    detail: format!("`{name}` has shape {:?}, expected {:?}", value.size(), tensor.size()),
+                });
+            }
+            tensor.shallow_clone().copy_(&value.to_kind(tensor.kind()).to_device(tensor.device()));
+        }
+        Ok(())
     }
 
     /// The per-latent inference threshold [d_sae] for the architectures that have one

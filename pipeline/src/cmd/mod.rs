@@ -1,4 +1,6 @@
 pub mod activations;
 pub mod capture;
 pub mod dataset;
+pub mod eval;
 pub mod generate;
+pub mod train;

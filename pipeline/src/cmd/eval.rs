@@ -1,0 +1,174 @@
+//! `sae eval`: reconstruction statistics over the dataset and the CE-loss score through the
+//! model, for an exported SAE. Also run at the end of `sae train`.
+
+use anyhow::{bail, Context, Result};
+use capture::HookPoint;
+use serde::{Deserialize, Serialize};
+use store::reader::{OutputDtype, Reader, ReaderOptions};
+use store::{ObjectDir, StoreOptions};
+use tch::{Device, Kind, Tensor};
+use trainer::eval::{ReconstructionStats, ReconstructionSummary};
+use trainer::export::{self, LoadedSae};
+
+use crate::ce_score::{ce_loss_score, windows_from_tokens, CeScore};
+use crate::model_args::ModelArgs;
+
+/// Where `sae eval` writes its results, in the SAE's folder.
+pub const EVAL_FILE: &str = "eval.json";
+pub const DENSITY_PLOT_FILE: &str = "feature_density.png";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Tokens of windows rebuilt from the dataset's last shard for the CE-loss score.
+    #[arg(long, default_value_t = 8192)]
+    pub eval_tokens: usize,
+    /// Rows of the dataset (in stored order) for FVU, L0 and feature density.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub density_tokens: u64,
+    /// Windows per forward pass of the CE-loss score.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batch: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The SAE's folder (cfg.json + sae_weights.safetensors), a path or URL.
+    #[arg(long)]
+    sae: String,
+    /// The activation dataset to evaluate on.
+    #[arg(long)]
+    data: String,
+    #[command(flatten)]
+    eval: EvalArgs,
+    /// Print the result as one JSON object (the last line of stdout).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// What `sae eval` reports (and stores as `eval.json` beside the SAE).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub sae: String,
+    pub data: String,
+    pub hook: String,
+    #[serde(flatten)]
+    pub reconstruction: ReconstructionSummary,
+    #[serde(flatten)]
+    pub ce: CeScore,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let report = evaluate(&args.sae, &args.data, &args.eval, &args.model, &StoreOptions::default())?;
+    print_report(&report);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+pub fn print_report(r: &EvalReport) {
+    println!("SAE {} on {} ({})", r.sae, r.data, r.hook);
+    println!(
+        "  FVU {:.4} (inliers {:.4}, {:.2}% of rows) · L0 {:.1} · dead {:.2}% over {} rows",
+        r.reconstruction.fvu,
+        r.reconstruction.fvu_inliers,
+        100.0 * r.reconstruction.inlier_fraction,
+        r.reconstruction.l0,
+        100.0 * r.reconstruction.dead_fraction,
+        r.reconstruction.rows
+    );
+    println!(
+        "  CE-loss score {:.4} · ΔCE {:+.4} nats (clean {:.4}, SAE {:.4}, zero-ablation {:.4}) over {} tokens",
+        r.ce.ce_loss_score, r.ce.delta_ce, r.ce.ce_clean, r.ce.ce_sae, r.ce.ce_zero_ablation, r.ce.tokens
+    );
+}
+
+pub fn load_sae(url: &str, store: &StoreOptions, device: Device) -> Result<LoadedSae> {
+    let dir = ObjectDir::open(url, store)?;
+    let read = |key: &str| -> Result<Vec<u8>> {
+        let bytes = dir.get(key)?.with_context(|| format!("no SAE at `{}`: `{key}` is missing", dir.url()))?;
+        Ok(bytes.to_vec())
+    };
+    let cfg = read(export::CFG_FILE)?;
+    let weights = read(export::WEIGHTS_FILE)?;
+    Ok(export::load(&cfg, &weights, dir.url(), device)?)
+}
+
+pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &ModelArgs, store: &StoreOptions) -> Result<EvalReport> {
+    if let Some(n) = model_args.threads {
+        tch::set_num_threads(n);
+    }
+    let device = capture::device::parse_device(model_args.device.as_deref())?;
+    let LoadedSae { sae, info } = load_sae(sae_url, store, device)?;
+    let (manifest, _) = store::load_manifest(data_url, store)?;
+    let hook = manifest.hook(&info.hook_name).with_context(|| {
+        let have: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
+        format!("dataset `{data_url}` has no hook `{}` (the SAE's hook); it has: {}", info.hook_name, have.join(", "))
+    })?;
+    if hook.d_model != sae.config().d_in {
+        bail!(
+            "d_model mismatch: the SAE at `{sae_url}` takes d_in {} but hook `{}` of dataset `{data_url}` has d_model {}",
+            sae.config().d_in,
+            hook.name,
+            hook.d_model
+        );
+    }
+
+    // 1. Reconstruction statistics over the first rows of the dataset, in stored order.
+    let mut opts = ReaderOptions::new(&hook.name, 4096);
+    opts.shuffle = false;
+    opts.epochs = Some(1);
+    opts.drop_last = false;
+    opts.output = OutputDtype::F32;
+    opts.store = store.clone();
+    let mut stats = ReconstructionStats::new(&hook.mean, sae.config().d_sae, device);
+    for batch in Reader::open(data_url, opts)? {
+        let batch = batch?;
+        let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]).to_device(device);
+        let keep = (eval.density_tokens - stats.rows()).min(batch.rows as u64) as i64;
+        stats.add(&sae, &x.narrow(0, 0, keep))?;
+        if stats.rows() >= eval.density_tokens {
+            break;
+        }
+    }
+    let reconstruction = stats.summary();
+
+    // 2. The CE-loss score through the model.
+    let model = model_args.load()?;
+    let sha = model.file_sha256()?;
+    if !manifest.model.file_sha256.is_empty() && sha != manifest.model.file_sha256 {
+        bail!(
+            "the model `{}` is not the one dataset `{data_url}` was captured with ({}, sha256 {}); pass that model with --model",
+            model.path.display(),
+            manifest.model.name,
+            manifest.model.file_sha256
+        );
+    }
+    let n_layers = model.llama.config().num_hidden_layers;
+    let hook_point = HookPoint::parse(&hook.name, n_layers)
+        .with_context(|| format!("the SAE's hook `{}` does not exist in model `{}`", hook.name, model.name))?;
+    let last_shard = manifest.shards.len().checked_sub(1).with_context(|| format!("dataset `{data_url}` has no shards"))?;
+    let tokens = store::shard_tokens(data_url, store, last_shard)?;
+    let windows = windows_from_tokens(&tokens, eval.eval_tokens);
+    let model_kind = model.llama.kind();
+    let reconstruct = |x: &Tensor| -> Tensor {
+        let x32 = x.to_kind(Kind::Float);
+        let x_hat = sae.encode(&x32).and_then(|z| sae.decode(&z)).expect("shapes were checked");
+        x_hat.to_kind(model_kind)
+    };
+    let ce = ce_loss_score(&model, hook_point, &windows, eval.eval_batch, &reconstruct)?;
+
+    let report = EvalReport { sae: sae_url.to_string(), data: data_url.to_string(), hook: hook.name.clone(), reconstruction, ce };
+    let dir = ObjectDir::open(sae_url, store)?;
+    let title = format!("feature density, {} latents over {} tokens", sae.config().d_sae, report.reconstruction.rows);
+    match trainer::plots::density_histogram(&title, &report.reconstruction.density) {
+        Ok(png) => dir.put(DENSITY_PLOT_FILE, png)?,
+        Err(e) => tracing::warn!("no density plot: {e}"),
+    }
+    let mut json = serde_json::to_vec_pretty(&report)?;
+    json.push(b'\n');
+    dir.put(EVAL_FILE, json)?;
+    Ok(report)
+}

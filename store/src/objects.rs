@@ -1,0 +1,151 @@
+//! A folder of plain objects on any store, with blocking calls: what the trainer needs for its
+//! outputs (checkpoints, `cfg.json`, metrics, plots) on the same URLs as datasets.
+//!
+//! Every single-object put is atomic on every backend (S3 puts are; the local file system writes
+//! a staging file and renames it), so an object is either complete or absent. That is the whole
+//! consistency story for callers that keep each logical record in one object.
+
+use bytes::Bytes;
+use object_store::{ObjectStoreExt, PutPayload};
+use tokio::runtime::Runtime;
+
+use crate::error::{Error, Result};
+use crate::inspect::read_manifest;
+use crate::location::{open_store_with, Location, StoreOptions};
+use crate::manifest::{build_manifest, Manifest};
+use crate::writer::{list_commits, read_header, runtime};
+
+/// An opened folder (a URL prefix) of objects. Keys are relative to the folder.
+pub struct ObjectDir {
+    loc: Location,
+    rt: Runtime,
+}
+
+impl ObjectDir {
+    pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectDir> {
+        Ok(ObjectDir { loc: open_store_with(url, opts)?, rt: runtime()? })
+    }
+
+    /// The URL, safe to print (no credentials).
+    pub fn url(&self) -> &str {
+        &self.loc.url
+    }
+
+    /// The local directory, when the folder is on the local file system.
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        self.loc.local_dir.as_deref()
+    }
+
+    /// `url/key`, for messages.
+    pub fn display(&self, key: &str) -> String {
+        self.loc.display(key)
+    }
+
+    /// The sub-folder `key/` as its own [`ObjectDir`].
+    pub fn child(&self, key: &str) -> Result<ObjectDir> {
+        let loc = Location {
+            store: self.loc.store.clone(),
+            prefix: self.loc.path(key),
+            url: self.loc.display(key),
+            local_dir: self.loc.local_dir.as_ref().map(|d| d.join(key)),
+        };
+        Ok(ObjectDir { loc, rt: runtime()? })
+    }
+
+    /// The object's bytes, or `None` when it does not exist.
+    pub fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.rt.block_on(self.loc.get(key))
+    }
+
+    /// Writes (or replaces) the object in one atomic put.
+    pub fn put(&self, key: &str, data: impl Into<Bytes>) -> Result<()> {
+        let payload = PutPayload::from_bytes(data.into());
+        self.rt
+            .block_on(self.loc.store.put(&self.loc.path(key), payload))
+            .map(|_| ())
+            .map_err(|e| Error::store("PUT", self.loc.display(key), e))
+    }
+
+    /// Creates the object only if it does not exist yet; `Ok(false)` if it did.
+    pub fn put_create(&self, key: &str, data: impl Into<Bytes>) -> Result<bool> {
+        self.rt.block_on(self.loc.put_create(key, data.into()))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.rt.block_on(self.loc.delete(key))
+    }
+
+    /// Keys (relative to this folder) of every object under `dir/`, sorted.
+    pub fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let listed = self.rt.block_on(self.loc.list(dir))?;
+        Ok(listed.into_iter().map(|(key, _)| key).collect())
+    }
+}
+
+/// The dataset's manifest and whether the dataset is final. For a dataset still being written
+/// (no `manifest.json` yet), the manifest is merged from the commit records so far, which is what
+/// a follow-mode reader will see first.
+pub fn load_manifest(url: &str, opts: &StoreOptions) -> Result<(Manifest, bool)> {
+    let loc = open_store_with(url, opts)?;
+    runtime()?.block_on(async {
+        if let Some(manifest) = read_manifest(&loc).await? {
+            return Ok((manifest, true));
+        }
+        let header = read_header(&loc).await?.ok_or_else(|| Error::NotFound {
+            url: loc.url.clone(),
+            what: "no manifest.json or header.json".into(),
+        })?;
+        let commits = list_commits(&loc, None).await?;
+        Ok((build_manifest(&header, &commits), false))
+    })
+}
+
+/// The token columns (`sequence_id`, `position`, `token_id`) of shard `index` of a final dataset,
+/// in stored order. The activations are not decoded. Evaluation rebuilds token windows from
+/// these: rows of one `sequence_id`, in `position` order.
+pub fn shard_tokens(url: &str, opts: &StoreOptions, index: usize) -> Result<crate::reader::TokenColumns> {
+    use arrow_array::{Array, UInt32Array, UInt64Array};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ProjectionMask;
+
+    let (manifest, _) = load_manifest(url, opts)?;
+    let shard = manifest.shards.get(index).ok_or_else(|| {
+        Error::invalid(format!("dataset `{url}` has {} shards, no shard {index}", manifest.shards.len()))
+    })?;
+    let dir = ObjectDir::open(url, opts)?;
+    let bytes = dir.get(&shard.key)?.ok_or_else(|| Error::NotFound {
+        url: dir.url().to_string(),
+        what: format!("shard `{}` listed by the manifest is missing", shard.key),
+    })?;
+    let pq = |e| Error::Parquet { key: shard.key.clone(), source: e };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(pq)?;
+    let names = [crate::format::COL_SEQUENCE_ID, crate::format::COL_POSITION, crate::format::COL_TOKEN_ID];
+    let schema = builder.parquet_schema();
+    let leaves: Vec<usize> = (0..schema.num_columns())
+        .filter(|&i| names.contains(&schema.column(i).name()))
+        .collect();
+    if leaves.len() != names.len() {
+        return Err(Error::corrupt(&shard.key, "the token columns are missing"));
+    }
+    let mask = ProjectionMask::leaves(schema, leaves);
+    let reader = builder.with_projection(mask).build().map_err(pq)?;
+    let mut out = crate::reader::TokenColumns::default();
+    let bad = || Error::corrupt(&shard.key, "token columns have unexpected types");
+    for batch in reader {
+        let batch = batch.map_err(|e| pq(e.into()))?;
+        let column = |name: &str| batch.column_by_name(name).cloned().ok_or_else(bad);
+        let seq = column(crate::format::COL_SEQUENCE_ID)?;
+        let pos = column(crate::format::COL_POSITION)?;
+        let tok = column(crate::format::COL_TOKEN_ID)?;
+        let seq = seq.as_any().downcast_ref::<UInt64Array>().ok_or_else(bad)?;
+        let pos = pos.as_any().downcast_ref::<UInt32Array>().ok_or_else(bad)?;
+        let tok = tok.as_any().downcast_ref::<UInt32Array>().ok_or_else(bad)?;
+        out.sequence_id.extend(seq.values().iter());
+        out.position.extend(pos.values().iter());
+        out.token_id.extend(tok.values().iter());
+    }
+    if out.token_id.len() as u64 != shard.rows {
+        return Err(Error::corrupt(&shard.key, format!("{} rows, the manifest says {}", out.token_id.len(), shard.rows)));
+    }
+    Ok(out)
+}

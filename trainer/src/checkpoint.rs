@@ -1,0 +1,136 @@
+//! Checkpoints: one object per checkpoint, `checkpoints/step-<step>.safetensors`, holding the
+//! SAE's tensors (`sae.*`), Adam's moments (`adam.m.*`, `adam.v.*`), the dead-latent counters
+//! (`dead.tokens_since_fired`), and, as JSON in the safetensors metadata under `checkpoint`,
+//! the [`CheckpointState`]. A single object put is atomic on every store, so a checkpoint is
+//! either complete or invisible; a torn local write never has the final name.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use store::reader::Cursor;
+use store::ObjectDir;
+use tch::Tensor;
+
+use crate::metrics::MetricsRow;
+use crate::tensors;
+
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+/// How many of the newest checkpoints are kept. Two, so that a sweep killed while writing its
+/// members' checkpoints still has a step that every member saved.
+pub const KEEP: usize = 2;
+const STATE_KEY: &str = "checkpoint";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything but the tensors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub format_version: u32,
+    /// Steps completed.
+    pub step: u64,
+    /// Tokens seen, over all ranks.
+    pub tokens: u64,
+    /// The reader's position: the next batch to train on.
+    pub cursor: Cursor,
+    pub adam_steps: u64,
+    /// The run's configuration (compared on resume).
+    pub config: serde_json::Value,
+    /// The random state. Training draws no random numbers after initialization (the data order
+    /// is a pure function of the seed and the cursor, and no architecture samples), so the seed
+    /// is all there is; it is recorded so that a future sampling step has its home.
+    pub rng: RngState,
+    /// The metrics logged so far, so `metrics.jsonl` can be rebuilt exactly on resume.
+    pub metrics: Vec<MetricsRow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub torch_seed: u64,
+    pub reader_seed: u64,
+}
+
+pub struct Checkpoint {
+    pub state: CheckpointState,
+    pub sae: BTreeMap<String, Tensor>,
+    pub adam: BTreeMap<String, Tensor>,
+    pub dead_counters: Tensor,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Tensors(#[from] tensors::TensorFileError),
+    #[error("checkpoint `{location}` is damaged: {detail}")]
+    Bad { location: String, detail: String },
+}
+
+fn key(step: u64) -> String {
+    format!("{CHECKPOINT_DIR}/step-{step:09}.safetensors")
+}
+
+/// Writes the checkpoint of `state.step`, then deletes all but the [`KEEP`] newest.
+pub fn save(
+    dir: &ObjectDir,
+    state: &CheckpointState,
+    sae: &[(String, Tensor)],
+    adam: &[(String, Tensor)],
+    dead_counters: &Tensor,
+) -> Result<(), CheckpointError> {
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    named.extend(sae.iter().map(|(n, t)| (format!("sae.{n}"), t.shallow_clone())));
+    named.extend(adam.iter().map(|(n, t)| (format!("adam.{n}"), t.shallow_clone())));
+    named.push(("dead.tokens_since_fired".to_string(), dead_counters.shallow_clone()));
+    let metadata = BTreeMap::from([(STATE_KEY.to_string(), serde_json::to_string(state).expect("state"))]);
+    dir.put(&key(state.step), tensors::to_bytes(&named, Some(metadata)))?;
+    let steps = list_steps(dir)?;
+    for old in steps.iter().rev().skip(KEEP) {
+        dir.delete(&key(*old))?;
+    }
+    Ok(())
+}
+
+/// The steps of the checkpoints present, ascending.
+pub fn list_steps(dir: &ObjectDir) -> Result<Vec<u64>, CheckpointError> {
+    let mut steps: Vec<u64> = dir
+        .list(CHECKPOINT_DIR)?
+        .iter()
+        .filter_map(|k| k.strip_prefix(&format!("{CHECKPOINT_DIR}/step-"))?.strip_suffix(".safetensors")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    Ok(steps)
+}
+
+/// Loads the checkpoint of `step`.
+pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
+    let location = dir.display(&key(step));
+    let bad = |detail: String| CheckpointError::Bad { location: location.clone(), detail };
+    let bytes = dir.get(&key(step))?.ok_or_else(|| bad("it vanished".into()))?;
+    let (mut named, metadata) = tensors::from_bytes(&bytes, &location)?;
+    let state: CheckpointState = serde_json::from_str(
+        metadata.get(STATE_KEY).ok_or_else(|| bad(format!("no `{STATE_KEY}` metadata")))?,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(bad(format!("format_version {} (this build reads {FORMAT_VERSION})", state.format_version)));
+    }
+    let dead_counters =
+        named.remove("dead.tokens_since_fired").ok_or_else(|| bad("no dead-latent counters".into()))?;
+    let mut sae = BTreeMap::new();
+    let mut adam = BTreeMap::new();
+    for (name, t) in named {
+        if let Some(n) = name.strip_prefix("sae.") {
+            sae.insert(n.to_string(), t);
+        } else if let Some(n) = name.strip_prefix("adam.") {
+            adam.insert(n.to_string(), t);
+        } else {
+            return Err(bad(format!("unexpected tensor `{name}`")));
+        }
+    }
+    Ok(Checkpoint { state, sae, adam, dead_counters })
+}
+
+/// Reads only the state of the checkpoint of `step` (for comparing configurations).
+pub fn load_state(dir: &ObjectDir, step: u64) -> Result<CheckpointState, CheckpointError> {
+    load(dir, step).map(|c| c.state)
+}
