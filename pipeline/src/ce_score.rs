@@ -139,3 +139,49 @@ fn summed_ce(
     let picked = logp.gather(2, &targets.unsqueeze(-1), false).squeeze_dim(-1); // [batch, len-2]
     Ok((-picked.sum(Kind::Double).double_value(&[]), picked.numel() as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn windows(model: &Model) -> Vec<Vec<u32>> {
+        let texts = [
+            "The best way to predict the future is to invent it. Computers are useless; they only give answers.",
+            "Q: How many programmers does it take to change a light bulb? A: None, that is a hardware problem.",
+            "Always remember that you are absolutely unique. Just like everyone else, as the saying goes.",
+        ];
+        texts.iter().map(|t| model.tokenizer.encode(t).unwrap()[..16].to_vec()).collect()
+    }
+
+    #[test]
+    fn identity_scores_exactly_one_and_zeros_exactly_zero() {
+        tch::set_num_threads(2);
+        let model = Model::load(&capture::model::default_model_path(), Device::Cpu, Kind::Float).unwrap();
+        let hook = HookPoint::parse("blocks.15.hook_resid_post", model.llama.config().num_hidden_layers).unwrap();
+        let windows = windows(&model);
+        let identity = |x: &Tensor| x.copy();
+        let score = ce_loss_score(&model, hook, &windows, 2, &identity).unwrap();
+        assert_eq!(score.ce_loss_score, 1.0, "{score:?}");
+        assert_eq!(score.delta_ce, 0.0);
+        assert!(score.ce_zero_ablation > score.ce_clean + 1.0, "zero-ablation should hurt: {score:?}");
+        let zeros = |x: &Tensor| x.zeros_like();
+        let score = ce_loss_score(&model, hook, &windows, 2, &zeros).unwrap();
+        assert_eq!(score.ce_loss_score, 0.0, "{score:?}");
+        // Something in between scores in between.
+        let half = |x: &Tensor| x * 0.5;
+        let score = ce_loss_score(&model, hook, &windows, 2, &half).unwrap();
+        assert!(score.ce_loss_score > 0.0 && score.ce_loss_score < 1.0, "{score:?}");
+    }
+
+    #[test]
+    fn windows_follow_sequences_in_position_order() {
+        let cols = TokenColumns {
+            sequence_id: vec![5, 5, 9, 5, 9, 9, 7],
+            position: vec![2, 1, 1, 3, 3, 2, 1],
+            token_id: vec![52, 51, 91, 53, 93, 92, 71],
+        };
+        assert_eq!(windows_from_tokens(&cols, 100), vec![vec![51, 52, 53], vec![91, 92, 93]]);
+        assert_eq!(windows_from_tokens(&cols, 2), vec![vec![51, 52, 53]]);
+    }
+}

@@ -1,7 +1,7 @@
 //! `sae capture` on the real model and the real fortunes: round trip against the model's own
 //! hooks, a real S3 server on loopback, resume after SIGKILL, workers, and bad inputs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -11,6 +11,9 @@ use capture::windows::{WindowOptions, WindowStream};
 use capture::{HookPoint, Hooks, Model};
 use store::reader::{OutputDtype, Reader, ReaderOptions};
 use tch::{Device, Kind, Tensor};
+
+mod common;
+use common::start_moto;
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
@@ -191,50 +194,6 @@ fn two_workers_and_finalize_equal_one_worker() {
     assert_eq!(rows_a.len(), 1500);
     assert_eq!(rows_a, rows_b);
     assert_eq!(values_a, values_b);
-}
-
-/// moto's S3 server on a free loopback port, with a bucket; stopped when dropped.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn venv_bin(name: &str) -> PathBuf {
-    let python = std::env::var_os("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/sae-pipeline/venv/bin/python3")
-    });
-    python.with_file_name(name)
-}
-
-fn start_moto(bucket: &str) -> S3Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(venv_bin("moto_server"))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server not found: run `make setup-test`");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // moto does not check signatures, so a plain PUT creates the bucket.
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "bucket creation failed: {reply}");
-    S3Server { child, endpoint }
 }
 
 #[test]

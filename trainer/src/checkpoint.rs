@@ -1,6 +1,6 @@
 //! Checkpoints: one object per checkpoint, `checkpoints/step-<step>.safetensors`, holding the
 //! SAE's tensors (`sae.*`), Adam's moments (`adam.m.*`, `adam.v.*`), the dead-latent counters
-//! (`dead.tokens_since_fired`), and, as JSON in the safetensors metadata under `checkpoint`,
+//! (`dead.tokens_since_fired`), the loss sums not yet logged (`metrics.pending`), and, as JSON in the safetensors metadata under `checkpoint`,
 //! the [`CheckpointState`]. A single object put is atomic on every store, so a checkpoint is
 //! either complete or invisible; a torn local write never has the final name.
 
@@ -40,6 +40,9 @@ pub struct CheckpointState {
     pub rng: RngState,
     /// The metrics logged so far, so `metrics.jsonl` can be rebuilt exactly on resume.
     pub metrics: Vec<MetricsRow>,
+    /// Steps accumulated since the last logged row (their sums are the `metrics.pending` tensor).
+    #[serde(default)]
+    pub pending_metric_steps: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +56,8 @@ pub struct Checkpoint {
     pub sae: BTreeMap<String, Tensor>,
     pub adam: BTreeMap<String, Tensor>,
     pub dead_counters: Tensor,
+    /// Sums of the loss terms of the steps not yet logged.
+    pub pending_metrics: Option<Tensor>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +81,12 @@ pub fn save(
     sae: &[(String, Tensor)],
     adam: &[(String, Tensor)],
     dead_counters: &Tensor,
+    pending_metrics: Option<&Tensor>,
 ) -> Result<(), CheckpointError> {
     let mut named: Vec<(String, Tensor)> = Vec::new();
+    if let Some(sums) = pending_metrics {
+        named.push(("metrics.pending".to_string(), sums.shallow_clone()));
+    }
     named.extend(sae.iter().map(|(n, t)| (format!("sae.{n}"), t.shallow_clone())));
     named.extend(adam.iter().map(|(n, t)| (format!("adam.{n}"), t.shallow_clone())));
     named.push(("dead.tokens_since_fired".to_string(), dead_counters.shallow_clone()));
@@ -116,6 +125,7 @@ pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
     }
     let dead_counters =
         named.remove("dead.tokens_since_fired").ok_or_else(|| bad("no dead-latent counters".into()))?;
+    let pending_metrics = named.remove("metrics.pending");
     let mut sae = BTreeMap::new();
     let mut adam = BTreeMap::new();
     for (name, t) in named {
@@ -127,7 +137,7 @@ pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
             return Err(bad(format!("unexpected tensor `{name}`")));
         }
     }
-    Ok(Checkpoint { state, sae, adam, dead_counters })
+    Ok(Checkpoint { state, sae, adam, dead_counters, pending_metrics })
 }
 
 /// Reads only the state of the checkpoint of `step` (for comparing configurations).

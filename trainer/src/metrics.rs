@@ -65,6 +65,18 @@ impl StepAccumulator {
         self.steps += 1;
     }
 
+    /// The sums and the step count not yet logged, for a checkpoint (so that a resumed run logs
+    /// exactly the rows an uninterrupted one does).
+    pub fn pending(&self) -> (Option<Tensor>, u64) {
+        (self.sums.as_ref().map(|s| s.detach().copy()), self.steps)
+    }
+
+    /// Restores what [`StepAccumulator::pending`] returned.
+    pub fn restore(sums: Option<Tensor>, steps: u64, device: tch::Device) -> Self {
+        let sums = sums.filter(|_| steps > 0).map(|s| s.to_kind(Kind::Float).to_device(device));
+        StepAccumulator { steps: if sums.is_some() { steps } else { 0 }, sums }
+    }
+
     /// The means since the last call (one host synchronization), and a reset.
     pub fn take(&mut self) -> Option<IntervalMeans> {
         let sums = self.sums.take()?;

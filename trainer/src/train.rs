@@ -392,6 +392,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         let mut adam = Adam::new(settings.adam_betas.0, settings.adam_betas.1, settings.adam_eps);
         let mut dead = DeadLatents::new(config.d_sae, dead_window, req.device);
         let mut rows = Vec::new();
+        let mut acc = StepAccumulator::default();
         if start_step > 0 {
             let saved = checkpoint::load(&dir, start_step)?;
             sae.load_state_tensors(&saved.sae).map_err(sae_error)?;
@@ -400,11 +401,12 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             })?;
             dead = DeadLatents::from_counters(saved.dead_counters, dead_window, req.device);
             rows = saved.state.metrics;
+            acc = StepAccumulator::restore(saved.pending_metrics, saved.state.pending_metric_steps, req.device);
             cursor = saved.state.cursor;
             tokens = saved.state.tokens;
             tracing::info!("{name}: resuming from step {start_step} ({tokens} tokens)");
         }
-        runs.push(MemberRun { name, dir, config_json: json, sae, adam, dead, acc: StepAccumulator::default(), rows });
+        runs.push(MemberRun { name, dir, config_json: json, sae, adam, dead, acc, rows });
     }
 
     let mut opts = ReaderOptions::new(&settings.hook, settings.batch_size);
@@ -563,8 +565,10 @@ fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, step: u64, token
             config: run.config_json.clone(),
             rng: RngState { torch_seed: settings.seed, reader_seed: settings.seed },
             metrics: run.rows.clone(),
+            pending_metric_steps: run.acc.pending().1,
         };
-        checkpoint::save(&run.dir, &state, &run.sae.state_tensors(), &run.adam.state(), run.dead.counters())?;
+        let (pending, _) = run.acc.pending();
+        checkpoint::save(&run.dir, &state, &run.sae.state_tensors(), &run.adam.state(), run.dead.counters(), pending.as_ref())?;
     }
     Ok(())
 }

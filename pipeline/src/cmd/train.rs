@@ -35,11 +35,12 @@ pub struct Args {
     /// L0 coefficient (jumprelu).
     #[arg(long, default_value_t = 1e-3)]
     l0_coeff: f64,
-    /// Width of the straight-through estimators' kernel (jumprelu).
-    #[arg(long, default_value_t = 1e-3)]
+    /// Width of the straight-through estimators' kernel (jumprelu), in the units of the
+    /// pre-activations of normalized inputs (about unit scale at initialization).
+    #[arg(long, default_value_t = 0.05)]
     bandwidth: f64,
     /// Initial threshold of every latent (jumprelu).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 0.1)]
     init_threshold: f64,
     /// Dead latents reconstructing the residual in AuxK (default: d_model / 2).
     #[arg(long)]

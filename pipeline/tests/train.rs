@@ -1,0 +1,388 @@
+//! `sae train` and `sae eval` on real activations of the real model: every architecture learns,
+//! sweeps equal separate runs bit for bit, SIGTERM/SIGKILL plus resume equals an uninterrupted
+//! run bit for bit, SAELens loads what we export, S3 outputs work, and bad inputs are clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use store::reader::{OutputDtype, Reader, ReaderOptions};
+use tch::{Device, Tensor};
+
+mod common;
+use common::{start_moto, venv_bin};
+
+const SAE: &str = env!("CARGO_BIN_EXE_sae");
+const HOOK: &str = "blocks.15.hook_resid_post";
+/// A small run: 80 steps of 256 rows, one thread (so results are reproducible bit for bit and two
+/// tests can run side by side on 2 cores).
+const RUN: &[&str] = &[
+    "--latents", "1152", "--k", "16", "--batch-size", "256", "--max-tokens", "20480", "--lr", "1e-3",
+    "--threads", "1", "--log-every", "5", "--no-eval", "--quiet",
+];
+
+fn sae(args: &[&str]) -> Output {
+    Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn last_json(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_else(|| panic!("no stdout; stderr: {}", stderr(out)));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    dir
+}
+
+/// 16,000 rows of real layer-15 activations of SmolLM2 over the English fortunes, captured once.
+fn dataset() -> &'static str {
+    static DATA: OnceLock<String> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = scratch("dataset").display().to_string();
+        let out = sae(&[
+            "capture", "--out", &dir, "--max-tokens", "16000", "--context-len", "64", "--batch-size", "4",
+            "--threads", "2", "--row-group-rows", "512",
+        ]);
+        assert!(out.status.success(), "capture failed: {}", stderr(&out));
+        dir
+    })
+}
+
+fn train(out: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--data", dataset(), "--out", out, "--json"];
+    args.extend_from_slice(RUN);
+    args.extend_from_slice(extra);
+    sae(&args)
+}
+
+/// One sweep over the four architectures (k and width shared).
+fn arch_sweep() -> &'static Path {
+    static SWEEP: OnceLock<PathBuf> = OnceLock::new();
+    SWEEP.get_or_init(|| {
+        let dir = scratch("arch-sweep");
+        let out = train(dir.to_str().unwrap(), &["--sweep", "arch=relu,topk,batchtopk,jumprelu"]);
+        assert!(out.status.success(), "sweep failed: {}", stderr(&out));
+        dir
+    })
+}
+
+/// The TopK member of the sweep, trained alone.
+fn topk_alone() -> &'static Path {
+    static ALONE: OnceLock<PathBuf> = OnceLock::new();
+    ALONE.get_or_init(|| {
+        let dir = scratch("topk-alone");
+        let out = train(dir.to_str().unwrap(), &[]);
+        assert!(out.status.success(), "training failed: {}", stderr(&out));
+        dir
+    })
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Metrics rows without the fields that measure time, which differ between any two runs.
+fn without_timing(rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    rows.into_iter()
+        .map(|mut r| {
+            for key in ["data_wait_fraction", "tokens_per_s"] {
+                r[key] = serde_json::Value::Null;
+            }
+            r
+        })
+        .collect()
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("sae_weights.safetensors")).unwrap()
+}
+
+#[test]
+fn every_architecture_lowers_its_loss_and_topk_keeps_its_l0() {
+    let sweep = arch_sweep();
+    for name in ["relu-l1152-l1_0.01", "topk-l1152-k16", "batchtopk-l1152-k16", "jumprelu-l1152-l0_0.001"] {
+        let dir = sweep.join(name);
+        let rows = metrics(&dir);
+        assert_eq!(rows.len(), 16, "{name}: 80 steps logged every 5");
+        // Rare outlier rows (norms 100x the median) make single intervals spike, so compare the
+        // median of the last four intervals with the second (the first after the sparsity
+        // coefficients' warm-up, 4 steps here).
+        let first = rows[1]["loss"].as_f64().unwrap();
+        let mut tail: Vec<f64> = rows[rows.len() - 4..].iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+        tail.sort_by(f64::total_cmp);
+        let last = (tail[1] + tail[2]) / 2.0;
+        assert!(last < 0.8 * first, "{name}: loss went from {first} to {last}");
+        for row in &rows {
+            let l0 = row["l0"].as_f64().unwrap();
+            match name {
+                n if n.starts_with("topk") => assert!(l0 <= 16.0 + 1e-9, "{name}: L0 {l0} > k"),
+                // BatchTopK keeps k·batch activations per batch: the mean L0 is k exactly.
+                n if n.starts_with("batchtopk") => assert!((l0 - 16.0).abs() < 1e-6, "{name}: mean L0 {l0} != k"),
+                _ => {}
+            }
+        }
+        for file in ["cfg.json", "sae_weights.safetensors", "result.json", "training_curves.png"] {
+            assert!(dir.join(file).exists(), "{name}: no {file}");
+        }
+        assert!(!dir.join("checkpoints").exists() || std::fs::read_dir(dir.join("checkpoints")).unwrap().count() == 0);
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sweep.join("batchtopk-l1152-k16/cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "jumprelu", "BatchTopK is saved as a JumpReLU");
+    assert_eq!(cfg["metadata"]["hook_name"], HOOK);
+}
+
+#[test]
+fn a_sweep_member_equals_a_separate_run_bitwise() {
+    let member = arch_sweep().join("topk-l1152-k16");
+    assert_eq!(weights(&member), weights(topk_alone()), "sweep member and separate run differ");
+    assert_eq!(metrics(&member).last().unwrap()["fvu"], metrics(topk_alone()).last().unwrap()["fvu"]);
+}
+
+fn newest_checkpoint(dir: &Path) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    names.pop()
+}
+
+/// Starts a run that checkpoints every 5 steps and waits until a checkpoint newer than `after`
+/// exists, then sends `signal`. Returns the exit status.
+fn interrupt(dir: &Path, after: Option<String>, signal: &str) -> std::process::ExitStatus {
+    let mut args = vec!["train", "--data", dataset(), "--out", dir.to_str().unwrap(), "--checkpoint-every", "5"];
+    args.extend_from_slice(RUN);
+    let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let newest = newest_checkpoint(dir);
+        if newest.is_some() && newest > after {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("training ended ({status}) before a new checkpoint appeared");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint after 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(!dir.join("result.json").exists(), "the run finished before it was interrupted; make RUN longer");
+    status
+}
+
+#[test]
+fn sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run_bitwise() {
+    let dir = scratch("interrupted");
+    // SIGTERM: a checkpoint at the current step, then exit code 130.
+    let status = interrupt(&dir, None, "-TERM");
+    assert_eq!(status.code(), Some(130), "SIGTERM should checkpoint and exit 130");
+    let after_term = newest_checkpoint(&dir);
+    // SIGKILL: whatever was not checkpointed is lost.
+    interrupt(&dir, after_term, "-KILL");
+    // Resume (automatically: same configuration, no --resume needed) to the end.
+    let out = train(dir.to_str().unwrap(), &["--resume"]);
+    assert!(out.status.success(), "resume failed: {}", stderr(&out));
+    let summary = last_json(&out);
+    assert!(summary["resumed_from_step"].as_u64().unwrap() >= 10, "{summary}");
+    assert_eq!(weights(&dir), weights(topk_alone()), "resumed weights differ from the uninterrupted run's");
+    assert_eq!(without_timing(metrics(&dir)), without_timing(metrics(topk_alone())));
+
+    // A finished run reports again without training.
+    let again = train(dir.to_str().unwrap(), &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let again = last_json(&again);
+    assert_eq!(again["already_finished"], true);
+    assert_eq!(again["fvu"], summary["fvu"]);
+}
+
+#[test]
+fn resume_with_no_checkpoint_starts_fresh_and_another_config_is_refused() {
+    let dir = scratch("refused");
+    let out = train(dir.to_str().unwrap(), &["--resume", "--max-tokens", "2560"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(last_json(&out)["resumed_from_step"].is_null());
+    let out = train(dir.to_str().unwrap(), &["--max-tokens", "2560", "--k", "8"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("another configuration") && err.contains("sae.arch.k: there 16, here 8"), "{err}");
+}
+
+/// Rows of the dataset as an f32 tensor [n, 576].
+fn rows(n: usize) -> Tensor {
+    let mut opts = ReaderOptions::new(HOOK, n);
+    opts.shuffle = false;
+    opts.output = OutputDtype::F32;
+    let batch = Reader::open(dataset(), opts).unwrap().next().unwrap().unwrap();
+    Tensor::from_slice(&batch.to_f32()).view([n as i64, 576])
+}
+
+#[test]
+fn sae_lens_loads_our_exports_and_agrees_with_our_encode_and_decode() {
+    let python = venv_bin("python3");
+    let x = rows(256);
+    for name in ["relu-l1152-l1_0.01", "topk-l1152-k16", "batchtopk-l1152-k16", "jumprelu-l1152-l0_0.001"] {
+        let dir = arch_sweep().join(name);
+        let cfg = std::fs::read(dir.join("cfg.json")).unwrap();
+        let w = std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+        let loaded = trainer::export::load(&cfg, &w, dir.to_str().unwrap(), Device::Cpu).unwrap();
+        let latents = loaded.sae.encode(&x).unwrap();
+        let x_hat = loaded.sae.decode(&latents).unwrap();
+        let inputs = dir.join("check-inputs.safetensors");
+        let named = [("x".to_string(), x.shallow_clone()), ("latents".to_string(), latents), ("x_hat".to_string(), x_hat)];
+        std::fs::write(&inputs, trainer::tensors::to_bytes(&named, None)).unwrap();
+        let out = Command::new(&python)
+            .args(["scripts/saelens_check.py", "--sae", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: saelens_check failed: {}", stderr(&out));
+        let report = last_json(&out);
+        assert_eq!(report["ok"], true, "{name}: SAELens disagrees: {report}");
+        assert_eq!(report["hook_name"], HOOK);
+    }
+}
+
+#[test]
+fn eval_scores_a_trained_sae_above_an_untrained_one() {
+    let untrained = scratch("untrained");
+    let out = train(untrained.to_str().unwrap(), &["--lr", "0", "--max-tokens", "256"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let eval = |dir: &Path| {
+        let out = sae(&[
+            "eval", "--sae", dir.to_str().unwrap(), "--data", dataset(), "--eval-tokens", "1024",
+            "--density-tokens", "4096", "--threads", "1", "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        last_json(&out)
+    };
+    let trained = eval(topk_alone());
+    let before = eval(&untrained);
+    for key in ["fvu", "fvu_inliers", "l0", "dead_fraction", "ce_loss_score", "delta_ce", "ce_clean", "mse", "rows"] {
+        assert!(trained[key].is_number(), "{key} missing: {trained}");
+    }
+    let (t, u) = (trained["ce_loss_score"].as_f64().unwrap(), before["ce_loss_score"].as_f64().unwrap());
+    assert!(t > u, "trained CE-loss score {t} is not above the untrained {u}");
+    assert!(t > 0.5 && t <= 1.0, "trained CE-loss score {t}");
+    assert!(trained["fvu"].as_f64().unwrap() < before["fvu"].as_f64().unwrap());
+    assert!(trained["l0"].as_f64().unwrap() <= 16.0 + 1e-9);
+    assert!(topk_alone().join("eval.json").exists() && topk_alone().join("feature_density.png").exists());
+}
+
+#[test]
+fn training_writes_checkpoints_and_the_sae_to_a_real_s3_server() {
+    let server = start_moto("saes");
+    let url = "s3://saes/runs/topk";
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(SAE);
+        cmd.args(args).env("RUST_LOG", "warn");
+        server.env(&mut cmd);
+        cmd.output().unwrap()
+    };
+    let mut args = vec!["train", "--data", dataset(), "--out", url, "--checkpoint-every", "4", "--json"];
+    args.extend_from_slice(RUN);
+    args.extend_from_slice(&["--max-tokens", "5120"]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_json(&out)["steps"], 20);
+    let out = run(&["eval", "--sae", url, "--data", dataset(), "--eval-tokens", "512", "--density-tokens", "2048", "--threads", "1", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(last_json(&out)["ce_loss_score"].is_number());
+}
+
+/// A small synthetic dataset with d_model 64 under the same hook name.
+fn narrow_dataset() -> String {
+    let dir = scratch("narrow").display().to_string();
+    let header = store::DatasetHeader {
+        model: store::ModelIdentity { name: "synthetic".into(), file_sha256: String::new() },
+        tokenizer: Default::default(),
+        hooks: vec![store::HookSpec { name: HOOK.into(), d_model: 64 }],
+        context_len: 8,
+        corpus: Default::default(),
+        created: Default::default(),
+    };
+    let mut writer = store::DatasetWriter::create(&dir, header, store::WriterOptions::default()).unwrap();
+    let n = 512;
+    let values: Vec<f32> = (0..n * 64).map(|i| ((i * 7919) % 113) as f32 / 10.0 - 5.0).collect();
+    writer
+        .append(store::RowBatch {
+            sequence_id: (0..n as u64).map(|i| i / 7).collect(),
+            position: (0..n as u32).map(|i| 1 + i % 7).collect(),
+            token_id: (0..n as u32).collect(),
+            activations: vec![(HOOK.into(), values)],
+        })
+        .unwrap();
+    writer.finish().unwrap();
+    dir
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let out_dir = scratch("bad");
+    let out = out_dir.to_str().unwrap();
+    let fails = |args: &[&str], needle: &str| {
+        let result = sae(args);
+        assert!(!result.status.success(), "{args:?} succeeded");
+        let err = stderr(&result);
+        assert!(err.contains(needle), "{args:?}: expected `{needle}` in: {err}");
+    };
+    fails(&["train", "--data", "/nonexistent/acts", "--out", out], "/nonexistent/acts");
+    let data = dataset();
+    fails(&["train", "--data", data, "--out", out, "--hook", "blocks.3.hook_resid_post"], "has no hook `blocks.3.hook_resid_post`");
+    fails(&["train", "--data", data, "--out", out, "--k", "0"], "k = 0");
+    fails(&["train", "--data", data, "--out", out, "--latents", "0"], "width");
+    fails(&["train", "--data", data, "--out", out, "--latents", "64", "--k", "65"], "k = 65 exceeds the SAE width d_sae = 64");
+    fails(&["train", "--data", data, "--out", out, "--arch", "sparse"], "unknown architecture `sparse`");
+    fails(&["train", "--data", data, "--out", out, "--sweep", "lr=1,2"], "not sweepable");
+    fails(&["train", "--data", data, "--out", "gs://bucket/x"], "unsupported scheme");
+    // An SAE evaluated on activations of another width.
+    let narrow = narrow_dataset();
+    fails(
+        &["eval", "--sae", topk_alone().to_str().unwrap(), "--data", &narrow, "--threads", "1"],
+        "d_model mismatch: the SAE",
+    );
+    // A dataset still being written, without --follow.
+    let partial = scratch("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    for entry in std::fs::read_dir(dataset()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            copy_tree(&entry.path(), &partial.join(entry.file_name()));
+        }
+    }
+    fails(&["train", "--data", partial.to_str().unwrap(), "--out", out], "is not final");
+    // A damaged SAE file.
+    let damaged = scratch("damaged");
+    copy_tree(topk_alone(), &damaged);
+    std::fs::write(damaged.join("sae_weights.safetensors"), b"garbage").unwrap();
+    fails(&["eval", "--sae", damaged.to_str().unwrap(), "--data", data], "sae_weights.safetensors");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::copy(from, to).unwrap();
+    }
+}
