@@ -307,6 +307,47 @@ fn training_writes_checkpoints_and_the_sae_to_a_real_s3_server() {
     assert!(last_json(&out)["ce_loss_score"].is_number());
 }
 
+#[test]
+fn follow_trains_on_a_dataset_while_capture_writes_it() {
+    let dir = scratch("followed");
+    let url = dir.to_str().unwrap();
+    // Shards of about 1 MiB (~1300 rows), so several commits arrive one after another.
+    let mut capture = Command::new(SAE)
+        .args(["capture", "--out", url, "--max-tokens", "6000", "--context-len", "64", "--batch-size", "4"])
+        .args(["--threads", "1", "--row-group-rows", "256", "--shard-mib", "1"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Start training as soon as the first shard is committed, while capture goes on.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !dir.join("commits").exists() {
+        assert!(capture.try_wait().unwrap().is_none(), "capture ended before its first commit");
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dir.join("manifest.json").exists(), "capture finished too fast to test --follow");
+    let mut args = vec!["train", "--data", url, "--out", "", "--follow", "--json"];
+    let out_dir = scratch("followed-sae");
+    args[4] = out_dir.to_str().unwrap();
+    args.extend_from_slice(RUN);
+    args.extend_from_slice(&["--max-tokens", "5120"]);
+    let out = sae(&args);
+    assert!(capture.wait().unwrap().success());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = last_json(&out);
+    assert_eq!(summary["tokens"], 5120, "{summary}");
+    assert_eq!(summary["steps"], 20, "{summary}");
+    // Rows arrive in commit order, so single intervals can be dominated by the rare outlier rows;
+    // the loss must still come down over the run.
+    let rows = metrics(&out_dir);
+    assert_eq!(rows.len(), 4);
+    let losses: Vec<f64> = rows.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(out_dir.join("sae_weights.safetensors").exists() && dir.join("manifest.json").exists());
+}
+
 /// A small synthetic dataset with d_model 64 under the same hook name.
 fn narrow_dataset() -> String {
     let dir = scratch("narrow").display().to_string();

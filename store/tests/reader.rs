@@ -340,3 +340,31 @@ fn follow_mode_splits_ranks_by_row_group_identity() {
     }
     assert_eq!(total, 22 * CTX, "the ranks together read every row once");
 }
+
+#[test]
+fn follow_mode_yields_the_same_values_as_the_final_reader() {
+    let url = dataset("follow-values");
+    let rows_by_id = |follow: bool, output: OutputDtype| {
+        let mut o = opts(16);
+        o.drop_last = false;
+        o.epochs = Some(1);
+        o.output = output;
+        if follow {
+            o.follow = Some(FollowOptions { poll: std::time::Duration::from_millis(20), idle_timeout: None });
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for b in Reader::open(&url, o).unwrap() {
+            let b = b.unwrap();
+            let values = b.to_f32();
+            for (i, id) in ids(&b).into_iter().enumerate() {
+                out.insert(id, values[i * b.d..(i + 1) * b.d].to_vec());
+            }
+        }
+        out
+    };
+    let reference = rows_by_id(false, OutputDtype::Stored);
+    assert_eq!(reference.len(), 22 * CTX);
+    for (follow, output) in [(false, OutputDtype::F32), (true, OutputDtype::Stored), (true, OutputDtype::F32)] {
+        assert!(rows_by_id(follow, output) == reference, "follow {follow}, {output:?}: values differ");
+    }
+}

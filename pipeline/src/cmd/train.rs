@@ -48,7 +48,7 @@ pub struct Args {
     /// AuxK coefficient (topk, batchtopk).
     #[arg(long, default_value_t = DEFAULT_AUXK_COEFF)]
     auxk_coeff: f64,
-    /// Training tokens over all ranks (default: one pass over the dataset).
+    /// Training tokens over all ranks (default: one pass over the dataset; required with --follow).
     #[arg(long)]
     max_tokens: Option<u64>,
     /// Rows per step on each rank.
@@ -181,6 +181,9 @@ pub fn run(args: Args) -> Result<()> {
         None => manifest.hooks.first().map(|h| h.d_model),
     }
     .unwrap_or(0);
+    if args.follow && args.max_tokens.is_none() {
+        bail!("--follow needs --max-tokens: the dataset's size is not known while it is being written");
+    }
     let max_tokens = args.max_tokens.unwrap_or(manifest.tokens);
     let world_size = 1;
     let total_steps = max_tokens.div_ceil((args.batch_size.max(1) * world_size) as u64);
