@@ -40,3 +40,30 @@ PY
 echo
 echo "== store: bytes per element, and our reader vs pyarrow into a (rows, d) f32 array =="
 "$SAE_PYTHON" scripts/bench_store.py --rounds "${BENCH_STORE_ROUNDS:-5}"
+
+echo
+TRAIN_TOKENS=${BENCH_TRAIN_TOKENS:-200000}
+echo "== training: sae train vs a plain-PyTorch eager TopK SAE (4608 latents, k 32, batch 4096, $TRAIN_TOKENS tokens, CPU, $THREADS threads, $ROUNDS rounds) =="
+# Both sides read the same shards: ours through the store reader, theirs with pyarrow.
+$SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "${BENCH_TRAIN_DATA_TOKENS:-50000}" --out "$WORK/train-ds" >/dev/null 2>&1
+same=(--latents 4608 --k 32 --batch-size 4096 --max-tokens "$TRAIN_TOKENS" --lr 4e-4 --warmup-steps 100 --threads "$THREADS")
+results=()
+for round in $(seq "$ROUNDS"); do
+  rm -rf "$WORK/sae"
+  ours_json=$($SAE train --data "$WORK/train-ds" --out "$WORK/sae" "${same[@]}" --no-eval --quiet --json 2>/dev/null | tail -1)
+  theirs_json=$("$SAE_PYTHON" scripts/bench_train.py --data "$WORK/train-ds" "${same[@]}" 2>/dev/null | tail -1)
+  ours=$(echo "$ours_json" | last_field tokens_per_s)
+  ours_wait=$(echo "$ours_json" | last_field data_wait_fraction)
+  theirs=$(echo "$theirs_json" | last_field tokens_per_s)
+  theirs_wait=$(echo "$theirs_json" | last_field data_wait_fraction)
+  echo "round $round: ours $ours tokens/s (waiting for data $ours_wait), PyTorch eager $theirs tokens/s (waiting for data $theirs_wait)"
+  results+=("$ours,$theirs,$ours_wait")
+done
+python3 - "${results[@]}" <<'PY'
+import statistics, sys
+rows = [tuple(map(float, r.split(","))) for r in sys.argv[1:]]
+ratios = [o / t for o, t, _ in rows]
+print(f"{'training tokens/s, ours / PyTorch eager':<58} median {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+waits = [w for _, _, w in rows]
+print(f"{'share of our step time spent waiting for data':<58} median {100 * statistics.median(waits):.2f}%  (rounds: {', '.join(f'{100 * w:.2f}%' for w in waits)})")
+PY

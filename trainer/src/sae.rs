@@ -410,15 +410,38 @@ impl Sae {
                     (&latents * dec_norms).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
                 (latents, l1)
             }
-            Architecture::TopK { k } => (row_topk(&pre, k as i64), zero()),
+            Architecture::TopK { k } => {
+                // Only k latents per row are active, so the decoder runs as a gather of k rows
+                // per token (an embedding bag) instead of a dense [batch, d_sae] @ [d_sae, d_in]
+                // product: forward and backward cost batch·k·d_in instead of batch·d_sae·d_in.
+                let (top, indices) = pre.topk(k as i64, 1, true, false); // [batch, k]
+                let values = top.relu();
+                let x_hat = self.sparse_decode(&values, &indices) + &self.b_dec;
+                let latents = tch::no_grad(|| pre.zeros_like().scatter(1, &indices, &values.detach()));
+                return self.finish_forward(x, &pre, dead_mask, x_hat, latents, zero());
+            }
             Architecture::BatchTopK { k } => (self.batch_topk_train(&pre, k as i64), zero()),
             Architecture::JumpRelu { bandwidth, .. } => self.jump_relu_train(&pre, bandwidth),
         };
         let x_hat = latents.matmul(&self.w_dec) + &self.b_dec;
+        self.finish_forward(x, &pre, dead_mask, x_hat, latents, sparsity)
+    }
+
+    /// The losses shared by every architecture, given its reconstruction and latents.
+    fn finish_forward(
+        &self,
+        x: &Tensor,
+        pre: &Tensor,
+        dead_mask: Option<&Tensor>,
+        x_hat: Tensor,
+        latents: Tensor,
+        sparsity: Tensor,
+    ) -> Result<ForwardOutput, SaeError> {
+        let zero = || Tensor::zeros([], (Kind::Float, pre.device()));
         let mse = (&x_hat - x).square().mean(Kind::Float);
 
         let auxk = match (self.config.arch.uses_auxk(), dead_mask) {
-            (true, Some(dead)) => self.auxk_loss(&pre, dead, &(x - &x_hat).detach())?,
+            (true, Some(dead)) => self.auxk_loss(pre, dead, &(x - &x_hat).detach())?,
             _ => zero(),
         };
         let total =
@@ -524,9 +547,26 @@ impl Sae {
         // Live latents can never win the top-k: they are set to −∞ first.
         let dead_pre = pre.masked_fill(&dead.logical_not(), f64::NEG_INFINITY); // [batch, d_sae]
         let (values, indices) = dead_pre.topk(k_aux, 1, true, false); // [batch, k_aux]
-        let aux_latents = pre.zeros_like().scatter(1, &indices, &values.relu());
-        let residual_hat = aux_latents.matmul(&self.w_dec); // [batch, d_in]
+        let residual_hat = self.sparse_decode(&values.relu(), &indices); // [batch, d_in]
         Ok((residual_hat - residual).square().mean(Kind::Float) * scale)
+    }
+
+    /// Σ_j values[:, j] · W_dec[indices[:, j]]: [batch, k] values and indices → [batch, d_in],
+    /// differentiable in both the values and W_dec, at the cost of batch·k·d_in.
+    fn sparse_decode(&self, values: &Tensor, indices: &Tensor) -> Tensor {
+        let (batch, k) = (values.size()[0], values.size()[1]);
+        let offsets = Tensor::arange_start_step(0, batch * k, k, (Kind::Int64, values.device()));
+        let (sum, _, _, _) = Tensor::embedding_bag(
+            &self.w_dec,
+            &indices.reshape([batch * k]),
+            &offsets,
+            false,
+            0, // mode: sum
+            false,
+            Some(values.reshape([batch * k])),
+            false,
+        );
+        sum
     }
 
     fn check_rows(&self, t: &Tensor, what: &'static str, width: usize) -> Result<(), SaeError> {

@@ -431,3 +431,35 @@ fn training_lowers_the_loss_for_every_architecture() {
         }
     }
 }
+
+#[test]
+fn topk_sparse_decoding_matches_the_dense_product_and_its_gradients() {
+    let _guard = setup(11);
+    let mut s = sae(12, 40, topk(5));
+    let x = Tensor::randn([9, 12], (Kind::Float, Device::Cpu));
+    let dead = Tensor::from_slice(&(0..40).map(|i| i % 3 == 0).collect::<Vec<bool>>());
+    let out = s.forward(&x, Some(&dead)).unwrap();
+    out.total.backward();
+    let sparse_grads: Vec<Tensor> = [s.w_dec(), s.w_enc(), s.b_dec()].iter().map(|t| t.grad().copy()).collect();
+    zero_grad(&s);
+
+    // The same loss written densely: latents from the same top-k, decoded with a matmul.
+    let pre = s.pre_activations(&x).unwrap();
+    let (top, idx) = pre.topk(5, 1, true, false);
+    let latents = pre.zeros_like().scatter(1, &idx, &top.relu());
+    let x_hat = latents.matmul(s.w_dec()) + s.b_dec();
+    assert_close(&values(&x_hat.detach()), &values(&out.x_hat.detach()));
+    assert_close(&values(&latents.detach()), &values(&out.latents));
+    let mse = (&x_hat - &x).square().mean(Kind::Float);
+    let residual = (&x - &x_hat).detach();
+    let dead_pre = pre.masked_fill(&dead.logical_not(), f64::NEG_INFINITY);
+    let (aux_values, aux_idx) = dead_pre.topk(14.min(6), 1, true, false);
+    let aux = pre.zeros_like().scatter(1, &aux_idx, &aux_values.relu()).matmul(s.w_dec());
+    let auxk = (aux - residual).square().mean(Kind::Float) * (14.0f64 / 6.0).min(1.0);
+    let total = mse + auxk * s.config().auxk.coeff;
+    assert!((scalar(&total) - scalar(&out.total)).abs() < 1e-5);
+    total.backward();
+    for (got, t) in sparse_grads.iter().zip([s.w_dec(), s.w_enc(), s.b_dec()]) {
+        assert_close(&values(got), &values(&t.grad()));
+    }
+}
