@@ -221,6 +221,9 @@ pub struct Sae {
     /// BatchTopK only: [] the inference threshold, and [] how many batches have updated it.
     /// Both are non-trainable entries of the VarStore, so they are saved with the weights.
     batchtopk_threshold: Option<(Tensor, Tensor)>,
+    /// The dtype of the encoder's and the dense decoder's matrix products: f32, or bf16 for
+    /// autocast (the parameters, their gradients and the optimizer stay f32).
+    matmul_kind: Kind,
 }
 
 impl Sae {
@@ -255,7 +258,31 @@ impl Sae {
             )),
             _ => None,
         };
-        Ok(Sae { config, vs, w_enc, b_enc, w_dec, b_dec, log_threshold, batchtopk_threshold })
+        Ok(Sae {
+            config,
+            vs,
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            log_threshold,
+            batchtopk_threshold,
+            matmul_kind: Kind::Float,
+        })
+    }
+
+    /// Runs the large matrix products in bf16 (autocast, as on GPUs with bf16 tensor cores) or,
+    /// with `false`, in f32. Master weights, gradients and Adam's state stay f32 either way.
+    pub fn set_bf16_autocast(&mut self, enabled: bool) {
+        self.matmul_kind = if enabled { Kind::BFloat16 } else { Kind::Float };
+    }
+
+    /// a @ b in the autocast dtype, returned as f32.
+    fn matmul(&self, a: &Tensor, b: &Tensor) -> Tensor {
+        match self.matmul_kind {
+            Kind::Float => a.matmul(b),
+            kind => a.to_kind(kind).matmul(&b.to_kind(kind)).to_kind(Kind::Float),
+        }
     }
 
     pub fn config(&self) -> &SaeConfig {
@@ -364,7 +391,7 @@ impl Sae {
     /// centres the input on the point the decoder treats as its origin.
     pub fn pre_activations(&self, x: &Tensor) -> Result<Tensor, SaeError> {
         self.check_rows(x, "input", self.config.d_in)?;
-        Ok((x - &self.b_dec).matmul(&self.w_enc) + &self.b_enc)
+        Ok(self.matmul(&(x - &self.b_dec), &self.w_enc) + &self.b_enc)
     }
 
     /// Latents for inference: [batch, d_in] → [batch, d_sae]. BatchTopK uses its threshold here,
@@ -388,7 +415,7 @@ impl Sae {
     /// latents @ W_dec + b_dec: [batch, d_sae] → [batch, d_in].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SaeError> {
         self.check_rows(latents, "latents", self.config.d_sae)?;
-        Ok(latents.matmul(&self.w_dec) + &self.b_dec)
+        Ok(self.matmul(latents, &self.w_dec) + &self.b_dec)
     }
 
     /// The training forward pass on x [batch, d_in]. `dead_mask` [d_sae] (Bool) marks the latents
@@ -423,7 +450,7 @@ impl Sae {
             Architecture::BatchTopK { k } => (self.batch_topk_train(&pre, k as i64), zero()),
             Architecture::JumpRelu { bandwidth, .. } => self.jump_relu_train(&pre, bandwidth),
         };
-        let x_hat = latents.matmul(&self.w_dec) + &self.b_dec;
+        let x_hat = self.matmul(&latents, &self.w_dec) + &self.b_dec;
         self.finish_forward(x, &pre, dead_mask, x_hat, latents, sparsity)
     }
 

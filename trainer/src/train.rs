@@ -65,6 +65,10 @@ pub struct RunSettings {
     pub dead_window: u64,
     /// Read a dataset that capture is still writing.
     pub follow: bool,
+    /// Run the SAE's large matrix products in bf16 (f32 master weights). Meant for GPUs; it
+    /// changes the numerics, so it is part of the configuration.
+    #[serde(default)]
+    pub bf16_autocast: bool,
 }
 
 /// One SAE of a run: where it goes and what it is.
@@ -389,6 +393,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         tch::manual_seed(settings.seed as i64);
         let mut sae = Sae::new(config.clone(), req.device).map_err(sae_error)?;
         sae.set_decoder_bias(&mean).map_err(sae_error)?;
+        sae.set_bf16_autocast(settings.bf16_autocast);
         let mut adam = Adam::new(settings.adam_betas.0, settings.adam_betas.1, settings.adam_eps);
         let mut dead = DeadLatents::new(config.d_sae, dead_window, req.device);
         let mut rows = Vec::new();

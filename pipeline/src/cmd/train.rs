@@ -94,6 +94,10 @@ pub struct Args {
     /// Train on a dataset that capture is still writing (one pass, in commit order).
     #[arg(long)]
     follow: bool,
+    /// Run the SAE's large matrix products in bf16 with f32 master weights (for GPUs with bf16
+    /// tensor cores; on most CPUs it is slower).
+    #[arg(long)]
+    bf16_autocast: bool,
     /// A TOML file with any of these flags as keys (`latents = 4608`, `[sweep] k = [16, 32]`);
     /// flags given on the command line win.
     #[arg(long, value_name = "FILE")]
@@ -203,6 +207,7 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         dead_window: args.dead_window,
         follow: args.follow,
+        bf16_autocast: args.bf16_autocast,
     };
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -463,3 +463,23 @@ fn topk_sparse_decoding_matches_the_dense_product_and_its_gradients() {
         assert_close(&values(got), &values(&t.grad()));
     }
 }
+
+#[test]
+fn bf16_autocast_keeps_f32_parameters_and_close_results() {
+    let _guard = setup(12);
+    let x = Tensor::randn([16, 24], (Kind::Float, Device::Cpu));
+    for arch in all_architectures() {
+        tch::manual_seed(5);
+        let mut full = sae(24, 48, arch.clone());
+        tch::manual_seed(5);
+        let mut half = sae(24, 48, arch.clone());
+        half.set_bf16_autocast(true);
+        let a = full.forward(&x, None).unwrap();
+        let b = half.forward(&x, None).unwrap();
+        let (ma, mb) = (scalar(&a.mse), scalar(&b.mse));
+        assert!((ma - mb).abs() <= 0.05 * ma.abs() + 1e-3, "{arch:?}: mse {ma} vs {mb} in bf16");
+        b.total.backward();
+        assert_eq!(half.w_enc().grad().kind(), Kind::Float, "{arch:?}");
+        assert_eq!(half.w_enc().kind(), Kind::Float);
+    }
+}
