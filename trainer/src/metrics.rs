@@ -71,6 +71,11 @@ impl StepAccumulator {
         (self.sums.as_ref().map(|s| s.detach().copy()), self.steps)
     }
 
+    /// Replaces the unlogged sums (with their all-rank mean, in data-parallel training).
+    pub fn replace_sums(&mut self, sums: Tensor) {
+        self.sums = Some(sums);
+    }
+
     /// Restores what [`StepAccumulator::pending`] returned.
     pub fn restore(sums: Option<Tensor>, steps: u64, device: tch::Device) -> Self {
         let sums = sums.filter(|_| steps > 0).map(|s| s.to_kind(Kind::Float).to_device(device));

@@ -372,6 +372,12 @@ impl Sae {
             .map(|(threshold, _)| threshold.expand([self.config.d_sae as i64], false).copy())
     }
 
+    /// BatchTopK's threshold buffer itself (shared storage; None for other architectures), so
+    /// data-parallel training can keep the ranks' copies equal.
+    pub fn batchtopk_threshold_tensor(&self) -> Option<Tensor> {
+        self.batchtopk_threshold.as_ref().map(|(threshold, _)| threshold.shallow_clone())
+    }
+
     /// BatchTopK's current inference threshold (None for other architectures).
     pub fn batchtopk_threshold(&self) -> Option<f64> {
         self.batchtopk_threshold.as_ref().map(|(threshold, _)| threshold.double_value(&[]))

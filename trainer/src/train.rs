@@ -28,6 +28,7 @@ use tch::{Device, Kind, Tensor};
 use crate::adam::{clip_grad_norm, Adam};
 use crate::checkpoint::{self, CheckpointError, CheckpointState, RngState};
 use crate::dead::DeadLatents;
+use crate::dist::{DistError, ProcessGroup};
 use crate::export::{self, ExportInfo};
 use crate::loader::Loader;
 use crate::metrics::{self, MetricsRow, StepAccumulator};
@@ -65,10 +66,18 @@ pub struct RunSettings {
     pub dead_window: u64,
     /// Read a dataset that capture is still writing.
     pub follow: bool,
+    /// Shuffle the data (off only to pin the data order, e.g. to compare a data-parallel run
+    /// with one process on the concatenated batches).
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
     /// Run the SAE's large matrix products in bf16 (f32 master weights). Meant for GPUs; it
     /// changes the numerics, so it is part of the configuration.
     #[serde(default)]
     pub bf16_autocast: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One SAE of a run: where it goes and what it is.
@@ -119,7 +128,9 @@ pub struct TrainRequest {
     pub members: Vec<Member>,
     pub device: Device,
     pub store: StoreOptions,
-    pub rank: usize,
+    /// The data-parallel process group, when there are several ranks. Every rank runs `train`
+    /// with the same request; rank 0 alone writes outputs. `settings.world_size` must match.
+    pub group: Option<ProcessGroup>,
     /// Write a checkpoint every this many steps (0: only when stopped by a signal).
     pub checkpoint_every: u64,
     /// Log metrics every this many steps (the last step is always logged).
@@ -175,6 +186,8 @@ pub enum TrainError {
     Invalid(String),
     #[error("interrupted at step {step}; a checkpoint was saved: run the same command again to resume")]
     Interrupted { step: u64 },
+    #[error(transparent)]
+    Dist(#[from] DistError),
 }
 
 fn invalid(msg: impl Into<String>) -> TrainError {
@@ -321,9 +334,16 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     if s.batch_size == 0 {
         return Err(invalid("--batch-size must be at least 1"));
     }
-    if s.world_size == 0 || req.rank >= s.world_size {
-        return Err(invalid(format!("rank {} is outside a world of {}", req.rank, s.world_size)));
+    let rank = req.group.as_ref().map_or(0, |g| g.rank());
+    let group_size = req.group.as_ref().map_or(1, |g| g.world_size());
+    if s.world_size != group_size {
+        return Err(invalid(format!(
+            "the run is configured for a world of {} but the process group has {group_size} ranks",
+            s.world_size
+        )));
     }
+    let leader = rank == 0;
+    let collectives = Collectives { group: req.group.as_ref(), device: req.device };
     let stats = data_stats(req)?;
     let d_in = stats.hook.d_model;
     let settings = RunSettings { hook: stats.hook.name.clone(), ..s.clone() };
@@ -372,7 +392,8 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             })
             .collect());
     };
-    let start_step = common.last().copied().unwrap_or(0);
+    // Every rank reads the same --out (it must be shared storage); rank 0's view decides.
+    let start_step = collectives.agree(common.last().copied().unwrap_or(0))?;
     if start_step == 0 && plans.iter().any(|p| matches!(p.4, Found::Checkpoints(_))) {
         tracing::warn!("the SAEs' checkpoints share no step; starting every SAE afresh");
     }
@@ -411,13 +432,16 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             tokens = saved.state.tokens;
             tracing::info!("{name}: resuming from step {start_step} ({tokens} tokens)");
         }
+        // Rank 0's weights are everyone's (they are equal anyway: same seed, same checkpoint).
+        collectives.broadcast(&sae.state_tensors())?;
         runs.push(MemberRun { name, dir, config_json: json, sae, adam, dead, acc, rows });
     }
 
     let mut opts = ReaderOptions::new(&settings.hook, settings.batch_size);
     opts.d_model = Some(d_in);
     opts.seed = settings.seed;
-    opts.rank = req.rank;
+    opts.rank = rank;
+    opts.shuffle = settings.shuffle;
     opts.world = settings.world_size;
     opts.start = cursor;
     opts.output = OutputDtype::F32;
@@ -434,15 +458,22 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         decay_fraction: settings.lr_decay_fraction,
         total_steps,
     };
-    let progress = progress_bar(req.progress, total_steps * tokens_per_step, tokens);
+    let progress = progress_bar(req.progress && leader, total_steps * tokens_per_step, tokens);
     let session_start = Instant::now();
     let mut last_log = (Instant::now(), loader.waited, tokens);
     let mut step = start_step;
     let mut cursor_after = cursor;
-    let ctx = StepContext { settings: &settings };
+    let ctx = StepContext { settings: &settings, collectives };
     while step < total_steps {
-        if req.stop.load(Ordering::SeqCst) {
-            save_checkpoints(&runs, &settings, step, tokens, cursor_after)?;
+        // A signal may reach the ranks at different steps: they stop together, at the first
+        // step where any of them has it.
+        if collectives.any(req.stop.load(Ordering::SeqCst))? {
+            for run in runs.iter_mut() {
+                collectives.mean_pending_metrics(run)?;
+            }
+            if leader {
+                save_checkpoints(&runs, &settings, step, tokens, cursor_after)?;
+            }
             progress.abandon();
             return Err(TrainError::Interrupted { step });
         }
@@ -469,6 +500,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             let wait_fraction = (loader.waited - waited).as_secs_f64() / wall;
             let tokens_per_s = (tokens - tokens_before) as f64 / wall;
             for run in runs.iter_mut() {
+                collectives.mean_pending_metrics(run)?;
                 log_row(run, step, tokens, lr, wait_fraction, tokens_per_s, stats.variance);
             }
             if let Some(row) = runs.first().and_then(|r| r.rows.last()) {
@@ -483,8 +515,14 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             last_log = (Instant::now(), loader.waited, tokens);
         }
         if req.checkpoint_every > 0 && step % req.checkpoint_every == 0 && step < total_steps {
-            save_checkpoints(&runs, &settings, step, tokens, cursor_after)?;
-            write_metrics(&runs)?;
+            // The unlogged sums are averaged first, so the checkpoint holds every rank's share.
+            for run in runs.iter_mut() {
+                collectives.mean_pending_metrics(run)?;
+            }
+            if leader {
+                save_checkpoints(&runs, &settings, step, tokens, cursor_after)?;
+                write_metrics(&runs)?;
+            }
         }
     }
     progress.finish_and_clear();
@@ -496,9 +534,10 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     for run in runs.iter_mut() {
         // A run stopped early by the data logs its last partial interval here.
         if run.rows.last().map(|r| r.step) != Some(step) {
+            collectives.mean_pending_metrics(run)?;
             log_row(run, step, tokens, schedule.at(step.saturating_sub(1)), waited_fraction, 0.0, stats.variance);
         }
-        summaries.push(finish(run, &stats, &settings, step, tokens, waited_fraction, start_step, session_seconds)?);
+        summaries.push(finish(run, &stats, &settings, step, tokens, waited_fraction, start_step, session_seconds, leader)?);
     }
     summaries.extend(finished);
     Ok(summaries)
@@ -506,6 +545,72 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
 
 struct StepContext<'a> {
     settings: &'a RunSettings,
+    collectives: Collectives<'a>,
+}
+
+/// The data-parallel collectives the loop needs; without a group (one process) each is the
+/// identity.
+#[derive(Clone, Copy)]
+struct Collectives<'a> {
+    group: Option<&'a ProcessGroup>,
+    /// Where the small flag tensors live (NCCL takes CUDA tensors only).
+    device: Device,
+}
+
+impl Collectives<'_> {
+    /// Averages the gradients of `params` over the ranks, so every rank takes the same step.
+    fn mean_gradients(&self, params: &[(String, Tensor)]) -> Result<(), TrainError> {
+        let Some(group) = self.group else { return Ok(()) };
+        let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        group.all_reduce_mean(&grads.iter().collect::<Vec<_>>())?;
+        Ok(())
+    }
+
+    fn mean(&self, tensors: &[&Tensor]) -> Result<(), TrainError> {
+        if let Some(group) = self.group {
+            group.all_reduce_mean(tensors)?;
+        }
+        Ok(())
+    }
+
+    /// [d_sae] Bool: fired on any rank.
+    fn any_fired(&self, fired: Tensor) -> Result<Tensor, TrainError> {
+        let Some(group) = self.group else { return Ok(fired) };
+        let counts = fired.to_kind(Kind::Float);
+        group.all_reduce_sum(&[&counts])?;
+        Ok(counts.gt(0.0))
+    }
+
+    /// Whether `flag` holds on any rank.
+    fn any(&self, flag: bool) -> Result<bool, TrainError> {
+        let Some(group) = self.group else { return Ok(flag) };
+        let t = Tensor::from_slice(&[flag as i64]).to_device(self.device);
+        group.all_reduce_sum(&[&t])?;
+        Ok(t.int64_value(&[0]) > 0)
+    }
+
+    /// Rank 0's value of `value` on every rank.
+    fn agree(&self, value: u64) -> Result<u64, TrainError> {
+        let Some(group) = self.group else { return Ok(value) };
+        let t = Tensor::from_slice(&[value as i64]).to_device(self.device);
+        group.broadcast(&[&t], 0)?;
+        Ok(t.int64_value(&[0]) as u64)
+    }
+
+    fn broadcast(&self, named: &[(String, Tensor)]) -> Result<(), TrainError> {
+        let Some(group) = self.group else { return Ok(()) };
+        group.broadcast(&named.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)?;
+        Ok(())
+    }
+
+    /// Averages the unlogged metric sums over ranks, so the logged means cover every rank's rows.
+    fn mean_pending_metrics(&self, run: &mut MemberRun) -> Result<(), TrainError> {
+        if let (Some(_), (Some(sums), _)) = (self.group, run.acc.pending()) {
+            self.mean(&[&sums])?;
+            run.acc.replace_sums(sums);
+        }
+        Ok(())
+    }
 }
 
 /// One optimizer step of one SAE on the scaled batch `x` [rows, d_in].
@@ -523,6 +628,11 @@ fn train_step(run: &mut MemberRun, x: &Tensor, step: u64, lr: f64, tokens: u64, 
     let sparsity_coeff = warmed_up(arch.sparsity_coeff(), step, ctx.settings.sparsity_warmup_steps);
     let loss = &out.mse + &out.sparsity * sparsity_coeff + &out.auxk * run.sae.config().auxk.coeff;
     loss.backward();
+    ctx.collectives.mean_gradients(&params)?;
+    if let Some(threshold) = run.sae.batchtopk_threshold_tensor() {
+        // BatchTopK's threshold follows each rank's own batch; keep the ranks' copies equal.
+        ctx.collectives.mean(&[&threshold])?;
+    }
     if arch.unit_norm_decoder() {
         run.sae.project_decoder_grad();
     }
@@ -534,7 +644,7 @@ fn train_step(run: &mut MemberRun, x: &Tensor, step: u64, lr: f64, tokens: u64, 
         run.sae.normalize_decoder();
     }
     let _guard = tch::no_grad_guard();
-    let fired = out.latents.ne(0.0).any_dim(0, false);
+    let fired = ctx.collectives.any_fired(out.latents.ne(0.0).any_dim(0, false))?;
     run.dead.update(&fired, tokens);
     let logged = crate::sae::ForwardOutput { total: loss.detach(), ..out };
     run.acc.add(&logged);
@@ -595,6 +705,7 @@ fn finish(
     data_wait_fraction: f64,
     start_step: u64,
     session_seconds: f64,
+    leader: bool,
 ) -> Result<TrainSummary, TrainError> {
     let config = run.sae.config().clone();
     let info = ExportInfo {
@@ -608,6 +719,10 @@ fn finish(
         tokens,
     };
     let (cfg, weights) = export::export_files(&run.sae, &info);
+    let summary = summarize(run, &config, settings, steps, tokens, data_wait_fraction, start_step, session_seconds);
+    if !leader {
+        return Ok(summary); // rank 0 writes the outputs
+    }
     run.dir.put(export::WEIGHTS_FILE, weights)?;
     run.dir.put(export::CFG_FILE, cfg)?;
     run.dir.put(METRICS_FILE, metrics::to_jsonl(&run.rows))?;
@@ -620,8 +735,31 @@ fn finish(
         Ok(png) => run.dir.put(CURVES_FILE, png)?,
         Err(e) => tracing::warn!("no training-curve plot for {}: {e}", run.name),
     }
+    let result = ResultFile { config: run.config_json.clone(), summary: summary.clone() };
+    let mut bytes = serde_json::to_vec_pretty(&result).expect("result.json");
+    bytes.push(b'\n');
+    // Written last: its presence means every other output is complete.
+    run.dir.put(RESULT_FILE, bytes)?;
+    // The checkpoints have served their purpose once the result exists.
+    for step in checkpoint::list_steps(&run.dir)? {
+        run.dir.delete(&format!("{}/step-{step:09}.safetensors", checkpoint::CHECKPOINT_DIR))?;
+    }
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    run: &MemberRun,
+    config: &SaeConfig,
+    settings: &RunSettings,
+    steps: u64,
+    tokens: u64,
+    data_wait_fraction: f64,
+    start_step: u64,
+    session_seconds: f64,
+) -> TrainSummary {
     let last = run.rows.last().cloned();
-    let summary = TrainSummary {
+    TrainSummary {
         name: run.name.clone(),
         out_url: run.dir.url().to_string(),
         architecture: config.arch.name().to_string(),
@@ -642,17 +780,7 @@ fn finish(
         },
         already_finished: false,
         resumed_from_step: (start_step > 0).then_some(start_step),
-    };
-    let result = ResultFile { config: run.config_json.clone(), summary: summary.clone() };
-    let mut bytes = serde_json::to_vec_pretty(&result).expect("result.json");
-    bytes.push(b'\n');
-    // Written last: its presence means every other output is complete.
-    run.dir.put(RESULT_FILE, bytes)?;
-    // The checkpoints have served their purpose once the result exists.
-    for step in checkpoint::list_steps(&run.dir)? {
-        run.dir.delete(&format!("{}/step-{step:09}.safetensors", checkpoint::CHECKPOINT_DIR))?;
     }
-    Ok(summary)
 }
 
 fn display_name(name: &str) -> String {

@@ -7,6 +7,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use store::StoreOptions;
 use trainer::sae::{Architecture, DEFAULT_AUXK_COEFF};
+use std::time::Duration;
+
+use tch::Device;
+use trainer::dist::{Backend, DistEnv, ProcessGroup};
 use trainer::train::{train, Member, RunSettings, TrainError, TrainRequest, TrainSummary};
 
 use crate::cmd::eval::{evaluate, print_report, EvalArgs, EvalReport};
@@ -94,6 +98,12 @@ pub struct Args {
     /// Train on a dataset that capture is still writing (one pass, in commit order).
     #[arg(long)]
     follow: bool,
+    /// Seconds a rank waits for the others in a collective before failing (data-parallel runs).
+    #[arg(long, default_value_t = 600)]
+    dist_timeout: u64,
+    /// Read the dataset in stored order (for tests that pin the data order).
+    #[arg(long, hide = true)]
+    no_shuffle: bool,
     /// Run the SAE's large matrix products in bf16 with f32 master weights (for GPUs with bf16
     /// tensor cores; on most CPUs it is slower).
     #[arg(long)]
@@ -177,6 +187,21 @@ pub fn run(args: Args) -> Result<()> {
         tch::set_num_threads(n);
     }
     let device = capture::device::parse_device(args.model.device.as_deref())?;
+    // Under torchrun or srun, join the data-parallel group: NCCL on GPUs (each rank on the GPU
+    // of its LOCAL_RANK), Gloo on CPU.
+    let (device, group) = match DistEnv::from_env()? {
+        None => (device, None),
+        Some(env) => {
+            let device = match device {
+                Device::Cuda(_) => Device::Cuda(env.local_rank),
+                other => other,
+            };
+            let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+            let group = ProcessGroup::new(&env, backend, Duration::from_secs(args.dist_timeout))?;
+            (device, Some(group))
+        }
+    };
+    let leader = group.as_ref().is_none_or(|g| g.rank() == 0);
     let store = StoreOptions::default();
     let (manifest, _) = store::load_manifest(&args.data, &store)
         .with_context(|| format!("cannot open the training data `{}`", args.data))?;
@@ -189,7 +214,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--follow needs --max-tokens: the dataset's size is not known while it is being written");
     }
     let max_tokens = args.max_tokens.unwrap_or(manifest.tokens);
-    let world_size = 1;
+    let world_size = group.as_ref().map_or(1, |g| g.world_size());
     let total_steps = max_tokens.div_ceil((args.batch_size.max(1) * world_size) as u64);
     let five_percent = (total_steps / 20).min(1000);
     let settings = RunSettings {
@@ -207,6 +232,7 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         dead_window: args.dead_window,
         follow: args.follow,
+        shuffle: !args.no_shuffle,
         bf16_autocast: args.bf16_autocast,
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,7 +249,7 @@ pub fn run(args: Args) -> Result<()> {
         members: members(&args, d_model)?,
         device,
         store: store.clone(),
-        rank: 0,
+        group,
         checkpoint_every: args.checkpoint_every,
         log_every: args.log_every,
         stop,
@@ -238,6 +264,9 @@ pub fn run(args: Args) -> Result<()> {
         Err(e) => return Err(e.into()),
     };
 
+    if !leader {
+        return Ok(()); // rank 0 reports (and evaluates) for everyone
+    }
     let mut results = Vec::new();
     for summary in &summaries {
         print_summary(summary);
