@@ -67,3 +67,22 @@ print(f"{'training tokens/s, ours / PyTorch eager':<58} median {statistics.media
 waits = [w for _, _, w in rows]
 print(f"{'share of our step time spent waiting for data':<58} median {100 * statistics.median(waits):.2f}%  (rounds: {', '.join(f'{100 * w:.2f}%' for w in waits)})")
 PY
+
+echo
+echo "== data-parallel scaling on CPU: 2 processes x 1 thread (torchrun, Gloo) vs 1 process x 1 thread, same data, $ROUNDS rounds =="
+# Same global batch (4096 rows: 2 x 2048 vs 1 x 4096) and the same 4608-latent TopK SAE.
+scale_same=(--latents 4608 --k 32 --max-tokens "${BENCH_SCALING_TOKENS:-122880}" --threads 1 --no-eval --quiet --json)
+results=()
+for round in $(seq "$ROUNDS"); do
+  rm -rf "$WORK/one" "$WORK/two"
+  one=$($SAE train --data "$WORK/train-ds" --out "$WORK/one" --batch-size 4096 "${scale_same[@]}" 2>/dev/null | last_field tokens_per_s)
+  two=$("$(dirname "$SAE_PYTHON")/torchrun" --no-python --nproc-per-node 2 "$SAE" train --data "$WORK/train-ds" --out "$WORK/two" --batch-size 2048 "${scale_same[@]}" 2>/dev/null | last_field tokens_per_s)
+  echo "round $round: 1 process $one tokens/s, 2 processes $two tokens/s"
+  results+=("$one,$two")
+done
+python3 - "${results[@]}" <<'PY'
+import statistics, sys
+rows = [tuple(map(float, r.split(","))) for r in sys.argv[1:]]
+eff = [t / (2 * o) for o, t in rows]
+print(f"{'scaling efficiency, 2 ranks / (2 x 1 rank)':<58} median {100 * statistics.median(eff):.0f}%  (rounds: {', '.join(f'{100 * e:.0f}%' for e in eff)})")
+PY
