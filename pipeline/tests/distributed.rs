@@ -202,3 +202,13 @@ fn a_dead_peer_is_a_clear_error_not_a_hang() {
     let err = stderr(&out);
     assert!(err.contains("rank 0 of 2") && err.contains("peer"), "{err}");
 }
+
+#[test]
+fn follow_is_refused_with_several_ranks() {
+    let dir = scratch("follow-ranks");
+    let mut args = train_args(dir.to_str().unwrap(), "topk", "256", "2048");
+    args.push("--follow");
+    let out = spawn_rank(&args, 0, 2, free_port()).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--follow trains in one process only"), "{}", stderr(&out));
+}

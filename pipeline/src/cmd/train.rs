@@ -189,7 +189,13 @@ pub fn run(args: Args) -> Result<()> {
     let device = capture::device::parse_device(args.model.device.as_deref())?;
     // Under torchrun or srun, join the data-parallel group: NCCL on GPUs (each rank on the GPU
     // of its LOCAL_RANK), Gloo on CPU.
-    let (device, group) = match DistEnv::from_env()? {
+    let dist_env = DistEnv::from_env()?;
+    if args.follow && dist_env.as_ref().is_some_and(|env| env.world_size > 1) {
+        // Ranks of a followed dataset could see different numbers of batches, and a rank left
+        // waiting in a collective would only fail at the timeout.
+        bail!("--follow trains in one process only; finish the capture, then train with several ranks");
+    }
+    let (device, group) = match dist_env {
         None => (device, None),
         Some(env) => {
             let device = match device {
@@ -215,6 +221,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let max_tokens = args.max_tokens.unwrap_or(manifest.tokens);
     let world_size = group.as_ref().map_or(1, |g| g.world_size());
+
     let total_steps = max_tokens.div_ceil((args.batch_size.max(1) * world_size) as u64);
     let five_percent = (total_steps / 20).min(1000);
     let settings = RunSettings {
