@@ -6,6 +6,7 @@ mod capture_rows;
 mod ce_score;
 mod cmd;
 mod corpus_source;
+mod features;
 mod model_args;
 mod workers;
 
@@ -33,6 +34,8 @@ enum Command {
     Train(cmd::train::Args),
     /// Evaluate a trained SAE: FVU, L0, dead latents, feature density and the CE-loss score.
     Eval(cmd::eval::Args),
+    /// Read a trained SAE's features (so far: nearest neighbours).
+    Features(cmd::features::Args),
 }
 
 fn main() {
@@ -55,6 +58,7 @@ fn main() {
         Command::Dataset(args) => cmd::dataset::run(args),
         Command::Train(args) => cmd::train::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Features(args) => cmd::features::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -427,3 +427,23 @@ fn copy_tree(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
     }
 }
+
+#[test]
+fn feature_neighbors_are_sorted_exclude_the_feature_and_find_it_in_a_copy() {
+    let sae_dir = topk_alone().to_str().unwrap();
+    let out = sae(&["features", "neighbors", "--sae", sae_dir, "--feature", "3", "--top", "5", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let found = last_json(&out)["neighbors"].as_array().unwrap().clone();
+    assert_eq!(found.len(), 5);
+    let cosines: Vec<f64> = found.iter().map(|n| n["cosine"].as_f64().unwrap()).collect();
+    assert!(cosines.windows(2).all(|w| w[0] >= w[1]), "{cosines:?}");
+    assert!(found.iter().all(|n| n["feature"] != 3));
+    // In another SAE that is a copy, the feature's nearest neighbour is itself, at cosine 1.
+    let out = sae(&["features", "neighbors", "--sae", sae_dir, "--feature", "3", "--top", "1", "--other-sae", sae_dir, "--json"]);
+    let best = &last_json(&out)["neighbors"][0];
+    assert_eq!(best["feature"], 3);
+    assert!((best["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-5, "{best}");
+    let out = sae(&["features", "neighbors", "--sae", sae_dir, "--feature", "1152"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("feature 1152 is out of range"), "{}", stderr(&out));
+}

@@ -1,0 +1,3 @@
+//! Reading an SAE's features. So far: nearest neighbours by decoder cosine similarity.
+
+pub mod neighbors;
