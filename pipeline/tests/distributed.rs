@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::venv_bin;
+use common::{newest_checkpoint, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 
@@ -129,16 +129,6 @@ fn torchrun(args: &[&str]) -> Command {
     cmd
 }
 
-fn newest_checkpoint(dir: &Path) -> Option<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
-    names.sort();
-    names.pop()
-}
 
 #[test]
 fn a_torchrun_run_interrupted_and_resumed_equals_an_uninterrupted_one_bitwise() {

@@ -11,7 +11,7 @@ use store::reader::{OutputDtype, Reader, ReaderOptions};
 use tch::{Device, Tensor};
 
 mod common;
-use common::{start_moto, venv_bin};
+use common::{newest_checkpoint, start_moto, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -152,16 +152,6 @@ fn a_sweep_member_equals_a_separate_run_bitwise() {
     assert_eq!(metrics(&member).last().unwrap()["fvu"], metrics(topk_alone()).last().unwrap()["fvu"]);
 }
 
-fn newest_checkpoint(dir: &Path) -> Option<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
-    names.sort();
-    names.pop()
-}
 
 /// Starts a run that checkpoints every 5 steps and waits until a checkpoint newer than `after`
 /// exists, then sends `signal`. Returns the exit status.

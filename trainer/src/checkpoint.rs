@@ -110,19 +110,41 @@ pub fn list_steps(dir: &ObjectDir) -> Result<Vec<u64>, CheckpointError> {
     Ok(steps)
 }
 
+/// Deletes every checkpoint (once the finished SAE is written, they have served their purpose).
+pub fn remove_all(dir: &ObjectDir) -> Result<(), CheckpointError> {
+    for step in list_steps(dir)? {
+        dir.delete(&key(step))?;
+    }
+    Ok(())
+}
+
+fn bad(location: &str, detail: String) -> CheckpointError {
+    CheckpointError::Bad { location: location.to_string(), detail }
+}
+
+/// The checkpoint object of `step` and its location, for messages.
+fn fetch(dir: &ObjectDir, step: u64) -> Result<(impl std::ops::Deref<Target = [u8]>, String), CheckpointError> {
+    let location = dir.display(&key(step));
+    let bytes = dir.get(&key(step))?.ok_or_else(|| bad(&location, "it vanished".into()))?;
+    Ok((bytes, location))
+}
+
+/// The [`CheckpointState`] stored in a checkpoint's metadata, checked for its format version.
+fn parse_state(metadata: &BTreeMap<String, String>, location: &str) -> Result<CheckpointState, CheckpointError> {
+    let json = metadata.get(STATE_KEY).ok_or_else(|| bad(location, format!("no `{STATE_KEY}` metadata")))?;
+    let state: CheckpointState = serde_json::from_str(json).map_err(|e| bad(location, e.to_string()))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(bad(location, format!("format_version {} (this build reads {FORMAT_VERSION})", state.format_version)));
+    }
+    Ok(state)
+}
+
 /// Loads the checkpoint of `step`.
 pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
-    let location = dir.display(&key(step));
-    let bad = |detail: String| CheckpointError::Bad { location: location.clone(), detail };
-    let bytes = dir.get(&key(step))?.ok_or_else(|| bad("it vanished".into()))?;
+    let (bytes, location) = fetch(dir, step)?;
+    let bad = |detail: String| bad(&location, detail);
     let (mut named, metadata) = tensors::from_bytes(&bytes, &location)?;
-    let state: CheckpointState = serde_json::from_str(
-        metadata.get(STATE_KEY).ok_or_else(|| bad(format!("no `{STATE_KEY}` metadata")))?,
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    if state.format_version != FORMAT_VERSION {
-        return Err(bad(format!("format_version {} (this build reads {FORMAT_VERSION})", state.format_version)));
-    }
+    let state = parse_state(&metadata, &location)?;
     let dead_counters =
         named.remove("dead.tokens_since_fired").ok_or_else(|| bad("no dead-latent counters".into()))?;
     let pending_metrics = named.remove("metrics.pending");
@@ -140,7 +162,9 @@ pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
     Ok(Checkpoint { state, sae, adam, dead_counters, pending_metrics })
 }
 
-/// Reads only the state of the checkpoint of `step` (for comparing configurations).
+/// Reads only the state of the checkpoint of `step` (for comparing configurations): the object
+/// is fetched, but no tensor is decoded.
 pub fn load_state(dir: &ObjectDir, step: u64) -> Result<CheckpointState, CheckpointError> {
-    load(dir, step).map(|c| c.state)
+    let (bytes, location) = fetch(dir, step)?;
+    parse_state(&tensors::metadata_of(&bytes, &location)?, &location)
 }

@@ -2,7 +2,6 @@
 //! tensors on the training device, scaled, and keeps a few ready ahead of the trainer.
 
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use store::reader::{Cursor, Reader};
@@ -19,7 +18,6 @@ pub struct LoadedBatch {
 /// Batches arrive in the reader's order; the loader runs `depth` batches ahead.
 pub struct Loader {
     rx: Receiver<Result<LoadedBatch, store::Error>>,
-    thread: Option<JoinHandle<()>>,
     /// Total time the trainer spent blocked in [`Loader::next`].
     pub waited: Duration,
 }
@@ -27,7 +25,9 @@ pub struct Loader {
 impl Loader {
     pub fn start(mut reader: Reader, scale: f64, device: Device, depth: usize) -> Loader {
         let (tx, rx) = sync_channel(depth.max(1));
-        let thread = std::thread::Builder::new()
+        // The thread is not joined: dropping the receiver makes its next send fail, so it stops
+        // after at most one more batch (in follow mode it may be waiting for a writer).
+        std::thread::Builder::new()
             .name("sae-train-loader".into())
             .spawn(move || {
                 while let Some(item) = reader.next() {
@@ -51,7 +51,7 @@ impl Loader {
                 }
             })
             .expect("spawn the loader thread");
-        Loader { rx, thread: Some(thread), waited: Duration::ZERO }
+        Loader { rx, waited: Duration::ZERO }
     }
 
     /// The next batch, `None` when the reader is exhausted.
@@ -60,13 +60,5 @@ impl Loader {
         let item = self.rx.recv().ok();
         self.waited += started.elapsed();
         item
-    }
-}
-
-impl Drop for Loader {
-    fn drop(&mut self) {
-        // Dropping the receiver makes the thread's next send fail, so it stops after at most one
-        // more batch. It is not joined: in follow mode it may be waiting for a writer.
-        drop(self.thread.take());
     }
 }

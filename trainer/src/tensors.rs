@@ -45,6 +45,13 @@ pub fn to_bytes(tensors: &[(String, Tensor)], metadata: Option<BTreeMap<String, 
     safetensors::serialize(views, metadata).expect("serialize safetensors")
 }
 
+/// The string metadata of safetensors bytes, without decoding any tensor.
+pub fn metadata_of(bytes: &[u8], location: &str) -> Result<BTreeMap<String, String>, TensorFileError> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| TensorFileError::Invalid { location: location.to_string(), detail: e.to_string() })?;
+    Ok(header.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default())
+}
+
 /// Parses safetensors bytes into CPU tensors by name, plus the metadata. `location` names the
 /// object in errors.
 pub fn from_bytes(
@@ -52,9 +59,7 @@ pub fn from_bytes(
     location: &str,
 ) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>), TensorFileError> {
     let invalid = |detail: String| TensorFileError::Invalid { location: location.to_string(), detail };
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| invalid(e.to_string()))?;
-    let metadata: BTreeMap<String, String> =
-        header.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
+    let metadata = metadata_of(bytes, location)?;
     let file = SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, view) in file.tensors() {

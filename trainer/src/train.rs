@@ -671,6 +671,7 @@ fn log_row(run: &mut MemberRun, step: u64, tokens: u64, lr: f64, wait_fraction: 
 
 fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, step: u64, tokens: u64, cursor: Cursor) -> Result<(), TrainError> {
     for run in runs {
+        let (pending, pending_metric_steps) = run.acc.pending();
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
             step,
@@ -680,9 +681,8 @@ fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, step: u64, token
             config: run.config_json.clone(),
             rng: RngState { torch_seed: settings.seed, reader_seed: settings.seed },
             metrics: run.rows.clone(),
-            pending_metric_steps: run.acc.pending().1,
+            pending_metric_steps,
         };
-        let (pending, _) = run.acc.pending();
         checkpoint::save(&run.dir, &state, &run.sae.state_tensors(), &run.adam.state(), run.dead.counters(), pending.as_ref())?;
     }
     Ok(())
@@ -708,6 +708,10 @@ fn finish(
     leader: bool,
 ) -> Result<TrainSummary, TrainError> {
     let config = run.sae.config().clone();
+    let summary = summarize(run, &config, settings, steps, tokens, data_wait_fraction, start_step, session_seconds);
+    if !leader {
+        return Ok(summary); // rank 0 writes the outputs
+    }
     let info = ExportInfo {
         hook_name: settings.hook.clone(),
         model_name: stats.manifest.model.name.clone(),
@@ -719,10 +723,6 @@ fn finish(
         tokens,
     };
     let (cfg, weights) = export::export_files(&run.sae, &info);
-    let summary = summarize(run, &config, settings, steps, tokens, data_wait_fraction, start_step, session_seconds);
-    if !leader {
-        return Ok(summary); // rank 0 writes the outputs
-    }
     run.dir.put(export::WEIGHTS_FILE, weights)?;
     run.dir.put(export::CFG_FILE, cfg)?;
     run.dir.put(METRICS_FILE, metrics::to_jsonl(&run.rows))?;
@@ -740,10 +740,7 @@ fn finish(
     bytes.push(b'\n');
     // Written last: its presence means every other output is complete.
     run.dir.put(RESULT_FILE, bytes)?;
-    // The checkpoints have served their purpose once the result exists.
-    for step in checkpoint::list_steps(&run.dir)? {
-        run.dir.delete(&format!("{}/step-{step:09}.safetensors", checkpoint::CHECKPOINT_DIR))?;
-    }
+    checkpoint::remove_all(&run.dir)?;
     Ok(summary)
 }
 
