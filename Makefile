@@ -3,10 +3,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 CARGO ?= cargo
 SAE := target/release/sae
-# Where `make demo` keeps its dataset; a rerun finds it finished (or resumes it) instead of redoing it.
-DEMO_DATA ?= data/demo/fortunes-l15
-# Where `make demo` puts its SAE; a rerun reports the finished SAE (or resumes it).
-DEMO_SAE ?= runs/demo/topk-l4608-k32
+# Where `make demo` keeps its dataset, SAE, features and browser; a rerun reuses what is finished.
+DEMO_DIR ?= runs/demo
 WITH_ENV := source scripts/env.sh &&
 
 .PHONY: setup setup-test build demo test bench clean
@@ -23,16 +21,13 @@ setup-test:
 build: setup
 	$(WITH_ENV) $(CARGO) build --release --bin sae
 
-## The main job on the built-in defaults.
+## The main job on the built-in defaults: `sae run` captures 100k tokens of English fortunes at
+## blocks.15.hook_resid_post, trains a TopK SAE (8x, k = 32), evaluates it, builds its features and
+## writes the feature browser. A rerun reuses (or resumes) every stage.
 demo: build
 	@echo "== sae generate (greedy) =="
 	$(SAE) generate --prompt "The capital of France is" --max-new-tokens 16
-	@echo "== sae capture: 100k tokens of English fortunes at blocks.15.hook_resid_post =="
-	$(SAE) capture --out $(DEMO_DATA) --max-tokens 100000 --hook blocks.15.hook_resid_post
-	@echo "== sae dataset info =="
-	$(SAE) dataset info $(DEMO_DATA)
-	@echo "== sae train: a TopK SAE (8x, k = 32) on 3 passes over the dataset, then FVU, L0, dead % and the CE-loss score =="
-	$(SAE) train --data $(DEMO_DATA) --out $(DEMO_SAE) --arch topk --latents 4608 --k 32 --batch-size 1024 --lr 5e-4 --max-tokens 300000
+	$(SAE) run --dir $(DEMO_DIR)
 
 ## The whole suite, in the release profile so the workspace compiles once.
 test: setup-test

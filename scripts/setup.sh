@@ -107,6 +107,8 @@ pkgs=()
 [ -e "$FORTUNES/chinese" ] || pkgs+=(fortunes-zh)
 [ -e "$FONT" ] || pkgs+=(fonts-dejavu-core)
 [ -e "$GLOO_HEADER" ] || [ -n "${GLOO_INCLUDE_DIR:-}" ] || pkgs+=(libgloo-dev)
+# Headless Chromium renders the feature browser's pages in the tests.
+[ "$WITH_TEST" = 1 ] && ! command -v chromium >/dev/null && pkgs+=(chromium)
 if [ ${#pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${pkgs[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -119,6 +119,11 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// The final RMSNorm's weight `[d]` (what scales the residual stream before the unembedding).
+    pub fn final_norm_weight(&self) -> &Tensor {
+        &self.final_norm
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache { layers: (0..self.blocks.len()).map(|_| None).collect(), seen: 0 }
     }

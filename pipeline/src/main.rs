@@ -34,8 +34,14 @@ enum Command {
     Train(cmd::train::Args),
     /// Evaluate a trained SAE: FVU, L0, dead latents, feature density and the CE-loss score.
     Eval(cmd::eval::Args),
-    /// Read a trained SAE's features (so far: nearest neighbours).
+    /// Read a trained SAE's features: build statistics and examples, search a prompt, find
+    /// neighbours, write a browser.
     Features(cmd::features::Args),
+    /// Generate with features clamped or pushed, next to the unsteered generation.
+    Steer(cmd::steer::Args),
+    /// The whole flow on one configuration: capture, train, eval, features build, browse.
+    /// Reuses finished stages and resumes interrupted ones.
+    Run(cmd::run::Args),
 }
 
 fn main() {
@@ -43,7 +49,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let argv = match cmd::train::expand_config(std::env::args().collect()) {
+    // `sae train --config FILE` reads flags from TOML (`sae run --config` has its own format).
+    let argv: Vec<String> = std::env::args().collect();
+    let argv = if argv.get(1).map(String::as_str) == Some("train") { cmd::train::expand_config(argv) } else { Ok(argv) };
+    let argv = match argv {
         Ok(argv) => argv,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -59,6 +68,8 @@ fn main() {
         Command::Train(args) => cmd::train::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Features(args) => cmd::features::run(args),
+        Command::Steer(args) => cmd::steer::run(args),
+        Command::Run(args) => cmd::run::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

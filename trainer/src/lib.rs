@@ -6,6 +6,7 @@
 //! * [`train`]: the loop over the store's reader, for one SAE or a sweep, with checkpoints.
 //! * [`adam`], [`schedule`], [`dead`], [`loader`], [`metrics`]: one idea each.
 //! * [`checkpoint`], [`export`], [`tensors`]: what goes to the output folder.
+//! * [`steer`]: editing features in the activations, keeping the SAE's error term.
 //! * [`eval`]: reconstruction statistics over a stream of activations; [`plots`]: PNG charts.
 
 pub mod adam;
@@ -19,5 +20,6 @@ pub mod metrics;
 pub mod plots;
 pub mod sae;
 pub mod schedule;
+pub mod steer;
 pub mod tensors;
 pub mod train;

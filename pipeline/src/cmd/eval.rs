@@ -86,6 +86,13 @@ pub fn print_report(r: &EvalReport) {
 }
 
 pub fn load_sae(url: &str, store: &StoreOptions, device: Device) -> Result<LoadedSae> {
+    Ok(load_sae_with_sha(url, store, device)?.0)
+}
+
+/// Loads an exported SAE and the SHA-256 (lowercase hex) of its `sae_weights.safetensors`, which
+/// identifies the SAE for the features folders built from it.
+pub fn load_sae_with_sha(url: &str, store: &StoreOptions, device: Device) -> Result<(LoadedSae, String)> {
+    use sha2::{Digest, Sha256};
     let dir = ObjectDir::open(url, store)?;
     let read = |key: &str| -> Result<Vec<u8>> {
         let bytes = dir.get(key)?.with_context(|| format!("no SAE at `{}`: `{key}` is missing", dir.url()))?;
@@ -93,7 +100,14 @@ pub fn load_sae(url: &str, store: &StoreOptions, device: Device) -> Result<Loade
     };
     let cfg = read(export::CFG_FILE)?;
     let weights = read(export::WEIGHTS_FILE)?;
-    Ok(export::load(&cfg, &weights, dir.url(), device)?)
+    let sha = format!("{:x}", Sha256::digest(&weights));
+    Ok((export::load(&cfg, &weights, dir.url(), device)?, sha))
+}
+
+/// The SAE's hook in `model`, or an error naming both.
+pub fn sae_hook_in_model(hook_name: &str, model: &capture::Model) -> Result<HookPoint> {
+    let n_layers = model.llama.config().num_hidden_layers;
+    HookPoint::parse(hook_name, n_layers).with_context(|| format!("the SAE's hook `{hook_name}` does not exist in model `{}`", model.name))
 }
 
 pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &ModelArgs, store: &StoreOptions) -> Result<EvalReport> {

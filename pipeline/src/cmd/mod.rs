@@ -5,3 +5,5 @@ pub mod eval;
 pub mod features;
 pub mod generate;
 pub mod train;
+pub mod run;
+pub mod steer;

@@ -342,8 +342,19 @@ pub fn expand_config(argv: Vec<String>) -> Result<Vec<String>> {
     };
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file `{path}`"))?;
     let table: toml::Table = text.parse().with_context(|| format!("config file `{path}` is not valid TOML"))?;
+    let flags = toml_flags(&table, &path)?;
+    // argv = [program, subcommand, ...]: insert after the subcommand.
+    let at = 2.min(argv.len());
+    let mut out = argv[..at].to_vec();
+    out.extend(flags);
+    out.extend(argv[at..].iter().cloned());
+    Ok(out)
+}
+
+/// TOML keys as command-line flags (see [`expand_config`]); `path` names the file in errors.
+pub fn toml_flags(table: &toml::Table, path: &str) -> Result<Vec<String>> {
     let mut flags = Vec::new();
-    for (key, value) in &table {
+    for (key, value) in table {
         let flag = format!("--{}", key.replace('_', "-"));
         match value {
             toml::Value::Table(sweep) if key == "sweep" => {
@@ -364,12 +375,7 @@ pub fn expand_config(argv: Vec<String>) -> Result<Vec<String>> {
             }
         }
     }
-    // argv = [program, subcommand, ...]: insert after the subcommand.
-    let at = 2.min(argv.len());
-    let mut out = argv[..at].to_vec();
-    out.extend(flags);
-    out.extend(argv[at..].iter().cloned());
-    Ok(out)
+    Ok(flags)
 }
 
 fn scalar(v: &toml::Value) -> Result<String> {

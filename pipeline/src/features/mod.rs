@@ -1,3 +1,7 @@
-//! Reading an SAE's features. So far: nearest neighbours by decoder cosine similarity.
+//! Reading an SAE's features: the statistics pass (`build`), nearest neighbours, and the
+//! folder format they share.
 
+pub mod browse;
+pub mod build;
 pub mod neighbors;
+pub mod set;

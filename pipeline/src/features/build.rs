@@ -1,0 +1,533 @@
+//! `sae features build`: one streaming pass over an activation dataset that records, for every
+//! feature of an SAE, how often and how strongly it fires and where it fires most.
+//!
+//! Pass over the activations (on the SAE's device), per chunk of rows `z = encode(x)` `[n, d_sae]`:
+//! - firing counts, sums (f64) and maxima per feature;
+//! - a top-K heap per feature, kept as two `[K, d_sae]` tensors (values, global row numbers)
+//!   merged with each chunk's own top-K: memory is `O(K · d_sae)` whatever the dataset's size;
+//! - a uniform sample of S firing rows per feature (bottom-S of a random key, merged the same
+//!   way), from which the quantile samples are drawn: sorted by activation and cut into bands
+//!   of equal count, so band b holds samples from the b-th quantile interval, as sae_vis does;
+//! - a log-binned histogram sketch of the firing activations (32 bins per decade), turned at the
+//!   end into equal-width bins over (0, max]; a bin's count may land one bin off when a log bin
+//!   straddles a boundary (log bins are 7% wide).
+//!
+//! A second, cheaper pass reads the same rows again in the same order and only for the rows
+//! around each kept example: it takes their stored token ids and the feature's activation at
+//! each token of the window (re-encoded). Contexts never cross a window (`sequence_id`).
+//!
+//! Logit effects project each decoder row through the final norm's weight and the unembedding
+//! (`W_dec · diag(g) · W_Uᵀ`, chunked over features) and keep the top and bottom 10 tokens.
+//! Neighbours come from decoder cosine similarity, chunked the same way.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use capture::Model;
+use indicatif::{ProgressBar, ProgressStyle};
+use store::reader::{OutputDtype, Reader, ReaderOptions};
+use store::{Manifest, StoreOptions};
+use tch::{Device, Kind, Tensor};
+use trainer::sae::Sae;
+
+use crate::features::neighbors::unit_rows;
+use crate::features::set::{Example, ExampleKind, FeatureStats};
+
+/// Log-binned histogram sketch: bins of 1/32 decade from 10^-4 to 10^4.
+const LOG_LO: f64 = -4.0;
+const BINS_PER_DECADE: f64 = 32.0;
+const LOG_BINS: i64 = 8 * 32;
+/// Key of an empty reservoir slot (random keys are in [0, 1)).
+const EMPTY_KEY: f64 = 2.0;
+
+/// Settings of the pass.
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    pub top_k: usize,
+    pub context: usize,
+    pub quantile_bands: usize,
+    pub samples_per_band: usize,
+    pub histogram_bins: usize,
+    pub logit_tokens: usize,
+    pub neighbors: usize,
+    /// Rows encoded per chunk (bounded further so a chunk's `[n, d_sae]` stays under 256 MiB).
+    pub chunk_rows: usize,
+    /// Stop after this many rows (None: the whole dataset).
+    pub max_rows: Option<u64>,
+    pub seed: u64,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        BuildSettings {
+            top_k: 20,
+            context: 8,
+            quantile_bands: 5,
+            samples_per_band: 4,
+            histogram_bins: 40,
+            logit_tokens: 10,
+            neighbors: 10,
+            chunk_rows: 4096,
+            max_rows: None,
+            seed: 0,
+        }
+    }
+}
+
+/// The results of the pass, before they are written.
+pub struct Built {
+    pub rows: u64,
+    pub features: Vec<FeatureStats>,
+    pub examples: Vec<Example>,
+}
+
+/// Running statistics over the encoded chunks, all `[.., d_sae]` tensors on the SAE's device.
+struct Accumulator {
+    fired: Tensor,       // [d_sae] i64
+    sum: Tensor,         // [d_sae] f64
+    max: Tensor,         // [d_sae] f32
+    log_hist: Tensor,    // [d_sae * LOG_BINS] i64
+    top_values: Tensor,  // [K, d_sae] f32, -1 where empty
+    top_rows: Tensor,    // [K, d_sae] i64
+    sample_keys: Tensor, // [S, d_sae] f32, EMPTY_KEY where empty
+    sample_values: Tensor,
+    sample_rows: Tensor,
+    rows: u64,
+}
+
+impl Accumulator {
+    fn new(d_sae: i64, k: i64, s: i64, device: Device) -> Self {
+        let f = (Kind::Float, device);
+        let i = (Kind::Int64, device);
+        Accumulator {
+            fired: Tensor::zeros([d_sae], i),
+            sum: Tensor::zeros([d_sae], (Kind::Double, device)),
+            max: Tensor::zeros([d_sae], f),
+            log_hist: Tensor::zeros([d_sae * LOG_BINS], i),
+            top_values: Tensor::full([k, d_sae], -1.0, f),
+            top_rows: Tensor::zeros([k, d_sae], i),
+            sample_keys: Tensor::full([s, d_sae], EMPTY_KEY, f),
+            sample_values: Tensor::zeros([s, d_sae], f),
+            sample_rows: Tensor::zeros([s, d_sae], i),
+            rows: 0,
+        }
+    }
+
+    /// Adds the latents `z` [n, d_sae] of the next n rows.
+    fn add(&mut self, z: &Tensor) {
+        let (n, d_sae) = z.size2().expect("[n, d_sae]");
+        let device = z.device();
+        let fires = z.gt(0.0);
+        self.fired += fires.sum_dim_intlist(0, false, Kind::Int64);
+        self.sum += z.sum_dim_intlist(0, false, Kind::Double);
+        self.max = self.max.maximum(&z.amax(0, false));
+
+        // Histogram sketch: flat index feature * LOG_BINS + log bin of each firing activation.
+        let at = fires.nonzero(); // [m, 2] (row, feature)
+        if at.size()[0] > 0 {
+            let values = z.masked_select(&fires); // row-major, the same order as `at`
+            let bin = ((values.log10() - LOG_LO) * BINS_PER_DECADE).floor().clamp(0.0, (LOG_BINS - 1) as f64).to_kind(Kind::Int64);
+            let flat = at.select(1, 1) * LOG_BINS + bin;
+            self.log_hist += flat.bincount::<Tensor>(None, d_sae * LOG_BINS);
+        }
+
+        // Top-K: merge this chunk's best rows with the running best.
+        let row_numbers = Tensor::arange_start(self.rows as i64, self.rows as i64 + n, (Kind::Int64, device));
+        let k = self.top_values.size()[0];
+        let (values, index) = z.topk(k.min(n), 0, true, false);
+        let rows = row_numbers.index_select(0, &index.flatten(0, -1)).view_as(&index);
+        let (top_values, pick) = Tensor::cat(&[&self.top_values, &values], 0).topk(k, 0, true, true);
+        self.top_rows = Tensor::cat(&[&self.top_rows, &rows], 0).gather(0, &pick, false);
+        self.top_values = top_values;
+
+        // Uniform sample of firing rows: the S smallest random keys among them.
+        let s = self.sample_keys.size()[0];
+        let keys = Tensor::rand([n, d_sae], (Kind::Float, device)).masked_fill(&fires.logical_not(), EMPTY_KEY);
+        let (chunk_keys, index) = keys.topk(s.min(n), 0, false, false);
+        let chunk_values = z.gather(0, &index, false);
+        let chunk_rows = row_numbers.index_select(0, &index.flatten(0, -1)).view_as(&index);
+        let (sample_keys, pick) = Tensor::cat(&[&self.sample_keys, &chunk_keys], 0).topk(s, 0, false, false);
+        self.sample_values = Tensor::cat(&[&self.sample_values, &chunk_values], 0).gather(0, &pick, false);
+        self.sample_rows = Tensor::cat(&[&self.sample_rows, &chunk_rows], 0).gather(0, &pick, false);
+        self.sample_keys = sample_keys;
+        self.rows += n as u64;
+    }
+}
+
+/// Reads `[K, d_sae]` as `K` rows of `d_sae` values.
+fn to_rows<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<Vec<T>>> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let (k, d) = t.size2()?;
+    let flat = Vec::<T>::try_from(t.flatten(0, -1))?;
+    Ok((0..k as usize).map(|i| flat[i * d as usize..(i + 1) * d as usize].to_vec()).collect())
+}
+
+fn reader_options(hook: &str, chunk_rows: usize, store: &StoreOptions) -> ReaderOptions {
+    let mut opts = ReaderOptions::new(hook, chunk_rows);
+    opts.shuffle = false;
+    opts.epochs = Some(1);
+    opts.drop_last = false;
+    opts.output = OutputDtype::F32;
+    opts.with_tokens = true;
+    opts.store = store.clone();
+    opts
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let template = format!("{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} tokens {{per_sec}} eta {{eta}}");
+    ProgressBar::new(total).with_style(ProgressStyle::with_template(&template).expect("valid template"))
+}
+
+/// Runs both passes over `data_url`'s rows of `hook` and computes the logit effects and
+/// neighbours. `model` supplies the unembedding and decodes tokens.
+pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook: &str, store: &StoreOptions, s: &BuildSettings) -> Result<Built> {
+    let _guard = tch::no_grad_guard();
+    let device = sae.w_dec().device();
+    let d_sae = sae.config().d_sae as i64;
+    if s.top_k == 0 || s.quantile_bands == 0 || s.samples_per_band == 0 || s.histogram_bins == 0 {
+        bail!("--top-k, --quantile-bands, --samples-per-band and --histogram-bins must be at least 1");
+    }
+    tch::manual_seed(s.seed as i64);
+    // A chunk's latents [n, d_sae] and its random keys stay under 256 MiB each.
+    let chunk_rows = s.chunk_rows.min(((1usize << 26) / d_sae as usize).max(64));
+    let total_rows = s.max_rows.map_or(manifest.tokens, |m| m.min(manifest.tokens));
+    let samples = (s.quantile_bands * s.samples_per_band) as i64;
+
+    // Pass 1: statistics, top-K and samples.
+    let mut acc = Accumulator::new(d_sae, s.top_k as i64, samples, device);
+    let bar = progress(total_rows, "features");
+    for batch in Reader::open(data_url, reader_options(hook, chunk_rows, store))? {
+        let batch = batch?;
+        let keep = (total_rows - acc.rows).min(batch.rows as u64) as i64;
+        let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]).narrow(0, 0, keep).to_device(device);
+        acc.add(&sae.encode(&x)?);
+        bar.inc(keep as u64);
+        if acc.rows >= total_rows {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let rows = acc.rows;
+    if rows == 0 {
+        bail!("dataset `{data_url}` has no rows of hook `{hook}`");
+    }
+
+    let fired = Vec::<i64>::try_from(acc.fired.to_device(Device::Cpu))?;
+    let sums = Vec::<f64>::try_from(acc.sum.to_device(Device::Cpu))?;
+    let maxima = Vec::<f32>::try_from(acc.max.to_device(Device::Cpu))?;
+    let log_hist = Vec::<i64>::try_from(acc.log_hist.to_device(Device::Cpu))?;
+    let top_values = to_rows::<f32>(&acc.top_values)?;
+    let top_rows = to_rows::<i64>(&acc.top_rows)?;
+    let sample_keys = to_rows::<f32>(&acc.sample_keys)?;
+    let sample_values = to_rows::<f32>(&acc.sample_values)?;
+    let sample_rows = to_rows::<i64>(&acc.sample_rows)?;
+
+    // The examples to look up: top activations, then the quantile samples.
+    let mut examples: Vec<(Example, u64)> = Vec::new();
+    for f in 0..d_sae as usize {
+        let blank = |kind, rank: usize, band: usize, activation: f32| Example {
+            feature: f as u32,
+            kind,
+            rank: rank as u32,
+            band: band as u32,
+            activation,
+            sequence_id: 0,
+            position: 0,
+            center: 0,
+            token_ids: vec![],
+            tokens: vec![],
+            token_activations: vec![],
+        };
+        for (rank, (values, rows)) in top_values.iter().zip(&top_rows).enumerate() {
+            if values[f] > 0.0 {
+                examples.push((blank(ExampleKind::Top, rank, 0, values[f]), rows[f] as u64));
+            }
+        }
+        let mut sampled: Vec<(f32, u64)> =
+            (0..samples as usize).filter(|&j| sample_keys[j][f] < EMPTY_KEY as f32).map(|j| (sample_values[j][f], sample_rows[j][f] as u64)).collect();
+        sampled.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let m = sampled.len();
+        let mut in_band = vec![Vec::new(); s.quantile_bands];
+        for (i, (value, row)) in sampled.into_iter().enumerate() {
+            in_band[i * s.quantile_bands / m].push((value, row));
+        }
+        for (band, mut members) in in_band.into_iter().enumerate() {
+            members.reverse(); // highest first
+            for (rank, (value, row)) in members.into_iter().enumerate() {
+                examples.push((blank(ExampleKind::Quantile, rank, band, value), row));
+            }
+        }
+    }
+    fill_windows(sae, model, data_url, hook, store, chunk_rows, rows, s.context, &mut examples)?;
+
+    let (logit_top, logit_bottom) = logit_effects(sae, model, s.logit_tokens)?;
+    let neighbors = all_neighbors(sae, s.neighbors)?;
+    let features = (0..d_sae as usize)
+        .map(|f| {
+            let hist = &log_hist[f * LOG_BINS as usize..(f + 1) * LOG_BINS as usize];
+            FeatureStats {
+                feature: f as u32,
+                fired: fired[f] as u64,
+                frequency: fired[f] as f64 / rows as f64,
+                max_activation: maxima[f],
+                mean_activation: if fired[f] > 0 { (sums[f] / fired[f] as f64) as f32 } else { 0.0 },
+                dead: fired[f] == 0,
+                histogram: linear_histogram(hist, maxima[f], s.histogram_bins),
+                top_logit_tokens: logit_top[f].iter().map(|(t, _)| t.clone()).collect(),
+                top_logits: logit_top[f].iter().map(|(_, v)| *v).collect(),
+                bottom_logit_tokens: logit_bottom[f].iter().map(|(t, _)| t.clone()).collect(),
+                bottom_logits: logit_bottom[f].iter().map(|(_, v)| *v).collect(),
+                neighbors: neighbors[f].iter().map(|(n, _)| *n).collect(),
+                neighbor_cosines: neighbors[f].iter().map(|(_, c)| *c).collect(),
+            }
+        })
+        .collect();
+    Ok(Built { rows, features, examples: examples.into_iter().map(|(e, _)| e).collect() })
+}
+
+/// Re-bins a log sketch into `bins` equal bins over (0, max]: each log bin's count goes to the
+/// linear bin holding its geometric centre.
+pub fn linear_histogram(log_hist: &[i64], max: f32, bins: usize) -> Vec<u32> {
+    let mut out = vec![0u32; bins];
+    if max <= 0.0 {
+        return out;
+    }
+    for (b, &count) in log_hist.iter().enumerate() {
+        if count > 0 {
+            let centre = 10f64.powf(LOG_LO + (b as f64 + 0.5) / BINS_PER_DECADE);
+            let at = ((centre / max as f64) * bins as f64).floor().clamp(0.0, (bins - 1) as f64) as usize;
+            out[at] += count as u32;
+        }
+    }
+    out
+}
+
+/// One token slot of one example's window to fill in the second pass.
+struct Slot {
+    row: u64,
+    example: usize,
+    /// Offset from the example's row, −context..=context.
+    offset: i64,
+}
+
+/// The second pass: token ids and the feature's activations for every example's window.
+#[allow(clippy::too_many_arguments)]
+fn fill_windows(
+    sae: &Sae,
+    model: &Model,
+    data_url: &str,
+    hook: &str,
+    store: &StoreOptions,
+    chunk_rows: usize,
+    rows: u64,
+    context: usize,
+    examples: &mut [(Example, u64)],
+) -> Result<()> {
+    let device = sae.w_dec().device();
+    let n = context as i64;
+    let mut slots: Vec<Slot> = Vec::with_capacity(examples.len() * (2 * context + 1));
+    for (i, (_, row)) in examples.iter().enumerate() {
+        for offset in -n..=n {
+            let r = *row as i64 + offset;
+            if r >= 0 && (r as u64) < rows {
+                slots.push(Slot { row: r as u64, example: i, offset });
+            }
+        }
+    }
+    slots.sort_unstable_by_key(|s| s.row);
+    // Per slot: (sequence_id, position, token_id, activation) once its row was read.
+    let mut found: Vec<Option<(u64, u32, u32, f32)>> = vec![None; slots.len()];
+    let bar = progress(rows, "examples");
+    let mut start_row = 0u64;
+    let mut next = 0usize;
+    for batch in Reader::open(data_url, reader_options(hook, chunk_rows, store))? {
+        if next == slots.len() || start_row >= rows {
+            break;
+        }
+        let batch = batch?;
+        let end_row = start_row + batch.rows as u64;
+        let first = next;
+        while next < slots.len() && slots[next].row < end_row {
+            next += 1;
+        }
+        if first < next {
+            let tokens = batch.tokens.as_ref().context("the reader returned no token columns")?;
+            // The distinct rows of this batch that some window needs, re-encoded together.
+            let mut local: Vec<i64> = slots[first..next].iter().map(|s| (s.row - start_row) as i64).collect();
+            local.dedup();
+            let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]);
+            let x = x.index_select(0, &Tensor::from_slice(&local)).to_device(device);
+            let z = sae.encode(&x)?; // [distinct rows, d_sae]
+            let mut which = Vec::with_capacity(next - first);
+            let mut feature = Vec::with_capacity(next - first);
+            let mut at = 0usize;
+            for s in &slots[first..next] {
+                while local[at] != (s.row - start_row) as i64 {
+                    at += 1;
+                }
+                which.push(at as i64);
+                feature.push(examples[s.example].0.feature as i64);
+            }
+            let index = [Some(Tensor::from_slice(&which).to_device(device)), Some(Tensor::from_slice(&feature).to_device(device))];
+            let values = Vec::<f32>::try_from(z.index(&index).to_device(Device::Cpu))?;
+            for (j, s) in slots[first..next].iter().enumerate() {
+                let r = (s.row - start_row) as usize;
+                found[first + j] = Some((tokens.sequence_id[r], tokens.position[r], tokens.token_id[r], values[j]));
+            }
+        }
+        bar.inc(batch.rows as u64);
+        start_row = end_row;
+    }
+    bar.finish_and_clear();
+
+    // Gather each example's slots by offset, then keep the run around the centre that stays in
+    // the example's window (same sequence, consecutive positions).
+    let mut by_example: Vec<Vec<(i64, (u64, u32, u32, f32))>> = vec![Vec::new(); examples.len()];
+    for (slot, value) in slots.iter().zip(found) {
+        if let Some(v) = value {
+            by_example[slot.example].push((slot.offset, v));
+        }
+    }
+    let mut token_text: HashMap<u32, String> = HashMap::new();
+    for ((example, _), mut window) in examples.iter_mut().zip(by_example) {
+        window.sort_unstable_by_key(|(offset, _)| *offset);
+        let centre = window.iter().position(|(o, _)| *o == 0).context("an example's own row was not read back")?;
+        let (_, (sequence, position, _, _)) = window[centre];
+        let belongs = |(offset, (seq, pos, _, _)): &(i64, (u64, u32, u32, f32))| *seq == sequence && *pos as i64 == position as i64 + offset;
+        let mut lo = centre;
+        while lo > 0 && belongs(&window[lo - 1]) && window[lo - 1].0 == window[lo].0 - 1 {
+            lo -= 1;
+        }
+        let mut hi = centre;
+        while hi + 1 < window.len() && belongs(&window[hi + 1]) && window[hi + 1].0 == window[hi].0 + 1 {
+            hi += 1;
+        }
+        example.sequence_id = sequence;
+        example.position = position;
+        example.center = (centre - lo) as u32;
+        for (_, (_, _, token, activation)) in &window[lo..=hi] {
+            example.token_ids.push(*token);
+            example.token_activations.push(*activation);
+            let text = match token_text.get(token) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = model.tokenizer.decode(&[*token])?;
+                    token_text.insert(*token, t.clone());
+                    t
+                }
+            };
+            example.tokens.push(text);
+        }
+    }
+    Ok(())
+}
+
+/// Per feature, the `n` tokens whose logits its decoder row raises most and lowers most.
+#[allow(clippy::type_complexity)]
+pub fn logit_effects(sae: &Sae, model: &Model, n: usize) -> Result<(Vec<Vec<(String, f32)>>, Vec<Vec<(String, f32)>>)> {
+    let _guard = tch::no_grad_guard();
+    let llama = &model.llama;
+    let device = llama.device();
+    let unembed = llama.unembedding().to_kind(Kind::Float); // [vocab, d]
+    let gain = llama.final_norm_weight().to_kind(Kind::Float); // [d]
+    let w_dec = sae.w_dec().detach().to_kind(Kind::Float).to_device(device); // [d_sae, d]
+    if w_dec.size()[1] != unembed.size()[1] {
+        bail!("the SAE's decoder rows have width {} but the model's residual stream has width {}", w_dec.size()[1], unembed.size()[1]);
+    }
+    let (d_sae, vocab) = (w_dec.size()[0], unembed.size()[0]);
+    let n = (n as i64).min(vocab);
+    let chunk = ((1i64 << 26) / vocab).max(1);
+    let mut top = Vec::with_capacity(d_sae as usize);
+    let mut bottom = Vec::with_capacity(d_sae as usize);
+    let decode = |ids: &Tensor, values: &Tensor| -> Result<Vec<Vec<(String, f32)>>> {
+        let ids = to_rows::<i64>(ids)?;
+        let values = to_rows::<f32>(values)?;
+        ids.iter()
+            .zip(values)
+            .map(|(ids, values)| ids.iter().zip(values).map(|(&id, v)| Ok((model.tokenizer.decode(&[id as u32])?, v))).collect())
+            .collect()
+    };
+    let mut start = 0;
+    while start < d_sae {
+        let len = chunk.min(d_sae - start);
+        let effects = (w_dec.narrow(0, start, len) * &gain).matmul(&unembed.tr()); // [len, vocab]
+        let (values, ids) = effects.topk(n, 1, true, true);
+        top.extend(decode(&ids, &values)?);
+        let (values, ids) = effects.topk(n, 1, false, true);
+        bottom.extend(decode(&ids, &values)?);
+        start += len;
+    }
+    Ok((top, bottom))
+}
+
+/// Every feature's `n` nearest other features by decoder cosine similarity, nearest first.
+pub fn all_neighbors(sae: &Sae, n: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let _guard = tch::no_grad_guard();
+    let rows = unit_rows(sae.w_dec()); // [d_sae, d]
+    let d_sae = rows.size()[0];
+    let n = (n as i64).min(d_sae - 1);
+    let mut out = Vec::with_capacity(d_sae as usize);
+    if n <= 0 {
+        return Ok(vec![Vec::new(); d_sae as usize]);
+    }
+    let chunk = ((1i64 << 26) / d_sae).max(1);
+    let mut start = 0;
+    while start < d_sae {
+        let len = chunk.min(d_sae - start);
+        let sims = rows.narrow(0, start, len).matmul(&rows.tr()); // [len, d_sae]
+        // A feature is not its own neighbour.
+        let own = Tensor::arange_start(start, start + len, (Kind::Int64, rows.device())).unsqueeze(1);
+        let sims = sims.scatter_value(1, &own, f64::NEG_INFINITY);
+        let (values, ids) = sims.topk(n, 1, true, true);
+        let ids = to_rows::<i64>(&ids)?;
+        let values = to_rows::<f32>(&values)?;
+        out.extend(ids.into_iter().zip(values).map(|(ids, values)| ids.into_iter().map(|i| i as u32).zip(values).collect()));
+        start += len;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulator_keeps_the_true_top_k_and_counts_across_chunks() {
+        tch::manual_seed(1);
+        let z = (Tensor::randn([1000, 7], (Kind::Float, Device::Cpu)) - 0.5).relu();
+        let mut acc = Accumulator::new(7, 5, 6, Device::Cpu);
+        for chunk in z.split(128, 0) {
+            acc.add(&chunk);
+        }
+        let (want, want_rows) = z.topk(5, 0, true, true);
+        assert!(acc.top_values.allclose(&want, 0.0, 0.0, false));
+        assert!(acc.top_rows.equal(&want_rows));
+        assert!(acc.fired.equal(&z.gt(0.0).sum_dim_intlist(0, false, Kind::Int64)));
+        assert!(acc.max.equal(&z.amax(0, false)));
+        // Sampled rows fire, and their recorded values are the activations at those rows.
+        let keys = to_rows::<f32>(&acc.sample_keys).unwrap();
+        let values = to_rows::<f32>(&acc.sample_values).unwrap();
+        let rows = to_rows::<i64>(&acc.sample_rows).unwrap();
+        for j in 0..6 {
+            for f in 0..7 {
+                assert!(keys[j][f] < 1.0, "enough rows fire to fill every sample slot");
+                let v = z.double_value(&[rows[j][f], f as i64]) as f32;
+                assert!(v > 0.0 && v == values[j][f]);
+            }
+        }
+        // The histogram sketch counts every firing activation once.
+        assert_eq!(acc.log_hist.sum(Kind::Int64).int64_value(&[]), acc.fired.sum(Kind::Int64).int64_value(&[]));
+    }
+
+    #[test]
+    fn linear_histogram_keeps_every_count_and_puts_the_max_in_the_last_bin() {
+        let mut log_hist = vec![0i64; LOG_BINS as usize];
+        let bin_of = |v: f64| ((v.log10() - LOG_LO) * BINS_PER_DECADE).floor() as usize;
+        log_hist[bin_of(10.0)] += 3;
+        log_hist[bin_of(0.01)] += 2;
+        let h = linear_histogram(&log_hist, 10.0, 10);
+        assert_eq!(h.iter().sum::<u32>(), 5);
+        assert_eq!(h[9], 3);
+        assert_eq!(h[0], 2);
+    }
+}
