@@ -11,22 +11,35 @@ pub struct Args {
     /// The text to continue, tokenized exactly as transformers' tokenizer for the model does.
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    /// Seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     #[command(flatten)]
     model: ModelArgs,
+}
+
+/// How much to generate and how to pick tokens (shared with `sae steer`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> GenerateOptions {
+        GenerateOptions { max_new_tokens: self.max_new_tokens, temperature: self.temperature, seed: self.seed, stop_at_eos: true }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
     let prompt = model.tokenizer.encode(&args.prompt)?;
-    let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, temperature: args.temperature, seed: args.seed, stop_at_eos: true };
+    let opts = args.sampling.options();
     let mut ids = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout().lock();

@@ -18,8 +18,8 @@
 //! top_k = 20
 //! ```
 //!
-//! Without a file the defaults are the demo's: SmolLM2-135M, 100k tokens of English fortunes at
-//! `blocks.15.hook_resid_post`, a TopK SAE at 8× with k = 32 over 300k tokens.
+//! Without a file the defaults are the demo's: SmolLM2-135M, 400k tokens of English fortunes at
+//! `blocks.15.hook_resid_post`, a TopK SAE at 8× with k = 32 over 1.2M tokens (3 passes).
 
 use std::path::PathBuf;
 
@@ -46,13 +46,13 @@ pub struct Args {
 const DEFAULTS: &str = r#"
 [capture]
 hook = "blocks.15.hook_resid_post"
-max_tokens = 100000
+max_tokens = 400000
 [train]
 arch = "topk"
 k = 32
 batch_size = 1024
 lr = 5e-4
-max_tokens = 300000
+max_tokens = 1200000
 "#;
 
 /// Top-level keys passed to every stage that runs the model.

@@ -12,6 +12,7 @@ use trainer::sae::Sae;
 use trainer::steer::{splice, FeatureEdit};
 
 use crate::cmd::eval::{load_sae_with_sha, sae_hook_in_model};
+use crate::cmd::generate::SamplingArgs;
 use crate::cmd::features::load_features_for;
 use crate::model_args::ModelArgs;
 
@@ -32,13 +33,9 @@ pub struct Args {
     add: Option<f64>,
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
-    /// 0 is greedy; above 0 samples (the same seed for both generations).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Both generations use the same settings (and seed, when sampling).
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// The SAE's features folder (from `sae features build`), for `Nx` clamps.
     #[arg(long)]
     features: Option<String>,
@@ -79,7 +76,8 @@ pub fn steering_hooks<'a>(sae: &'a Sae, hook: HookPoint, edits: &'a [FeatureEdit
 }
 
 fn continuation(model: &Model, prompt: &[u32], opts: &GenerateOptions, mut hooks: Hooks) -> Result<String> {
-    let ids = generate(model, prompt, opts, &mut hooks, |_| Ok(()))?;
+    let mut ids = generate(model, prompt, opts, &mut hooks, |_| Ok(()))?;
+    ids.retain(|&id| Some(id) != model.tokenizer.eos_id);
     model.tokenizer.decode(&ids)
 }
 
@@ -133,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     let prompt = model.tokenizer.encode(&a.prompt)?;
-    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, seed: a.seed, stop_at_eos: true };
+    let opts = a.sampling.options();
     let unsteered = continuation(&model, &prompt, &opts, Hooks::new())?;
     let steered = continuation(&model, &prompt, &opts, steering_hooks(sae, hook, &edits))?;
     println!("prompt: {:?}", a.prompt);
