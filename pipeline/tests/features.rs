@@ -505,3 +505,48 @@ fn features_live_on_s3() {
     let text = run(&["features", "browse", "--features", url, "--out", site.to_str().unwrap()]);
     assert!(text.contains("index.html") && site.join("index.html").exists() && site.join("features/01151.html").exists(), "{text}");
 }
+
+/// `sae run` killed (SIGKILL) while it trains: the next run reuses the dataset, resumes training
+/// from the newest checkpoint, and finishes the remaining stages.
+#[test]
+fn sae_run_resumes_after_being_killed_while_training() {
+    let dir = scratch("run-killed");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_dir = dir.join("out");
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "dir = \"{}\"\nthreads = 1\n[capture]\nmax_tokens = 3000\ncontext_len = 64\n\
+             [train]\nlatents = 576\nk = 8\nbatch_size = 64\nmax_tokens = 40000\nlr = 1e-3\ncheckpoint_every = 5\nquiet = true\n\
+             [eval]\neval_tokens = 256\n[features]\ntop_k = 2\ncontext = 2\n",
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(SAE_BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let checkpoints = out_dir.join("sae/checkpoints");
+    loop {
+        let written = std::fs::read_dir(&checkpoints).map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors")));
+        if written.unwrap_or(false) {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "sae run ended before its first checkpoint");
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 5 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out_dir.join("sae/result.json").exists(), "training had finished before the kill");
+
+    let text = stdout(&sae_ok(&["run", "--config", config.to_str().unwrap()]));
+    assert!(text.contains("resumed from step"), "training did not resume:\n{text}");
+    assert!(text.contains("feature browser:") && out_dir.join("browser/index.html").exists(), "{text}");
+}

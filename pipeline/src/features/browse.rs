@@ -192,11 +192,11 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
     );
 
     // Stats.
-    let _ = write!(
+    let _ = writeln!(
         b,
         "<section id=\"stats\"><h2>Stats</h2><table>\
          <tr><th>fired</th><td>{} of {} rows</td></tr><tr><th>frequency</th><td>{}</td></tr>\
-         <tr><th>max activation</th><td>{}</td></tr><tr><th>mean activation (when firing)</th><td>{}</td></tr></table></section>\n",
+         <tr><th>max activation</th><td>{}</td></tr><tr><th>mean activation (when firing)</th><td>{}</td></tr></table></section>",
         f.fired,
         set.summary.rows,
         percent(f.frequency),
@@ -213,9 +213,9 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         }
         t + "</table>"
     };
-    let _ = write!(
+    let _ = writeln!(
         b,
-        "<section id=\"logits\"><h2>Logit effects</h2><div class=\"cols\">{}{}</div></section>\n",
+        "<section id=\"logits\"><h2>Logit effects</h2><div class=\"cols\">{}{}</div></section>",
         logits("raises", &f.top_logit_tokens, &f.top_logits, "pos"),
         logits("lowers", &f.bottom_logit_tokens, &f.bottom_logits, "neg")
     );
@@ -335,11 +335,11 @@ fn histogram_svg(f: &FeatureStats) -> String {
             base
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
         "<line class=\"axis\" x1=\"{left}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\"/><line class=\"axis\" x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{base}\"/>\
          <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">activation</text>\
-         <text transform=\"translate(12 {}) rotate(-90)\" text-anchor=\"middle\">count</text></svg>\n",
+         <text transform=\"translate(12 {}) rotate(-90)\" text-anchor=\"middle\">count</text></svg>",
         left + pw,
         left + pw / 2.0,
         h - 4.0,

@@ -310,6 +310,15 @@ struct Slot {
     offset: i64,
 }
 
+/// What the second pass reads for one slot: its row's identity, token and the feature's activation.
+#[derive(Clone, Copy)]
+struct SlotValue {
+    sequence_id: u64,
+    position: u32,
+    token_id: u32,
+    activation: f32,
+}
+
 /// The second pass: token ids and the feature's activations for every example's window.
 #[allow(clippy::too_many_arguments)]
 fn fill_windows(
@@ -336,7 +345,7 @@ fn fill_windows(
     }
     slots.sort_unstable_by_key(|s| s.row);
     // Per slot: (sequence_id, position, token_id, activation) once its row was read.
-    let mut found: Vec<Option<(u64, u32, u32, f32)>> = vec![None; slots.len()];
+    let mut found: Vec<Option<SlotValue>> = vec![None; slots.len()];
     let bar = progress(rows, "examples");
     let mut start_row = 0u64;
     let mut next = 0usize;
@@ -372,7 +381,8 @@ fn fill_windows(
             let values = Vec::<f32>::try_from(z.index(&index).to_device(Device::Cpu))?;
             for (j, s) in slots[first..next].iter().enumerate() {
                 let r = (s.row - start_row) as usize;
-                found[first + j] = Some((tokens.sequence_id[r], tokens.position[r], tokens.token_id[r], values[j]));
+                found[first + j] =
+                    Some(SlotValue { sequence_id: tokens.sequence_id[r], position: tokens.position[r], token_id: tokens.token_id[r], activation: values[j] });
             }
         }
         bar.inc(batch.rows as u64);
@@ -382,7 +392,7 @@ fn fill_windows(
 
     // Gather each example's slots by offset, then keep the run around the centre that stays in
     // the example's window (same sequence, consecutive positions).
-    let mut by_example: Vec<Vec<(i64, (u64, u32, u32, f32))>> = vec![Vec::new(); examples.len()];
+    let mut by_example: Vec<Vec<(i64, SlotValue)>> = vec![Vec::new(); examples.len()];
     for (slot, value) in slots.iter().zip(found) {
         if let Some(v) = value {
             by_example[slot.example].push((slot.offset, v));
@@ -392,8 +402,8 @@ fn fill_windows(
     for ((example, _), mut window) in examples.iter_mut().zip(by_example) {
         window.sort_unstable_by_key(|(offset, _)| *offset);
         let centre = window.iter().position(|(o, _)| *o == 0).context("an example's own row was not read back")?;
-        let (_, (sequence, position, _, _)) = window[centre];
-        let belongs = |(offset, (seq, pos, _, _)): &(i64, (u64, u32, u32, f32))| *seq == sequence && *pos as i64 == position as i64 + offset;
+        let (sequence, position) = (window[centre].1.sequence_id, window[centre].1.position);
+        let belongs = |(offset, v): &(i64, SlotValue)| v.sequence_id == sequence && v.position as i64 == position as i64 + offset;
         let mut lo = centre;
         while lo > 0 && belongs(&window[lo - 1]) && window[lo - 1].0 == window[lo].0 - 1 {
             lo -= 1;
@@ -405,14 +415,14 @@ fn fill_windows(
         example.sequence_id = sequence;
         example.position = position;
         example.center = (centre - lo) as u32;
-        for (_, (_, _, token, activation)) in &window[lo..=hi] {
-            example.token_ids.push(*token);
-            example.token_activations.push(*activation);
-            let text = match token_text.get(token) {
+        for (_, v) in &window[lo..=hi] {
+            example.token_ids.push(v.token_id);
+            example.token_activations.push(v.activation);
+            let text = match token_text.get(&v.token_id) {
                 Some(t) => t.clone(),
                 None => {
-                    let t = model.tokenizer.decode(&[*token])?;
-                    token_text.insert(*token, t.clone());
+                    let t = model.tokenizer.decode(&[v.token_id])?;
+                    token_text.insert(v.token_id, t.clone());
                     t
                 }
             };
