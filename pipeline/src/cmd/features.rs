@@ -324,11 +324,18 @@ fn search(a: SearchArgs) -> Result<()> {
     let describe = |feature: i64| -> String {
         let Some(set) = &features else { return String::new() };
         let stats = &set.features[feature as usize];
+        let tops: Vec<&crate::features::set::Example> = set.examples_of(feature as u32).iter().filter(|e| e.kind == ExampleKind::Top).collect();
+        // The tokens it fires on most: the distinct tokens at the centre of its top examples.
+        let mut fires_on: Vec<String> = Vec::new();
+        for e in &tops {
+            let token = format!("{:?}", e.tokens[e.center as usize]);
+            if !fires_on.contains(&token) && fires_on.len() < 5 {
+                fires_on.push(token);
+            }
+        }
         let logits: Vec<String> = stats.top_logit_tokens.iter().take(5).map(|t| format!("{t:?}")).collect();
-        let example = set
-            .examples_of(feature as u32)
-            .iter()
-            .find(|e| e.kind == ExampleKind::Top)
+        let example = tops
+            .first()
             .map(|e| {
                 let c = e.center as usize;
                 let text: String =
@@ -336,7 +343,7 @@ fn search(a: SearchArgs) -> Result<()> {
                 format!(" · example {:?}", text.replace('\n', "↵"))
             })
             .unwrap_or_default();
-        format!(" · max {:.2} · logits ↑ {}{}", stats.max_activation, logits.join(" "), example)
+        format!(" · dataset max {:.2} · top tokens {} · logits ↑ {}{}", stats.max_activation, fires_on.join(" "), logits.join(" "), example)
     };
     println!("{} on {:?} ({} tokens; position 0 is not encoded)", a.sae, a.prompt, ids.len());
     println!("per token (feature:activation):");
@@ -347,7 +354,7 @@ fn search(a: SearchArgs) -> Result<()> {
     println!("whole prompt (by maximum activation):");
     for h in &prompt_hits {
         println!(
-            "  feature {:>6}  max {:>7.3} at {:<14} fires on {}/{} tokens{}",
+            "  feature {:>6}  max {:>7.3} at {:<14} active on {}/{} tokens{}",
             h.feature,
             h.max_activation,
             format!("{:?}", per_token[h.max_position - 1].token),

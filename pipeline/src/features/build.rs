@@ -302,6 +302,27 @@ pub fn linear_histogram(log_hist: &[i64], max: f32, bins: usize) -> Vec<u32> {
     out
 }
 
+/// Token ids decoded on their own, each once.
+struct TokenText<'a> {
+    model: &'a Model,
+    cache: HashMap<u32, String>,
+}
+
+impl<'a> TokenText<'a> {
+    fn new(model: &'a Model) -> Self {
+        TokenText { model, cache: HashMap::new() }
+    }
+
+    fn get(&mut self, id: u32) -> Result<String> {
+        if let Some(text) = self.cache.get(&id) {
+            return Ok(text.clone());
+        }
+        let text = self.model.tokenizer.decode(&[id])?;
+        self.cache.insert(id, text.clone());
+        Ok(text)
+    }
+}
+
 /// One token slot of one example's window to fill in the second pass.
 struct Slot {
     row: u64,
@@ -398,7 +419,7 @@ fn fill_windows(
             by_example[slot.example].push((slot.offset, v));
         }
     }
-    let mut token_text: HashMap<u32, String> = HashMap::new();
+    let mut token_text = TokenText::new(model);
     for ((example, _), mut window) in examples.iter_mut().zip(by_example) {
         window.sort_unstable_by_key(|(offset, _)| *offset);
         let centre = window.iter().position(|(o, _)| *o == 0).context("an example's own row was not read back")?;
@@ -418,15 +439,7 @@ fn fill_windows(
         for (_, v) in &window[lo..=hi] {
             example.token_ids.push(v.token_id);
             example.token_activations.push(v.activation);
-            let text = match token_text.get(&v.token_id) {
-                Some(t) => t.clone(),
-                None => {
-                    let t = model.tokenizer.decode(&[v.token_id])?;
-                    token_text.insert(v.token_id, t.clone());
-                    t
-                }
-            };
-            example.tokens.push(text);
+            example.tokens.push(token_text.get(v.token_id)?);
         }
     }
     Ok(())
@@ -449,12 +462,13 @@ pub fn logit_effects(sae: &Sae, model: &Model, n: usize) -> Result<(Vec<Vec<(Str
     let chunk = ((1i64 << 26) / vocab).max(1);
     let mut top = Vec::with_capacity(d_sae as usize);
     let mut bottom = Vec::with_capacity(d_sae as usize);
-    let decode = |ids: &Tensor, values: &Tensor| -> Result<Vec<Vec<(String, f32)>>> {
+    let mut token_text = TokenText::new(model);
+    let mut decode = |ids: &Tensor, values: &Tensor| -> Result<Vec<Vec<(String, f32)>>> {
         let ids = to_rows::<i64>(ids)?;
         let values = to_rows::<f32>(values)?;
         ids.iter()
             .zip(values)
-            .map(|(ids, values)| ids.iter().zip(values).map(|(&id, v)| Ok((model.tokenizer.decode(&[id as u32])?, v))).collect())
+            .map(|(ids, values)| ids.iter().zip(values).map(|(&id, v)| Ok((token_text.get(id as u32)?, v))).collect())
             .collect()
     };
     let mut start = 0;
