@@ -191,6 +191,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     row("browse", &browser, format!("{} pages", summary.d_sae + 1));
     println!();
+    println!("next: sae features search --sae {sae} --features {features} --prompt \"...\"");
+    println!("      sae steer --sae {sae} --features {features} --feature N --clamp 2x --prompt \"...\"");
     println!("feature browser: {}", index.display());
     Ok(())
 }
