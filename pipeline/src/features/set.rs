@@ -147,8 +147,10 @@ impl FeatureSet {
         &self.examples[start..end]
     }
 
-    /// Writes the Parquet files, then `features.json`.
+    /// Writes the Parquet files, then `features.json`. An older `features.json` is removed first,
+    /// so a rewrite cut short leaves a folder that reads as unfinished, never as a mix.
     pub fn write(&self, dir: &ObjectDir) -> Result<()> {
+        dir.delete(SUMMARY_FILE)?;
         dir.put(FEATURES_FILE, to_parquet(features_batch(&self.features)?)?)?;
         dir.put(EXAMPLES_FILE, to_parquet(examples_batch(&self.examples)?)?)?;
         let mut json = serde_json::to_vec_pretty(&self.summary)?;
@@ -483,5 +485,24 @@ pub(crate) mod tests {
         assert_eq!(back, set);
         assert_eq!(back.examples_of(0).len(), 3);
         assert!(back.examples_of(1).is_empty());
+    }
+
+    #[test]
+    fn damaged_or_unfinished_folders_are_errors_that_name_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = ObjectDir::open(dir.path().to_str().unwrap(), &store::StoreOptions::default()).unwrap();
+        let err = FeatureSet::read(&objects).unwrap_err().to_string();
+        assert!(err.contains("holds no features"), "{err}");
+        sample_set().write(&objects).unwrap();
+        std::fs::write(dir.path().join(FEATURES_FILE), b"not parquet").unwrap();
+        let err = format!("{:#}", FeatureSet::read(&objects).unwrap_err());
+        assert!(err.contains(FEATURES_FILE) && err.contains("not a Parquet file"), "{err}");
+        // Another table's schema.
+        std::fs::copy(dir.path().join(EXAMPLES_FILE), dir.path().join(FEATURES_FILE)).unwrap();
+        let err = format!("{:#}", FeatureSet::read(&objects).unwrap_err());
+        assert!(err.contains(FEATURES_FILE) && err.contains("unexpected schema"), "{err}");
+        std::fs::write(dir.path().join(SUMMARY_FILE), b"{").unwrap();
+        let err = format!("{:#}", FeatureSet::read(&objects).unwrap_err());
+        assert!(err.contains(SUMMARY_FILE), "{err}");
     }
 }
