@@ -418,6 +418,23 @@ impl Sae {
         })
     }
 
+    /// The non-zero latents of [`Sae::encode`] as triplets `(row, feature, value)`, each `[m]`,
+    /// grouped by row in row order. TopK reads them off its top-k without building the dense code.
+    pub fn encode_sparse(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor), SaeError> {
+        if let Architecture::TopK { k } = self.config.arch {
+            let pre = self.pre_activations(x)?;
+            let (values, features) = pre.topk(k as i64, 1, true, true); // [n, k]
+            let values = values.relu();
+            let keep = values.gt(0.0);
+            let rows = Tensor::arange(pre.size()[0], (Kind::Int64, pre.device())).unsqueeze(1).expand_as(&features);
+            return Ok((rows.masked_select(&keep), features.masked_select(&keep), values.masked_select(&keep)));
+        }
+        let z = self.encode(x)?;
+        let fires = z.gt(0.0);
+        let at = fires.nonzero(); // [m, 2]
+        Ok((at.select(1, 0), at.select(1, 1), z.masked_select(&fires)))
+    }
+
     /// latents @ W_dec + b_dec: [batch, d_sae] → [batch, d_in].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, SaeError> {
         self.check_rows(latents, "latents", self.config.d_sae)?;

@@ -81,75 +81,94 @@ pub struct Built {
     pub examples: Vec<Example>,
 }
 
-/// Running statistics over the encoded chunks, all `[.., d_sae]` tensors on the SAE's device.
+/// Per feature, the `k` entries with the smallest keys seen so far, as `[k, d_sae]` tensors
+/// sorted by key down each column. Unfilled slots hold a key that sorts after every real one.
+struct BestPerFeature {
+    key: Tensor,   // [k, d_sae] f32
+    value: Tensor, // [k, d_sae] f32, -1 where unfilled
+    row: Tensor,   // [k, d_sae] i64, global row numbers
+}
+
+impl BestPerFeature {
+    fn new(k: i64, d_sae: i64, empty_key: f64, device: Device) -> Self {
+        BestPerFeature {
+            key: Tensor::full([k, d_sae], empty_key, (Kind::Float, device)),
+            value: Tensor::full([k, d_sae], -1.0, (Kind::Float, device)),
+            row: Tensor::zeros([k, d_sae], (Kind::Int64, device)),
+        }
+    }
+
+    /// Merges new entries (feature, key, value, row), each `[m]`. On equal keys the older entry
+    /// wins, so the result does not depend on how the rows were cut into chunks.
+    fn merge(&mut self, features: &Tensor, keys: &Tensor, values: &Tensor, rows: &Tensor) {
+        let (k, d_sae) = self.key.size2().expect("[k, d_sae]");
+        let device = self.key.device();
+        // The state as entries too: slot (j, f) belongs to feature f. Every feature then has at
+        // least k entries, so the k best of each refill the whole state.
+        let all_features = Tensor::cat(&[&Tensor::arange(d_sae, (Kind::Int64, device)).repeat([k]), features], 0);
+        let all_keys = Tensor::cat(&[&self.key.flatten(0, -1), keys], 0);
+        let all_values = Tensor::cat(&[&self.value.flatten(0, -1), values], 0);
+        let all_rows = Tensor::cat(&[&self.row.flatten(0, -1), rows], 0);
+        // Sort by key, then stably by feature: each feature's entries are contiguous, best first.
+        let by_key = all_keys.argsort_stable(true, 0, false);
+        let order = by_key.index_select(0, &all_features.index_select(0, &by_key).argsort_stable(true, 0, false));
+        let sorted_features = all_features.index_select(0, &order);
+        let counts = all_features.bincount::<Tensor>(None, d_sae);
+        let starts = counts.cumsum(0, Kind::Int64) - &counts;
+        let rank = Tensor::arange(order.size()[0], (Kind::Int64, device)) - starts.index_select(0, &sorted_features);
+        let keep = rank.lt(k);
+        let chosen = order.masked_select(&keep);
+        let slots = [Some(rank.masked_select(&keep)), Some(sorted_features.masked_select(&keep))];
+        self.key = self.key.index_put(&slots, &all_keys.index_select(0, &chosen), false);
+        self.value = self.value.index_put(&slots, &all_values.index_select(0, &chosen), false);
+        self.row = self.row.index_put(&slots, &all_rows.index_select(0, &chosen), false);
+    }
+}
+
+/// Running statistics over the encoded chunks, all tensors on the SAE's device. Only firing
+/// latents are touched (`n · k` of `n · d_sae` for TopK), so the cost per chunk follows the
+/// code's sparsity, not the dictionary's width.
 struct Accumulator {
-    fired: Tensor,       // [d_sae] i64
-    sum: Tensor,         // [d_sae] f64
-    max: Tensor,         // [d_sae] f32
-    log_hist: Tensor,    // [d_sae * LOG_BINS] i64
-    top_values: Tensor,  // [K, d_sae] f32, -1 where empty
-    top_rows: Tensor,    // [K, d_sae] i64
-    sample_keys: Tensor, // [S, d_sae] f32, EMPTY_KEY where empty
-    sample_values: Tensor,
-    sample_rows: Tensor,
+    fired: Tensor,    // [d_sae] i64
+    sum: Tensor,      // [d_sae] f64
+    max: Tensor,      // [d_sae] f32
+    log_hist: Tensor, // [d_sae * LOG_BINS] i64
+    /// Top activations: key = −activation.
+    top: BestPerFeature,
+    /// Uniform sample of firing rows: key = a uniform random number.
+    samples: BestPerFeature,
     rows: u64,
 }
 
 impl Accumulator {
     fn new(d_sae: i64, k: i64, s: i64, device: Device) -> Self {
-        let f = (Kind::Float, device);
-        let i = (Kind::Int64, device);
         Accumulator {
-            fired: Tensor::zeros([d_sae], i),
+            fired: Tensor::zeros([d_sae], (Kind::Int64, device)),
             sum: Tensor::zeros([d_sae], (Kind::Double, device)),
-            max: Tensor::zeros([d_sae], f),
-            log_hist: Tensor::zeros([d_sae * LOG_BINS], i),
-            top_values: Tensor::full([k, d_sae], -1.0, f),
-            top_rows: Tensor::zeros([k, d_sae], i),
-            sample_keys: Tensor::full([s, d_sae], EMPTY_KEY, f),
-            sample_values: Tensor::zeros([s, d_sae], f),
-            sample_rows: Tensor::zeros([s, d_sae], i),
+            max: Tensor::zeros([d_sae], (Kind::Float, device)),
+            log_hist: Tensor::zeros([d_sae * LOG_BINS], (Kind::Int64, device)),
+            top: BestPerFeature::new(k, d_sae, 1.0, device),
+            samples: BestPerFeature::new(s, d_sae, EMPTY_KEY, device),
             rows: 0,
         }
     }
 
-    /// Adds the latents `z` [n, d_sae] of the next n rows.
-    fn add(&mut self, z: &Tensor) {
-        let (n, d_sae) = z.size2().expect("[n, d_sae]");
-        let device = z.device();
-        let fires = z.gt(0.0);
-        self.fired += fires.sum_dim_intlist(0, false, Kind::Int64);
-        self.sum += z.sum_dim_intlist(0, false, Kind::Double);
-        self.max = self.max.maximum(&z.amax(0, false));
-
-        // Histogram sketch: flat index feature * LOG_BINS + log bin of each firing activation.
-        let at = fires.nonzero(); // [m, 2] (row, feature)
-        if at.size()[0] > 0 {
-            let values = z.masked_select(&fires); // row-major, the same order as `at`
+    /// Adds the next `n` rows, given as their firing latents: `(row within the chunk, feature,
+    /// activation > 0)` triplets, each `[m]`.
+    fn add(&mut self, n: i64, rows: &Tensor, features: &Tensor, values: &Tensor) {
+        let d_sae = self.fired.size()[0];
+        if values.size()[0] > 0 {
+            self.fired += features.bincount::<Tensor>(None, d_sae);
+            self.sum = self.sum.index_add(0, features, &values.to_kind(Kind::Double));
+            self.max = self.max.internal_scatter_reduce(0, features, values, "amax", true);
+            // Histogram sketch: flat index feature * LOG_BINS + log bin of each activation.
             let bin = ((values.log10() - LOG_LO) * BINS_PER_DECADE).floor().clamp(0.0, (LOG_BINS - 1) as f64).to_kind(Kind::Int64);
-            let flat = at.select(1, 1) * LOG_BINS + bin;
-            self.log_hist += flat.bincount::<Tensor>(None, d_sae * LOG_BINS);
+            self.log_hist += (features * LOG_BINS + bin).bincount::<Tensor>(None, d_sae * LOG_BINS);
+            let rows = rows + self.rows as i64;
+            self.top.merge(features, &values.neg(), values, &rows);
+            let keys = Tensor::rand([values.size()[0]], (Kind::Float, values.device()));
+            self.samples.merge(features, &keys, values, &rows);
         }
-
-        // Top-K: merge this chunk's best rows with the running best.
-        let row_numbers = Tensor::arange_start(self.rows as i64, self.rows as i64 + n, (Kind::Int64, device));
-        let k = self.top_values.size()[0];
-        let (values, index) = z.topk(k.min(n), 0, true, false);
-        let rows = row_numbers.index_select(0, &index.flatten(0, -1)).view_as(&index);
-        let (top_values, pick) = Tensor::cat(&[&self.top_values, &values], 0).topk(k, 0, true, true);
-        self.top_rows = Tensor::cat(&[&self.top_rows, &rows], 0).gather(0, &pick, false);
-        self.top_values = top_values;
-
-        // Uniform sample of firing rows: the S smallest random keys among them.
-        let s = self.sample_keys.size()[0];
-        let keys = Tensor::rand([n, d_sae], (Kind::Float, device)).masked_fill(&fires.logical_not(), EMPTY_KEY);
-        let (chunk_keys, index) = keys.topk(s.min(n), 0, false, false);
-        let chunk_values = z.gather(0, &index, false);
-        let chunk_rows = row_numbers.index_select(0, &index.flatten(0, -1)).view_as(&index);
-        let (sample_keys, pick) = Tensor::cat(&[&self.sample_keys, &chunk_keys], 0).topk(s, 0, false, false);
-        self.sample_values = Tensor::cat(&[&self.sample_values, &chunk_values], 0).gather(0, &pick, false);
-        self.sample_rows = Tensor::cat(&[&self.sample_rows, &chunk_rows], 0).gather(0, &pick, false);
-        self.sample_keys = sample_keys;
         self.rows += n as u64;
     }
 }
@@ -194,19 +213,22 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
     let samples = (s.quantile_bands * s.samples_per_band) as i64;
 
     // Pass 1: statistics, top-K and samples.
+    let started = std::time::Instant::now();
     let mut acc = Accumulator::new(d_sae, s.top_k as i64, samples, device);
     let bar = progress(total_rows, "features");
     for batch in Reader::open(data_url, reader_options(hook, chunk_rows, store))? {
         let batch = batch?;
         let keep = (total_rows - acc.rows).min(batch.rows as u64) as i64;
         let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]).narrow(0, 0, keep).to_device(device);
-        acc.add(&sae.encode(&x)?);
+        let (rows, features, values) = sae.encode_sparse(&x)?;
+        acc.add(keep, &rows, &features, &values);
         bar.inc(keep as u64);
         if acc.rows >= total_rows {
             break;
         }
     }
     bar.finish_and_clear();
+    tracing::info!(rows = acc.rows, seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "statistics pass done");
     let rows = acc.rows;
     if rows == 0 {
         bail!("dataset `{data_url}` has no rows of hook `{hook}`");
@@ -216,11 +238,11 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
     let sums = Vec::<f64>::try_from(acc.sum.to_device(Device::Cpu))?;
     let maxima = Vec::<f32>::try_from(acc.max.to_device(Device::Cpu))?;
     let log_hist = Vec::<i64>::try_from(acc.log_hist.to_device(Device::Cpu))?;
-    let top_values = to_rows::<f32>(&acc.top_values)?;
-    let top_rows = to_rows::<i64>(&acc.top_rows)?;
-    let sample_keys = to_rows::<f32>(&acc.sample_keys)?;
-    let sample_values = to_rows::<f32>(&acc.sample_values)?;
-    let sample_rows = to_rows::<i64>(&acc.sample_rows)?;
+    let top_values = to_rows::<f32>(&acc.top.value)?;
+    let top_rows = to_rows::<i64>(&acc.top.row)?;
+    let sample_keys = to_rows::<f32>(&acc.samples.key)?;
+    let sample_values = to_rows::<f32>(&acc.samples.value)?;
+    let sample_rows = to_rows::<i64>(&acc.samples.row)?;
 
     // The examples to look up: top activations, then the quantile samples.
     let mut examples: Vec<(Example, u64)> = Vec::new();
@@ -258,10 +280,14 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
             }
         }
     }
+    let windows_started = std::time::Instant::now();
     fill_windows(sae, model, data_url, hook, store, chunk_rows, rows, s.context, &mut examples)?;
+    tracing::info!(examples = examples.len(), seconds = format!("{:.1}", windows_started.elapsed().as_secs_f64()), "example windows read");
+    let logits_started = std::time::Instant::now();
 
     let (logit_top, logit_bottom) = logit_effects(sae, model, s.logit_tokens)?;
     let neighbors = all_neighbors(sae, s.neighbors)?;
+    tracing::info!(seconds = format!("{:.1}", logits_started.elapsed().as_secs_f64()), "logit effects and neighbours done");
     let features = (0..d_sae as usize)
         .map(|f| {
             let hist = &log_hist[f * LOG_BINS as usize..(f + 1) * LOG_BINS as usize];
@@ -521,26 +547,57 @@ mod tests {
         let z = (Tensor::randn([1000, 7], (Kind::Float, Device::Cpu)) - 0.5).relu();
         let mut acc = Accumulator::new(7, 5, 6, Device::Cpu);
         for chunk in z.split(128, 0) {
-            acc.add(&chunk);
+            let fires = chunk.gt(0.0);
+            let at = fires.nonzero();
+            acc.add(chunk.size()[0], &at.select(1, 0), &at.select(1, 1), &chunk.masked_select(&fires));
         }
+        assert_eq!(acc.rows, 1000);
         let (want, want_rows) = z.topk(5, 0, true, true);
-        assert!(acc.top_values.allclose(&want, 0.0, 0.0, false));
-        assert!(acc.top_rows.equal(&want_rows));
+        assert!(acc.top.value.allclose(&want, 0.0, 0.0, false));
+        assert!(acc.top.row.equal(&want_rows));
         assert!(acc.fired.equal(&z.gt(0.0).sum_dim_intlist(0, false, Kind::Int64)));
         assert!(acc.max.equal(&z.amax(0, false)));
-        // Sampled rows fire, and their recorded values are the activations at those rows.
-        let keys = to_rows::<f32>(&acc.sample_keys).unwrap();
-        let values = to_rows::<f32>(&acc.sample_values).unwrap();
-        let rows = to_rows::<i64>(&acc.sample_rows).unwrap();
-        for j in 0..6 {
-            for f in 0..7 {
+        assert!(acc.sum.allclose(&z.sum_dim_intlist(0, false, Kind::Double), 1e-9, 1e-9, false));
+        // Sampled rows fire, are distinct, and their recorded values are the activations there.
+        let keys = to_rows::<f32>(&acc.samples.key).unwrap();
+        let values = to_rows::<f32>(&acc.samples.value).unwrap();
+        let rows = to_rows::<i64>(&acc.samples.row).unwrap();
+        for f in 0..7 {
+            let mut seen = std::collections::HashSet::new();
+            for j in 0..6 {
                 assert!(keys[j][f] < 1.0, "enough rows fire to fill every sample slot");
                 let v = z.double_value(&[rows[j][f], f as i64]) as f32;
                 assert!(v > 0.0 && v == values[j][f]);
+                assert!(seen.insert(rows[j][f]));
             }
         }
         // The histogram sketch counts every firing activation once.
         assert_eq!(acc.log_hist.sum(Kind::Int64).int64_value(&[]), acc.fired.sum(Kind::Int64).int64_value(&[]));
+    }
+
+    #[test]
+    fn a_feature_that_fires_less_than_k_times_keeps_its_empty_slots() {
+        let mut acc = Accumulator::new(3, 4, 2, Device::Cpu);
+        let rows = Tensor::from_slice(&[0i64, 2]);
+        let features = Tensor::from_slice(&[1i64, 1]);
+        let values = Tensor::from_slice(&[0.5f32, 2.0]);
+        acc.add(3, &rows, &features, &values);
+        let top = to_rows::<f32>(&acc.top.value).unwrap();
+        assert_eq!(top.iter().map(|r| r[1]).collect::<Vec<_>>(), vec![2.0, 0.5, -1.0, -1.0]);
+        assert!(top.iter().all(|r| r[0] == -1.0 && r[2] == -1.0));
+        assert_eq!(to_rows::<i64>(&acc.top.row).unwrap()[0][1], 2);
+    }
+
+    #[test]
+    fn sparse_encode_lists_the_dense_codes_non_zeros() {
+        tch::manual_seed(2);
+        for arch in [trainer::sae::Architecture::TopK { k: 3 }, trainer::sae::Architecture::Relu { l1: 0.0 }] {
+            let sae = Sae::new(trainer::sae::SaeConfig::new(8, 16, arch), Device::Cpu).unwrap();
+            let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+            let (rows, features, values) = sae.encode_sparse(&x).unwrap();
+            let rebuilt = Tensor::zeros([5, 16], (Kind::Float, Device::Cpu)).index_put(&[Some(rows), Some(features)], &values, false);
+            assert!(rebuilt.equal(&sae.encode(&x).unwrap()));
+        }
     }
 
     #[test]
