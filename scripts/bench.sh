@@ -69,6 +69,28 @@ print(f"{'share of our step time spent waiting for data':<58} median {100 * stat
 PY
 
 echo
+echo "== features: the statistics pass of sae features build vs a plain-PyTorch dense pass (the SAE and data of the training benchmark, CPU, $THREADS threads, $ROUNDS rounds) =="
+# Same work on both sides: per-feature counts, sums, maxima, histogram, top-20 and 20 sampled rows.
+results=()
+for round in $(seq "$ROUNDS"); do
+  rm -rf "$WORK/feats"
+  log=$(RUST_LOG=info NO_COLOR=1 $SAE features build --sae "$WORK/sae" --data "$WORK/train-ds" --out "$WORK/feats" --threads "$THREADS" 2>&1 | sed 's/\x1b\[[0-9;]*m//g')
+  rows=$(echo "$log" | grep -o 'statistics pass done rows=[0-9]*' | grep -o '[0-9]*$')
+  pass=$(echo "$log" | grep 'statistics pass done' | grep -o 'seconds="[0-9.]*"' | grep -o '[0-9.]*')
+  whole=$(echo "$log" | grep -o '([0-9]* tokens/s)' | grep -o '[0-9]*')
+  ours=$(python3 -c "print($rows / $pass)")
+  theirs=$("$SAE_PYTHON" scripts/bench_features.py --data "$WORK/train-ds" --sae "$WORK/sae" --threads "$THREADS" 2>/dev/null | last_field rows_per_s)
+  echo "round $round: ours statistics pass $ours rows/s (whole build with windows, logit effects and neighbours $whole rows/s), PyTorch dense $theirs rows/s"
+  results+=("$ours,$theirs")
+done
+python3 - "${results[@]}" <<'PY'
+import statistics, sys
+rows = [tuple(map(float, r.split(","))) for r in sys.argv[1:]]
+ratios = [o / t for o, t in rows]
+print(f"{'features statistics pass rows/s, ours / PyTorch dense':<58} median {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+PY
+
+echo
 echo "== data-parallel scaling on CPU: 2 processes x 1 thread (torchrun, Gloo) vs 1 process x 1 thread, same data, $ROUNDS rounds =="
 # Same global batch (4096 rows: 2 x 2048 vs 1 x 4096) and the same 4608-latent TopK SAE.
 scale_same=(--latents 4608 --k 32 --max-tokens "${BENCH_SCALING_TOKENS:-122880}" --threads 1 --no-eval --quiet --json)
