@@ -21,7 +21,7 @@ setup-test:
 build: setup
 	$(WITH_ENV) $(CARGO) build --release --bin sae
 
-## The main job on the built-in defaults: `sae run` captures 100k tokens of English fortunes at
+## The main job on the built-in defaults: `sae run` captures 400k tokens of English fortunes at
 ## blocks.15.hook_resid_post, trains a TopK SAE (8x, k = 32), evaluates it, builds its features and
 ## writes the feature browser. A rerun reuses (or resumes) every stage.
 demo: build

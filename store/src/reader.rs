@@ -167,6 +167,17 @@ impl ReaderOptions {
             store: StoreOptions::default(),
         }
     }
+
+    /// One pass over every row in stored order, decoded to f32, the last batch kept even when
+    /// short: what evaluation and feature statistics read.
+    pub fn one_pass_in_order(hook: &str, batch_rows: usize) -> Self {
+        let mut opts = ReaderOptions::new(hook, batch_rows);
+        opts.shuffle = false;
+        opts.epochs = Some(1);
+        opts.drop_last = false;
+        opts.output = OutputDtype::F32;
+        opts
+    }
 }
 
 /// A row group of the dataset, in global order.

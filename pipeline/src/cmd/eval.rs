@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use capture::HookPoint;
 use serde::{Deserialize, Serialize};
-use store::reader::{OutputDtype, Reader, ReaderOptions};
-use store::{ObjectDir, StoreOptions};
+use store::reader::{Reader, ReaderOptions};
+use store::{HookSummary, Manifest, ObjectDir, StoreOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::eval::{ReconstructionStats, ReconstructionSummary};
 use trainer::export::{self, LoadedSae};
@@ -104,6 +104,44 @@ pub fn load_sae_with_sha(url: &str, store: &StoreOptions, device: Device) -> Res
     Ok((export::load(&cfg, &weights, dir.url(), device)?, sha))
 }
 
+/// The dataset's summary of the SAE's hook `hook_name`, checked against the SAE's input width.
+pub fn sae_hook_in_dataset<'m>(manifest: &'m Manifest, hook_name: &str, d_in: usize, sae_url: &str, data_url: &str) -> Result<&'m HookSummary> {
+    let hook = manifest.hook(hook_name).with_context(|| {
+        let have: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
+        format!("dataset `{data_url}` has no hook `{hook_name}` (the SAE's hook); it has: {}", have.join(", "))
+    })?;
+    if hook.d_model != d_in {
+        bail!("d_model mismatch: the SAE at `{sae_url}` takes d_in {d_in} but hook `{}` of dataset `{data_url}` has d_model {}", hook.name, hook.d_model);
+    }
+    Ok(hook)
+}
+
+/// Errors unless `model` is the model the dataset at `data_url` was captured with (when the
+/// dataset recorded one).
+pub fn check_capture_model(model: &capture::Model, manifest: &Manifest, data_url: &str) -> Result<()> {
+    let sha = model.file_sha256()?;
+    if !manifest.model.file_sha256.is_empty() && sha != manifest.model.file_sha256 {
+        bail!(
+            "the model `{}` is not the one dataset `{data_url}` was captured with ({}, sha256 {}); pass that model with --model",
+            model.path.display(),
+            manifest.model.name,
+            manifest.model.file_sha256
+        );
+    }
+    Ok(())
+}
+
+/// The SAE's hook in `model`, checked against the model's width: what `search` and `steer` need
+/// before they run the model with the SAE.
+pub fn sae_fits_model(loaded: &LoadedSae, sae_url: &str, model: &capture::Model) -> Result<HookPoint> {
+    let hook = sae_hook_in_model(&loaded.info.hook_name, model)?;
+    let (d_in, hidden) = (loaded.sae.config().d_in, model.llama.config().hidden_size);
+    if hidden != d_in {
+        bail!("the SAE at `{sae_url}` takes d_in {d_in} but model `{}` has hidden size {hidden}", model.name);
+    }
+    Ok(hook)
+}
+
 /// The SAE's hook in `model`, or an error naming both.
 pub fn sae_hook_in_model(hook_name: &str, model: &capture::Model) -> Result<HookPoint> {
     let n_layers = model.llama.config().num_hidden_layers;
@@ -117,25 +155,10 @@ pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &Mod
     let device = capture::device::parse_device(model_args.device.as_deref())?;
     let LoadedSae { sae, info } = load_sae(sae_url, store, device)?;
     let (manifest, _) = store::load_manifest(data_url, store)?;
-    let hook = manifest.hook(&info.hook_name).with_context(|| {
-        let have: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
-        format!("dataset `{data_url}` has no hook `{}` (the SAE's hook); it has: {}", info.hook_name, have.join(", "))
-    })?;
-    if hook.d_model != sae.config().d_in {
-        bail!(
-            "d_model mismatch: the SAE at `{sae_url}` takes d_in {} but hook `{}` of dataset `{data_url}` has d_model {}",
-            sae.config().d_in,
-            hook.name,
-            hook.d_model
-        );
-    }
+    let hook = sae_hook_in_dataset(&manifest, &info.hook_name, sae.config().d_in, sae_url, data_url)?;
 
     // 1. Reconstruction statistics over the first rows of the dataset, in stored order.
-    let mut opts = ReaderOptions::new(&hook.name, 4096);
-    opts.shuffle = false;
-    opts.epochs = Some(1);
-    opts.drop_last = false;
-    opts.output = OutputDtype::F32;
+    let mut opts = ReaderOptions::one_pass_in_order(&hook.name, 4096);
     opts.store = store.clone();
     let mut stats = ReconstructionStats::new(&hook.mean, sae.config().d_sae, device);
     for batch in Reader::open(data_url, opts)? {
@@ -151,18 +174,8 @@ pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &Mod
 
     // 2. The CE-loss score through the model.
     let model = model_args.load()?;
-    let sha = model.file_sha256()?;
-    if !manifest.model.file_sha256.is_empty() && sha != manifest.model.file_sha256 {
-        bail!(
-            "the model `{}` is not the one dataset `{data_url}` was captured with ({}, sha256 {}); pass that model with --model",
-            model.path.display(),
-            manifest.model.name,
-            manifest.model.file_sha256
-        );
-    }
-    let n_layers = model.llama.config().num_hidden_layers;
-    let hook_point = HookPoint::parse(&hook.name, n_layers)
-        .with_context(|| format!("the SAE's hook `{}` does not exist in model `{}`", hook.name, model.name))?;
+    check_capture_model(&model, &manifest, data_url)?;
+    let hook_point = sae_hook_in_model(&hook.name, &model)?;
     let last_shard = manifest.shards.len().checked_sub(1).with_context(|| format!("dataset `{data_url}` has no shards"))?;
     let tokens = store::shard_tokens(data_url, store, last_shard)?;
     let windows = windows_from_tokens(&tokens, eval.eval_tokens);

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use capture::Hooks;
 use serde::Serialize;
 use store::{ObjectDir, StoreOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
 
-use crate::cmd::eval::{load_sae, load_sae_with_sha, sae_hook_in_model};
+use crate::cmd::eval::{check_capture_model, load_sae, load_sae_with_sha, sae_fits_model, sae_hook_in_dataset, sae_hook_in_model};
 use crate::features::build::{build, BuildSettings};
 use crate::features::neighbors::{nearest, unit_rows, Neighbor};
 use crate::features::set::{ExampleKind, FeatureSet, Summary, FORMAT_VERSION};
@@ -145,13 +145,7 @@ pub fn run_build(a: &BuildArgs, store: &StoreOptions) -> Result<Summary> {
     let device = capture::device::parse_device(a.model.device.as_deref())?;
     let (LoadedSae { sae, info }, sae_sha) = load_sae_with_sha(&a.sae, store, device)?;
     let (manifest, _) = store::load_manifest(&a.data, store)?;
-    let hook = manifest.hook(&info.hook_name).with_context(|| {
-        let have: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
-        format!("dataset `{}` has no hook `{}` (the SAE's hook); it has: {}", a.data, info.hook_name, have.join(", "))
-    })?;
-    if hook.d_model != sae.config().d_in {
-        bail!("d_model mismatch: the SAE at `{}` takes d_in {} but hook `{}` of dataset `{}` has d_model {}", a.sae, sae.config().d_in, hook.name, a.data, hook.d_model);
-    }
+    let hook = sae_hook_in_dataset(&manifest, &info.hook_name, sae.config().d_in, &a.sae, &a.data)?;
     let settings = BuildSettings {
         top_k: a.top_k,
         context: a.context,
@@ -178,16 +172,7 @@ pub fn run_build(a: &BuildArgs, store: &StoreOptions) -> Result<Summary> {
     }
 
     let model = a.model.load()?;
-    let sha = model.file_sha256()?;
-    if !manifest.model.file_sha256.is_empty() && sha != manifest.model.file_sha256 {
-        bail!(
-            "the model `{}` is not the one dataset `{}` was captured with ({}, sha256 {}); pass that model with --model",
-            model.path.display(),
-            a.data,
-            manifest.model.name,
-            manifest.model.file_sha256
-        );
-    }
+    check_capture_model(&model, &manifest, &a.data)?;
     sae_hook_in_model(&info.hook_name, &model)?;
     let started = Instant::now();
     let built = build(&sae, &model, &a.data, &manifest, &hook.name, store, &settings)?;
@@ -275,11 +260,8 @@ fn search(a: SearchArgs) -> Result<()> {
     let store = StoreOptions::default();
     let model = a.model.load()?;
     let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.llama.device())?;
-    let hook = sae_hook_in_model(&loaded.info.hook_name, &model)?;
+    let hook = sae_fits_model(&loaded, &a.sae, &model)?;
     let sae = &loaded.sae;
-    if model.llama.config().hidden_size != sae.config().d_in {
-        bail!("the SAE at `{}` takes d_in {} but model `{}` has hidden size {}", a.sae, sae.config().d_in, model.name, model.llama.config().hidden_size);
-    }
     let features = a.features.as_deref().map(|url| load_features_for(url, &store, &a.sae, &sae_sha)).transpose()?;
     let ids = model.tokenizer.encode(&a.prompt)?;
     if ids.len() < 2 {

@@ -1,8 +1,6 @@
 //! `sae steer`: generate with one or more features clamped (or pushed) at every position, next
 //! to the unsteered generation. The SAE's error term is kept (see `trainer::steer`).
 
-use std::cell::Cell;
-
 use anyhow::{bail, Result};
 use capture::generate::{generate, GenerateOptions};
 use capture::{HookPoint, Hooks, Model};
@@ -11,7 +9,7 @@ use tch::Tensor;
 use trainer::sae::Sae;
 use trainer::steer::{splice, FeatureEdit};
 
-use crate::cmd::eval::{load_sae_with_sha, sae_hook_in_model};
+use crate::cmd::eval::{load_sae_with_sha, sae_fits_model};
 use crate::cmd::generate::SamplingArgs;
 use crate::cmd::features::load_features_for;
 use crate::model_args::ModelArgs;
@@ -46,25 +44,33 @@ pub struct Args {
     model: ModelArgs,
 }
 
-/// Parses `--clamp`: `Some(N)` for `Nx` (a multiple of the maximum), else the plain value.
-fn parse_clamp(s: &str) -> Result<(Option<f64>, f64)> {
+/// What `--clamp` asks for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Clamp {
+    /// `Nx`: N times the feature's maximum activation over the dataset.
+    TimesMax(f64),
+    /// A plain activation value.
+    Value(f64),
+}
+
+fn parse_clamp(s: &str) -> Result<Clamp> {
     let t = s.trim();
-    if let Some(n) = t.strip_suffix(['x', 'X']) {
-        let n: f64 = n.trim().parse().map_err(|_| anyhow::anyhow!("--clamp {s:?}: expected a number or a multiple such as 5x"))?;
-        return Ok((Some(n), 0.0));
+    let bad = || anyhow::anyhow!("--clamp {s:?}: expected a number or a multiple such as 5x");
+    match t.strip_suffix(['x', 'X']) {
+        Some(n) => Ok(Clamp::TimesMax(n.trim().parse().map_err(|_| bad())?)),
+        None => Ok(Clamp::Value(t.parse().map_err(|_| bad())?)),
     }
-    let v: f64 = t.parse().map_err(|_| anyhow::anyhow!("--clamp {s:?}: expected a number or a multiple such as 5x"))?;
-    Ok((None, v))
 }
 
 /// Hooks that splice `edits` in at `hook` at every position but the sequence's first (the
 /// attention sink, which the SAE never saw in training). Counts positions across KV-cache steps.
 pub fn steering_hooks<'a>(sae: &'a Sae, hook: HookPoint, edits: &'a [FeatureEdit]) -> Hooks<'a> {
-    let seen = Cell::new(0i64);
+    let mut seen = 0i64;
     Hooks::new().intervene(hook, move |x: &Tensor| {
         let (b, t, d) = x.size3().expect("[batch, seq, d]");
         let steered = splice(sae, &x.reshape([b * t, d]), |z| edits.iter().for_each(|e| e.apply(z))).expect("the SAE's width was checked").reshape([b, t, d]);
-        let start = seen.replace(seen.get() + t);
+        let start = seen;
+        seen += t;
         if start == 0 {
             // Keep position 0 as the model computed it.
             let rest = steered.narrow(1, 1, t - 1);
@@ -85,12 +91,9 @@ pub fn run(a: Args) -> Result<()> {
     let store = StoreOptions::default();
     let model = a.model.load()?;
     let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.llama.device())?;
-    let hook = sae_hook_in_model(&loaded.info.hook_name, &model)?;
+    let hook = sae_fits_model(&loaded, &a.sae, &model)?;
     let sae = &loaded.sae;
     let d_sae = sae.config().d_sae as i64;
-    if model.llama.config().hidden_size != sae.config().d_in {
-        bail!("the SAE at `{}` takes d_in {} but model `{}` has hidden size {}", a.sae, sae.config().d_in, model.name, model.llama.config().hidden_size);
-    }
     for &f in &a.feature {
         if f < 0 || f >= d_sae {
             bail!("feature {f} is out of range: the SAE at `{}` has features 0..{}", a.sae, d_sae - 1);
@@ -102,10 +105,9 @@ pub fn run(a: Args) -> Result<()> {
     for &feature in &a.feature {
         let edit = match (&a.clamp, a.add) {
             (Some(clamp), _) => {
-                let (multiple, value) = parse_clamp(clamp)?;
-                let value = match multiple {
-                    None => value,
-                    Some(n) => {
+                let value = match parse_clamp(clamp)? {
+                    Clamp::Value(value) => value,
+                    Clamp::TimesMax(n) => {
                         let Some(set) = &features else {
                             bail!(
                                 "--clamp {clamp} is a multiple of feature {feature}'s maximum activation, which `sae features build` records: pass its folder with --features, or give an activation value"
@@ -148,14 +150,14 @@ pub fn run(a: Args) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_clamp;
+    use super::{parse_clamp, Clamp};
 
     #[test]
     fn clamps_parse_as_multiples_or_values() {
-        assert_eq!(parse_clamp("5x").unwrap(), (Some(5.0), 0.0));
-        assert_eq!(parse_clamp("2.5X").unwrap(), (Some(2.5), 0.0));
-        assert_eq!(parse_clamp("12.75").unwrap(), (None, 12.75));
-        assert_eq!(parse_clamp("-3").unwrap(), (None, -3.0));
+        assert_eq!(parse_clamp("5x").unwrap(), Clamp::TimesMax(5.0));
+        assert_eq!(parse_clamp("2.5X").unwrap(), Clamp::TimesMax(2.5));
+        assert_eq!(parse_clamp("12.75").unwrap(), Clamp::Value(12.75));
+        assert_eq!(parse_clamp("-3").unwrap(), Clamp::Value(-3.0));
         assert!(parse_clamp("x5").is_err());
     }
 }

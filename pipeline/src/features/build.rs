@@ -25,12 +25,12 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use capture::Model;
 use indicatif::{ProgressBar, ProgressStyle};
-use store::reader::{OutputDtype, Reader, ReaderOptions};
+use store::reader::{Reader, ReaderOptions};
 use store::{Manifest, StoreOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::sae::Sae;
 
-use crate::features::neighbors::unit_rows;
+use crate::features::neighbors::{all_nearest, unit_rows};
 use crate::features::set::{Example, ExampleKind, FeatureStats};
 
 /// Log-binned histogram sketch: bins of 1/32 decade from 10^-4 to 10^4.
@@ -182,11 +182,7 @@ fn to_rows<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<Vec<T>>> {
 }
 
 fn reader_options(hook: &str, chunk_rows: usize, store: &StoreOptions) -> ReaderOptions {
-    let mut opts = ReaderOptions::new(hook, chunk_rows);
-    opts.shuffle = false;
-    opts.epochs = Some(1);
-    opts.drop_last = false;
-    opts.output = OutputDtype::F32;
+    let mut opts = ReaderOptions::one_pass_in_order(hook, chunk_rows);
     opts.with_tokens = true;
     opts.store = store.clone();
     opts
@@ -286,7 +282,7 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
     let logits_started = std::time::Instant::now();
 
     let (logit_top, logit_bottom) = logit_effects(sae, model, s.logit_tokens)?;
-    let neighbors = all_neighbors(sae, s.neighbors)?;
+    let neighbors = all_nearest(&unit_rows(sae.w_dec()), s.neighbors)?;
     tracing::info!(seconds = format!("{:.1}", logits_started.elapsed().as_secs_f64()), "logit effects and neighbours done");
     let features = (0..d_sae as usize)
         .map(|f| {
@@ -510,32 +506,6 @@ pub fn logit_effects(sae: &Sae, model: &Model, n: usize) -> Result<(Vec<Vec<(Str
     Ok((top, bottom))
 }
 
-/// Every feature's `n` nearest other features by decoder cosine similarity, nearest first.
-pub fn all_neighbors(sae: &Sae, n: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-    let _guard = tch::no_grad_guard();
-    let rows = unit_rows(sae.w_dec()); // [d_sae, d]
-    let d_sae = rows.size()[0];
-    let n = (n as i64).min(d_sae - 1);
-    let mut out = Vec::with_capacity(d_sae as usize);
-    if n <= 0 {
-        return Ok(vec![Vec::new(); d_sae as usize]);
-    }
-    let chunk = ((1i64 << 26) / d_sae).max(1);
-    let mut start = 0;
-    while start < d_sae {
-        let len = chunk.min(d_sae - start);
-        let sims = rows.narrow(0, start, len).matmul(&rows.tr()); // [len, d_sae]
-        // A feature is not its own neighbour.
-        let own = Tensor::arange_start(start, start + len, (Kind::Int64, rows.device())).unsqueeze(1);
-        let sims = sims.scatter_value(1, &own, f64::NEG_INFINITY);
-        let (values, ids) = sims.topk(n, 1, true, true);
-        let ids = to_rows::<i64>(&ids)?;
-        let values = to_rows::<f32>(&values)?;
-        out.extend(ids.into_iter().zip(values).map(|(ids, values)| ids.into_iter().map(|i| i as u32).zip(values).collect()));
-        start += len;
-    }
-    Ok(out)
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! Nearest features by the cosine similarity of their decoder rows, within one SAE or into
-//! another (of another size: how features split across widths).
+//! another (of another size: how features split across widths), for one feature or for all.
 //!
 //! Similarities are computed against the candidate dictionary in chunks of rows, keeping a
 //! running top-k, so memory stays bounded for dictionaries of millions of latents.
@@ -53,6 +53,34 @@ pub fn nearest(query: &Tensor, candidates: &Tensor, top: usize, exclude: Option<
     Ok(best)
 }
 
+/// For every row of `unit` (unit rows [n_rows, d]), its `top` nearest other rows, nearest first,
+/// as (row, cosine). Query rows go in chunks so a chunk's similarities stay under 256 MiB.
+pub fn all_nearest(unit: &Tensor, top: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let _guard = tch::no_grad_guard();
+    let n_rows = unit.size()[0];
+    let top = (top as i64).min(n_rows - 1);
+    if top <= 0 {
+        return Ok(vec![Vec::new(); n_rows as usize]);
+    }
+    let mut out = Vec::with_capacity(n_rows as usize);
+    let chunk = ((1i64 << 26) / n_rows).max(1);
+    let mut start = 0;
+    while start < n_rows {
+        let len = chunk.min(n_rows - start);
+        let sims = unit.narrow(0, start, len).matmul(&unit.tr()); // [len, n_rows]
+        // A row is not its own neighbour.
+        let own = Tensor::arange_start(start, start + len, (Kind::Int64, unit.device())).unsqueeze(1);
+        let (values, ids) = sims.scatter_value(1, &own, f64::NEG_INFINITY).topk(top, 1, true, true);
+        let ids = Vec::<i64>::try_from(ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
+        let values = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))?;
+        out.extend(ids.chunks(top as usize).zip(values.chunks(top as usize)).map(|(ids, values)| {
+            ids.iter().map(|&i| i as u32).zip(values.iter().copied()).collect()
+        }));
+        start += len;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +102,18 @@ mod tests {
         let with_self = nearest(&query, &rows, 1, None).unwrap();
         assert_eq!(with_self[0].feature, 5);
         assert!((with_self[0].cosine - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn all_nearest_agrees_with_nearest_for_every_row() {
+        tch::manual_seed(4);
+        let rows = unit_rows(&Tensor::randn([300, 8], (Kind::Float, tch::Device::Cpu)));
+        let all = all_nearest(&rows, 5).unwrap();
+        assert_eq!(all.len(), 300);
+        for f in [0i64, 17, 299] {
+            let want: Vec<u32> = nearest(&rows.get(f), &rows, 5, Some(f)).unwrap().iter().map(|n| n.feature as u32).collect();
+            assert_eq!(all[f as usize].iter().map(|(i, _)| *i).collect::<Vec<_>>(), want);
+        }
     }
 
     #[test]
