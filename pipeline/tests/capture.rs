@@ -3,17 +3,16 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use capture::corpus::{Corpus, CorpusSpec};
 use capture::windows::{WindowOptions, WindowStream};
-use capture::{HookPoint, Hooks, Model};
-use store::reader::{OutputDtype, Reader, ReaderOptions};
-use tch::{Device, Kind, Tensor};
+use capture::{HookPoint, Hooks};
+use store::reader::{Reader, ReaderOptions};
+use tch::{Kind, Tensor};
 
 mod common;
-use common::start_moto;
+use common::{model, start_moto, stderr};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
@@ -21,10 +20,6 @@ const SMALL: &[&str] = &["--context-len", "64", "--batch-size", "4", "--threads"
 
 fn sae(args: &[&str]) -> Output {
     Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn capture(out: &str, extra: &[&str]) -> Output {
@@ -36,11 +31,7 @@ fn capture(out: &str, extra: &[&str]) -> Output {
 
 /// Every row of `hook`, in dataset order: (sequence_id, position, token_id) and f32 values.
 fn read_all(url: &str, hook: &str) -> (Vec<(u64, u32, u32)>, Vec<f32>) {
-    let mut opts = ReaderOptions::new(hook, 1000);
-    opts.shuffle = false;
-    opts.epochs = Some(1);
-    opts.drop_last = false;
-    opts.output = OutputDtype::F32;
+    let mut opts = ReaderOptions::one_pass_in_order(hook, 1000);
     opts.with_tokens = true;
     let mut rows = Vec::new();
     let mut values = Vec::new();
@@ -51,17 +42,6 @@ fn read_all(url: &str, hook: &str) -> (Vec<(u64, u32, u32)>, Vec<f32>) {
         values.extend(batch.to_f32());
     }
     (rows, values)
-}
-
-fn model() -> std::sync::MutexGuard<'static, Model> {
-    static MODEL: OnceLock<Mutex<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            tch::set_num_threads(2);
-            Mutex::new(Model::load(&capture::model::default_model_path(), Device::Cpu, Kind::Float).unwrap())
-        })
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
 }
 
 #[test]

@@ -4,12 +4,11 @@ use std::process::{Command, Output};
 
 use capture::gguf::{GgmlType, GgufBuilder, Value};
 
+mod common;
+use common::stderr;
+
 fn sae(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sae")).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{newest_checkpoint, venv_bin};
+use common::{newest_checkpoint, stderr, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 
@@ -19,10 +19,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
     dir
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// 8,000 real layer-15 rows in row groups of 512, captured once.

@@ -5,37 +5,23 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use arrow_array::{Array, Float32Array, ListArray, RecordBatch, StringArray, UInt32Array, UInt64Array};
-use capture::{HookPoint, Hooks, Model};
+use capture::{HookPoint, Hooks};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use store::reader::{OutputDtype, Reader, ReaderOptions};
+use store::reader::{Reader, ReaderOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
 
 mod common;
-use common::start_moto;
+use common::{last_json, model, start_moto, stderr, stdout};
 
 const SAE_BIN: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
 
 fn sae(args: &[&str]) -> Output {
     Command::new(SAE_BIN).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let text = stdout(out);
-    let line = text.lines().last().unwrap_or_else(|| panic!("no stdout; stderr: {}", stderr(out)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -80,18 +66,9 @@ fn load_sae(dir: &str) -> LoadedSae {
     trainer::export::load(&cfg, &weights, dir, Device::Cpu).unwrap()
 }
 
-fn model() -> &'static Mutex<Model> {
-    static MODEL: OnceLock<Mutex<Model>> = OnceLock::new();
-    MODEL.get_or_init(|| Mutex::new(Model::load(&capture::model::default_model_path(), Device::Cpu, Kind::Float).unwrap()))
-}
-
 /// Every row of the dataset in stored order: latents [rows, d_sae] and (sequence_id, position, token_id).
 fn brute_force_latents(f: &Fixture, sae: &LoadedSae) -> (Tensor, Vec<(u64, u32, u32)>) {
-    let mut opts = ReaderOptions::new(HOOK, 1024);
-    opts.shuffle = false;
-    opts.epochs = Some(1);
-    opts.drop_last = false;
-    opts.output = OutputDtype::F32;
+    let mut opts = ReaderOptions::one_pass_in_order(HOOK, 1024);
     opts.with_tokens = true;
     let mut z = Vec::new();
     let mut ids = Vec::new();
@@ -269,7 +246,7 @@ fn search_reports_what_a_direct_encode_gives() {
 
     // Direct: tokenize, run to the hook, encode every position but the first.
     let sae = load_sae(&f.sae);
-    let model = model().lock().unwrap();
+    let model = model();
     let ids = model.tokenizer.encode(PROMPT).unwrap();
     let hook = HookPoint::parse(HOOK, 30).unwrap();
     let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
@@ -303,7 +280,7 @@ fn search_reports_what_a_direct_encode_gives() {
 fn clamping_a_feature_to_its_own_activation_leaves_the_logits_and_a_large_clamp_changes_them() {
     let f = fixture();
     let sae = load_sae(&f.sae);
-    let model = model().lock().unwrap();
+    let model = model();
     let ids = model.tokenizer.encode(PROMPT).unwrap();
     let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let hook = HookPoint::parse(HOOK, 30).unwrap();

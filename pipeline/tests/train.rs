@@ -11,7 +11,7 @@ use store::reader::{OutputDtype, Reader, ReaderOptions};
 use tch::{Device, Tensor};
 
 mod common;
-use common::{newest_checkpoint, start_moto, venv_bin};
+use common::{last_json, newest_checkpoint, start_moto, stderr, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -24,16 +24,6 @@ const RUN: &[&str] = &[
 
 fn sae(args: &[&str]) -> Output {
     Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_else(|| panic!("no stdout; stderr: {}", stderr(out)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// moto's S3 server on a free loopback port, with a bucket; stopped when dropped.
@@ -16,6 +16,34 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The last line of stdout, parsed as JSON (what `--json` prints).
+pub fn last_json(out: &Output) -> serde_json::Value {
+    let text = stdout(out);
+    let line = text.lines().last().unwrap_or_else(|| panic!("no stdout; stderr: {}", stderr(out)));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+/// The default model (f32, CPU, 2 threads), loaded once per test binary and shared.
+pub fn model() -> std::sync::MutexGuard<'static, capture::Model> {
+    static MODEL: std::sync::OnceLock<std::sync::Mutex<capture::Model>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            tch::set_num_threads(2);
+            let path = capture::model::default_model_path();
+            std::sync::Mutex::new(capture::Model::load(&path, tch::Device::Cpu, tch::Kind::Float).unwrap())
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 pub fn venv_bin(name: &str) -> PathBuf {
