@@ -306,18 +306,12 @@ fn search(a: SearchArgs) -> Result<()> {
     let describe = |feature: i64| -> String {
         let Some(set) = &features else { return String::new() };
         let stats = &set.features[feature as usize];
-        let tops: Vec<&crate::features::set::Example> = set.examples_of(feature as u32).iter().filter(|e| e.kind == ExampleKind::Top).collect();
-        // The tokens it fires on most: the distinct tokens at the centre of its top examples.
-        let mut fires_on: Vec<String> = Vec::new();
-        for e in &tops {
-            let token = format!("{:?}", e.tokens[e.center as usize]);
-            if !fires_on.contains(&token) && fires_on.len() < 5 {
-                fires_on.push(token);
-            }
-        }
+        let fires_on: Vec<String> = set.top_tokens(feature as u32).iter().take(5).map(|t| format!("{t:?}")).collect();
         let logits: Vec<String> = stats.top_logit_tokens.iter().take(5).map(|t| format!("{t:?}")).collect();
-        let example = tops
-            .first()
+        let example = set
+            .examples_of(feature as u32)
+            .iter()
+            .find(|e| e.kind == ExampleKind::Top)
             .map(|e| {
                 let c = e.center as usize;
                 let text: String =

@@ -120,12 +120,6 @@ fn summary_line(set: &FeatureSet) -> String {
     format!("{} · {} · {} · {} rows", s.sae, s.hook, s.model_name, s.rows)
 }
 
-/// The centre token of a feature's highest example, if it has one.
-fn top_token(set: &FeatureSet, feature: u32) -> Option<&str> {
-    let e = set.examples_of(feature).iter().find(|e| e.kind == ExampleKind::Top)?;
-    e.tokens.get(e.center as usize).map(String::as_str)
-}
-
 fn index_page(set: &FeatureSet, width: usize) -> String {
     let s = &set.summary;
     let mut body = String::new();
@@ -147,7 +141,7 @@ fn index_page(set: &FeatureSet, width: usize) -> String {
          <th data-sort=\"max\" title=\"sort\">max&nbsp;⇅</th><th>top logit tokens</th><th>top example</th></tr></thead>\n<tbody>\n",
     );
     for f in &set.features {
-        let top = top_token(set, f.feature);
+        let top = set.top_tokens(f.feature).first().copied();
         let search: Vec<&str> = f.top_logit_tokens.iter().map(String::as_str).chain(top).collect();
         let _ = writeln!(
             body,

@@ -147,6 +147,20 @@ impl FeatureSet {
         &self.examples[start..end]
     }
 
+    /// The distinct tokens at the centre of a feature's top examples, highest activation first:
+    /// the tokens it fires on most.
+    pub fn top_tokens(&self, feature: u32) -> Vec<&str> {
+        let mut tokens: Vec<&str> = Vec::new();
+        for e in self.examples_of(feature).iter().filter(|e| e.kind == ExampleKind::Top) {
+            if let Some(t) = e.tokens.get(e.center as usize) {
+                if !tokens.contains(&t.as_str()) {
+                    tokens.push(t);
+                }
+            }
+        }
+        tokens
+    }
+
     /// Writes the Parquet files, then `features.json`. An older `features.json` is removed first,
     /// so a rewrite cut short leaves a folder that reads as unfinished, never as a mix.
     pub fn write(&self, dir: &ObjectDir) -> Result<()> {
@@ -485,6 +499,9 @@ pub(crate) mod tests {
         assert_eq!(back, set);
         assert_eq!(back.examples_of(0).len(), 3);
         assert!(back.examples_of(1).is_empty());
+        // Both top examples centre on the same token: listed once.
+        assert_eq!(back.top_tokens(0), vec![set.examples[0].tokens[1].as_str()]);
+        assert!(back.top_tokens(1).is_empty());
     }
 
     #[test]
