@@ -37,9 +37,22 @@ pub enum Error {
     Invalid(String),
     #[error("writer failed earlier: {0}")]
     WriterFailed(String),
+    /// The reader's fetch task or a decoding thread died: the data stream is broken, not ended.
+    #[error("reading `{url}` failed: {detail}")]
+    ReaderFailed { url: String, detail: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The message of a panic's payload (what `panic!` was given), for errors that report a dead
+/// thread or task.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".to_string(),
+    }
+}
 
 impl Error {
     pub(crate) fn store(

@@ -25,7 +25,7 @@ pub mod reader;
 mod rng;
 mod writer;
 
-pub use error::{Error, Result};
+pub use error::{panic_message, Error, Result};
 pub use format::Dtype;
 pub use inspect::{info, verify, DatasetInfo, HookInfo, ShardProblem, VerifyReport};
 pub use location::{open_store, open_store_with, Location, StoreOptions};
