@@ -10,7 +10,9 @@
 #   - the headers trainer's c10d shim (multi-process training) compiles against: Gloo's (Debian's
 #     libgloo-dev) and, next to the venv's torch, CUDA's and NCCL's (cuda-toolkit[nvcc,cccl]).
 # With --test it also installs what the tests and benchmarks use: transformers, gguf, accelerate,
-# numpy, pyarrow, moto's S3 server and sae-lens into the venv, and the s3s-fs S3 server with cargo.
+# numpy, pyarrow, moto's S3 server, sae-lens and kubernetes-validate into the venv, the s3s-fs S3
+# server with cargo, and Debian's slurm-wlm and munge (a real Slurm for the workflows' tests,
+# started and stopped by the tests themselves through scripts/slurm-local.sh).
 #
 # Environment: SAE_CACHE (default ~/.cache/sae-pipeline), SAE_MODEL_DIR (default $SAE_CACHE/models),
 # LIBTORCH (use this libtorch instead of the venv's torch for building).
@@ -22,6 +24,7 @@ MODEL_DIR=${SAE_MODEL_DIR:-$CACHE/models}
 MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 TORCH_VERSION=2.11.0
 SAE_LENS_VERSION=6.54.12
+K8S_VALIDATE_VERSION=1.37.0
 WITH_TEST=0
 for arg in "$@"; do
   case "$arg" in
@@ -68,6 +71,11 @@ if [ "$WITH_TEST" = 1 ]; then
     log "installing sae-lens==$SAE_LENS_VERSION"
     "$VENV/bin/pip" install -q "sae-lens==$SAE_LENS_VERSION" "torch==$TORCH_VERSION" "transformers>=4.46,<5"
   fi
+  # Offline schema validation of workflows/k8s/ (the tests pin the Kubernetes version).
+  if ! pip_has kubernetes-validate "$K8S_VALIDATE_VERSION"; then
+    log "installing kubernetes-validate==$K8S_VALIDATE_VERSION"
+    "$VENV/bin/pip" install -q "kubernetes-validate==$K8S_VALIDATE_VERSION"
+  fi
   # A second S3-compatible server that checks SigV4 signatures (for the wrong-credentials tests).
   S3S_FS=${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs
   if [ ! -x "$S3S_FS" ]; then
@@ -109,6 +117,10 @@ pkgs=()
 [ -e "$GLOO_HEADER" ] || [ -n "${GLOO_INCLUDE_DIR:-}" ] || pkgs+=(libgloo-dev)
 # Headless Chromium renders the feature browser's pages in the tests.
 [ "$WITH_TEST" = 1 ] && ! command -v chromium >/dev/null && pkgs+=(chromium)
+# A real single-node Slurm for the tests of workflows/slurm/ (its daemons are not enabled here:
+# scripts/slurm-local.sh starts private ones and the tests stop them).
+[ "$WITH_TEST" = 1 ] && ! command -v slurmctld >/dev/null && pkgs+=(slurm-wlm)
+[ "$WITH_TEST" = 1 ] && ! command -v munged >/dev/null && pkgs+=(munge)
 if [ ${#pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${pkgs[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
