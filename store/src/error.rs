@@ -11,7 +11,7 @@ pub enum Error {
         op: &'static str,
         location: String,
         #[source]
-        source: object_store::Error,
+        source: StoreFailure,
     },
     #[error("`{location}` already exists: {what}")]
     AlreadyExists { location: String, what: String },
@@ -44,6 +44,52 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What an object store said when a request failed: its whole error chain as one message, with
+/// the user info and query strings of any URL in it removed. The HTTP client's errors print the
+/// request URL, which holds credentials when the endpoint was given as `http://KEY:SECRET@host`,
+/// so the original error is not kept as a source that a caller could print.
+#[derive(Debug)]
+pub struct StoreFailure {
+    message: String,
+    not_found: bool,
+}
+
+impl StoreFailure {
+    pub fn new(source: &object_store::Error) -> Self {
+        StoreFailure {
+            message: crate::location::redact_urls_in(&error_chain(source)),
+            not_found: matches!(source, object_store::Error::NotFound { .. }),
+        }
+    }
+
+    /// Whether the store said the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.not_found
+    }
+}
+
+impl fmt::Display for StoreFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StoreFailure {}
+
+/// `error: cause: cause...`, skipping a cause whose text the previous one already holds.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
+}
+
 /// The message of a panic's payload (what `panic!` was given), for errors that report a dead
 /// thread or task.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -62,8 +108,8 @@ impl Error {
     ) -> Self {
         Error::Store {
             op,
-            location: location.to_string(),
-            source,
+            location: crate::location::redact_urls_in(&location.to_string()),
+            source: StoreFailure::new(&source),
         }
     }
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {

@@ -51,7 +51,10 @@ pub fn info(url: &str, store: &StoreOptions) -> Result<DatasetInfo> {
 }
 
 pub(crate) async fn read_manifest(loc: &Location) -> Result<Option<Manifest>> {
-    match loc.get(MANIFEST_KEY).await? {
+    match loc
+        .get_bounded(MANIFEST_KEY, crate::manifest::limits::MAX_METADATA_BYTES)
+        .await?
+    {
         Some(b) => parse_versioned(&b, &loc.display(MANIFEST_KEY), &loc.url).map(Some),
         None => Ok(None),
     }

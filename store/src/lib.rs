@@ -25,13 +25,13 @@ pub mod reader;
 mod rng;
 mod writer;
 
-pub use error::{panic_message, Error, Result};
+pub use error::{error_chain, panic_message, Error, Result, StoreFailure};
 pub use format::Dtype;
 pub use inspect::{info, verify, DatasetInfo, HookInfo, ShardProblem, VerifyReport};
-pub use location::{open_store, open_store_with, Location, StoreOptions};
+pub use location::{has_user_info, open_store, open_store_with, redact_url, redact_urls_in, Location, StoreOptions};
 pub use manifest::{
     CommitRecord, CorpusIdentity, CreatedInfo, DatasetHeader, HookSpec, HookStats, HookSummary,
-    Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, FORMAT_VERSION,
+    limits, Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, Validate, FORMAT_VERSION,
 };
 pub use objects::{load_manifest, shard_tokens, ObjectDir};
 pub use writer::{finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress};

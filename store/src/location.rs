@@ -17,7 +17,8 @@ use object_store::{
 use crate::error::{Error, Result};
 
 /// Options for opening a store. The defaults are what a user gets; tests lower the retry limits.
-#[derive(Clone, Debug, Default)]
+/// Its `Debug` shows the S3 setting names but no value that could be a credential.
+#[derive(Clone, Default)]
 pub struct StoreOptions {
     /// Retry policy for remote stores (S3). `None` keeps object_store's default (10 retries,
     /// exponential backoff, 3 min budget).
@@ -29,8 +30,60 @@ pub struct StoreOptions {
     pub s3_config: Vec<(String, String)>,
 }
 
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s3_config: Vec<(&str, &str)> = self
+            .s3_config
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if s3_setting_is_public(k) {
+                        v.as_str()
+                    } else {
+                        "<redacted>"
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("StoreOptions")
+            .field("retry", &self.retry)
+            // Client options hold proxy URLs and default headers, either of which may carry
+            // credentials: say only whether they are set.
+            .field("client", &self.client.as_ref().map(|_| "<set>"))
+            .field("s3_config", &s3_config)
+            .finish()
+    }
+}
+
+/// S3 settings whose values are safe to print (everything else, keys and tokens above all, is
+/// redacted). An allow-list, so that a setting added later is hidden until someone decides.
+fn s3_setting_is_public(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "aws_region",
+        "region",
+        "aws_allow_http",
+        "allow_http",
+        "aws_bucket",
+        "bucket",
+        "aws_virtual_hosted_style_request",
+        "aws_imdsv1_fallback",
+        "aws_unsigned_payload",
+        "aws_skip_signature",
+        "aws_checksum_algorithm",
+        "aws_conditional_put",
+        "aws_disable_tagging",
+        "aws_request_payer",
+        "aws_s3_express",
+        "aws_server_side_encryption",
+    ]
+    .contains(&key.as_str())
+}
+
 /// An opened dataset location: an object store and the prefix of the dataset inside it.
-#[derive(Clone, Debug)]
+/// Its `Debug` shows the store's name (`AmazonS3(bucket)`), never its configuration.
+#[derive(Clone)]
 pub struct Location {
     pub store: Arc<dyn ObjectStore>,
     /// The dataset's prefix inside `store`. `manifest.json` is `prefix/manifest.json`.
@@ -39,6 +92,17 @@ pub struct Location {
     pub url: String,
     /// For local datasets, the directory (used to remove staging files of killed uploads).
     pub local_dir: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Location")
+            .field("store", &format_args!("{}", self.store))
+            .field("prefix", &self.prefix)
+            .field("url", &self.url)
+            .field("local_dir", &self.local_dir)
+            .finish()
+    }
 }
 
 /// Open a dataset URL with default options. See [`open_store_with`].
@@ -56,10 +120,18 @@ static MEMORY_STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock
 /// - `memory://name/prefix`: an in-process store shared by every URL with the same `name`
 ///   (for tests).
 pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
+    // Reasons may quote settings (a client error quotes the endpoint URL): redact them too.
     let bad = |reason: &str| Error::Url {
         url: redact_url(url),
-        reason: reason.to_string(),
+        reason: redact_urls_in(reason),
     };
+    // Before anything splits the URL: a secret holding `/` would otherwise be taken for a
+    // bucket name and sent out in requests.
+    if has_user_info(url) {
+        return Err(bad(
+            "credentials are not accepted in URLs; use the AWS_* environment variables",
+        ));
+    }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -109,7 +181,7 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
         return Ok(Location {
             store,
             prefix,
-            url: url.to_string(),
+            url: redact_url(url),
             local_dir: None,
         });
     }
@@ -146,20 +218,54 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
 }
 
 /// Remove user info and query strings from a URL before it goes into a message.
-pub(crate) fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((s, r)) => (Some(s), r),
-        None => (None, url),
-    };
-    let rest = rest.split(['?', '#']).next().unwrap_or("");
-    let rest = match rest.split_once('/') {
-        Some((auth, path)) => format!("{}/{}", auth.rsplit('@').next().unwrap_or(""), path),
-        None => rest.rsplit('@').next().unwrap_or("").to_string(),
-    };
-    match scheme {
-        Some(s) => format!("{s}://{rest}"),
-        None => rest,
+pub fn redact_url(url: &str) -> String {
+    let without_query = url.split(['?', '#']).next().unwrap_or("");
+    if without_query.contains("://") {
+        return redact_urls_in(without_query);
     }
+    match without_query.split_once('/') {
+        Some((auth, path)) => format!("{}/{}", auth.rsplit('@').next().unwrap_or(""), path),
+        None => without_query.rsplit('@').next().unwrap_or("").to_string(),
+    }
+}
+
+/// `text` with the user info of every `scheme://user:secret@host/...` in it removed: for
+/// messages that may quote URLs (an HTTP client's errors quote the request URL).
+///
+/// User info ends at the last `@` of the URL when no `/` comes before it, or when a `:` comes
+/// before the first `/`: AWS secret keys may hold `/`, and a pasted `s3://KEY:SE/CRET@bucket`
+/// must lose all of it. An `@` further along a path (`s3://bucket/a@b`) is kept.
+pub fn redact_urls_in(text: &str) -> String {
+    let ends_url = |c: char| c.is_whitespace() || matches!(c, '`' | '"' | '\'' | '<' | '>');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let url_len = after.find(ends_url).unwrap_or(after.len());
+        let url = &after[..url_len];
+        let keep_from = match url.rfind('@') {
+            Some(at_sign) => {
+                let user_info = &url[..at_sign];
+                let host_part = user_info.split('/').next().unwrap_or("");
+                if !user_info.contains('/') || host_part.contains(':') {
+                    at_sign + 1
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        out.push_str(&url[keep_from..]);
+        rest = &after[url_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `text` holds a URL with user info (credentials), as [`redact_urls_in`] sees it.
+pub fn has_user_info(text: &str) -> bool {
+    redact_urls_in(text) != text
 }
 
 impl Location {
@@ -198,6 +304,30 @@ impl Location {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store("GET", self.display(rel), e)),
         }
+    }
+
+    /// Like [`Location::get`], but refuses an object larger than `max_bytes` before reading
+    /// it: for metadata, whose size a writer (or an attacker) chose.
+    pub(crate) async fn get_bounded(&self, rel: &str, max_bytes: u64) -> Result<Option<Bytes>> {
+        let result = match self.store.get(&self.path(rel)).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::store("GET", self.display(rel), e)),
+        };
+        if result.meta.size > max_bytes {
+            return Err(Error::BadMetadata {
+                location: self.display(rel),
+                detail: format!(
+                    "{} bytes, more than the {max_bytes} such a record may hold",
+                    result.meta.size
+                ),
+            });
+        }
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|e| Error::store("GET", self.display(rel), e))?;
+        Ok(Some(bytes))
     }
 
     pub(crate) async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
@@ -263,12 +393,63 @@ mod tests {
     }
 
     #[test]
+    fn redacts_user_info_wherever_a_message_quotes_a_url() {
+        let text = "error sending request for url (http://AKIA:s3cr3t@127.0.0.1:9000/bucket/k): refused; also `s3://K:SE/CRET@b/x` and s3://bucket/a@b";
+        let redacted = redact_urls_in(text);
+        assert_eq!(redacted, "error sending request for url (http://127.0.0.1:9000/bucket/k): refused; also `s3://b/x` and s3://bucket/a@b");
+        assert!(has_user_info(text) && !has_user_info(&redacted));
+        assert!(
+            !has_user_info("s3://bucket/prefix")
+                && !has_user_info("/tmp/a@b/c")
+                && !has_user_info("--max-tokens=5")
+        );
+        assert!(has_user_info("--out=s3://KEY:SECRET@bucket/p"));
+        assert_eq!(redact_url("s3://K:SE/CRET@bucket/x?sig=1"), "s3://bucket/x");
+        assert_eq!(redact_url("memory://KEY:SECRET@name/p"), "memory://name/p");
+    }
+
+    #[test]
+    fn debug_of_options_and_locations_prints_no_secret() {
+        let opts = StoreOptions {
+            s3_config: vec![
+                ("aws_secret_access_key".into(), "PLANTED-SECRET".into()),
+                ("aws_session_token".into(), "PLANTED-TOKEN".into()),
+                ("aws_access_key_id".into(), "PLANTED-KEY-ID".into()),
+                ("aws_region".into(), "eu-west-1".into()),
+                (
+                    "aws_endpoint".into(),
+                    "http://u:PLANTED-PASS@127.0.0.1:9".into(),
+                ),
+            ],
+            client: Some(ClientOptions::new().with_proxy_url("http://u:PLANTED-PROXY@proxy:3128")),
+            ..Default::default()
+        };
+        let debug = format!("{opts:?} {opts:#?}");
+        assert!(!debug.contains("PLANTED"), "{debug}");
+        assert!(
+            debug.contains("aws_secret_access_key") && debug.contains("eu-west-1"),
+            "{debug}"
+        );
+        let loc = open_store_with("s3://bucket/prefix", &opts).unwrap();
+        let debug = format!("{loc:?} {loc:#?}");
+        assert!(
+            !debug.contains("PLANTED") && debug.contains("bucket"),
+            "{debug}"
+        );
+    }
+
+    #[test]
     fn rejects_credentials_in_url() {
-        let e = open_store("s3://KEY:SECRET@bucket/p")
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("SECRET"), "{e}");
-        assert!(e.contains("AWS_"), "{e}");
+        for url in [
+            "s3://KEY:SECRET@bucket/p",
+            "s3://KEY:SE/CRET@bucket/p",
+            "memory://KEY:SECRET@m/p",
+            "file://KEY:SECRET@/tmp/p",
+        ] {
+            let e = open_store(url).unwrap_err().to_string();
+            assert!(!e.contains("SECRET") && !e.contains("CRET"), "{e}");
+            assert!(e.contains("AWS_"), "{e}");
+        }
     }
 
     #[test]

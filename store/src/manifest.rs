@@ -281,17 +281,178 @@ impl Manifest {
     }
 }
 
-/// Parse JSON metadata, refusing unknown format versions before anything else.
-pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(
+/// Limits on what a metadata record may declare. Records are read from stores anyone may have
+/// written to, and their sizes drive allocations (a hook's `d_model` sizes a vector of sums, a
+/// shard's rows size the reader's buffers), so a record beyond these is refused as damaged.
+pub mod limits {
+    /// The largest metadata object read. A manifest holds per-shard sums of every dimension,
+    /// about 12 KB per shard of a 576-wide hook: 512 MiB is 40k such shards. Records are decoded
+    /// straight into their types (8 bytes per number at most), never into a JSON tree.
+    pub const MAX_METADATA_BYTES: u64 = 512 << 20;
+    /// The widest hook (the largest models have d_model near 25k).
+    pub const MAX_D_MODEL: usize = 1 << 18;
+    /// The sum of `d_model` over a dataset's hooks: each hook's statistics are `d_model` f64s.
+    pub const MAX_TOTAL_D_MODEL: usize = 1 << 20;
+    pub const MAX_HOOKS: usize = 1024;
+    pub const MAX_CONTEXT_LEN: usize = 1 << 24;
+    /// Rows of one shard (a 256 MiB shard of 576-wide bf16 rows holds 233k).
+    pub const MAX_SHARD_ROWS: u64 = 1 << 40;
+    /// Bytes of one shard object (S3's largest object is 5 TiB).
+    pub const MAX_SHARD_BYTES: u64 = 1 << 43;
+    pub const MAX_WORKERS: usize = 1 << 20;
+}
+
+/// A metadata record's own consistency checks, run by [`parse_versioned`] after decoding:
+/// the error says what is wrong, and the caller names the object.
+pub trait Validate {
+    fn validate(&self) -> std::result::Result<(), String>;
+}
+
+fn check_hooks<'a>(hooks: impl Iterator<Item = (&'a str, usize)>) -> std::result::Result<(), String> {
+    use limits::*;
+    let (mut count, mut total) = (0usize, 0usize);
+    for (name, d_model) in hooks {
+        count += 1;
+        if d_model == 0 || d_model > MAX_D_MODEL {
+            return Err(format!("hook `{name}` has d_model {d_model}, outside 1..={MAX_D_MODEL}"));
+        }
+        total += d_model;
+    }
+    if count == 0 || count > MAX_HOOKS {
+        return Err(format!("{count} hooks, outside 1..={MAX_HOOKS}"));
+    }
+    if total > MAX_TOTAL_D_MODEL {
+        return Err(format!("the hooks' d_model sum to {total}, more than {MAX_TOTAL_D_MODEL}"));
+    }
+    Ok(())
+}
+
+fn check_context_len(context_len: usize) -> std::result::Result<(), String> {
+    if context_len == 0 || context_len > limits::MAX_CONTEXT_LEN {
+        return Err(format!("context_len {context_len} is outside 1..={}", limits::MAX_CONTEXT_LEN));
+    }
+    Ok(())
+}
+
+/// A worker name becomes part of object keys (`commits/<worker>/...`, `parts/<worker>.json`).
+fn check_worker_name(worker: &str) -> std::result::Result<(), String> {
+    let plain = !worker.is_empty() && worker.len() <= 64 && worker.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !plain {
+        return Err(format!("worker name {worker:?} is not 1 to 64 letters, digits, `-` or `_`"));
+    }
+    Ok(())
+}
+
+impl Validate for ShardEntry {
+    fn validate(&self) -> std::result::Result<(), String> {
+        use limits::*;
+        let key = &self.key;
+        let plain_key = key.starts_with(&format!("{SHARDS_DIR}/")) && !key.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+        if !plain_key {
+            return Err(format!("shard key {key:?} is not a file under {SHARDS_DIR}/"));
+        }
+        if self.rows > MAX_SHARD_ROWS || self.bytes > MAX_SHARD_BYTES {
+            return Err(format!("shard `{key}`: {} rows in {} bytes is beyond the limits ({MAX_SHARD_ROWS} rows, {MAX_SHARD_BYTES} bytes)", self.rows, self.bytes));
+        }
+        let group_rows = self.row_groups.iter().try_fold(0u64, |sum, &r| sum.checked_add(r));
+        if group_rows != Some(self.rows) || self.row_groups.iter().any(|&r| r == 0) {
+            return Err(format!("shard `{key}`: row groups {:?} do not add up to its {} rows", self.row_groups, self.rows));
+        }
+        if self.footer_len < 8 || self.footer_len > self.bytes {
+            return Err(format!("shard `{key}`: footer of {} bytes in an object of {}", self.footer_len, self.bytes));
+        }
+        if self.sequence_ids[0] > self.sequence_ids[1] {
+            return Err(format!("shard `{key}`: sequence ids {:?} are not a range", self.sequence_ids));
+        }
+        for (hook, stats) in &self.stats {
+            if stats.sum.len() > MAX_D_MODEL || stats.count > self.rows {
+                return Err(format!("shard `{key}`: statistics of hook `{hook}` have {} sums over {} rows", stats.sum.len(), stats.count));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for HeaderFile {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_hooks(self.header.hooks.iter().map(|h| (h.name.as_str(), h.d_model)))?;
+        check_context_len(self.header.context_len)?;
+        if self.encoding.row_group_rows == 0 {
+            return Err("row_group_rows is 0".into());
+        }
+        Ok(())
+    }
+}
+
+impl Validate for CommitRecord {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_worker_name(&self.worker)?;
+        self.shard.validate()
+    }
+}
+
+impl Validate for crate::writer::PartRecord {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_worker_name(&self.worker)?;
+        if self.workers == 0 || self.workers > limits::MAX_WORKERS {
+            return Err(format!("workers {} is outside 1..={}", self.workers, limits::MAX_WORKERS));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for Manifest {
+    fn validate(&self) -> std::result::Result<(), String> {
+        check_hooks(self.hooks.iter().map(|h| (h.name.as_str(), h.d_model)))?;
+        for hook in &self.hooks {
+            if hook.mean.len() != hook.d_model {
+                return Err(format!("hook `{}`: mean has {} values for d_model {}", hook.name, hook.mean.len(), hook.d_model));
+            }
+        }
+        check_context_len(self.context_len)?;
+        if self.encoding.row_group_rows == 0 {
+            return Err("row_group_rows is 0".into());
+        }
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        for shard in &self.shards {
+            shard.validate()?;
+            if shard.first_row != rows {
+                return Err(format!("shard `{}` starts at row {}, but the shards before it hold {rows} rows", shard.key, shard.first_row));
+            }
+            // Each term is bounded by the shard limits, but there may be many shards.
+            rows = rows.checked_add(shard.rows).ok_or("the shards' rows overflow")?;
+            bytes = bytes.checked_add(shard.bytes).ok_or("the shards' bytes overflow")?;
+        }
+        if rows != self.tokens || bytes != self.bytes {
+            return Err(format!("the shards hold {rows} rows in {bytes} bytes, the manifest says {} in {}", self.tokens, self.bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Parse JSON metadata, refusing unknown format versions before anything else, and records that
+/// fail their [`Validate`] checks after.
+pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned + Validate>(
     bytes: &[u8],
     location: &str,
     url: &str,
 ) -> Result<T> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::BadMetadata {
+    if bytes.len() as u64 > limits::MAX_METADATA_BYTES {
+        return Err(Error::BadMetadata {
+            location: location.to_string(),
+            detail: format!("{} bytes, more than the {} a metadata record may hold", bytes.len(), limits::MAX_METADATA_BYTES),
+        });
+    }
+    /// Only the version: the other fields are skipped without being kept.
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        format_version: Option<serde_json::Value>,
+    }
+    let v: VersionOnly = serde_json::from_slice(bytes).map_err(|e| Error::BadMetadata {
         location: location.to_string(),
-        detail: format!("not JSON: {e}"),
+        detail: format!("not a JSON object: {e}"),
     })?;
-    match v.get("format_version") {
+    match &v.format_version {
         Some(serde_json::Value::Number(n)) if n.as_u64() == Some(FORMAT_VERSION as u64) => {}
         Some(other) => {
             return Err(Error::UnsupportedVersion {
@@ -308,10 +469,12 @@ pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned>(
             })
         }
     }
-    serde_json::from_value(v).map_err(|e| Error::BadMetadata {
+    let record: T = serde_json::from_slice(bytes).map_err(|e| Error::BadMetadata {
         location: location.to_string(),
         detail: e.to_string(),
-    })
+    })?;
+    record.validate().map_err(|detail| Error::BadMetadata { location: location.to_string(), detail })?;
+    Ok(record)
 }
 
 /// Merge commit records (already in shard order) into a manifest.
@@ -328,8 +491,10 @@ pub(crate) fn build_manifest(header: &HeaderFile, commits: &[CommitRecord]) -> M
     for c in commits {
         let mut s = c.shard.clone();
         s.first_row = first_row;
-        first_row += s.rows;
-        bytes += s.bytes;
+        // Validated records keep these far from overflowing; saturate rather than panic anyway,
+        // and let the manifest's own validation refuse the result.
+        first_row = first_row.saturating_add(s.rows);
+        bytes = bytes.saturating_add(s.bytes);
         for (h, t) in header.header.hooks.iter().zip(totals.iter_mut()) {
             if let Some(st) = s.stats.get(&h.name) {
                 t.merge(st);
