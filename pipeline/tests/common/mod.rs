@@ -99,3 +99,43 @@ pub fn newest_checkpoint(dir: &Path) -> Option<String> {
     names.sort();
     names.pop()
 }
+
+/// A free TCP port on loopback (free when asked; a test binds it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl S3Server {
+    /// Store options that reach this server from inside the test process (the `sae` processes
+    /// get the same settings through [`S3Server::env`]).
+    pub fn store_options(&self) -> store::StoreOptions {
+        let settings = [
+            ("aws_endpoint", self.endpoint.as_str()),
+            ("aws_allow_http", "true"),
+            ("aws_region", "us-east-1"),
+            ("aws_access_key_id", "test"),
+            ("aws_secret_access_key", "test"),
+        ];
+        store::StoreOptions {
+            s3_config: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Every row of `hook` in a dataset, in stored order: (sequence_id, position, token_id) and the
+/// f32 values, for comparing two datasets row for row.
+pub fn dataset_rows(url: &str, hook: &str, store: &store::StoreOptions) -> (Vec<(u64, u32, u32)>, Vec<f32>) {
+    let mut opts = store::reader::ReaderOptions::one_pass_in_order(hook, 1000);
+    opts.with_tokens = true;
+    opts.store = store.clone();
+    let mut rows = Vec::new();
+    let mut values = Vec::new();
+    for batch in store::reader::Reader::open(url, opts).unwrap() {
+        let batch = batch.unwrap();
+        let t = batch.tokens.as_ref().unwrap();
+        rows.extend((0..batch.rows).map(|i| (t.sequence_id[i], t.position[i], t.token_id[i])));
+        values.extend(batch.to_f32());
+    }
+    (rows, values)
+}
