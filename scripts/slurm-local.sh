@@ -39,11 +39,32 @@ stop_pidfile() {
   rm -f "$file"
 }
 
+# The pids of every process this cluster started: its daemons, their job step daemons
+# (slurmstepd) and the jobs, which all inherit SLURM_CONF=DIR/slurm.conf from the daemons.
+cluster_pids() {
+  local environ pid
+  for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}; pid=${pid%/environ}
+    [ "$pid" = $$ ] && continue
+    tr '\0' '\n' 2>/dev/null < "$environ" | grep -qxF "SLURM_CONF=$dir/slurm.conf" && echo "$pid"
+  done
+  return 0
+}
+
 stop() {
+  # Cancel what still runs (a failed test may leave jobs), so no job outlives the cluster.
+  if [ -s "$dir/run/slurmctld.pid" ] && kill -0 "$(cat "$dir/run/slurmctld.pid")" 2>/dev/null; then
+    SLURM_CONF=$dir/slurm.conf scancel --full --signal=KILL --state=RUNNING 2>/dev/null || true
+    SLURM_CONF=$dir/slurm.conf scancel --state=PENDING 2>/dev/null || true
+  fi
   # slurmd first, so that no job step outlives its node; then the controller; munge last.
   stop_pidfile "$dir/run/slurmd.pid"
   stop_pidfile "$dir/run/slurmctld.pid"
   stop_pidfile "$dir/munge/munged.pid"
+  # Job step daemons and jobs that did not end with their job.
+  local pids
+  pids=$(cluster_pids)
+  [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
 }
 
 start() {
