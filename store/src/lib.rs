@@ -34,7 +34,9 @@ pub use manifest::{
     limits, Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, Validate, FORMAT_VERSION,
 };
 pub use objects::{load_manifest, shard_tokens, ObjectDir};
-pub use writer::{finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress};
+pub use writer::{
+    finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress, STALE_STAGING_AGE,
+};
 
 /// Re-exported so callers can tune retries without depending on `object_store` themselves.
 pub use object_store::{BackoffConfig, ClientOptions, RetryConfig};

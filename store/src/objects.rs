@@ -3,10 +3,12 @@
 //!
 //! Every single-object put is atomic on every backend (S3 puts are; the local file system writes
 //! a staging file and renames it), so an object is either complete or absent. That is the whole
-//! consistency story for callers that keep each logical record in one object.
+//! consistency story for callers that keep each logical record in one object. Objects larger
+//! than [`MULTIPART_THRESHOLD`] (big checkpoints) go up as multipart uploads, since one S3 PUT
+//! is capped at 5 GiB; those are atomic too (the object appears when the upload completes).
 
 use bytes::Bytes;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use tokio::runtime::Runtime;
 
 use crate::error::{Error, Result};
@@ -15,15 +17,21 @@ use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{build_manifest, Manifest};
 use crate::writer::{list_commits, read_header, runtime};
 
+/// Puts of more bytes than this are multipart uploads.
+pub const MULTIPART_THRESHOLD: usize = 256 << 20;
+/// The size of each part of a multipart put.
+const PART_BYTES: usize = 64 << 20;
+
 /// An opened folder (a URL prefix) of objects. Keys are relative to the folder.
 pub struct ObjectDir {
     loc: Location,
     rt: Runtime,
+    multipart_threshold: usize,
 }
 
 impl ObjectDir {
     pub fn open(url: &str, opts: &StoreOptions) -> Result<ObjectDir> {
-        Ok(ObjectDir { loc: open_store_with(url, opts)?, rt: runtime()? })
+        Ok(ObjectDir { loc: open_store_with(url, opts)?, rt: runtime()?, multipart_threshold: MULTIPART_THRESHOLD })
     }
 
     /// The URL, safe to print (no credentials).
@@ -49,7 +57,7 @@ impl ObjectDir {
             url: self.loc.display(key),
             local_dir: self.loc.local_dir.as_ref().map(|d| d.join(key)),
         };
-        Ok(ObjectDir { loc, rt: runtime()? })
+        Ok(ObjectDir { loc, rt: runtime()?, multipart_threshold: self.multipart_threshold })
     }
 
     /// The object's bytes, or `None` when it does not exist.
@@ -57,13 +65,31 @@ impl ObjectDir {
         self.rt.block_on(self.loc.get(key))
     }
 
-    /// Writes (or replaces) the object in one atomic put.
+    /// Puts of more than `bytes` become multipart uploads (tests lower it from
+    /// [`MULTIPART_THRESHOLD`]).
+    pub fn with_multipart_threshold(mut self, bytes: usize) -> Self {
+        self.multipart_threshold = bytes;
+        self
+    }
+
+    /// Writes (or replaces) the object atomically: one put, or a multipart upload when large.
     pub fn put(&self, key: &str, data: impl Into<Bytes>) -> Result<()> {
-        let payload = PutPayload::from_bytes(data.into());
-        self.rt
-            .block_on(self.loc.store.put(&self.loc.path(key), payload))
-            .map(|_| ())
-            .map_err(|e| Error::store("PUT", self.loc.display(key), e))
+        let data: Bytes = data.into();
+        let path = self.loc.path(key);
+        let failed = |op, e| Error::store(op, self.loc.display(key), e);
+        if data.len() <= self.multipart_threshold {
+            let payload = PutPayload::from_bytes(data);
+            return self.rt.block_on(self.loc.store.put(&path, payload)).map(|_| ()).map_err(|e| failed("PUT", e));
+        }
+        self.rt.block_on(async {
+            let upload = self.loc.store.put_multipart(&path).await.map_err(|e| failed("start multipart upload of", e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            for part in data.chunks(PART_BYTES) {
+                writer.wait_for_capacity(4).await.map_err(|e| failed("upload part of", e))?;
+                writer.put(data.slice_ref(part));
+            }
+            writer.finish().await.map(|_| ()).map_err(|e| failed("complete upload of", e))
+        })
     }
 
     /// Creates the object only if it does not exist yet; `Ok(false)` if it did.

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use crate::format::{self, Dtype};
 use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{parse_versioned, Manifest, ShardEntry, HEADER_KEY, MANIFEST_KEY};
@@ -97,6 +97,10 @@ pub struct FollowOptions {
     pub poll: Duration,
     /// Give up when nothing new was committed for this long (None: wait forever).
     pub idle_timeout: Option<Duration>,
+    /// Shard keys in the order an earlier reader of the same run discovered them
+    /// ([`Reader::shard_order`] as a checkpoint saved it). They are read first, in that order,
+    /// so that a resumed reader sees the rows in the order the interrupted one did.
+    pub replay: Vec<String>,
 }
 
 impl Default for FollowOptions {
@@ -104,6 +108,7 @@ impl Default for FollowOptions {
         FollowOptions {
             poll: Duration::from_secs(2),
             idle_timeout: None,
+            replay: Vec::new(),
         }
     }
 }
@@ -511,11 +516,30 @@ impl Ctx {
         let meta2 = meta.clone();
         let rg = job.rg;
         self.pool.spawn(move || {
-            let _ = tx.send(ctx.decode(&meta2, rg, chunks, ncols));
+            // A panic on a rayon thread would abort the process; it is an error of this shard.
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                #[cfg(test)]
+                failpoints::hit("decode", &ctx.loc.url);
+                ctx.decode(&meta2, rg, chunks, ncols)
+            }))
+            .unwrap_or_else(|payload| {
+                Err(Error::corrupt(
+                    &meta2.key,
+                    format!(
+                        "decoding row group {} panicked: {}",
+                        rg.rg,
+                        panic_message(&*payload)
+                    ),
+                ))
+            });
+            let _ = tx.send(decoded);
         });
-        let (acts, tokens) = rx
-            .await
-            .map_err(|_| Error::invalid("a decoding thread died"))??;
+        let (acts, tokens) = rx.await.map_err(|_| {
+            Error::corrupt(
+                &meta.key,
+                format!("row group {}: its decoding thread died", job.rg.rg),
+            )
+        })??;
         Ok(Decoded {
             job,
             acts,
@@ -1019,11 +1043,22 @@ enum Source {
     Follow,
 }
 
+/// What the fetch task sends the reader: decoded row groups in order, then `End` once the data
+/// is exhausted. A channel that closes without `End` means the task died.
+enum Fetched {
+    RowGroup(Decoded),
+    End,
+}
+
 /// Streams [`Batch`]es. A blocking iterator: it owns a small tokio runtime and a decoding pool,
 /// so do not use it from inside an async runtime.
 pub struct Reader {
     rt: Arc<Runtime>,
-    rx: mpsc::Receiver<Result<Decoded>>,
+    rx: mpsc::Receiver<Result<Fetched>>,
+    /// The fetch task, joined to report how it died when the channel closes without `End`.
+    producer: Option<tokio::task::JoinHandle<()>>,
+    /// The fetch task said `End`.
+    ended: bool,
     ctx: Arc<Ctx>,
     source: Arc<Source>,
     opts: ReaderOptions,
@@ -1033,6 +1068,18 @@ pub struct Reader {
     window: Option<Window>,
     done: bool,
     manifest: Option<Manifest>,
+}
+
+/// The shards a reader has discovered, in order. The list only grows, so any reading of it
+/// covers every row read before: in follow mode it is what a checkpoint saves as
+/// [`FollowOptions::replay`], so that a resumed run reads the rows in the same order.
+pub struct ShardOrder(Arc<Ctx>);
+
+impl ShardOrder {
+    pub fn keys(&self) -> Vec<String> {
+        let shards = self.0.shards.lock().unwrap();
+        shards.iter().map(|s| s.key.clone()).collect()
+    }
 }
 
 struct Window {
@@ -1131,10 +1178,15 @@ impl Reader {
             .thread_name(|i| format!("sae-store-decode-{i}"))
             .build()
             .map_err(|e| Error::invalid(format!("cannot start decoding threads: {e}")))?;
-        let shards = manifest
-            .as_ref()
-            .map(|m| m.shards.clone())
-            .unwrap_or_default();
+        // Follow mode registers shards as it discovers them (its jobs index that list), even
+        // when the manifest is already there.
+        let shards = match &opts.follow {
+            None => manifest
+                .as_ref()
+                .map(|m| m.shards.clone())
+                .unwrap_or_default(),
+            Some(_) => Vec::new(),
+        };
         let ctx = Arc::new(Ctx {
             loc,
             hook: opts.hook.clone(),
@@ -1150,8 +1202,9 @@ impl Reader {
                 max: opts.prefetch_row_groups + opts.window_row_groups + 4,
             }),
         });
-        let max_rg = shards
+        let max_rg = manifest
             .iter()
+            .flat_map(|m| &m.shards)
             .flat_map(|s| s.row_groups.iter().copied())
             .max()
             .unwrap_or(0) as usize;
@@ -1197,20 +1250,22 @@ impl Reader {
         let (tx, rx) = mpsc::channel(2);
         let sem = Arc::new(Semaphore::new((opts.max_bytes_in_flight >> 10).max(1)));
         let cursor = opts.start;
-        match &*source {
+        let producer = match &*source {
             Source::Final(_) => {
                 let (ctx2, src2, o2) = (ctx.clone(), source.clone(), opts.clone());
-                rt.spawn(async move { produce_final(ctx2, src2, o2, tx, sem).await });
+                rt.spawn(async move { produce_final(ctx2, src2, o2, tx, sem).await })
             }
             Source::Follow => {
                 let (ctx2, o2) = (ctx.clone(), opts.clone());
-                rt.spawn(async move { produce_follow(ctx2, o2, tx, sem).await });
+                rt.spawn(async move { produce_follow(ctx2, o2, tx, sem).await })
             }
-        }
+        };
         let row = cursor.batch * opts.batch_rows as u64;
         Ok(Reader {
             rt,
             rx,
+            producer: Some(producer),
+            ended: false,
             ctx,
             source,
             opts,
@@ -1251,8 +1306,42 @@ impl Reader {
         self.ctx.buffers.put(batch.bytes);
     }
 
-    fn recv(&mut self) -> Option<Result<Decoded>> {
-        self.rt.block_on(self.rx.recv())
+    /// The order in which this reader discovers shards, readable from another thread.
+    pub fn shard_order(&self) -> ShardOrder {
+        ShardOrder(self.ctx.clone())
+    }
+
+    /// The next decoded row group, `None` once the fetch task says the data is exhausted. A
+    /// channel that closes without that word is an error, never an end.
+    fn recv(&mut self) -> Result<Option<Decoded>> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.rt.block_on(self.rx.recv()) {
+            Some(Ok(Fetched::RowGroup(d))) => Ok(Some(d)),
+            Some(Ok(Fetched::End)) => {
+                self.ended = true;
+                Ok(None)
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(self.producer_failure()),
+        }
+    }
+
+    /// Why the fetch task stopped without finishing.
+    fn producer_failure(&mut self) -> Error {
+        let why = match self.producer.take().map(|task| self.rt.block_on(task)) {
+            Some(Err(e)) if e.is_panic() => {
+                format!("panicked: {}", panic_message(&*e.into_panic()))
+            }
+            Some(Err(e)) => format!("was cancelled: {e}"),
+            Some(Ok(())) => "stopped before the data ended".to_string(),
+            None => "had already stopped".to_string(),
+        };
+        Error::ReaderFailed {
+            url: self.ctx.loc.url.clone(),
+            detail: format!("the fetch task {why}"),
+        }
     }
 
     fn next_final(&mut self) -> Result<Option<Batch>> {
@@ -1329,10 +1418,10 @@ impl Reader {
     fn next_window(&mut self) -> Result<Window> {
         let mut rgs: Vec<Decoded> = Vec::new();
         loop {
-            let d = match self.recv() {
-                Some(r) => r?,
-                None => return Err(Error::invalid("the reader's fetch task stopped")),
-            };
+            let d = self.recv()?.ok_or_else(|| Error::ReaderFailed {
+                url: self.ctx.loc.url.clone(),
+                detail: "the fetch task ended before the planned row groups".into(),
+            })?;
             let len = d.job.window_len;
             rgs.push(d);
             if rgs.len() == len {
@@ -1367,54 +1456,11 @@ impl Reader {
         let mut filled = 0usize;
         let row_bytes = self.ctx.d * self.ctx.out_dtype.size();
         while filled < b {
-            let exhausted = match &self.window {
-                Some(w) => self.row >= w.start + w.order.len() as u64,
-                None => true,
-            };
-            if exhausted {
-                let start = self
-                    .window
-                    .as_ref()
-                    .map(|w| w.start + w.order.len() as u64)
-                    .unwrap_or(0);
-                self.window = None;
-                let mut rgs = Vec::new();
-                while rgs.len() < self.opts.window_row_groups.max(1) {
-                    match self.recv() {
-                        Some(r) => rgs.push(r?),
-                        None => break,
-                    }
+            if self.window.as_ref().is_none_or(|w| self.row >= w.end()) {
+                match self.next_follow_window()? {
+                    Some(w) => self.window = Some(w),
+                    None => break,
                 }
-                if rgs.is_empty() {
-                    break;
-                }
-                let mut flat: Vec<(u32, u32)> = Vec::new();
-                for (i, d) in rgs.iter().enumerate() {
-                    flat.extend((0..d.rows as u32).map(|r| (i as u32, r)));
-                }
-                let window_index = start; // unique per window; keys the permutation
-                let order = if self.opts.shuffle {
-                    let p = permutation(
-                        flat.len(),
-                        &mut SplitMix64::keyed(&[
-                            self.opts.seed,
-                            0,
-                            self.opts.rank as u64,
-                            self.opts.world as u64,
-                            window_index,
-                            0x666f6c,
-                        ]),
-                    );
-                    p.into_iter().map(|i| flat[i as usize]).collect()
-                } else {
-                    flat
-                };
-                self.window = Some(Window {
-                    epoch: 0,
-                    start,
-                    rgs,
-                    order,
-                });
             }
             let w = self.window.as_mut().unwrap();
             let from = (self.row - w.start) as usize;
@@ -1431,6 +1477,64 @@ impl Reader {
         self.cursor.batch += 1;
         batch.next = self.cursor;
         Ok(Some(batch))
+    }
+
+    /// The follow-mode window after the current one that holds row `self.row` (None: the data
+    /// ended). A resumed reader starts past row 0: the windows before its row are formed exactly
+    /// as the first reader formed them, then dropped.
+    fn next_follow_window(&mut self) -> Result<Option<Window>> {
+        let mut start = self.window.take().map_or(0, |w| w.end());
+        loop {
+            let mut rgs = Vec::new();
+            while rgs.len() < self.opts.window_row_groups.max(1) {
+                match self.recv()? {
+                    Some(d) => rgs.push(d),
+                    None => break,
+                }
+            }
+            if rgs.is_empty() {
+                return Ok(None);
+            }
+            let rows: u64 = rgs.iter().map(|d| d.rows as u64).sum();
+            if start + rows <= self.row {
+                start += rows;
+                continue;
+            }
+            let mut flat: Vec<(u32, u32)> = Vec::with_capacity(rows as usize);
+            for (i, d) in rgs.iter().enumerate() {
+                flat.extend((0..d.rows as u32).map(|r| (i as u32, r)));
+            }
+            let order = if self.opts.shuffle {
+                // The window's first row is unique per window: it keys the permutation.
+                let p = permutation(
+                    flat.len(),
+                    &mut SplitMix64::keyed(&[
+                        self.opts.seed,
+                        0,
+                        self.opts.rank as u64,
+                        self.opts.world as u64,
+                        start,
+                        0x666f6c,
+                    ]),
+                );
+                p.into_iter().map(|i| flat[i as usize]).collect()
+            } else {
+                flat
+            };
+            return Ok(Some(Window {
+                epoch: 0,
+                start,
+                rgs,
+                order,
+            }));
+        }
+    }
+}
+
+impl Window {
+    /// One past the window's last row.
+    fn end(&self) -> u64 {
+        self.start + self.order.len() as u64
     }
 }
 
@@ -1504,7 +1608,7 @@ async fn produce_final(
     ctx: Arc<Ctx>,
     source: Arc<Source>,
     o: ReaderOptions,
-    tx: mpsc::Sender<Result<Decoded>>,
+    tx: mpsc::Sender<Result<Fetched>>,
     sem: Arc<Semaphore>,
 ) {
     let Source::Final(plan) = &*source else {
@@ -1519,7 +1623,9 @@ async fn produce_final(
         };
         plan.epoch_jobs(epoch, from)
     });
-    pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await;
+    if pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await {
+        let _ = tx.send(Ok(Fetched::End)).await;
+    }
 }
 
 /// Fetches and decodes `jobs` with up to `prefetch` in flight, forwarding each result in order;
@@ -1529,51 +1635,107 @@ async fn pump(
     ctx: &Arc<Ctx>,
     sem: &Arc<Semaphore>,
     prefetch: usize,
-    tx: &mpsc::Sender<Result<Decoded>>,
+    tx: &mpsc::Sender<Result<Fetched>>,
 ) -> bool {
     let mut stream = futures::stream::iter(jobs)
         .map(|job| ctx.clone().fetch(job, sem.clone()))
         .buffered(prefetch.max(1));
     while let Some(item) = stream.next().await {
         let failed = item.is_err();
-        if tx.send(item).await.is_err() || failed {
+        if tx.send(item.map(Fetched::RowGroup)).await.is_err() || failed {
             return false;
         }
     }
     true
 }
 
+/// Every shard of a dataset being written, from its manifest once there is one (then the list is
+/// complete) or else from the commit records so far. Returns (final, shards).
+async fn list_shards(ctx: &Ctx) -> Result<(bool, Vec<ShardEntry>)> {
+    if let Some(b) = ctx.loc.get(MANIFEST_KEY).await? {
+        let m: Manifest = parse_versioned(&b, &ctx.loc.display(MANIFEST_KEY), &ctx.loc.url)?;
+        return Ok((true, m.shards));
+    }
+    let commits = list_commits(&ctx.loc, None).await?;
+    Ok((false, commits.into_iter().map(|c| c.shard).collect()))
+}
+
+/// Registers a newly discovered shard and returns the jobs of its row groups that this rank owns.
+fn follow_jobs(ctx: &Ctx, s: ShardEntry, o: &ReaderOptions) -> Vec<Job> {
+    let idx = {
+        let mut v = ctx.shards.lock().unwrap();
+        v.push(s.clone());
+        v.len() - 1
+    };
+    let mut jobs = Vec::new();
+    for (ri, &rows) in s.row_groups.iter().enumerate() {
+        // Ranks may discover commits in different orders, so the owner of a row group depends
+        // only on its identity: (shard key, row group index).
+        let owner =
+            crc32c::crc32c_append(crc32c::crc32c(s.key.as_bytes()), &(ri as u64).to_le_bytes())
+                as u64
+                % o.world as u64;
+        if owner == o.rank as u64 {
+            jobs.push(Job {
+                epoch: 0,
+                window: 0,
+                window_row_start: 0,
+                window_rows: rows,
+                window_len: 1,
+                rg: RgRef {
+                    shard: idx as u32,
+                    rg: ri as u32,
+                    rows,
+                },
+            });
+        }
+    }
+    jobs
+}
+
+/// The jobs of the shards an interrupted reader had discovered, in its order.
+async fn replay_jobs(ctx: &Ctx, o: &ReaderOptions, replay: &[String]) -> Result<Vec<Job>> {
+    let (_, shards) = list_shards(ctx).await?;
+    let mut by_key: HashMap<String, ShardEntry> =
+        shards.into_iter().map(|s| (s.key.clone(), s)).collect();
+    let mut jobs = Vec::new();
+    for key in replay {
+        let s = by_key.remove(key).ok_or_else(|| Error::ReaderFailed {
+            url: ctx.loc.url.clone(),
+            detail: format!(
+                "shard `{key}`, read before the run was interrupted, is no longer committed; the run cannot resume in the same order"
+            ),
+        })?;
+        jobs.extend(follow_jobs(ctx, s, o));
+    }
+    Ok(jobs)
+}
+
 async fn produce_follow(
     ctx: Arc<Ctx>,
     o: ReaderOptions,
-    tx: mpsc::Sender<Result<Decoded>>,
+    tx: mpsc::Sender<Result<Fetched>>,
     sem: Arc<Semaphore>,
 ) {
     let fo = o.follow.clone().unwrap_or_default();
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<String> = fo.replay.iter().cloned().collect();
+    if !fo.replay.is_empty() {
+        let jobs = match replay_jobs(&ctx, &o, &fo.replay).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        if !pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await {
+            return;
+        }
+    }
     let mut last_new = tokio::time::Instant::now();
     loop {
-        // Look for the manifest first: if it exists, what it lists is everything.
-        let listing = async {
-            let manifest = match ctx.loc.get(MANIFEST_KEY).await? {
-                Some(b) => Some(parse_versioned::<Manifest>(
-                    &b,
-                    &ctx.loc.display(MANIFEST_KEY),
-                    &ctx.loc.url,
-                )?),
-                None => None,
-            };
-            let shards: Vec<ShardEntry> = match &manifest {
-                Some(m) => m.shards.clone(),
-                None => list_commits(&ctx.loc, None)
-                    .await?
-                    .into_iter()
-                    .map(|c| c.shard)
-                    .collect(),
-            };
-            Ok::<_, Error>((manifest.is_some(), shards))
-        };
-        let (is_final, shards) = match listing.await {
+        #[cfg(test)]
+        failpoints::hit("follow_poll", &ctx.loc.url);
+        let (is_final, shards) = match list_shards(&ctx).await {
             Ok(x) => x,
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
@@ -1590,39 +1752,13 @@ async fn produce_follow(
         let mut jobs = Vec::new();
         for s in new {
             seen.insert(s.key.clone());
-            let idx = {
-                let mut v = ctx.shards.lock().unwrap();
-                v.push(s.clone());
-                v.len() - 1
-            };
-            for (ri, &rows) in s.row_groups.iter().enumerate() {
-                // Ranks may discover commits in different orders, so the owner of a row group
-                // depends only on its identity: (shard key, row group index).
-                let owner = crc32c::crc32c_append(
-                    crc32c::crc32c(s.key.as_bytes()),
-                    &(ri as u64).to_le_bytes(),
-                ) as u64
-                    % o.world as u64;
-                if owner == o.rank as u64 {
-                    jobs.push(Job {
-                        epoch: 0,
-                        window: 0,
-                        window_row_start: 0,
-                        window_rows: rows,
-                        window_len: 1,
-                        rg: RgRef {
-                            shard: idx as u32,
-                            rg: ri as u32,
-                            rows,
-                        },
-                    });
-                }
-            }
+            jobs.extend(follow_jobs(&ctx, s, &o));
         }
         if !pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await {
             return;
         }
         if is_final {
+            let _ = tx.send(Ok(Fetched::End)).await;
             return;
         }
         if fo.idle_timeout.is_some_and(|t| last_new.elapsed() > t) {
@@ -1636,6 +1772,30 @@ async fn produce_follow(
             return;
         }
         tokio::time::sleep(fo.poll).await;
+    }
+}
+
+/// Test-only panics at named points, armed per dataset URL so that tests running side by side
+/// do not trip each other's.
+#[cfg(test)]
+pub(crate) mod failpoints {
+    use std::sync::Mutex;
+
+    static ARMED: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
+
+    pub fn arm(point: &'static str, url: &str) {
+        ARMED.lock().unwrap().push((point, url.to_string()));
+    }
+
+    pub fn hit(point: &'static str, url: &str) {
+        let armed = ARMED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, u)| *p == point && u == url);
+        if armed {
+            panic!("failpoint `{point}` hit for {url}");
+        }
     }
 }
 
@@ -1747,5 +1907,103 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("3 row groups, fewer than the 4 ranks"), "{e}");
+    }
+
+    fn small_dataset(url: &str, rows: usize) {
+        use crate::manifest::*;
+        let header = DatasetHeader {
+            model: ModelIdentity {
+                name: "m".into(),
+                file_sha256: "00".repeat(32),
+            },
+            tokenizer: TokenizerIdentity {
+                name: "t".into(),
+                sha256: "11".repeat(32),
+            },
+            hooks: vec![HookSpec {
+                name: "h".into(),
+                d_model: 4,
+            }],
+            context_len: 8,
+            corpus: CorpusIdentity {
+                name: "c".into(),
+                sha256: "22".repeat(32),
+                detail: String::new(),
+            },
+            created: CreatedInfo {
+                version: "test".into(),
+                command_line: vec![],
+            },
+        };
+        let opts = crate::WriterOptions {
+            row_group_rows: 16,
+            shard_bytes: Some(256),
+            ..Default::default()
+        };
+        let mut w = crate::DatasetWriter::create(url, header, opts).unwrap();
+        let batch = crate::RowBatch {
+            sequence_id: (0..rows as u64).map(|r| r / 8).collect(),
+            position: (0..rows as u32).map(|r| r % 8).collect(),
+            token_id: vec![7; rows],
+            activations: vec![("h".into(), (0..rows * 4).map(|v| v as f32).collect())],
+        };
+        w.append(batch).unwrap();
+        w.finish().unwrap();
+    }
+
+    fn read_all(url: &str, opts: ReaderOptions) -> Result<Vec<Vec<f32>>> {
+        Reader::open(url, opts)?
+            .map(|b| b.map(|b| b.to_f32()))
+            .collect()
+    }
+
+    #[test]
+    fn a_decoding_panic_is_an_error_naming_the_shard() {
+        let url = "memory://failpoints/decode";
+        small_dataset(url, 64);
+        failpoints::arm("decode", url);
+        let err = read_all(url, ReaderOptions::one_pass_in_order("h", 16))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("corrupt shard `shards/") && err.contains("panicked"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_dead_follow_task_is_an_error_not_the_end() {
+        let url = "memory://failpoints/follow";
+        small_dataset(url, 64);
+        failpoints::arm("follow_poll", url);
+        let mut opts = ReaderOptions::one_pass_in_order("h", 16);
+        opts.follow = Some(FollowOptions::default());
+        let err = read_all(url, opts).unwrap_err();
+        assert!(matches!(err, Error::ReaderFailed { .. }), "{err}");
+        assert!(err.to_string().contains("panicked: failpoint"), "{err}");
+    }
+
+    #[test]
+    fn a_resumed_follow_reader_continues_where_the_first_stopped() {
+        let url = "memory://follow-resume/a";
+        small_dataset(url, 640);
+        let mut opts = ReaderOptions::new("h", 24);
+        opts.output = OutputDtype::F32;
+        opts.window_row_groups = 3;
+        opts.follow = Some(FollowOptions::default());
+        let mut first = Reader::open(url, opts.clone()).unwrap();
+        let whole: Vec<Vec<f32>> = first.by_ref().map(|b| b.unwrap().to_f32()).collect();
+        assert_eq!(whole.len(), 640 / 24);
+        // Resume past the first windows (3 row groups of 16 rows = 48 rows each).
+        for at in [1u64, 5, 17] {
+            let mut o = opts.clone();
+            o.start = Cursor {
+                epoch: 0,
+                batch: at,
+            };
+            o.follow.as_mut().unwrap().replay = first.shard_order().keys();
+            let rest = read_all(url, o).unwrap();
+            assert_eq!(rest, whole[at as usize..], "resumed at batch {at}");
+        }
     }
 }

@@ -12,7 +12,7 @@
 //!    created with `PutMode::Create`, and deletes every object under `shards/` that the manifest
 //!    does not list (complete shards of a writer killed before its commit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -157,6 +157,7 @@ pub struct DatasetWriter {
     failed: Option<String>,
     worker: String,
     progress: Arc<ProgressCounters>,
+    conditional_create: bool,
 }
 
 fn random_hex() -> String {
@@ -214,6 +215,18 @@ pub(crate) async fn list_commits(
     }
     out.sort_by(|a, b| (&a.worker, a.seq).cmp(&(&b.worker, b.seq)));
     Ok(out)
+}
+
+/// Whether the store honours conditional create (`PutMode::Create`, S3's `If-None-Match: *`),
+/// probed with a throw-away object under `probes/`. Commit records, part records and the
+/// manifest rely on it: where it is ignored, a duplicate worker or a second finalize overwrites
+/// them silently.
+async fn honours_conditional_create(loc: &Location) -> Result<bool> {
+    let key = format!("probes/{}", random_hex());
+    let first = loc.put_create(&key, Bytes::from_static(b"probe")).await?;
+    let second = loc.put_create(&key, Bytes::from_static(b"probe")).await?;
+    loc.delete(&key).await?;
+    Ok(first && !second)
 }
 
 fn commit_key(worker: &str, seq: u64) -> String {
@@ -308,6 +321,13 @@ impl DatasetWriter {
             let resumed = list_commits(&loc, Some(&opts.worker)).await?;
             Ok((header_file, resumed))
         })?;
+        let conditional_create = rt.block_on(honours_conditional_create(&loc))?;
+        if !conditional_create {
+            tracing::warn!(
+                "{} ignores conditional create (If-None-Match: *): two writers with one worker id, or two finalizes, would overwrite each other's records without an error; give every worker its own id and finalize once",
+                loc.url
+            );
+        }
         for r in &resumed {
             if r.dataset_id != header_file.dataset_id {
                 return Err(Error::BadMetadata {
@@ -331,6 +351,7 @@ impl DatasetWriter {
             .spawn(move || enc.run(rx))
             .map_err(|e| Error::invalid(format!("cannot start the encoding thread: {e}")))?;
         Ok(DatasetWriter {
+            conditional_create,
             rt,
             loc,
             header: header_file,
@@ -361,6 +382,12 @@ impl DatasetWriter {
     /// Rows this worker had committed before this writer was created.
     pub fn committed_rows(&self) -> u64 {
         self.resumed.iter().map(|r| r.shard.rows).sum()
+    }
+
+    /// Whether the store honours conditional create (probed when the writer was created; a
+    /// warning was logged if not).
+    pub fn conditional_create_honoured(&self) -> bool {
+        self.conditional_create
     }
 
     pub fn dataset_id(&self) -> &str {
@@ -447,12 +474,12 @@ impl DatasetWriter {
         Ok(records)
     }
 
-    /// [`DatasetWriter::finish_worker`], then [`finalize`]: for a single writer.
+    /// [`DatasetWriter::finish_part`] as the only worker, then [`finalize`]: for a single writer.
     pub fn finish(self) -> Result<Manifest> {
         let rt = self.rt.clone();
         let loc = self.loc.clone();
-        self.finish_worker()?;
-        rt.block_on(finalize_async(&loc))
+        self.finish_part(1)?;
+        rt.block_on(finalize_async(&loc, None))
     }
 }
 
@@ -873,6 +900,17 @@ impl Encoder {
                 ),
             });
         }
+        // A finalize that ran before this commit did not see it: the rows are not in the
+        // dataset, which must be an error here rather than a success that loses them.
+        if rt.block_on(loc.get(MANIFEST_KEY))?.is_some() {
+            return Err(Error::AlreadyExists {
+                location: loc.display(MANIFEST_KEY),
+                what: format!(
+                    "the dataset was finalized before worker `{}` committed shard {} ({} rows); those rows are not in it",
+                    self.opts.worker, shard.seq, rec.shard.rows
+                ),
+            });
+        }
         self.next_seq += 1;
         self.progress.add(1, rec.shard.bytes, rec.shard.rows);
         self.committed.push(rec);
@@ -953,55 +991,74 @@ pub(crate) fn accumulate_stats(dtype: Dtype, bytes: &[u8], d: usize, st: &mut Ho
 
 /// Merge every commit record of the dataset at `url` into `manifest.json` (created with
 /// `PutMode::Create`: a second finalize fails with [`Error::AlreadyExists`]), then delete the
-/// objects under `shards/` that the manifest does not list. Call once, after every worker's
-/// [`DatasetWriter::finish_worker`].
-pub fn finalize(url: &str, store: &StoreOptions) -> Result<Manifest> {
+/// objects under `shards/` that no commit record names.
+///
+/// Refuses unless every worker has finished: each worker that committed a shard must have its
+/// part record ([`DatasetWriter::finish_part`]), the part records must agree on the number of
+/// workers and all of them must be there, and that number must be `workers` when given.
+pub fn finalize(url: &str, store: &StoreOptions, workers: Option<usize>) -> Result<Manifest> {
     let loc = open_store_with(url, store)?;
-    finalize_at(&loc)
+    finalize_at(&loc, workers)
 }
 
 /// [`finalize`] on an opened location.
-pub fn finalize_at(loc: &Location) -> Result<Manifest> {
-    runtime()?.block_on(finalize_async(loc))
+pub fn finalize_at(loc: &Location, workers: Option<usize>) -> Result<Manifest> {
+    runtime()?.block_on(finalize_async(loc, workers))
 }
 
-/// When workers recorded parts, every one of them must be there.
-async fn check_parts(loc: &Location, dataset_id: &str) -> Result<()> {
+/// Every worker that committed, and every worker of the declared count, has recorded its part.
+async fn check_parts(
+    loc: &Location,
+    dataset_id: &str,
+    commits: &[CommitRecord],
+    declared: Option<usize>,
+) -> Result<()> {
     let mut parts = Vec::new();
     for (key, _) in loc.list(PARTS_DIR).await? {
         let bytes = loc.get(&key).await?.ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
-        let part: PartRecord = serde_json::from_slice(&bytes).map_err(|e| Error::BadMetadata { location: loc.display(&key), detail: e.to_string() })?;
+        let part: PartRecord = parse_versioned(&bytes, &loc.display(&key), &loc.url)?;
         if part.dataset_id != dataset_id {
             return Err(Error::BadMetadata { location: loc.display(&key), detail: format!("belongs to dataset {}", part.dataset_id) });
         }
         parts.push(part);
     }
-    let Some(workers) = parts.first().map(|p| p.workers) else { return Ok(()) };
+    let refuse = |why: String| Err(Error::invalid(format!("cannot finalize {}: {why}", loc.url)));
+    let finished: BTreeSet<&str> = parts.iter().map(|p| p.worker.as_str()).collect();
+    let unfinished: BTreeSet<&str> =
+        commits.iter().map(|c| c.worker.as_str()).filter(|w| !finished.contains(w)).collect();
+    if !unfinished.is_empty() {
+        let names: Vec<&str> = unfinished.into_iter().collect();
+        return refuse(format!(
+            "worker(s) {} committed shards but never finished (no part record); run them again to finish their share",
+            names.join(", ")
+        ));
+    }
+    let Some(workers) = parts.first().map(|p| p.workers) else {
+        return refuse("no worker has finished (no part records under parts/)".into());
+    };
     if let Some(odd) = parts.iter().find(|p| p.workers != workers) {
-        return Err(Error::invalid(format!(
-            "cannot finalize {}: worker {} was run with {} workers, another with {workers}",
-            loc.url, odd.worker, odd.workers
-        )));
+        return refuse(format!("worker {} was run with {} workers, another with {workers}", odd.worker, odd.workers));
+    }
+    if let Some(declared) = declared.filter(|&d| d != workers) {
+        return refuse(format!("it was written by {workers} workers, not the {declared} given with --workers"));
     }
     if parts.len() < workers {
-        let done: Vec<&str> = parts.iter().map(|p| p.worker.as_str()).collect();
-        return Err(Error::invalid(format!(
-            "cannot finalize {}: only {} of {workers} workers have finished ({}); run the missing workers first",
-            loc.url,
+        return refuse(format!(
+            "only {} of {workers} workers have finished ({}); run the missing workers first",
             parts.len(),
-            done.join(", ")
-        )));
+            finished.into_iter().collect::<Vec<_>>().join(", ")
+        ));
     }
     Ok(())
 }
 
-pub(crate) async fn finalize_async(loc: &Location) -> Result<Manifest> {
+pub(crate) async fn finalize_async(loc: &Location, workers: Option<usize>) -> Result<Manifest> {
     let header = read_header(loc).await?.ok_or_else(|| Error::NotFound {
         url: loc.url.clone(),
         what: format!("no {HEADER_KEY}: nothing was written here"),
     })?;
-    check_parts(loc, &header.dataset_id).await?;
     let commits = list_commits(loc, None).await?;
+    check_parts(loc, &header.dataset_id, &commits, workers).await?;
     let objects: BTreeMap<String, u64> = loc
         .list(SHARDS_DIR)
         .await?
@@ -1043,30 +1100,52 @@ pub(crate) async fn finalize_async(loc: &Location) -> Result<Manifest> {
             what: "the dataset was already finalized".into(),
         });
     }
-    let listed: std::collections::HashSet<&str> =
-        manifest.shards.iter().map(|s| s.key.as_str()).collect();
+    // A commit that landed after the listing above is not in the manifest; its worker fails (it
+    // finds the manifest after committing), and its object is left alone: finalize never
+    // deletes an object that a commit record names.
+    let mut keep: BTreeSet<String> = manifest.shards.iter().map(|s| s.key.clone()).collect();
+    for late in list_commits(loc, None).await? {
+        if keep.insert(late.shard.key.clone()) {
+            tracing::warn!(
+                "{} was committed after the manifest was written; its rows are not in the dataset",
+                loc.display(&late.shard.key)
+            );
+        }
+    }
     for key in objects.keys() {
-        if !listed.contains(key.as_str()) {
+        if !keep.contains(key.as_str()) {
             tracing::info!("removing {} (not committed)", loc.display(key));
             loc.delete(key).await?;
         }
     }
-    // A local multipart upload that was killed leaves a staging file `<key>#<n>`, which the
-    // object store API does not list. (On S3, an abandoned multipart upload stays invisible
-    // and is reclaimed by the bucket's AbortIncompleteMultipartUpload lifecycle rule.)
-    if let Some(dir) = &loc.local_dir {
-        if let Ok(entries) = std::fs::read_dir(dir.join(SHARDS_DIR)) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if let Some((base, n)) = name.rsplit_once('#') {
-                    if base.ends_with(".parquet") && n.chars().all(|c| c.is_ascii_digit()) {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-            }
+    remove_stale_staging_files(loc);
+    Ok(manifest)
+}
+
+/// A local staging file untouched for this long belongs to a killed upload, not one in flight.
+pub const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A local multipart upload that was killed leaves a staging file `<key>#<n>`, which the object
+/// store API does not list; those older than [`STALE_STAGING_AGE`] are removed. Younger ones may
+/// belong to an upload still in flight in another process (a duplicate worker), which must fail
+/// on its own terms, not because its file vanished. (On S3, an abandoned multipart upload stays
+/// invisible and is reclaimed by the bucket's AbortIncompleteMultipartUpload lifecycle rule.)
+fn remove_stale_staging_files(loc: &Location) {
+    let Some(dir) = &loc.local_dir else { return };
+    let Ok(entries) = std::fs::read_dir(dir.join(SHARDS_DIR)) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some((base, n)) = name.rsplit_once('#') else { continue };
+        if !(base.ends_with(".parquet") && n.chars().all(|c| c.is_ascii_digit())) {
+            continue;
+        }
+        let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|age| age >= STALE_STAGING_AGE) {
+            let _ = std::fs::remove_file(e.path());
+        } else {
+            tracing::info!("leaving {} (an upload that may still be in flight)", e.path().display());
         }
     }
-    Ok(manifest)
 }
 
 #[cfg(test)]

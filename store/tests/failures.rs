@@ -107,6 +107,13 @@ fn killed_writer_leaves_nothing_incomplete_referenced() {
                     .any(|f| f.starts_with("w0-00000001-") && f.contains(".parquet#")),
                 "{files:?}"
             );
+            // Make the killed upload's staging files as old as a real abandoned upload's, so
+            // finalize takes them for dead rather than in flight.
+            let long_ago = std::time::SystemTime::now() - store::STALE_STAGING_AGE - Duration::from_secs(60);
+            for f in files.iter().filter(|f| f.contains(".parquet#")) {
+                let file = std::fs::File::options().write(true).open(dir.path().join("ds/shards").join(f)).unwrap();
+                file.set_modified(long_ago).unwrap();
+            }
         } else {
             let uploads = http_body(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
             let prefix = url.rsplit('/').next().unwrap();

@@ -272,6 +272,7 @@ fn follow_mode_reads_a_dataset_while_it_is_written() {
     o.follow = Some(FollowOptions {
         poll: std::time::Duration::from_millis(50),
         idle_timeout: Some(std::time::Duration::from_secs(30)),
+        ..Default::default()
     });
     o.drop_last = false;
     let reader = std::thread::spawn(move || {
@@ -330,6 +331,7 @@ fn follow_mode_splits_ranks_by_row_group_identity() {
         o.follow = Some(FollowOptions {
             poll: std::time::Duration::from_millis(20),
             idle_timeout: None,
+            ..Default::default()
         });
         for b in Reader::open(&url, o).unwrap() {
             for id in ids(&b.unwrap()) {
@@ -350,7 +352,7 @@ fn follow_mode_yields_the_same_values_as_the_final_reader() {
         o.epochs = Some(1);
         o.output = output;
         if follow {
-            o.follow = Some(FollowOptions { poll: std::time::Duration::from_millis(20), idle_timeout: None });
+            o.follow = Some(FollowOptions { poll: std::time::Duration::from_millis(20), idle_timeout: None, ..Default::default() });
         }
         let mut out = std::collections::BTreeMap::new();
         for b in Reader::open(&url, o).unwrap() {

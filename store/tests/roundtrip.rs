@@ -142,7 +142,7 @@ fn roundtrip_on_every_backend() {
         assert_eq!(v.shards_checked, m.shards.len());
 
         // The manifest is created once: a second finalize is refused.
-        match finalize(&b.url, &b.opts) {
+        match finalize(&b.url, &b.opts, None) {
             Err(Error::AlreadyExists { location, .. }) => {
                 assert!(location.ends_with("manifest.json"))
             }
@@ -216,7 +216,7 @@ fn several_workers_merge_into_one_manifest() {
             w.append(synth(wi as u64 * 1000, 5 + wi, 20, &hooks))
                 .unwrap();
             counts += ((5 + wi) * 20) as u64;
-            let recs = w.finish_worker().unwrap();
+            let recs = w.finish_part(3).unwrap();
             assert!(recs.iter().all(|r| &r.worker == worker));
             assert_eq!(
                 recs.iter().map(|r| r.shard.rows).sum::<u64>(),
@@ -227,7 +227,7 @@ fn several_workers_merge_into_one_manifest() {
         let i = info(&b.url, &b.opts).unwrap();
         assert!(!i.is_final);
         assert_eq!(i.tokens, counts);
-        let m = finalize(&b.url, &b.opts).unwrap();
+        let m = finalize(&b.url, &b.opts, Some(3)).unwrap();
         assert_eq!(m.tokens, counts);
         let seqs: Vec<u64> = m.shards.iter().map(|s| s.sequence_ids[0]).collect();
         let mut sorted = seqs.clone();
@@ -256,7 +256,7 @@ fn two_writers_with_one_worker_id_cannot_both_commit() {
         let (mut w1, mut w2) = (mk(), mk());
         w1.append(synth(0, 3, 20, &hooks)).unwrap();
         w2.append(synth(100, 3, 20, &hooks)).unwrap();
-        w1.finish_worker().unwrap();
+        w1.finish_part(1).unwrap();
         let e = w2.finish_worker().unwrap_err().to_string();
         assert!(
             e.contains("already exists") && e.contains("worker id `w0`"),
@@ -264,7 +264,7 @@ fn two_writers_with_one_worker_id_cannot_both_commit() {
             b.name
         );
         // Finalize keeps the first writer's shard and removes the loser's orphaned object.
-        let m = finalize(&b.url, &b.opts).unwrap();
+        let m = finalize(&b.url, &b.opts, None).unwrap();
         assert_eq!(m.shards.len(), 1);
         assert_eq!(m.shards[0].sequence_ids, [0, 2]);
         assert_eq!(list_parquet(&b.url, &b.opts).len(), 1, "{}", b.name);

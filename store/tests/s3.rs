@@ -180,3 +180,20 @@ fn large_shards_use_multipart_on_both_servers() {
         assert_eq!(b.rows, 1000);
     }
 }
+
+#[test]
+fn large_objects_are_put_as_multipart_uploads() {
+    use object_store::ObjectStoreExt;
+    let url = moto().url("objects-multipart");
+    let dir = store::ObjectDir::open(&url, &moto().options(2)).unwrap().with_multipart_threshold(1 << 20);
+    let big: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 251) as u8).collect();
+    dir.put("big.bin", big.clone()).unwrap();
+    dir.put("small.bin", vec![7u8; 1000]).unwrap();
+    assert_eq!(dir.get("big.bin").unwrap().unwrap().as_ref(), big.as_slice());
+    // S3 gives a multipart object an ETag of the form "<md5 of the parts' md5s>-<parts>".
+    let loc = store::open_store_with(&url, &moto().options(2)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let etag = |key: &str| rt.block_on(loc.store.head(&loc.path(key))).unwrap().e_tag.unwrap();
+    assert!(etag("big.bin").contains('-'), "{}", etag("big.bin"));
+    assert!(!etag("small.bin").contains('-'), "{}", etag("small.bin"));
+}

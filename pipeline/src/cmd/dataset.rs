@@ -17,9 +17,14 @@ enum DatasetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Merge the parts that several capture workers committed into one manifest.
+    /// Merge the parts that several capture workers committed into one manifest. Refuses
+    /// unless every worker has finished its share (its `parts/<worker>.json` exists).
     Finalize {
         url: String,
+        /// The number of capture workers the dataset was split over; finalize refuses unless
+        /// all of them have finished. Without it, the count the workers recorded is used.
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Check every shard's checksum, schema and row count; names each bad shard.
     Verify {
@@ -56,8 +61,8 @@ pub fn run(args: Args) -> Result<()> {
             println!("created        {}", serde_json::to_string(&info.created)?);
             Ok(())
         }
-        DatasetCommand::Finalize { url } => {
-            let manifest = store::finalize(&url, &options)?;
+        DatasetCommand::Finalize { url, workers } => {
+            let manifest = store::finalize(&url, &options, workers)?;
             println!("finalized {url}: {} tokens in {} shards", manifest.tokens, manifest.shards.len());
             Ok(())
         }

@@ -463,6 +463,8 @@ struct ProxyState {
     method: Option<String>,
     injected: usize,
     requests: usize,
+    /// Request headers (lower case) removed before forwarding, to play a server that ignores them.
+    stripped: Vec<String>,
 }
 
 /// A TCP proxy that understands just enough HTTP/1.1 (request head, Content-Length) to fail
@@ -481,6 +483,7 @@ impl Proxy {
             method: None,
             injected: 0,
             requests: 0,
+            stripped: Vec::new(),
         }));
         let st = state.clone();
         std::thread::spawn(move || {
@@ -501,6 +504,10 @@ impl Proxy {
         let mut s = self.state.lock().unwrap();
         s.fault = fault;
         s.method = method.map(String::from);
+    }
+    /// Remove the request header `name` from every forwarded request.
+    pub fn strip_header(&self, name: &str) {
+        self.state.lock().unwrap().stripped.push(name.to_ascii_lowercase());
     }
     pub fn injected(&self) -> usize {
         self.state.lock().unwrap().injected
@@ -541,6 +548,7 @@ fn handle(
                     .map(|v| v.trim().parse().unwrap_or(0))
             })
             .unwrap_or(0);
+        let stripped = st.lock().unwrap().stripped.clone();
         let action = {
             let mut s = st.lock().unwrap();
             s.requests += 1;
@@ -577,7 +585,11 @@ fn handle(
                 let mut head: String = text
                     .trim_end()
                     .split("\r\n")
-                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                    .filter(|l| {
+                        let l = l.to_ascii_lowercase();
+                        !l.starts_with("connection:")
+                            && !stripped.iter().any(|h| l.starts_with(&format!("{h}:")))
+                    })
                     .map(|l| format!("{l}\r\n"))
                     .collect();
                 head.push_str("Connection: close\r\n\r\n");
