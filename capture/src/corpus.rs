@@ -23,7 +23,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -124,7 +124,8 @@ pub struct CorpusSpec {
 impl CorpusSpec {
     pub fn new(inputs: impl IntoIterator<Item = impl Into<String>>, format: CorpusFormat) -> Self {
         let inputs: Vec<String> = inputs.into_iter().map(Into::into).collect();
-        let name = inputs.join(" ");
+        // The name goes into messages and the dataset manifest: never with credentials.
+        let name = store::redact_urls_in(&inputs.join(" "));
         CorpusSpec { inputs, format, text_field: DEFAULT_TEXT_FIELD.to_string(), name }
     }
 
@@ -271,7 +272,7 @@ impl Corpus {
         let mut skipped = Vec::new();
         let mut runtime: Option<Arc<tokio::runtime::Runtime>> = None;
         for (input, url) in spec.inputs.iter().enumerate() {
-            let location = store::open_store(url).with_context(|| format!("bad corpus input `{url}`"))?;
+            let location = store::open_store(url).with_context(|| format!("bad corpus input `{}`", store::redact_urls_in(url)))?;
             let found_before = files.len();
             match &location.local_dir {
                 Some(path) => list_local(input, path, spec.format, &mut files, &mut skipped)?,
@@ -284,12 +285,12 @@ impl Corpus {
                 }
             }
             if files.len() == found_before {
-                tracing::warn!(input = %url, "corpus input holds no {} files", spec.format);
+                tracing::warn!(input = %store::redact_urls_in(url), "corpus input holds no {} files", spec.format);
             }
         }
         if files.is_empty() {
             let skipped_note = if skipped.is_empty() { String::new() } else { format!(" ({} skipped)", skipped.len()) };
-            bail!("empty corpus: no {} files found in {}{skipped_note}", spec.format, spec.inputs.join(", "));
+            bail!("empty corpus: no {} files found in {}{skipped_note}", spec.format, store::redact_urls_in(&spec.inputs.join(", ")));
         }
         if files.len() > u32::MAX as usize {
             bail!("corpus has {} files; document ids allow at most {}", files.len(), u32::MAX);
@@ -316,7 +317,7 @@ impl Corpus {
         Documents {
             corpus: self.clone(),
             next_file: 0,
-            pending: Vec::new().into_iter(),
+            pending: None,
             stats: ReadStats { skipped: self.listing_skipped.to_vec(), ..ReadStats::default() },
         }
     }
@@ -370,48 +371,262 @@ impl Corpus {
                 Ok((hex(&hasher.finalize()), size))
             }
             Source::Object { .. } => {
-                let bytes = self.fetch(file)?;
-                Ok((hex(&Sha256::digest(&bytes)), bytes.len() as u64))
+                let mut reader = self.open_file(file)?;
+                let mut hasher = Sha256::new();
+                let size = std::io::copy(&mut reader, &mut hasher)?;
+                Ok((hex(&hasher.finalize()), size))
             }
         }
     }
 
-    /// The bytes of an object-store file.
+    /// The bytes of an object-store file, whole: for Parquet, whose reader needs random access.
     fn fetch(&self, file: &CorpusFile) -> Result<Bytes> {
         let Source::Object { store, path } = &file.source else { unreachable!("fetch is for object-store files") };
         let rt = self.runtime.as_ref().expect("a corpus with object-store files has a runtime");
         let (store, path) = (store.clone(), path.clone());
-        block_on(rt, async move { store.get(&path).await?.bytes().await }).map_err(anyhow::Error::from)
+        block_on(rt, async move { store.get(&path).await?.bytes().await }).map_err(redacted_store_error)
     }
 
-    /// The documents of one file, as (record index, text); `Err(Unreadable)` when the file
-    /// cannot be read or is not UTF-8.
-    fn read_file(&self, file: &CorpusFile) -> Result<Vec<(u32, String)>, FileError> {
+    /// A reader over a file's bytes that holds at most a buffer of them: corpus files may be
+    /// larger than memory.
+    fn open_file(&self, file: &CorpusFile) -> std::io::Result<Box<dyn BufRead + Send>> {
+        match &file.source {
+            Source::Local(path) => Ok(Box::new(BufReader::with_capacity(STREAM_BUFFER_BYTES, std::fs::File::open(path)?))),
+            Source::Object { store, path } => {
+                let runtime = self.runtime.clone().expect("a corpus with object-store files has a runtime");
+                Ok(Box::new(ObjectReader { store: store.clone(), path: path.clone(), runtime, size: file.size, next: 0, chunk: Bytes::new() }))
+            }
+        }
+    }
+
+    /// The documents of one file, as (record index, text), read as they are needed;
+    /// `Err(Unreadable)` when the file cannot be read or is not UTF-8 (checked in a first pass
+    /// over the file, so that a file with a bad byte near its end gives no document at all, as
+    /// when files were read whole).
+    fn read_file(&self, file: &CorpusFile) -> Result<FileRecords, FileError> {
         let format = self.spec.format;
+        let unreadable = |e: std::io::Error| FileError::Unreadable(redacted_io_error(&e));
         if format == CorpusFormat::Parquet {
-            return match &file.source {
+            let records = match &file.source {
                 Source::Local(path) => {
-                    let f = std::fs::File::open(path).map_err(|e| FileError::Unreadable(e.to_string()))?;
-                    parquet_documents(f, &file.location, &self.spec.text_field)
+                    let f = std::fs::File::open(path).map_err(unreadable)?;
+                    parquet_documents(f, &file.location, &self.spec.text_field)?
                 }
                 Source::Object { .. } => {
                     let bytes = self.fetch(file).map_err(|e| FileError::Unreadable(format!("{e:#}")))?;
-                    parquet_documents(bytes, &file.location, &self.spec.text_field)
+                    parquet_documents(bytes, &file.location, &self.spec.text_field)?
                 }
             };
+            return Ok(FileRecords::Collected(records.into_iter()));
         }
-        let bytes = match &file.source {
-            Source::Local(path) => std::fs::read(path).map(Bytes::from).map_err(|e| FileError::Unreadable(e.to_string()))?,
-            Source::Object { .. } => self.fetch(file).map_err(|e| FileError::Unreadable(format!("{e:#}")))?,
-        };
-        let text = std::str::from_utf8(&bytes).map_err(|e| FileError::Unreadable(format!("not UTF-8 ({e})")))?;
-        let records: Vec<(u32, String)> = match format {
-            CorpusFormat::Text => vec![(0, text.to_string())],
-            CorpusFormat::Fortune => split_fortunes(text).map(|(i, doc)| (i, doc.to_string())).collect(),
-            CorpusFormat::Jsonl => jsonl_documents(text, &file.location, &self.spec.text_field).map_err(FileError::Bad)?,
-            CorpusFormat::Parquet => unreachable!(),
-        };
-        Ok(records.into_iter().filter(|(_, t)| !t.trim().is_empty()).collect())
+        check_utf8(self.open_file(file).map_err(unreadable)?)?;
+        let reader = self.open_file(file).map_err(unreadable)?;
+        Ok(match format {
+            CorpusFormat::Text => {
+                // A text file is one document, so it is held whole.
+                let mut text = String::new();
+                let mut reader = reader;
+                reader.read_to_string(&mut text).map_err(unreadable)?;
+                FileRecords::Collected(vec![(0, text)].into_iter())
+            }
+            CorpusFormat::Fortune => FileRecords::Fortunes(FortuneRecords { lines: reader, next_record: 0, done: false }),
+            CorpusFormat::Jsonl => FileRecords::Jsonl(JsonlRecords {
+                lines: reader,
+                next_line: 0,
+                location: file.location.clone(),
+                field: self.spec.text_field.clone(),
+            }),
+            CorpusFormat::Parquet => unreachable!("handled above"),
+        })
+    }
+}
+
+/// Bytes read at a time from a corpus file (local reads and object-store range requests).
+const STREAM_BUFFER_BYTES: usize = 8 << 20;
+
+/// An object read by range requests of [`STREAM_BUFFER_BYTES`], in order.
+struct ObjectReader {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    runtime: Arc<tokio::runtime::Runtime>,
+    size: u64,
+    /// Offset of the first byte not fetched yet.
+    next: u64,
+    /// Fetched bytes not consumed yet.
+    chunk: Bytes,
+}
+
+impl Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ObjectReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.chunk.is_empty() && self.next < self.size {
+            let range = self.next..self.size.min(self.next + STREAM_BUFFER_BYTES as u64);
+            let (store, path) = (self.store.clone(), self.path.clone());
+            let fetched = block_on(&self.runtime, async move { store.get_range(&path, range).await })
+                .map_err(|e| std::io::Error::other(redacted_store_error(e).to_string()))?;
+            if fetched.is_empty() {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the object is shorter than listed"));
+            }
+            self.next += fetched.len() as u64;
+            self.chunk = fetched;
+        }
+        Ok(&self.chunk)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let _ = self.chunk.split_to(amount.min(self.chunk.len()));
+    }
+}
+
+/// An object store's error as a message, with any credential in the URLs it quotes removed.
+fn redacted_store_error(e: object_store::Error) -> anyhow::Error {
+    anyhow!(store::redact_urls_in(&store::error_chain(&e)))
+}
+
+fn redacted_io_error(e: &std::io::Error) -> String {
+    store::redact_urls_in(&e.to_string())
+}
+
+/// Reads `reader` to its end, failing as `std::str::from_utf8` would on the whole file (the
+/// same message, with the index counted from the start of the file).
+fn check_utf8(mut reader: Box<dyn BufRead + Send>) -> Result<(), FileError> {
+    let mut offset = 0usize;
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let buf = reader.fill_buf().map_err(|e| FileError::Unreadable(redacted_io_error(&e)))?;
+        if buf.is_empty() {
+            break;
+        }
+        let n = buf.len();
+        carry.extend_from_slice(buf);
+        reader.consume(n);
+        match std::str::from_utf8(&carry) {
+            Ok(_) => {
+                offset += carry.len();
+                carry.clear();
+            }
+            Err(e) if e.error_len().is_none() => {
+                // A character cut by the buffer's end: keep its first bytes for the next read.
+                let valid = e.valid_up_to();
+                offset += valid;
+                carry.drain(..valid);
+            }
+            Err(e) => {
+                let len = e.error_len().unwrap_or(0);
+                return Err(FileError::Unreadable(format!("not UTF-8 (invalid utf-8 sequence of {len} bytes from index {})", offset + e.valid_up_to())));
+            }
+        }
+    }
+    if !carry.is_empty() {
+        return Err(FileError::Unreadable(format!("not UTF-8 (incomplete utf-8 byte sequence from index {offset})")));
+    }
+    Ok(())
+}
+
+/// The records of one file, produced as they are read.
+enum FileRecords {
+    Collected(std::vec::IntoIter<(u32, String)>),
+    Fortunes(FortuneRecords),
+    Jsonl(JsonlRecords),
+}
+
+impl Iterator for FileRecords {
+    type Item = Result<(u32, String), FileError>;
+
+    /// The next non-blank record.
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let record = match self {
+                FileRecords::Collected(records) => records.next().map(Ok),
+                FileRecords::Fortunes(records) => records.next(),
+                FileRecords::Jsonl(records) => records.next(),
+            }?;
+            match record {
+                Ok((_, text)) if text.trim().is_empty() => continue,
+                other => return Some(other),
+            }
+        }
+    }
+}
+
+/// One line of `lines` (with its `\n`, if any) appended to `line`; false at the end of the file.
+fn read_line(lines: &mut dyn BufRead, line: &mut String) -> Result<bool, FileError> {
+    line.clear();
+    let n = lines.read_line(line).map_err(|e| FileError::Unreadable(redacted_io_error(&e)))?;
+    Ok(n > 0)
+}
+
+/// [`split_fortunes`], a line at a time: every record, blank ones included (the caller drops
+/// them), each trimmed as `split_fortunes` trims it.
+struct FortuneRecords {
+    lines: Box<dyn BufRead + Send>,
+    next_record: u32,
+    done: bool,
+}
+
+impl FortuneRecords {
+    fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
+        if self.done {
+            return None;
+        }
+        let mut record = String::new();
+        let mut line = String::new();
+        loop {
+            match read_line(&mut *self.lines, &mut line) {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(false) => {
+                    self.done = true;
+                    break;
+                }
+                Ok(true) if line.trim_end_matches(['\n', '\r']) == "%" => break,
+                Ok(true) => record.push_str(&line),
+            }
+        }
+        let index = self.next_record;
+        self.next_record = self.next_record.wrapping_add(1);
+        Some(Ok((index, record.trim_start_matches(['\n', '\r']).trim_end().to_string())))
+    }
+}
+
+/// [`jsonl_documents`], a line at a time.
+struct JsonlRecords {
+    lines: Box<dyn BufRead + Send>,
+    next_line: usize,
+    location: String,
+    field: String,
+}
+
+impl JsonlRecords {
+    fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
+        let mut line = String::new();
+        loop {
+            match read_line(&mut *self.lines, &mut line) {
+                Err(e) => return Some(Err(e)),
+                Ok(false) => return None,
+                Ok(true) => {}
+            }
+            let index = self.next_line;
+            self.next_line += 1;
+            // As `str::lines`: without its `\n`, and then without one `\r`.
+            let text = line.strip_suffix('\n').map_or(line.as_str(), |l| l.strip_suffix('\r').unwrap_or(l));
+            match jsonl_record(text, index, &self.location, &self.field) {
+                Ok(Some(text)) => return Some(Ok((index as u32, text))),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(FileError::Bad(e))),
+            }
+        }
     }
 }
 
@@ -427,7 +642,8 @@ enum FileError {
 pub struct Documents {
     corpus: Corpus,
     next_file: usize,
-    pending: std::vec::IntoIter<Document>,
+    /// The file being read (its index in the listing) and its records still to come.
+    pending: Option<(u32, FileRecords)>,
     stats: ReadStats,
 }
 
@@ -446,8 +662,25 @@ impl Iterator for Documents {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(doc) = self.pending.next() {
-                return Some(Ok(doc));
+            if let Some((file_id, records)) = &mut self.pending {
+                match records.next() {
+                    Some(Ok((record, text))) => {
+                        self.stats.documents += 1;
+                        return Some(Ok(Document { id: DocId { file: *file_id, record }, text }));
+                    }
+                    Some(Err(e)) => {
+                        // A file that passed its UTF-8 pass but failed later (a malformed record,
+                        // or an I/O error mid-file) ends the corpus with an error.
+                        let location = self.corpus.files[*file_id as usize].location.clone();
+                        self.pending = None;
+                        self.next_file = self.corpus.files.len();
+                        return Some(Err(match e {
+                            FileError::Bad(e) => e,
+                            FileError::Unreadable(reason) => anyhow!("cannot read corpus file {location}: {reason}"),
+                        }));
+                    }
+                    None => self.pending = None,
+                }
             }
             let index = self.next_file;
             let file = self.corpus.files.get(index)?.clone();
@@ -456,13 +689,7 @@ impl Iterator for Documents {
                 Ok(records) => {
                     self.stats.files_read += 1;
                     self.stats.bytes += file.size;
-                    self.stats.documents += records.len() as u64;
-                    let file_id = index as u32;
-                    self.pending = records
-                        .into_iter()
-                        .map(|(record, text)| Document { id: DocId { file: file_id, record }, text })
-                        .collect::<Vec<_>>()
-                        .into_iter();
+                    self.pending = Some((index as u32, records));
                 }
                 Err(FileError::Unreadable(reason)) if !file.named => {
                     tracing::warn!(file = %file.location, %reason, "skipping corpus file");
@@ -505,27 +732,35 @@ pub fn split_fortunes(text: &str) -> impl Iterator<Item = (u32, &str)> {
 
 /// The text field of each JSONL line, as (line index, text). Blank lines and `null` texts give no
 /// document; a line that is not a JSON object, lacks the field or holds a non-string is an error.
+/// The records of a whole JSONL text: what [`JsonlRecords`] must produce a line at a time.
+#[cfg(test)]
 fn jsonl_documents(text: &str, location: &str, field: &str) -> Result<Vec<(u32, String)>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let line_no = i + 1;
-        let value: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{location}:{line_no}: not a JSON line"))?;
-        let object = value.as_object().ok_or_else(|| anyhow!("{location}:{line_no}: not a JSON object"))?;
-        match object.get(field) {
-            Some(serde_json::Value::String(s)) => out.push((i as u32, s.clone())),
-            Some(serde_json::Value::Null) => {}
-            Some(other) => bail!("{location}:{line_no}: text field `{field}` holds {}, not a string", json_kind(other)),
-            None => {
-                let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-                bail!("{location}:{line_no}: no text field `{field}` (fields: {}); choose one with --text-field", keys.join(", "))
-            }
+        if let Some(text) = jsonl_record(line, i, location, field)? {
+            out.push((i as u32, text));
         }
     }
     Ok(out)
+}
+
+/// The text field of line `index` of a JSONL file: `None` for a blank line or a `null` text.
+fn jsonl_record(line: &str, index: usize, location: &str, field: &str) -> Result<Option<String>> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let line_no = index + 1;
+    let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{location}:{line_no}: not a JSON line"))?;
+    let object = value.as_object().ok_or_else(|| anyhow!("{location}:{line_no}: not a JSON object"))?;
+    match object.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Null) => Ok(None),
+        Some(other) => bail!("{location}:{line_no}: text field `{field}` holds {}, not a string", json_kind(other)),
+        None => {
+            let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+            bail!("{location}:{line_no}: no text field `{field}` (fields: {}); choose one with --text-field", keys.join(", "))
+        }
+    }
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -673,6 +908,7 @@ fn list_object_store(
     let listed: Vec<object_store::ObjectMeta> = {
         let (store, prefix) = (store.clone(), prefix.clone());
         block_on(rt, async move { store.list(Some(&prefix)).try_collect().await })
+            .map_err(redacted_store_error)
             .with_context(|| format!("cannot list corpus input {}", location.url))?
     };
     let url = location.url.trim_end_matches('/');
@@ -692,7 +928,7 @@ fn list_object_store(
                 Ok(())
             }
             Err(object_store::Error::NotFound { .. }) => bail!("corpus input {url} does not exist (no object there or under it)"),
-            Err(e) => Err(anyhow::Error::from(e).context(format!("cannot read corpus input {url}"))),
+            Err(e) => Err(redacted_store_error(e).context(format!("cannot read corpus input {url}"))),
         };
     }
     let mut found: Vec<CorpusFile> = listed
@@ -749,6 +985,61 @@ mod tests {
         let text = "first\nline two\n%\n\n%\n  indented\n50% off\n%\r\nlast\n";
         let docs: Vec<_> = split_fortunes(text).collect();
         assert_eq!(docs, vec![(0, "first\nline two"), (2, "  indented\n50% off"), (3, "last")]);
+    }
+
+    /// A reader that returns at most 3 bytes at a time, so records and characters straddle reads.
+    fn tiny_reads(text: &[u8]) -> Box<dyn BufRead + Send> {
+        Box::new(BufReader::with_capacity(3, std::io::Cursor::new(text.to_vec())))
+    }
+
+    fn collect(records: FileRecords) -> Vec<(u32, String)> {
+        records
+            .map(|r| match r {
+                Ok(record) => record,
+                Err(FileError::Bad(e)) => panic!("{e:#}"),
+                Err(FileError::Unreadable(e)) => panic!("{e}"),
+            })
+            .collect()
+    }
+
+    const TRICKY_FORTUNES: &[&str] = &[
+        "",
+        "%",
+        "%\n",
+        "one",
+        "\n\none\n%\r\r\n\n%\n%%\n two \n\n%\nlast ∂ö 中\n\n",
+        "a\r\n%\r\nb\r\n%",
+        "  \n%\n  \n",
+    ];
+
+    #[test]
+    fn streamed_fortunes_equal_the_whole_file_split() {
+        for text in TRICKY_FORTUNES {
+            let whole: Vec<(u32, String)> = split_fortunes(text).map(|(i, r)| (i, r.to_string())).filter(|(_, r)| !r.trim().is_empty()).collect();
+            let streamed = collect(FileRecords::Fortunes(FortuneRecords { lines: tiny_reads(text.as_bytes()), next_record: 0, done: false }));
+            assert_eq!(streamed, whole, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn streamed_jsonl_equals_the_whole_file_read() {
+        let text = "{\"text\": \"a\"}\r\n\n  \n{\"text\": null}\n{\"text\": \"b ∂\", \"x\": 1}\n{\"text\": \" \"}\n{\"text\": \"c\"}\r";
+        let whole: Vec<(u32, String)> = jsonl_documents(text, "f.jsonl", "text").unwrap().into_iter().filter(|(_, t)| !t.trim().is_empty()).collect();
+        let records = JsonlRecords { lines: tiny_reads(text.as_bytes()), next_line: 0, location: "f.jsonl".into(), field: "text".into() };
+        assert_eq!(collect(FileRecords::Jsonl(records)), whole);
+        assert_eq!(whole.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 4, 6]);
+    }
+
+    #[test]
+    fn utf8_is_checked_across_reads_with_the_whole_file_message() {
+        assert!(check_utf8(tiny_reads("ab∂ö中€".as_bytes())).is_ok());
+        for bad in [&b"abcd\xffef"[..], b"ab\xe2\x88", b"\xe2\x88xyz", b"abcdefg\xc3"] {
+            let expected = format!("not UTF-8 ({})", std::str::from_utf8(bad).unwrap_err());
+            match check_utf8(tiny_reads(bad)) {
+                Err(FileError::Unreadable(message)) => assert_eq!(message, expected, "{bad:?}"),
+                _ => panic!("{bad:?} passed"),
+            }
+        }
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub fn generate(model: &Model, prompt: &[u32], opts: &GenerateOptions, hooks: &m
     let mut input = Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mut generated = Vec::with_capacity(opts.max_new_tokens);
     for _ in 0..opts.max_new_tokens {
-        let out = llama.forward(&input, Some(&mut cache), hooks, true);
+        let out = llama.forward(&input, Some(&mut cache), hooks, true)?;
         let logits = out.logits.expect("logits were asked for").select(1, -1).squeeze_dim(0); // [vocab]
         let next = if opts.temperature == 0.0 {
             logits.argmax(0, false)

@@ -15,6 +15,18 @@ use rayon::prelude::*;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// `general.alignment` above this is refused: real files use 32, and a huge alignment would
+/// move the data section past any file.
+const MAX_ALIGNMENT: u64 = 1 << 20;
+/// Arrays of arrays deeper than this are refused (real files nest at most once), so a hostile
+/// file cannot exhaust the stack through recursion.
+pub const MAX_ARRAY_DEPTH: usize = 4;
+/// Metadata values (array items included) a file may hold. A 256k-token vocabulary with its
+/// merges and token types is under a million; each value costs 32 bytes or more in memory, so a
+/// small file cannot make the parser allocate many times its own size.
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Tensor ranks above this are refused (ggml's maximum is 4).
+const MAX_RANK: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -28,12 +40,23 @@ pub enum GgufError {
     Truncated { path: PathBuf, what: String },
     #[error("{path}: metadata value type {kind} for key {key:?} is unknown")]
     BadValueType { path: PathBuf, key: String, kind: u32 },
-    #[error("tensor {tensor:?} has type {type_name}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
-    UnsupportedType { tensor: String, type_name: String },
+    #[error("{path}: tensor {tensor:?} has type {type_name}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    UnsupportedType { path: PathBuf, tensor: String, type_name: String },
     #[error("{path}: tensor {tensor:?} not found")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: metadata key {key:?} is missing or has the wrong type")]
     MissingKey { path: PathBuf, key: String },
+    #[error("{path}: {what} (the file is damaged or not a model)")]
+    Invalid { path: PathBuf, what: String },
+}
+
+/// Why [`dequantize`] could not decode a buffer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DequantizeError {
+    #[error("type {} cannot be dequantized", .0.name())]
+    Unsupported(GgmlType),
+    #[error("{elements} elements of {} need {expected} bytes, got {actual}", ty.name())]
+    WrongLength { ty: GgmlType, elements: usize, expected: usize, actual: usize },
 }
 
 /// A metadata value, typed as in the file.
@@ -147,6 +170,17 @@ impl GgmlType {
         NAMES.get(id).map_or_else(|| format!("type id {id}"), |s| s.to_string())
     }
 
+    /// Bytes of `elements` values of this type: `None` for a type we cannot read, for a count
+    /// that is not a whole number of blocks, or on overflow.
+    pub fn byte_len(self, elements: u64) -> Option<u64> {
+        let (per_block, block_bytes) = self.block_layout()?;
+        let (per_block, block_bytes) = (per_block as u64, block_bytes as u64);
+        if elements % per_block != 0 {
+            return None;
+        }
+        (elements / per_block).checked_mul(block_bytes)
+    }
+
     /// (elements per block, bytes per block) for the types we can read.
     fn block_layout(self) -> Option<(usize, usize)> {
         match self {
@@ -176,8 +210,14 @@ impl TensorInfo {
     pub fn shape(&self) -> Vec<usize> {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
+    /// The element count. [`GgufFile`] refuses files whose counts overflow, so for a parsed
+    /// file this is exact.
     pub fn n_elements(&self) -> usize {
-        self.dims.iter().product::<u64>() as usize
+        self.checked_n_elements().unwrap_or(usize::MAX)
+    }
+    fn checked_n_elements(&self) -> Option<usize> {
+        let n = self.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?;
+        usize::try_from(n).ok()
     }
 }
 
@@ -233,7 +273,7 @@ impl GgufFile {
     }
 
     fn parse(path: PathBuf, bytes: Bytes) -> Result<Self, GgufError> {
-        let mut r = Reader { bytes: &bytes, pos: 0, path: &path };
+        let mut r = Reader { bytes: &bytes, pos: 0, path: &path, values_read: 0 };
         let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
         if &magic != MAGIC {
             return Err(GgufError::BadMagic { path, magic });
@@ -244,32 +284,43 @@ impl GgufFile {
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
+        // Each entry takes a fixed minimum of bytes, so a count beyond what the rest of the file
+        // can hold is corrupt; checking it first keeps a forged count from driving allocations.
+        const MIN_KV_BYTES: u64 = 8 + 4 + 1; // key length, value type, one byte of value
+        const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8; // name length, rank, type, offset
+        r.check_count(n_kv, MIN_KV_BYTES, "metadata count")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string("metadata key")?;
             let kind = r.u32("metadata value type")?;
-            let value = r.value(kind, &key)?;
+            let value = r.value(kind, &key, 0)?;
             metadata.insert(key, value);
         }
-        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
+        r.check_count(n_tensors, MIN_TENSOR_INFO_BYTES, "tensor count")?;
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
             let name = r.string("tensor name")?;
             let n_dims = r.u32("tensor rank")?;
-            if n_dims > 8 {
-                return Err(r.truncated(&format!("tensor {name:?} rank {n_dims}")));
+            if n_dims > MAX_RANK {
+                return Err(r.invalid(format!("tensor {name:?} has rank {n_dims} (at most {MAX_RANK})")));
             }
             let dims = (0..n_dims).map(|_| r.u64("tensor dims")).collect::<Result<Vec<_>, _>>()?;
             let ggml_type = GgmlType::from_id(r.u32("tensor type")?);
             let offset = r.u64("tensor offset")?;
             tensors.push(TensorInfo { name, dims, ggml_type, offset });
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .filter(|&a| a > 0)
-            .unwrap_or(DEFAULT_ALIGNMENT);
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(v) => v
+                .as_u64()
+                .filter(|&a| a > 0 && a <= MAX_ALIGNMENT)
+                .ok_or_else(|| r.invalid(format!("general.alignment {v:?} is not an integer in 1..={MAX_ALIGNMENT}")))?,
+        };
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
-        let data_start = data_start as usize;
+        let data_start = usize::try_from(data_start).map_err(|_| r.truncated("data section"))?;
+        for info in &tensors {
+            check_tensor_extent(info, data_start, r.bytes.len()).map_err(|what| r.invalid(what))?;
+        }
         drop(r);
         Ok(GgufFile { path, bytes, version, metadata, tensors, data_start })
     }
@@ -305,23 +356,13 @@ impl GgufFile {
 
     /// The raw bytes of a tensor's data.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8], GgufError> {
-        let (per_block, block_bytes) = info
-            .ggml_type
-            .block_layout()
-            .ok_or_else(|| unsupported(&info.name, info.ggml_type))?;
-        let n = info.n_elements();
-        if n % per_block != 0 {
-            return Err(GgufError::Truncated {
-                path: self.path.clone(),
-                what: format!("tensor {:?}: {n} elements is not a whole number of blocks", info.name),
-            });
+        if info.ggml_type.block_layout().is_none() {
+            return Err(unsupported(&self.path, &info.name, info.ggml_type));
         }
-        let len = n / per_block * block_bytes;
-        let start = self.data_start + info.offset as usize;
-        self.bytes.get(start..start + len).ok_or_else(|| GgufError::Truncated {
-            path: self.path.clone(),
-            what: format!("data of tensor {:?}", info.name),
-        })
+        // `info` may not come from this file, so check its extent again rather than trust it.
+        let range = check_tensor_extent(info, self.data_start, self.bytes.len())
+            .map_err(|what| GgufError::Invalid { path: self.path.clone(), what })?;
+        Ok(&self.bytes[range])
     }
 
     /// Dequantizes a tensor to f32, returning its row-major shape and values.
@@ -330,22 +371,57 @@ impl GgufFile {
             .tensor_info(name)
             .ok_or_else(|| GgufError::MissingTensor { path: self.path.clone(), tensor: name.into() })?;
         if let GgmlType::Other(_) = info.ggml_type {
-            return Err(unsupported(&info.name, info.ggml_type));
+            return Err(unsupported(&self.path, &info.name, info.ggml_type));
         }
-        let values = dequantize(info.ggml_type, self.tensor_bytes(info)?, info.n_elements())
-            .map_err(|_| unsupported(&info.name, info.ggml_type))?;
+        let values = dequantize(info.ggml_type, self.tensor_bytes(info)?, info.n_elements()).map_err(|e| match e {
+            DequantizeError::Unsupported(ty) => unsupported(&self.path, &info.name, ty),
+            other => GgufError::Invalid { path: self.path.clone(), what: format!("tensor {:?}: {other}", info.name) },
+        })?;
         Ok((info.shape(), values))
     }
 }
 
-fn unsupported(tensor: &str, ty: GgmlType) -> GgufError {
-    GgufError::UnsupportedType { tensor: tensor.into(), type_name: ty.name() }
+fn unsupported(path: &Path, tensor: &str, ty: GgmlType) -> GgufError {
+    GgufError::UnsupportedType { path: path.to_path_buf(), tensor: tensor.into(), type_name: ty.name() }
 }
 
-/// Dequantizes `n` elements of type `ty` from `bytes`. Fails only for types we do not support.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, GgmlType> {
-    let (per_block, block_bytes) = ty.block_layout().ok_or(ty)?;
-    assert_eq!(bytes.len(), n / per_block * block_bytes, "byte length does not match element count");
+/// Where a tensor's data lies in a file of `file_len` bytes whose data section starts at
+/// `data_start`, checked: every dimension fits an `i64` (libtorch's shapes), the element count
+/// and byte length do not overflow, and the data ends inside the file. Types we cannot read are
+/// not sized; they fail when dequantized. The error says what is wrong, naming the tensor.
+fn check_tensor_extent(info: &TensorInfo, data_start: usize, file_len: usize) -> Result<std::ops::Range<usize>, String> {
+    let name = &info.name;
+    if let Some(&d) = info.dims.iter().find(|&&d| d > i64::MAX as u64) {
+        return Err(format!("tensor {name:?} has dimension {d}, too large"));
+    }
+    let Some(elements) = info.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)) else {
+        return Err(format!("tensor {name:?}: the element count of dims {:?} overflows", info.dims));
+    };
+    if info.ggml_type.block_layout().is_none() {
+        return Ok(0..0);
+    }
+    let Some(len) = info.ggml_type.byte_len(elements) else {
+        return Err(format!("tensor {name:?}: {elements} elements of {} is not a whole number of blocks, or too large", info.ggml_type.name()));
+    };
+    let start = (data_start as u64).checked_add(info.offset);
+    let end = start.and_then(|s| s.checked_add(len));
+    match (start, end) {
+        (Some(start), Some(end)) if end <= file_len as u64 => Ok(start as usize..end as usize),
+        _ => Err(format!(
+            "data of tensor {name:?} ({len} bytes at offset {}) lies beyond the end of the file ({file_len} bytes)",
+            info.offset
+        )),
+    }
+}
+
+/// Dequantizes `n` elements of type `ty` from `bytes`, which must hold exactly `n` elements.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, DequantizeError> {
+    let (per_block, block_bytes) = ty.block_layout().ok_or(DequantizeError::Unsupported(ty))?;
+    let expected = ty.byte_len(n as u64).and_then(|len| usize::try_from(len).ok());
+    if n % per_block != 0 || expected != Some(bytes.len()) {
+        let expected = (n / per_block).saturating_mul(block_bytes);
+        return Err(DequantizeError::WrongLength { ty, elements: n, expected, actual: bytes.len() });
+    }
     let mut out = vec![0f32; n];
     // Blocks are independent, so dequantize chunks of blocks in parallel.
     const BLOCKS_PER_TASK: usize = 4096;
@@ -400,11 +476,39 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values parsed so far, against [`MAX_METADATA_VALUES`].
+    values_read: u64,
+}
+
+/// The fewest bytes a value of type `kind` takes in a file (an unknown type fails when read).
+fn min_value_bytes(kind: u32) -> u64 {
+    match kind {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 4 + 8,
+        _ => 1,
+    }
 }
 
 impl Reader<'_> {
     fn truncated(&self, what: &str) -> GgufError {
         GgufError::Truncated { path: self.path.to_path_buf(), what: what.to_string() }
+    }
+    fn invalid(&self, what: String) -> GgufError {
+        GgufError::Invalid { path: self.path.to_path_buf(), what }
+    }
+    fn remaining(&self) -> u64 {
+        (self.bytes.len() - self.pos) as u64
+    }
+    /// Refuses `count` entries of at least `min_bytes` each when the rest of the file cannot
+    /// hold them.
+    fn check_count(&self, count: u64, min_bytes: u64, what: &str) -> Result<(), GgufError> {
+        match count.checked_mul(min_bytes) {
+            Some(needed) if needed <= self.remaining() => Ok(()),
+            _ => Err(self.truncated(&format!("{what} {count} (more than the {} bytes left can hold)", self.remaining()))),
+        }
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&[u8], GgufError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
@@ -429,7 +533,12 @@ impl Reader<'_> {
         // Tokenizer vocabularies hold byte-level strings that are valid UTF-8; be lenient anyway.
         Ok(String::from_utf8_lossy(bytes).into_owned())
     }
-    fn value(&mut self, kind: u32, key: &str) -> Result<Value, GgufError> {
+    /// A value of type `kind`; `depth` is how many arrays enclose it.
+    fn value(&mut self, kind: u32, key: &str, depth: usize) -> Result<Value, GgufError> {
+        self.values_read += 1;
+        if self.values_read > MAX_METADATA_VALUES {
+            return Err(self.invalid(format!("more than {MAX_METADATA_VALUES} metadata values (at key {key:?})")));
+        }
         Ok(match kind {
             0 => Value::U8(self.array::<1>(key)?[0]),
             1 => Value::I8(self.array::<1>(key)?[0] as i8),
@@ -441,13 +550,13 @@ impl Reader<'_> {
             7 => Value::Bool(self.array::<1>(key)?[0] != 0),
             8 => Value::String(self.string(key)?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.invalid(format!("key {key:?}: arrays nested more than {MAX_ARRAY_DEPTH} deep")));
+                }
                 let item_kind = self.u32(key)?;
                 let len = self.u64(key)?;
-                // Every item takes at least one byte, so a length beyond the file is corrupt.
-                if len > self.bytes.len() as u64 {
-                    return Err(self.truncated(key));
-                }
-                let items = (0..len).map(|_| self.value(item_kind, key)).collect::<Result<_, _>>()?;
+                self.check_count(len, min_value_bytes(item_kind), &format!("key {key:?}: array length"))?;
+                let items = (0..len).map(|_| self.value(item_kind, key, depth + 1)).collect::<Result<_, _>>()?;
                 Value::Array(items)
             }
             10 => Value::U64(u64::from_le_bytes(self.array(key)?)),
@@ -656,6 +765,85 @@ mod tests {
         let file = GgufFile::from_bytes("test.gguf", image).unwrap();
         let err = file.dequantize("blk.0.attn_q.weight").unwrap_err().to_string();
         assert!(err.contains("blk.0.attn_q.weight") && err.contains("Q4_K"), "{err}");
+    }
+
+    /// A file's bytes with `patch` written at `at`.
+    fn patched(mut image: Vec<u8>, at: usize, patch: &[u8]) -> Vec<u8> {
+        image[at..at + patch.len()].copy_from_slice(patch);
+        image
+    }
+
+    /// Byte offset of the first tensor info's fields after its name, in an image with no metadata.
+    fn first_tensor_fields(name: &str) -> usize {
+        4 + 4 + 8 + 8 + 8 + name.len()
+    }
+
+    #[test]
+    fn forged_counts_are_refused_before_allocating() {
+        let image = GgufBuilder::default().metadata("k", Value::U8(1)).build();
+        // n_kv = u64::MAX, n_tensors = u64::MAX: neither may size a Vec.
+        let err = GgufFile::from_bytes("x.gguf", patched(image.clone(), 16, &u64::MAX.to_le_bytes())).unwrap_err();
+        assert!(err.to_string().contains("metadata count") && err.to_string().contains("x.gguf"), "{err}");
+        let err = GgufFile::from_bytes("x.gguf", patched(image, 8, &(1u64 << 40).to_le_bytes())).unwrap_err();
+        assert!(err.to_string().contains("tensor count"), "{err}");
+    }
+
+    #[test]
+    fn array_lengths_are_checked_against_the_bytes_left() {
+        let image = GgufBuilder::default().metadata("a", Value::Array(vec![Value::U64(7)])).build();
+        // magic, version, counts (24), key "a" (9), value type (4), item type (4): then the length.
+        let len_at = 24 + 9 + 4 + 4;
+        let err = GgufFile::from_bytes("x.gguf", patched(image, len_at, &(1u64 << 60).to_le_bytes())).unwrap_err();
+        assert!(matches!(err, GgufError::Truncated { .. }) && err.to_string().contains("array length"), "{err}");
+    }
+
+    #[test]
+    fn deeply_nested_arrays_are_refused() {
+        let mut value = Value::U8(1);
+        for _ in 0..MAX_ARRAY_DEPTH {
+            value = Value::Array(vec![value]);
+        }
+        let ok = GgufBuilder::default().metadata("nested", value.clone()).build();
+        assert!(GgufFile::from_bytes("x.gguf", ok).is_ok());
+        let too_deep = GgufBuilder::default().metadata("nested", Value::Array(vec![value])).build();
+        let err = GgufFile::from_bytes("x.gguf", too_deep).unwrap_err();
+        assert!(err.to_string().contains("nested"), "{err}");
+    }
+
+    #[test]
+    fn tensor_extents_are_checked_when_the_file_is_opened() {
+        let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let image = GgufBuilder::default().tensor("t", &[2], GgmlType::F32, data).build();
+        let fields = first_tensor_fields("t");
+        let (dims_at, offset_at) = (fields + 4, fields + 4 + 8 + 4);
+        // Data beyond the end of the file, an offset that overflows, dims whose product overflows,
+        // a dimension beyond i64: each is refused by name at open, before any tensor is read.
+        for (at, patch, expect) in [
+            (offset_at, 64u64.to_le_bytes(), "beyond the end"),
+            (offset_at, u64::MAX.to_le_bytes(), "beyond the end"),
+            (dims_at, (1u64 << 40).to_le_bytes(), "beyond the end"),
+            (dims_at, u64::MAX.to_le_bytes(), "too large"),
+        ] {
+            let err = GgufFile::from_bytes("x.gguf", patched(image.clone(), at, &patch)).unwrap_err();
+            assert!(err.to_string().contains(expect) && err.to_string().contains("\"t\""), "{err}");
+        }
+        let two_dims = GgufBuilder::default().tensor("t", &[1 << 32, 1 << 32, 1 << 32], GgmlType::F32, vec![]).build();
+        let err = GgufFile::from_bytes("x.gguf", two_dims).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+    }
+
+    #[test]
+    fn huge_alignment_is_refused() {
+        let image = GgufBuilder::default().metadata("general.alignment", Value::U64(u64::MAX)).build();
+        let err = GgufFile::from_bytes("x.gguf", image).unwrap_err();
+        assert!(err.to_string().contains("general.alignment"), "{err}");
+    }
+
+    #[test]
+    fn dequantize_refuses_a_length_mismatch_instead_of_panicking() {
+        let err = dequantize(GgmlType::Q8_0, &[0u8; 33], 32).unwrap_err();
+        assert_eq!(err, DequantizeError::WrongLength { ty: GgmlType::Q8_0, elements: 32, expected: 34, actual: 33 });
+        assert!(matches!(dequantize(GgmlType::Q8_0, &[], 31), Err(DequantizeError::WrongLength { .. })));
     }
 
     #[test]

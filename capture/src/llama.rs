@@ -40,6 +40,16 @@ impl KvCache {
     }
 }
 
+/// Token ids a forward pass refuses: looking them up in the embedding would fail inside
+/// libtorch (a panic on CPU, a device-side assert that poisons the whole CUDA context on GPU).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TokenInputError {
+    #[error("tokens must be a [batch, seq] tensor of integer ids, got shape {shape:?} of {kind:?}")]
+    BadTensor { shape: Vec<i64>, kind: Kind },
+    #[error("token id {id} is outside the model's vocabulary of {vocab} tokens (ids 0..{vocab})")]
+    OutOfVocabulary { id: i64, vocab: i64 },
+}
+
 /// What a forward pass returns.
 pub struct ForwardOutput {
     /// `[batch, seq, vocab]` in f32, when logits were asked for.
@@ -128,15 +138,40 @@ impl Llama {
         KvCache { layers: (0..self.blocks.len()).map(|_| None).collect(), seen: 0 }
     }
 
-    /// Runs the model on `tokens` `[batch, seq]` (i64).
+    /// The rows of the embedding: every token id must be below this.
+    pub fn vocab_rows(&self) -> i64 {
+        self.embed.size()[0]
+    }
+
+    /// Checks that `tokens` is a `[batch, seq]` integer tensor whose ids all index the embedding.
+    /// Ids come from tokenizers, datasets and users, none of which is bound to this model.
+    pub fn check_tokens(&self, tokens: &Tensor) -> Result<(), TokenInputError> {
+        let kind = tokens.kind();
+        if tokens.dim() != 2 || !matches!(kind, Kind::Int64 | Kind::Int) {
+            return Err(TokenInputError::BadTensor { shape: tokens.size(), kind });
+        }
+        if tokens.numel() == 0 {
+            return Ok(());
+        }
+        let vocab = self.vocab_rows();
+        for id in [tokens.min().int64_value(&[]), tokens.max().int64_value(&[])] {
+            if !(0..vocab).contains(&id) {
+                return Err(TokenInputError::OutOfVocabulary { id, vocab });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the model on `tokens` `[batch, seq]` (i64), after [`Llama::check_tokens`].
     ///
     /// With a cache, `tokens` continue the sequence it holds, and the cache is extended.
     /// Without logits, the pass stops after the deepest hook that `hooks` reads or changes
     /// (early exit); with a cache, early exit is off so that every layer's cache stays whole.
-    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>, hooks: &mut Hooks, want_logits: bool) -> ForwardOutput {
+    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>, hooks: &mut Hooks, want_logits: bool) -> Result<ForwardOutput, TokenInputError> {
+        self.check_tokens(tokens)?;
         let _guard = tch::no_grad_guard();
         let n_layers = self.blocks.len();
-        let (_batch, seq) = tokens.size2().expect("tokens must be [batch, seq]");
+        let seq = tokens.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.seen);
         let blocks_to_run = if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
 
@@ -175,7 +210,7 @@ impl Llama {
                 logits = Some(normed.linear::<Tensor>(self.unembedding(), None).to_kind(Kind::Float)); // [batch, seq, vocab]
             }
         }
-        ForwardOutput { logits, hooks: hooks.take_captured() }
+        Ok(ForwardOutput { logits, hooks: hooks.take_captured() })
     }
 
     /// RMSNorm in f32, cast back to the compute dtype before the weight, as Hugging Face does.
@@ -229,4 +264,70 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let x2 = x.narrow(3, half, half);
     let rotated = Tensor::cat(&[x2.neg(), x1], 3);
     x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-block model of 8 tokens, 4 dimensions and 2 heads, with random weights.
+    fn tiny_model() -> Llama {
+        let cfg = LlamaConfig {
+            vocab_size: 8,
+            hidden_size: 4,
+            intermediate_size: 6,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(1),
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 16,
+            tie_word_embeddings: true,
+        };
+        let opts = (Kind::Float, Device::Cpu);
+        let p = "model.layers.0";
+        let weights: HashMap<String, Tensor> = [
+            ("model.embed_tokens.weight".to_string(), vec![8, 4]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![4, 4]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![2, 4]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![2, 4]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![4, 4]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![6, 4]),
+            (format!("{p}.mlp.up_proj.weight"), vec![6, 4]),
+            (format!("{p}.mlp.down_proj.weight"), vec![4, 6]),
+            (format!("{p}.input_layernorm.weight"), vec![4]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![4]),
+            ("model.norm.weight".to_string(), vec![4]),
+        ]
+        .into_iter()
+        .map(|(name, shape)| (name, Tensor::randn(shape.as_slice(), opts)))
+        .collect();
+        Llama::from_weights(cfg, weights, Device::Cpu, Kind::Float).unwrap()
+    }
+
+    fn ids(ids: &[i64]) -> Tensor {
+        Tensor::from_slice(ids).unsqueeze(0)
+    }
+
+    #[test]
+    fn token_ids_outside_the_vocabulary_are_refused_before_the_embedding() {
+        let model = tiny_model();
+        let out = model.forward(&ids(&[0, 7, 3]), None, &mut Hooks::new(), true).unwrap();
+        assert_eq!(out.logits.unwrap().size(), [1, 3, 8]);
+        for bad in [8, 1 << 40, -1] {
+            let err = model.forward(&ids(&[1, bad]), None, &mut Hooks::new(), true).err().unwrap();
+            assert_eq!(err, TokenInputError::OutOfVocabulary { id: bad, vocab: 8 });
+            assert!(err.to_string().contains(&bad.to_string()) && err.to_string().contains("vocabulary of 8"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tokens_that_are_not_a_batch_of_integer_ids_are_refused() {
+        let model = tiny_model();
+        let flat = Tensor::from_slice(&[1i64, 2]);
+        let err = model.forward(&flat, None, &mut Hooks::new(), false).err().unwrap();
+        assert!(matches!(err, TokenInputError::BadTensor { ref shape, .. } if shape == &[2]), "{err}");
+        let floats = Tensor::from_slice(&[1.0f32, 2.0]).unsqueeze(0);
+        assert!(matches!(model.forward(&floats, None, &mut Hooks::new(), false), Err(TokenInputError::BadTensor { .. })));
+    }
 }

@@ -72,10 +72,16 @@ impl Model {
             let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
             let mut tensor = Tensor::from_slice(&values).view(shape.as_slice());
             // llama.cpp's converter permutes Q and K rows for its interleaved rotary layout.
-            if name.ends_with("q_proj.weight") {
-                tensor = unpermute_rotary_rows(&tensor, cfg.num_attention_heads as i64);
+            let rotary_heads = if name.ends_with("q_proj.weight") {
+                Some(cfg.num_attention_heads)
             } else if name.ends_with("k_proj.weight") {
-                tensor = unpermute_rotary_rows(&tensor, cfg.n_kv_heads() as i64);
+                Some(cfg.n_kv_heads())
+            } else {
+                None
+            };
+            if let Some(n_head) = rotary_heads {
+                tensor = unpermute_rotary_rows(&tensor, n_head as i64, cfg.head_dim() as i64, cfg.d_model() as i64)
+                    .with_context(|| format!("{}: tensor {}", path.display(), info.name))?;
             }
             weights.insert(name, tensor);
         }
@@ -131,14 +137,47 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let index_path = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index_path)
-        .with_context(|| format!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display()))?;
-    let index: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index_path.display()))?;
-    let map = index["weight_map"].as_object().with_context(|| format!("{} has no weight_map", index_path.display()))?;
-    let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
+    if !index_path.exists() {
+        bail!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display());
+    }
+    let text = read_small_file(&index_path, MAX_INDEX_BYTES)?;
+    shard_files_of_index(dir, &index_path, &text)
+}
+
+/// `model.safetensors.index.json` maps tensor names to file names: a few hundred KB for the
+/// largest models. Anything far larger is not an index.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// The whole of a file that must be small, refused unread when it is larger than `max_bytes`.
+fn read_small_file(path: &Path, max_bytes: u64) -> Result<String> {
+    let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    if size > max_bytes {
+        bail!("{} is {size} bytes, more than the {max_bytes} such a file can be", path.display());
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The shard files an index names, sorted and without repeats. Each must be a plain file name
+/// inside `dir` (no `..`, no absolute path, no sub-folder), so an index cannot point the loader
+/// at files elsewhere.
+fn shard_files_of_index(dir: &Path, index_path: &Path, text: &str) -> Result<Vec<PathBuf>> {
+    let index: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{} is not JSON", index_path.display()))?;
+    let map = index.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{} has no weight_map", index_path.display()))?;
+    let mut names = Vec::new();
+    for (tensor, file) in map {
+        let name = file.as_str().with_context(|| format!("{}: tensor {tensor:?} maps to {file}, not a file name", index_path.display()))?;
+        let plain = Path::new(name).file_name().is_some_and(|n| n == name) && name != "." && name != "..";
+        if !plain {
+            bail!("{}: tensor {tensor:?} maps to {name:?}, which is not a file name in the folder", index_path.display());
+        }
+        names.push(name);
+    }
+    if names.is_empty() {
+        bail!("{}: weight_map is empty", index_path.display());
+    }
+    names.sort_unstable();
+    names.dedup();
+    Ok(names.into_iter().map(|name| dir.join(name)).collect())
 }
 
 /// Maps llama.cpp tensor names to Hugging Face names.
@@ -171,10 +210,13 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Undoes llama.cpp's `permute(w, n_head)`: within each head the converter interleaved the two
 /// rotary halves (rows `[r0, r_half, r1, r_half+1, ...]`); this restores `[first half, second half]`.
-/// `w` is `[n_head * head_dim, d]`.
-fn unpermute_rotary_rows(w: &Tensor, n_head: i64) -> Tensor {
-    let (rows, cols) = w.size2().expect("2-D weight");
-    w.view([n_head, rows / n_head / 2, 2, cols]).transpose(1, 2).contiguous().view([rows, cols])
+/// `w` must be `[n_head * head_dim, d]`; any other shape (a damaged file) is an error.
+fn unpermute_rotary_rows(w: &Tensor, n_head: i64, head_dim: i64, d: i64) -> Result<Tensor> {
+    let expected = [n_head * head_dim, d];
+    if w.size() != expected || head_dim % 2 != 0 {
+        bail!("shape {:?}, expected {expected:?} ({n_head} heads of {head_dim})", w.size());
+    }
+    Ok(w.view([n_head, head_dim / 2, 2, d]).transpose(1, 2).contiguous().view(expected))
 }
 
 #[cfg(test)]
@@ -187,7 +229,46 @@ mod tests {
         let (n_head, head_dim, cols) = (3i64, 8i64, 5i64);
         let w = Tensor::arange(n_head * head_dim * cols, (Kind::Float, Device::Cpu)).view([n_head * head_dim, cols]);
         let permuted = w.view([n_head, 2, head_dim / 2, cols]).transpose(1, 2).contiguous().view([n_head * head_dim, cols]);
-        assert!(unpermute_rotary_rows(&permuted, n_head).equal(&w));
+        assert!(unpermute_rotary_rows(&permuted, n_head, head_dim, cols).unwrap().equal(&w));
+    }
+
+    #[test]
+    fn unpermute_refuses_a_wrongly_shaped_weight() {
+        let flat = Tensor::zeros([24], (Kind::Float, Device::Cpu));
+        let err = unpermute_rotary_rows(&flat, 3, 8, 1).unwrap_err().to_string();
+        assert!(err.contains("[24]") && err.contains("[24, 1]"), "{err}");
+        let odd_rows = Tensor::zeros([25, 5], (Kind::Float, Device::Cpu));
+        assert!(unpermute_rotary_rows(&odd_rows, 3, 8, 5).is_err());
+    }
+
+    #[test]
+    fn safetensors_index_names_only_files_in_the_folder() {
+        let dir = Path::new("/models/m");
+        let index = Path::new("/models/m/model.safetensors.index.json");
+        let good = r#"{"weight_map": {"a": "model-00002.safetensors", "b": "model-00001.safetensors", "c": "model-00001.safetensors"}}"#;
+        let files = shard_files_of_index(dir, index, good).unwrap();
+        assert_eq!(files, [dir.join("model-00001.safetensors"), dir.join("model-00002.safetensors")]);
+        for (bad, expect) in [
+            (r#"{"weight_map": {"a": "../../etc/passwd"}}"#, "not a file name"),
+            (r#"{"weight_map": {"a": "/abs.safetensors"}}"#, "not a file name"),
+            (r#"{"weight_map": {"a": 7}}"#, "not a file name"),
+            (r#"{"weight_map": {}}"#, "empty"),
+            (r#"{"weight_map": []}"#, "no weight_map"),
+            (r#"[1, 2]"#, "no weight_map"),
+            ("{", "not JSON"),
+        ] {
+            let err = format!("{:#}", shard_files_of_index(dir, index, bad).unwrap_err());
+            assert!(err.contains(expect) && err.contains("model.safetensors.index.json"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn oversized_index_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors.index.json");
+        std::fs::write(&path, vec![b' '; 2048]).unwrap();
+        let err = read_small_file(&path, 1024).unwrap_err().to_string();
+        assert!(err.contains("2048 bytes") && err.contains("model.safetensors.index.json"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub fn rows_of_batch(model: &Model, hooks: &[HookPoint], windows: &[Window], fir
     let flat: Vec<i64> = windows.iter().flat_map(|w| w.tokens.iter().map(|&t| t as i64)).collect();
     let tokens = Tensor::from_slice(&flat).view([windows.len() as i64, len as i64]);
     let mut request = Hooks::new().capture(hooks.iter().copied());
-    let out = model.llama.forward(&tokens, None, &mut request, false);
+    let out = model.llama.forward(&tokens, None, &mut request, false)?;
 
     let kept = len - first_position;
     let mut batch = RowBatch {

@@ -129,7 +129,7 @@ fn summed_ce(
             Some(Tensor::cat(&[x.narrow(1, 0, 1), replaced], 1))
         });
     }
-    let out = model.llama.forward(ids, None, &mut hooks, true);
+    let out = model.llama.forward(ids, None, &mut hooks, true)?;
     let logits = out.logits.expect("logits were asked for"); // [batch, len, vocab]
     let len = logits.size()[1];
     // Predictions made at positions 1..len-2 of targets 2..len-1.

@@ -59,6 +59,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    refuse_credentials_in_urls(&argv);
     let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
@@ -72,7 +73,22 @@ fn main() {
         Command::Run(args) => cmd::run::run(args),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        // Errors quote URLs, some of them from libraries (an HTTP client quotes its request URL):
+        // remove any user info that could be a credential.
+        eprintln!("error: {}", store::redact_urls_in(&format!("{err:#}")));
         std::process::exit(1);
+    }
+}
+
+/// Exits with a clear error, before any command runs, when an argument holds a URL with user
+/// info (`s3://KEY:SECRET@bucket/...`): no store takes credentials in URLs, and refusing here
+/// keeps every later message, log line and JSON output from quoting them.
+fn refuse_credentials_in_urls(argv: &[String]) {
+    if let Some(arg) = argv.iter().find(|a| store::has_user_info(a)) {
+        eprintln!(
+            "error: `{}`: credentials are not accepted in URLs; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead",
+            store::redact_urls_in(arg)
+        );
+        std::process::exit(2);
     }
 }

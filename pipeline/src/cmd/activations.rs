@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         let flat: Vec<i64> = batch.concat();
         let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, len]);
         let mut hooks = Hooks::new().capture([hook]);
-        let out = model.llama.forward(&tokens, None, &mut hooks, args.full_forward);
+        let out = model.llama.forward(&tokens, None, &mut hooks, args.full_forward)?;
         let acts = &out.hooks[&hook]; // [batch, seq, d]
         // Position 0 of every window is an attention sink with an outlier norm: leave it out.
         if len > 1 {

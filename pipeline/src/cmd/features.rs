@@ -271,7 +271,7 @@ fn search(a: SearchArgs) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mut hooks = Hooks::new().capture([hook]);
-    let out = model.llama.forward(&tokens, None, &mut hooks, false);
+    let out = model.llama.forward(&tokens, None, &mut hooks, false)?;
     let acts = out.hooks[&hook].squeeze_dim(0).to_kind(Kind::Float); // [seq, d]
     let z = sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1))?.to_device(Device::Cpu); // [seq-1, d_sae]
 

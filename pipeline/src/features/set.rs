@@ -139,6 +139,33 @@ pub struct FeatureSet {
     pub examples: Vec<Example>,
 }
 
+/// The widest SAE a summary may describe, and the most of each per-feature count: the sizes
+/// drive page counts, widths and loops of the readers, so a forged `features.json` is refused.
+const MAX_SUMMARY_D_SAE: usize = 1 << 24;
+const MAX_SUMMARY_COUNT: usize = 1 << 16;
+
+impl Summary {
+    /// The sizes a reader relies on: dead latents are distinct latents of the SAE, and every
+    /// count is within reason.
+    pub fn check_sizes(&self) -> std::result::Result<(), String> {
+        if self.d_sae == 0 || self.d_sae > MAX_SUMMARY_D_SAE || self.d_in == 0 || self.d_in > MAX_SUMMARY_D_SAE {
+            return Err(format!("d_sae {} and d_in {} must be in 1..={MAX_SUMMARY_D_SAE}", self.d_sae, self.d_in));
+        }
+        if let Some(&bad) = self.dead.iter().find(|&&f| f as usize >= self.d_sae) {
+            return Err(format!("dead latent {bad} is not a latent of an SAE of {}", self.d_sae));
+        }
+        if self.dead.len() > self.d_sae {
+            return Err(format!("{} dead latents of {}", self.dead.len(), self.d_sae));
+        }
+        for (name, count) in [("top_k", self.top_k), ("context", self.context), ("quantile_bands", self.quantile_bands), ("samples_per_band", self.samples_per_band), ("histogram_bins", self.histogram_bins)] {
+            if count > MAX_SUMMARY_COUNT {
+                return Err(format!("{name} {count} is more than {MAX_SUMMARY_COUNT}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl FeatureSet {
     /// The examples of one feature (they are stored grouped by feature).
     pub fn examples_of(&self, feature: u32) -> &[Example] {
@@ -181,6 +208,7 @@ impl FeatureSet {
         if summary.format_version != FORMAT_VERSION {
             bail!("`{}` has format version {}, this program reads {FORMAT_VERSION}", dir.display(SUMMARY_FILE), summary.format_version);
         }
+        summary.check_sizes().map_err(|detail| anyhow::anyhow!("`{}` is damaged: {detail}", dir.display(SUMMARY_FILE)))?;
         Ok(Some(summary))
     }
 
@@ -502,6 +530,27 @@ pub(crate) mod tests {
         // Both top examples centre on the same token: listed once.
         assert_eq!(back.top_tokens(0), vec![set.examples[0].tokens[1].as_str()]);
         assert!(back.top_tokens(1).is_empty());
+    }
+
+    #[test]
+    fn forged_sizes_in_features_json_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = ObjectDir::open(dir.path().to_str().unwrap(), &store::StoreOptions::default()).unwrap();
+        let set = sample_set();
+        let forgeries: [fn(&mut Summary); 5] = [
+            |s: &mut Summary| s.dead = vec![0; s.d_sae + 1],
+            |s: &mut Summary| s.dead = vec![u32::MAX],
+            |s: &mut Summary| s.d_sae = 0,
+            |s: &mut Summary| s.d_sae = usize::MAX,
+            |s: &mut Summary| s.top_k = usize::MAX,
+        ];
+        for forge in forgeries {
+            let mut forged = set.clone();
+            forge(&mut forged.summary);
+            forged.write(&objects).unwrap();
+            let err = format!("{:#}", FeatureSet::read_summary(&objects).unwrap_err());
+            assert!(err.contains(SUMMARY_FILE) && err.contains("damaged"), "{err}");
+        }
     }
 
     #[test]
