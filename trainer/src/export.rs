@@ -121,6 +121,23 @@ pub struct LoadedSae {
     pub info: ExportInfo,
 }
 
+/// The cfg's `d_in` and `d_sae` must be the shape of the saved decoder, `[d_sae, d_in]`:
+/// [`Sae::new`] allocates `d_in × d_sae` weights from them before any saved tensor is loaded, so
+/// a damaged or forged `cfg.json` could otherwise ask for terabytes.
+pub fn check_sizes_match_weights(config: &SaeConfig, saved: &BTreeMap<String, Tensor>) -> Result<(), String> {
+    let dims = (i64::try_from(config.d_sae), i64::try_from(config.d_in));
+    let decoder = saved.get("W_dec").ok_or("the weights hold no W_dec")?;
+    match dims {
+        (Ok(d_sae), Ok(d_in)) if decoder.size() == [d_sae, d_in] => Ok(()),
+        _ => Err(format!(
+            "d_sae {} and d_in {} do not match the saved W_dec of shape {:?}",
+            config.d_sae,
+            config.d_in,
+            decoder.size()
+        )),
+    }
+}
+
 /// Loads what [`export_files`] wrote. `location` names the folder in errors.
 pub fn load(cfg: &[u8], weights: &[u8], location: &str, device: Device) -> Result<LoadedSae, LoadError> {
     let cfg_error = |detail: String| LoadError::Cfg { location: format!("{location}/{CFG_FILE}"), detail };
@@ -129,6 +146,7 @@ pub fn load(cfg: &[u8], weights: &[u8], location: &str, device: Device) -> Resul
         .map_err(|e| cfg_error(format!("metadata.sae_pipeline: {e} (was it written by sae-pipeline?)")))?;
     let (mut saved, _) = tensors::from_bytes(weights, &format!("{location}/{WEIGHTS_FILE}"))?;
     let trained = &info.trained;
+    check_sizes_match_weights(trained, &saved).map_err(cfg_error)?;
     // Inference runs the saved architecture: BatchTopK becomes a JumpReLU with its threshold.
     let arch = match &trained.arch {
         Architecture::BatchTopK { .. } => {
@@ -149,4 +167,25 @@ pub fn load(cfg: &[u8], weights: &[u8], location: &str, device: Device) -> Resul
         saved.into_iter().map(|(name, t)| (name, t.to_kind(Kind::Float))).collect();
     sae.load_state_tensors(&saved).map_err(sae_error)?;
     Ok(LoadedSae { sae, info })
+}
+
+#[cfg(test)]
+mod size_checks {
+    use super::*;
+
+    fn saved_decoder(shape: &[i64]) -> BTreeMap<String, Tensor> {
+        BTreeMap::from([("W_dec".to_string(), Tensor::zeros(shape, (Kind::Float, Device::Cpu)))])
+    }
+
+    #[test]
+    fn forged_sizes_in_cfg_are_refused_before_allocating() {
+        let arch = Architecture::TopK { k: 2 };
+        assert!(check_sizes_match_weights(&SaeConfig::new(4, 8, arch.clone()), &saved_decoder(&[8, 4])).is_ok());
+        for (d_in, d_sae) in [(4, 1 << 40), (usize::MAX, 8), (8, 4)] {
+            let err = check_sizes_match_weights(&SaeConfig::new(d_in, d_sae, arch.clone()), &saved_decoder(&[8, 4])).unwrap_err();
+            assert!(err.contains(&d_sae.to_string()) && err.contains("[8, 4]"), "{err}");
+        }
+        let err = check_sizes_match_weights(&SaeConfig::new(4, 8, arch), &BTreeMap::new()).unwrap_err();
+        assert!(err.contains("W_dec"), "{err}");
+    }
 }

@@ -1,7 +1,7 @@
 //! `trainer::dist` with real processes on loopback.
 //!
 //! Each multi-process test re-runs this test binary as its workers: with `SAE_DIST_WORKER` set,
-//! the `worker` test below becomes one rank of a scenario (and is a no-op otherwise). Ranks get
+//! the ignored `worker` test below (run with `--ignored`) becomes one rank of a scenario. Ranks get
 //! their place from the same variables a launcher sets (`RANK`, `WORLD_SIZE`, ...), read by
 //! `DistEnv::from_env`, so the torchrun test runs the very same worker under torchrun.
 
@@ -23,12 +23,13 @@ const TIMEOUT_VAR: &str = "SAE_DIST_TIMEOUT_MS";
 // ---------------------------------------------------------------------------------------------
 // The worker side.
 
-/// One rank of a scenario, when run as a worker; otherwise nothing.
+/// One rank of a scenario. Ignored, so that it is not counted as a passing test: the
+/// multi-process tests run it with `--ignored` and `SAE_DIST_WORKER` set.
 #[test]
+#[ignore = "a worker process of the multi-process tests, not a test of its own"]
 fn worker() {
-    let Ok(scenario) = std::env::var(WORKER_VAR) else {
-        return;
-    };
+    let scenario = std::env::var(WORKER_VAR)
+        .unwrap_or_else(|_| panic!("run only as a worker, with {WORKER_VAR} set"));
     let timeout_ms: u64 = std::env::var(TIMEOUT_VAR)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -291,15 +292,22 @@ fn worker_command(
     timeout_ms: u64,
 ) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "worker", "--nocapture", "--test-threads", "1"])
-        .env(WORKER_VAR, scenario)
-        .env(TIMEOUT_VAR, timeout_ms.to_string())
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+    cmd.args([
+        "--exact",
+        "worker",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(WORKER_VAR, scenario)
+    .env(TIMEOUT_VAR, timeout_ms.to_string())
+    .env("RANK", rank.to_string())
+    .env("WORLD_SIZE", world.to_string())
+    .env("LOCAL_RANK", rank.to_string())
+    .env("MASTER_ADDR", "127.0.0.1")
+    .env("MASTER_PORT", port.to_string())
+    .env_remove("TORCHELASTIC_USE_AGENT_STORE");
     cmd
 }
 
@@ -372,7 +380,14 @@ fn torchrun_agent_store() {
     ])
     .arg(format!("--master-port={port}"))
     .arg(std::env::current_exe().unwrap())
-    .args(["--exact", "worker", "--nocapture", "--test-threads", "1"])
+    .args([
+        "--exact",
+        "worker",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
     .env(WORKER_VAR, "collectives")
     .env(TIMEOUT_VAR, "10000")
     .env("OMP_NUM_THREADS", "1");
