@@ -288,3 +288,33 @@ fn dataset_verify_names_a_corrupted_shard_and_exits_non_zero() {
     assert!(stderr(&bad).contains(&key), "stderr does not name {key}: {}", stderr(&bad));
     assert!(String::from_utf8_lossy(&bad.stdout).contains(&format!("BAD {key}")));
 }
+
+#[test]
+fn finalize_refuses_a_worker_killed_after_its_first_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = dir.path().join("split").display().to_string();
+    // Worker 0 of 2, with small shards so that its first commit comes early; killed right after.
+    let mut args = vec!["capture", "--out", &split, "--max-tokens", "60000", "--worker", "0", "--workers", "2"];
+    args.extend_from_slice(SMALL);
+    args.extend(["--shard-mib", "1"]);
+    let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let commits = Path::new(&split).join("commits/w00000");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_dir(&commits).map_or(true, |mut d| d.next().is_none()) {
+        assert!(child.try_wait().unwrap().is_none(), "capture ended before its first commit");
+        assert!(Instant::now() < deadline, "no commit after 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Worker 1 never ran. Finalize must not make a dataset of worker 0's first shard.
+    for extra in [&[][..], &["--workers", "2"][..]] {
+        let mut args = vec!["dataset", "finalize", &split];
+        args.extend_from_slice(extra);
+        let out = sae(&args);
+        assert!(!out.status.success(), "finalize succeeded on an unfinished capture");
+        assert!(stderr(&out).contains("w00000") && stderr(&out).contains("never finished"), "{}", stderr(&out));
+    }
+    assert!(!Path::new(&split).join("manifest.json").exists());
+    assert!(std::fs::read_dir(&commits).unwrap().next().is_some(), "the committed shard must stay");
+}

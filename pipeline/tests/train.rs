@@ -146,8 +146,14 @@ fn a_sweep_member_equals_a_separate_run_bitwise() {
 /// Starts a run that checkpoints every 5 steps and waits until a checkpoint newer than `after`
 /// exists, then sends `signal`. Returns the exit status.
 fn interrupt(dir: &Path, after: Option<String>, signal: &str) -> std::process::ExitStatus {
+    interrupt_with(dir, &[], after, signal)
+}
+
+/// [`interrupt`] with more arguments for `sae train` (they override `RUN`'s).
+fn interrupt_with(dir: &Path, extra: &[&str], after: Option<String>, signal: &str) -> std::process::ExitStatus {
     let mut args = vec!["train", "--data", dataset(), "--out", dir.to_str().unwrap(), "--checkpoint-every", "5"];
     args.extend_from_slice(RUN);
+    args.extend_from_slice(extra);
     let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -326,6 +332,100 @@ fn follow_trains_on_a_dataset_while_capture_writes_it() {
     let losses: Vec<f64> = rows.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     assert!(out_dir.join("sae_weights.safetensors").exists() && dir.join("manifest.json").exists());
+}
+
+/// The step of a checkpoint file name, `step-000000025.safetensors`.
+fn checkpoint_step(name: &str) -> u64 {
+    name.trim_start_matches("step-").trim_end_matches(".safetensors").parse().unwrap()
+}
+
+/// The state JSON a checkpoint keeps in its safetensors header.
+fn checkpoint_state(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    serde_json::from_str(header["__metadata__"]["checkpoint"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn follow_resumes_past_its_first_window_and_a_damaged_checkpoint_falls_back() {
+    // 50 steps of 256 rows; a follow window is 8 row groups of 512 rows (16 steps).
+    let follow: &[&str] = &["--follow", "--max-tokens", "12800"];
+    let whole = scratch("follow-whole");
+    let out = train(whole.to_str().unwrap(), follow);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_json(&out)["tokens"], 12800);
+
+    // Killed past the first window (the resumed reader used to underflow there and the dead
+    // loader thread read as the end of the data, finishing a third-trained SAE with exit 0).
+    let dir = scratch("follow-killed");
+    let mut newest = None;
+    while newest.as_deref().map_or(0, checkpoint_step) < 25 {
+        interrupt_with(&dir, follow, newest.clone(), "-KILL");
+        newest = newest_checkpoint(&dir);
+    }
+    // Damage the newest checkpoint: one flipped bit in its last tensor byte.
+    let newest = newest.unwrap();
+    let path = dir.join("checkpoints").join(&newest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+
+    let out = train(dir.to_str().unwrap(), follow);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&newest) && err.contains("falling back to the previous checkpoint"), "{err}");
+    let summary = last_json(&out);
+    assert_eq!(summary["tokens"], 12800, "{summary}");
+    assert_eq!(summary["resumed_from_step"].as_u64().unwrap(), checkpoint_step(&newest) - 5, "{summary}");
+    assert_eq!(weights(&dir), weights(&whole), "resumed follow run differs from the uninterrupted one");
+    assert_eq!(without_timing(metrics(&dir)), without_timing(metrics(&whole)));
+}
+
+#[test]
+fn a_resumed_follow_run_keeps_the_normalization_it_started_with() {
+    // The first of two capture workers writes a dataset that is not final yet.
+    let data = scratch("follow-growing");
+    let data_url = data.to_str().unwrap();
+    let capture = |worker: &str| {
+        let out = sae(&[
+            "capture", "--out", data_url, "--max-tokens", "6000", "--context-len", "64", "--batch-size", "4",
+            "--threads", "2", "--row-group-rows", "256", "--worker", worker, "--workers", "2",
+        ]);
+        assert!(out.status.success(), "capture worker {worker}: {}", stderr(&out));
+    };
+    capture("0");
+    let dir = scratch("follow-growing-sae");
+    let mut args = vec!["train", "--data", data_url, "--out", dir.to_str().unwrap(), "--follow", "--checkpoint-every", "5"];
+    args.extend_from_slice(RUN);
+    args.extend_from_slice(&["--max-tokens", "5120"]);
+    let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while newest_checkpoint(&dir).is_none() {
+        assert!(child.try_wait().unwrap().is_none() && Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let first = checkpoint_state(&dir.join("checkpoints").join(newest_checkpoint(&dir).unwrap()));
+    let started_with = first["normalization"]["scale"].as_f64().unwrap();
+
+    // The dataset grows to its final size (its statistics change), then the run resumes.
+    capture("1");
+    assert!(sae(&["dataset", "finalize", data_url, "--workers", "2"]).status.success());
+    let out = sae(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("cfg.json")).unwrap()).unwrap();
+    let exported = cfg["metadata"]["sae_pipeline"]["activation_scale"].as_f64().unwrap();
+    assert_eq!(exported, started_with, "the resumed run changed its normalization");
+
+    // A run started on the final dataset normalizes differently, so the check above can fail.
+    let fresh = scratch("follow-growing-fresh");
+    let mut fresh_args = args.clone();
+    fresh_args[4] = fresh.to_str().unwrap();
+    assert!(sae(&fresh_args).status.success());
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(fresh.join("cfg.json")).unwrap()).unwrap();
+    assert_ne!(cfg["metadata"]["sae_pipeline"]["activation_scale"].as_f64().unwrap(), started_with);
 }
 
 /// A small synthetic dataset with d_model 64 under the same hook name.

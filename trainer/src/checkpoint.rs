@@ -2,7 +2,9 @@
 //! SAE's tensors (`sae.*`), Adam's moments (`adam.m.*`, `adam.v.*`), the dead-latent counters
 //! (`dead.tokens_since_fired`), the loss sums not yet logged (`metrics.pending`), and, as JSON in the safetensors metadata under `checkpoint`,
 //! the [`CheckpointState`]. A single object put is atomic on every store, so a checkpoint is
-//! either complete or invisible; a torn local write never has the final name.
+//! either complete or invisible; a torn local write never has the final name. Damage after the
+//! write (a flipped bit, a truncated copy) is caught by the tensors' checksum, recorded in the
+//! state and verified on load; the trainer then falls back to the previous checkpoint.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +21,9 @@ pub const CHECKPOINT_DIR: &str = "checkpoints";
 /// members' checkpoints still has a step that every member saved.
 pub const KEEP: usize = 2;
 const STATE_KEY: &str = "checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the tensors' checksum, the run's normalization and the follow-mode shard
+/// order; version 1 checkpoints are still read (without a checksum to verify).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything but the tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,6 +47,24 @@ pub struct CheckpointState {
     /// Steps accumulated since the last logged row (their sums are the `metrics.pending` tensor).
     #[serde(default)]
     pub pending_metric_steps: u64,
+    /// The input normalization fixed at the run's start, so a resumed run uses the same one
+    /// even when the dataset has grown since (follow mode).
+    #[serde(default)]
+    pub normalization: Option<Normalization>,
+    /// Follow mode: the shard keys in the order the reader discovered them, replayed on resume.
+    #[serde(default)]
+    pub follow_shards: Vec<String>,
+    /// `sha256:<hex>` of the checkpoint's tensors (see `tensors::sha256_of`), set by [`save`].
+    #[serde(default)]
+    pub tensors_sha256: Option<String>,
+}
+
+/// How inputs are normalized: multiplied by `scale` (so that E‖x‖² = d_in), with `variance` the
+/// per-feature variance of the scaled inputs (the FVU's denominator).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    pub scale: f64,
+    pub variance: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,6 +92,13 @@ pub enum CheckpointError {
     Bad { location: String, detail: String },
 }
 
+impl CheckpointError {
+    /// Whether the checkpoint object itself is damaged (as opposed to the store failing).
+    pub fn is_damage(&self) -> bool {
+        matches!(self, CheckpointError::Bad { .. } | CheckpointError::Tensors(_))
+    }
+}
+
 fn key(step: u64) -> String {
     format!("{CHECKPOINT_DIR}/step-{step:09}.safetensors")
 }
@@ -90,8 +119,10 @@ pub fn save(
     named.extend(sae.iter().map(|(n, t)| (format!("sae.{n}"), t.shallow_clone())));
     named.extend(adam.iter().map(|(n, t)| (format!("adam.{n}"), t.shallow_clone())));
     named.push(("dead.tokens_since_fired".to_string(), dead_counters.shallow_clone()));
-    let metadata = BTreeMap::from([(STATE_KEY.to_string(), serde_json::to_string(state).expect("state"))]);
-    dir.put(&key(state.step), tensors::to_bytes(&named, Some(metadata)))?;
+    let encoded = tensors::encode(&named);
+    let state = CheckpointState { tensors_sha256: Some(encoded.sha256()), ..state.clone() };
+    let metadata = BTreeMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state).expect("state"))]);
+    dir.put(&key(state.step), encoded.to_bytes(Some(metadata)))?;
     let steps = list_steps(dir)?;
     for old in steps.iter().rev().skip(KEEP) {
         dir.delete(&key(*old))?;
@@ -133,18 +164,27 @@ fn fetch(dir: &ObjectDir, step: u64) -> Result<(impl std::ops::Deref<Target = [u
 fn parse_state(metadata: &BTreeMap<String, String>, location: &str) -> Result<CheckpointState, CheckpointError> {
     let json = metadata.get(STATE_KEY).ok_or_else(|| bad(location, format!("no `{STATE_KEY}` metadata")))?;
     let state: CheckpointState = serde_json::from_str(json).map_err(|e| bad(location, e.to_string()))?;
-    if state.format_version != FORMAT_VERSION {
-        return Err(bad(location, format!("format_version {} (this build reads {FORMAT_VERSION})", state.format_version)));
+    if !(1..=FORMAT_VERSION).contains(&state.format_version) {
+        return Err(bad(location, format!("format_version {} (this build reads 1 to {FORMAT_VERSION})", state.format_version)));
+    }
+    if state.format_version >= 2 && state.tensors_sha256.is_none() {
+        return Err(bad(location, "no tensors_sha256".into()));
     }
     Ok(state)
 }
 
-/// Loads the checkpoint of `step`.
+/// Loads the checkpoint of `step`, verifying its tensors against the checksum it recorded.
 pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
     let (bytes, location) = fetch(dir, step)?;
     let bad = |detail: String| bad(&location, detail);
     let (mut named, metadata) = tensors::from_bytes(&bytes, &location)?;
     let state = parse_state(&metadata, &location)?;
+    if let Some(recorded) = &state.tensors_sha256 {
+        let found = tensors::sha256_of(&bytes, &location)?;
+        if &found != recorded {
+            return Err(bad(format!("its tensors hash to {found}, but {recorded} was recorded when it was saved")));
+        }
+    }
     let dead_counters =
         named.remove("dead.tokens_since_fired").ok_or_else(|| bad("no dead-latent counters".into()))?;
     let pending_metrics = named.remove("metrics.pending");

@@ -26,11 +26,11 @@ use store::{HookSummary, Manifest, ObjectDir, StoreOptions};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::{clip_grad_norm, Adam};
-use crate::checkpoint::{self, CheckpointError, CheckpointState, RngState};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState, Normalization, RngState};
 use crate::dead::DeadLatents;
 use crate::dist::{DistError, ProcessGroup};
 use crate::export::{self, ExportInfo};
-use crate::loader::Loader;
+use crate::loader::{Loader, LoaderError};
 use crate::metrics::{self, MetricsRow, StepAccumulator};
 use crate::sae::{Architecture, AuxK, Sae, SaeConfig, SaeError, DEFAULT_AUXK_COEFF};
 use crate::schedule::{warmed_up, LrSchedule};
@@ -188,6 +188,8 @@ pub enum TrainError {
     Interrupted { step: u64 },
     #[error(transparent)]
     Dist(#[from] DistError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
 }
 
 fn invalid(msg: impl Into<String>) -> TrainError {
@@ -252,6 +254,15 @@ fn data_stats(req: &TrainRequest) -> Result<DataStats, TrainError> {
     Ok(DataStats { hook, manifest, scale, variance })
 }
 
+/// A member of the run and what its output folder holds.
+struct Planned<'a> {
+    member: &'a Member,
+    config: SaeConfig,
+    dir: ObjectDir,
+    json: serde_json::Value,
+    found: Found,
+}
+
 /// The state of one SAE being trained.
 struct MemberRun {
     name: String,
@@ -292,16 +303,61 @@ fn inspect_output(dir: &ObjectDir, config: &serde_json::Value) -> Result<Found, 
         return Ok(Found::Finished(result.summary));
     }
     let steps = checkpoint::list_steps(dir)?;
-    match steps.last() {
-        None => Ok(Found::Fresh),
-        Some(&last) => {
-            let state = checkpoint::load_state(dir, last)?;
-            if &state.config != config {
-                return Err(differs("checkpoint", &state.config));
-            }
-            Ok(Found::Checkpoints(steps))
+    if steps.is_empty() {
+        return Ok(Found::Fresh);
+    }
+    // The newest checkpoint whose state can be read decides; damaged ones are skipped here and
+    // reported when the run picks the checkpoint to resume from.
+    for &step in steps.iter().rev() {
+        match checkpoint::load_state(dir, step) {
+            Ok(state) if &state.config != config => return Err(differs("checkpoint", &state.config)),
+            Ok(_) => return Ok(Found::Checkpoints(steps)),
+            Err(e) if e.is_damage() => continue,
+            Err(e) => return Err(e.into()),
         }
     }
+    Ok(Found::Checkpoints(steps))
+}
+
+/// The newest step that every member has an intact checkpoint of, with those checkpoints. A
+/// damaged checkpoint is reported and the previous step is tried; when a step exists but none
+/// is intact, the run refuses rather than start afresh over them.
+fn newest_intact(plans: &[Planned]) -> Result<Option<(u64, Vec<Checkpoint>)>, TrainError> {
+    let mut common: Option<Vec<u64>> = None;
+    for plan in plans {
+        let steps = match &plan.found {
+            Found::Checkpoints(steps) => steps.clone(),
+            _ => vec![],
+        };
+        common = Some(match common {
+            None => steps,
+            Some(c) => c.into_iter().filter(|x| steps.contains(x)).collect(),
+        });
+    }
+    let common = common.unwrap_or_default();
+    let mut damage = Vec::new();
+    'steps: for &step in common.iter().rev() {
+        let mut loaded = Vec::new();
+        for plan in plans {
+            match checkpoint::load(&plan.dir, step) {
+                Ok(c) => loaded.push(c),
+                Err(e) if e.is_damage() => {
+                    tracing::warn!("{e}; falling back to the previous checkpoint");
+                    damage.push(e.to_string());
+                    continue 'steps;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(Some((step, loaded)));
+    }
+    if !damage.is_empty() {
+        return Err(invalid(format!(
+            "no intact checkpoint to resume from ({}); remove the checkpoints to start afresh",
+            damage.join("; ")
+        )));
+    }
+    Ok(None)
 }
 
 /// `path: ours vs theirs` for every leaf that differs between two JSON values.
@@ -366,48 +422,47 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         let dir = if member.name.is_empty() { ObjectDir::open(&req.out_url, &req.store)? } else { root.child(&member.name)? };
         let json = config_json(&stats.manifest.dataset_id, &settings, &config);
         let found = inspect_output(&dir, &json)?;
-        plans.push((member, config, dir, json, found));
+        plans.push(Planned { member, config, dir, json, found });
+    }
+    let (finished_plans, plans): (Vec<Planned>, Vec<Planned>) =
+        plans.into_iter().partition(|p| matches!(p.found, Found::Finished(_)));
+    let finished: Vec<TrainSummary> = finished_plans
+        .into_iter()
+        .map(|p| match p.found {
+            Found::Finished(summary) => TrainSummary { already_finished: true, ..summary },
+            _ => unreachable!("partitioned on Finished"),
+        })
+        .collect();
+    if plans.is_empty() {
+        return Ok(finished); // every member is finished: report again, train nothing
     }
 
-    // Resume from the newest step that every unfinished member has a checkpoint of.
-    let mut common: Option<Vec<u64>> = None;
-    for (_, _, _, _, found) in &plans {
-        let steps = match found {
-            Found::Finished(_) => continue,
-            Found::Fresh => vec![],
-            Found::Checkpoints(steps) => steps.clone(),
-        };
-        common = Some(match common {
-            None => steps,
-            Some(c) => c.into_iter().filter(|x| steps.contains(x)).collect(),
-        });
-    }
-    let Some(common) = common else {
-        // Every member is finished: report again, train nothing.
-        return Ok(plans
-            .into_iter()
-            .map(|(_, _, _, _, found)| match found {
-                Found::Finished(summary) => TrainSummary { already_finished: true, ..summary },
-                _ => unreachable!(),
-            })
-            .collect());
-    };
+    // Resume from the newest step that every unfinished member has an intact checkpoint of.
     // Every rank reads the same --out (it must be shared storage); rank 0's view decides.
-    let start_step = collectives.agree(common.last().copied().unwrap_or(0))?;
-    if start_step == 0 && plans.iter().any(|p| matches!(p.4, Found::Checkpoints(_))) {
+    let newest = newest_intact(&plans)?;
+    let start_step = collectives.agree(newest.as_ref().map_or(0, |(step, _)| *step))?;
+    let mut saved: Vec<Option<Checkpoint>> = match newest {
+        Some((step, checkpoints)) if step == start_step => checkpoints.into_iter().map(Some).collect(),
+        _ if start_step == 0 => plans.iter().map(|_| None).collect(),
+        _ => plans.iter().map(|p| checkpoint::load(&p.dir, start_step).map(Some)).collect::<Result<_, _>>()?,
+    };
+    if start_step == 0 && plans.iter().any(|p| matches!(p.found, Found::Checkpoints(_))) {
         tracing::warn!("the SAEs' checkpoints share no step; starting every SAE afresh");
     }
+    // A resumed run normalizes as it did when it started (follow mode's statistics grow).
+    let resumed_state = saved.first().and_then(|c| c.as_ref()).map(|c| c.state.clone());
+    let normalization = resumed_state
+        .as_ref()
+        .and_then(|s| s.normalization)
+        .unwrap_or(Normalization { scale: stats.scale, variance: stats.variance });
+    let stats = DataStats { scale: normalization.scale, variance: normalization.variance, ..stats };
 
     let mean = Tensor::from_slice(&stats.hook.mean).to_kind(Kind::Float) * stats.scale;
-    let mut finished = Vec::new();
     let mut runs = Vec::new();
     let mut cursor = Cursor::default();
     let mut tokens = 0u64;
-    for (member, config, dir, json, found) in plans {
-        if let Found::Finished(summary) = found {
-            finished.push(TrainSummary { already_finished: true, ..summary });
-            continue;
-        }
+    for (plan, saved) in plans.into_iter().zip(saved.iter_mut()) {
+        let Planned { member, config, dir, json, .. } = plan;
         let name = display_name(&member.name);
         let sae_error = |source| TrainError::Sae { name: name.clone(), source };
         // Seeding right before each SAE makes a sweep member identical to a separate run.
@@ -419,8 +474,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         let mut dead = DeadLatents::new(config.d_sae, dead_window, req.device);
         let mut rows = Vec::new();
         let mut acc = StepAccumulator::default();
-        if start_step > 0 {
-            let saved = checkpoint::load(&dir, start_step)?;
+        if let Some(saved) = saved.take() {
             sae.load_state_tensors(&saved.sae).map_err(sae_error)?;
             adam.load_state(saved.state.adam_steps, &saved.adam).map_err(|detail| {
                 TrainError::Checkpoint(CheckpointError::Bad { location: dir.display(checkpoint::CHECKPOINT_DIR), detail })
@@ -447,7 +501,11 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     opts.output = OutputDtype::F32;
     opts.store = req.store.clone();
     if settings.follow {
-        opts.follow = Some(FollowOptions { poll: Duration::from_secs(2), idle_timeout: Some(Duration::from_secs(600)) });
+        opts.follow = Some(FollowOptions {
+            poll: Duration::from_secs(2),
+            idle_timeout: Some(Duration::from_secs(600)),
+            replay: resumed_state.map(|s| s.follow_shards).unwrap_or_default(),
+        });
     }
     let reader = Reader::open(&req.data_url, opts)?;
     let mut loader = Loader::start(reader, stats.scale, req.device, 4);
@@ -464,6 +522,13 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     let mut step = start_step;
     let mut cursor_after = cursor;
     let ctx = StepContext { settings: &settings, collectives };
+    let position = |step, tokens, cursor, loader: &Loader| Position {
+        step,
+        tokens,
+        cursor,
+        normalization,
+        follow_shards: if settings.follow { loader.shard_order() } else { Vec::new() },
+    };
     while step < total_steps {
         // A signal may reach the ranks at different steps: they stop together, at the first
         // step where any of them has it.
@@ -472,13 +537,13 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
                 collectives.mean_pending_metrics(run)?;
             }
             if leader {
-                save_checkpoints(&runs, &settings, step, tokens, cursor_after)?;
+                save_checkpoints(&runs, &settings, &position(step, tokens, cursor_after, &loader))?;
             }
             progress.abandon();
             return Err(TrainError::Interrupted { step });
         }
-        let batch = match loader.next() {
-            Some(batch) => batch?,
+        let batch = match loader.next()? {
+            Some(batch) => batch,
             None => {
                 tracing::warn!("the dataset ended after {tokens} tokens, before --max-tokens; finishing early");
                 break;
@@ -520,7 +585,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
                 collectives.mean_pending_metrics(run)?;
             }
             if leader {
-                save_checkpoints(&runs, &settings, step, tokens, cursor_after)?;
+                save_checkpoints(&runs, &settings, &position(step, tokens, cursor_after, &loader))?;
                 write_metrics(&runs)?;
             }
         }
@@ -669,19 +734,31 @@ fn log_row(run: &mut MemberRun, step: u64, tokens: u64, lr: f64, wait_fraction: 
     });
 }
 
-fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, step: u64, tokens: u64, cursor: Cursor) -> Result<(), TrainError> {
+/// Where a run stands: what a checkpoint records besides the members' own state.
+struct Position {
+    step: u64,
+    tokens: u64,
+    cursor: Cursor,
+    normalization: Normalization,
+    follow_shards: Vec<String>,
+}
+
+fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, at: &Position) -> Result<(), TrainError> {
     for run in runs {
         let (pending, pending_metric_steps) = run.acc.pending();
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
-            step,
-            tokens,
-            cursor,
+            step: at.step,
+            tokens: at.tokens,
+            cursor: at.cursor,
             adam_steps: run.adam.steps,
             config: run.config_json.clone(),
             rng: RngState { torch_seed: settings.seed, reader_seed: settings.seed },
             metrics: run.rows.clone(),
             pending_metric_steps,
+            normalization: Some(at.normalization),
+            follow_shards: at.follow_shards.clone(),
+            tensors_sha256: None, // set by checkpoint::save
         };
         checkpoint::save(&run.dir, &state, &run.sae.state_tensors(), &run.adam.state(), run.dead.counters(), pending.as_ref())?;
     }
