@@ -175,7 +175,7 @@ impl GgmlType {
     pub fn byte_len(self, elements: u64) -> Option<u64> {
         let (per_block, block_bytes) = self.block_layout()?;
         let (per_block, block_bytes) = (per_block as u64, block_bytes as u64);
-        if elements % per_block != 0 {
+        if !elements.is_multiple_of(per_block) {
             return None;
         }
         (elements / per_block).checked_mul(block_bytes)
@@ -418,7 +418,7 @@ fn check_tensor_extent(info: &TensorInfo, data_start: usize, file_len: usize) ->
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, DequantizeError> {
     let (per_block, block_bytes) = ty.block_layout().ok_or(DequantizeError::Unsupported(ty))?;
     let expected = ty.byte_len(n as u64).and_then(|len| usize::try_from(len).ok());
-    if n % per_block != 0 || expected != Some(bytes.len()) {
+    if !n.is_multiple_of(per_block) || expected != Some(bytes.len()) {
         let expected = (n / per_block).saturating_mul(block_bytes);
         return Err(DequantizeError::WrongLength { ty, elements: n, expected, actual: bytes.len() });
     }

@@ -355,7 +355,7 @@ impl Validate for ShardEntry {
             return Err(format!("shard `{key}`: {} rows in {} bytes is beyond the limits ({MAX_SHARD_ROWS} rows, {MAX_SHARD_BYTES} bytes)", self.rows, self.bytes));
         }
         let group_rows = self.row_groups.iter().try_fold(0u64, |sum, &r| sum.checked_add(r));
-        if group_rows != Some(self.rows) || self.row_groups.iter().any(|&r| r == 0) {
+        if group_rows != Some(self.rows) || self.row_groups.contains(&0) {
             return Err(format!("shard `{key}`: row groups {:?} do not add up to its {} rows", self.row_groups, self.rows));
         }
         if self.footer_len < 8 || self.footer_len > self.bytes {
