@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, OnceCell, Semaphore};
 use crate::error::{panic_message, Error, Result};
 use crate::format::{self, Dtype};
 use crate::location::{open_store_with, Location, StoreOptions};
-use crate::manifest::{parse_versioned, Manifest, ShardEntry, HEADER_KEY, MANIFEST_KEY};
+use crate::manifest::{limits, parse_versioned, Manifest, ShardEntry, HEADER_KEY, MANIFEST_KEY};
 use crate::rng::{permutation, SplitMix64};
 use crate::writer::{list_commits, read_header, runtime};
 
@@ -1100,7 +1100,7 @@ impl Reader {
     pub fn open_at(loc: Location, opts: ReaderOptions) -> Result<Reader> {
         let rt = Arc::new(runtime()?);
         let (manifest, header) = rt.block_on(async {
-            let m = match loc.get(MANIFEST_KEY).await? {
+            let m = match loc.get_bounded(MANIFEST_KEY, limits::MAX_METADATA_BYTES).await? {
                 Some(b) => Some(parse_versioned::<Manifest>(
                     &b,
                     &loc.display(MANIFEST_KEY),
@@ -1652,7 +1652,7 @@ async fn pump(
 /// Every shard of a dataset being written, from its manifest once there is one (then the list is
 /// complete) or else from the commit records so far. Returns (final, shards).
 async fn list_shards(ctx: &Ctx) -> Result<(bool, Vec<ShardEntry>)> {
-    if let Some(b) = ctx.loc.get(MANIFEST_KEY).await? {
+    if let Some(b) = ctx.loc.get_bounded(MANIFEST_KEY, limits::MAX_METADATA_BYTES).await? {
         let m: Manifest = parse_versioned(&b, &ctx.loc.display(MANIFEST_KEY), &ctx.loc.url)?;
         return Ok((true, m.shards));
     }

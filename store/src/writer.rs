@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::format::{self, Dtype};
 use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{
-    build_manifest, parse_versioned, CommitRecord, DatasetHeader, Encoding, HeaderFile, HookStats,
+    build_manifest, limits, parse_versioned, CommitRecord, DatasetHeader, Encoding, HeaderFile, HookStats,
     Manifest, ShardEntry, COMMITS_DIR, FORMAT_VERSION, HEADER_KEY, MANIFEST_KEY, PARTS_DIR, SHARDS_DIR,
 };
 
@@ -187,7 +187,7 @@ pub(crate) fn runtime() -> Result<Runtime> {
 }
 
 pub(crate) async fn read_header(loc: &Location) -> Result<Option<HeaderFile>> {
-    match loc.get(HEADER_KEY).await? {
+    match loc.get_bounded(HEADER_KEY, limits::MAX_METADATA_BYTES).await? {
         None => Ok(None),
         Some(b) => parse_versioned(&b, &loc.display(HEADER_KEY), &loc.url).map(Some),
     }
@@ -206,7 +206,7 @@ pub(crate) async fn list_commits(
         if !key.ends_with(".json") {
             continue;
         }
-        let bytes = loc.get(&key).await?.ok_or_else(|| Error::BadMetadata {
+        let bytes = loc.get_bounded(&key, limits::MAX_METADATA_BYTES).await?.ok_or_else(|| Error::BadMetadata {
             location: loc.display(&key),
             detail: "listed but vanished".into(),
         })?;
@@ -1015,7 +1015,7 @@ async fn check_parts(
 ) -> Result<()> {
     let mut parts = Vec::new();
     for (key, _) in loc.list(PARTS_DIR).await? {
-        let bytes = loc.get(&key).await?.ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
+        let bytes = loc.get_bounded(&key, limits::MAX_METADATA_BYTES).await?.ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
         let part: PartRecord = parse_versioned(&bytes, &loc.display(&key), &loc.url)?;
         if part.dataset_id != dataset_id {
             return Err(Error::BadMetadata { location: loc.display(&key), detail: format!("belongs to dataset {}", part.dataset_id) });

@@ -3,8 +3,9 @@
 //! (`dead.tokens_since_fired`), the loss sums not yet logged (`metrics.pending`), and, as JSON in the safetensors metadata under `checkpoint`,
 //! the [`CheckpointState`]. A single object put is atomic on every store, so a checkpoint is
 //! either complete or invisible; a torn local write never has the final name. Damage after the
-//! write (a flipped bit, a truncated copy) is caught by the tensors' checksum, recorded in the
-//! state and verified on load; the trainer then falls back to the previous checkpoint.
+//! write (a flipped bit, a truncated copy) is caught by a checksum over the tensors and the state,
+//! recorded in the state and verified on load; the trainer then falls back to the previous
+//! checkpoint.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +22,10 @@ pub const CHECKPOINT_DIR: &str = "checkpoints";
 /// members' checkpoints still has a step that every member saved.
 pub const KEEP: usize = 2;
 const STATE_KEY: &str = "checkpoint";
-/// Version 2 added the tensors' checksum, the run's normalization and the follow-mode shard
+/// Metadata key of `sha256:<hex>` over the tensors (`tensors::sha256_of`) and the state's JSON
+/// exactly as stored (version 2 on).
+const CHECKSUM_KEY: &str = "checksum";
+/// Version 2 added the checksum (over the tensors and the state), the normalization and the shard
 /// order; version 1 checkpoints are still read (without a checksum to verify).
 pub const FORMAT_VERSION: u32 = 2;
 
@@ -54,9 +58,6 @@ pub struct CheckpointState {
     /// Follow mode: the shard keys in the order the reader discovered them, replayed on resume.
     #[serde(default)]
     pub follow_shards: Vec<String>,
-    /// `sha256:<hex>` of the checkpoint's tensors (see `tensors::sha256_of`), set by [`save`].
-    #[serde(default)]
-    pub tensors_sha256: Option<String>,
 }
 
 /// How inputs are normalized: multiplied by `scale` (so that E‖x‖² = d_in), with `variance` the
@@ -99,6 +100,17 @@ impl CheckpointError {
     }
 }
 
+/// The checksum of a checkpoint whose tensors have `tensors_digest` and whose state is stored as
+/// `state_json`: it covers the state too, so a damaged step, cursor or metric is caught like a
+/// damaged weight. The JSON is hashed as stored, never re-serialized.
+fn checksum(tensors_digest: &str, state_json: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sha = Sha256::new();
+    sha.update(tensors_digest.as_bytes());
+    sha.update(state_json.as_bytes());
+    format!("sha256:{:x}", sha.finalize())
+}
+
 fn key(step: u64) -> String {
     format!("{CHECKPOINT_DIR}/step-{step:09}.safetensors")
 }
@@ -120,8 +132,11 @@ pub fn save(
     named.extend(adam.iter().map(|(n, t)| (format!("adam.{n}"), t.shallow_clone())));
     named.push(("dead.tokens_since_fired".to_string(), dead_counters.shallow_clone()));
     let encoded = tensors::encode(&named);
-    let state = CheckpointState { tensors_sha256: Some(encoded.sha256()), ..state.clone() };
-    let metadata = BTreeMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state).expect("state"))]);
+    let json = serde_json::to_string(state).expect("state");
+    let metadata = BTreeMap::from([
+        (CHECKSUM_KEY.to_string(), checksum(&encoded.sha256(), &json)),
+        (STATE_KEY.to_string(), json),
+    ]);
     dir.put(&key(state.step), encoded.to_bytes(Some(metadata)))?;
     let steps = list_steps(dir)?;
     for old in steps.iter().rev().skip(KEEP) {
@@ -167,8 +182,8 @@ fn parse_state(metadata: &BTreeMap<String, String>, location: &str) -> Result<Ch
     if !(1..=FORMAT_VERSION).contains(&state.format_version) {
         return Err(bad(location, format!("format_version {} (this build reads 1 to {FORMAT_VERSION})", state.format_version)));
     }
-    if state.format_version >= 2 && state.tensors_sha256.is_none() {
-        return Err(bad(location, "no tensors_sha256".into()));
+    if state.format_version >= 2 && !metadata.contains_key(CHECKSUM_KEY) {
+        return Err(bad(location, format!("no `{CHECKSUM_KEY}` metadata")));
     }
     Ok(state)
 }
@@ -179,10 +194,10 @@ pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
     let bad = |detail: String| bad(&location, detail);
     let (mut named, metadata) = tensors::from_bytes(&bytes, &location)?;
     let state = parse_state(&metadata, &location)?;
-    if let Some(recorded) = &state.tensors_sha256 {
-        let found = tensors::sha256_of(&bytes, &location)?;
+    if let Some(recorded) = metadata.get(CHECKSUM_KEY) {
+        let found = checksum(&tensors::sha256_of(&bytes, &location)?, &metadata[STATE_KEY]);
         if &found != recorded {
-            return Err(bad(format!("its tensors hash to {found}, but {recorded} was recorded when it was saved")));
+            return Err(bad(format!("its contents hash to {found}, but {recorded} was recorded when it was saved")));
         }
     }
     let dead_counters =

@@ -758,7 +758,6 @@ fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, at: &Position) -
             pending_metric_steps,
             normalization: Some(at.normalization),
             follow_shards: at.follow_shards.clone(),
-            tensors_sha256: None, // set by checkpoint::save
         };
         checkpoint::save(&run.dir, &state, &run.sae.state_tensors(), &run.adam.state(), run.dead.counters(), pending.as_ref())?;
     }
