@@ -321,7 +321,6 @@ impl GgufFile {
         for info in &tensors {
             check_tensor_extent(info, data_start, r.bytes.len()).map_err(|what| r.invalid(what))?;
         }
-        drop(r);
         Ok(GgufFile { path, bytes, version, metadata, tensors, data_start })
     }
 

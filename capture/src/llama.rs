@@ -167,6 +167,9 @@ impl Llama {
     /// With a cache, `tokens` continue the sequence it holds, and the cache is extended.
     /// Without logits, the pass stops after the deepest hook that `hooks` reads or changes
     /// (early exit); with a cache, early exit is off so that every layer's cache stays whole.
+    // `x = x + y` makes a new tensor where `x += y` would add in place: hooks keep the residual
+    // tensors they were given, which must not change afterwards.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>, hooks: &mut Hooks, want_logits: bool) -> Result<ForwardOutput, TokenInputError> {
         self.check_tokens(tokens)?;
         let _guard = tch::no_grad_guard();

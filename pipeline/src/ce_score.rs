@@ -111,13 +111,12 @@ pub fn ce_loss_score(
     })
 }
 
+/// A hook and what replaces its activations ([rows, d] -> [rows, d]).
+type Splice<'a> = (HookPoint, &'a dyn Fn(&Tensor) -> Tensor);
+
 /// Summed next-token cross-entropy of predictions from positions 1..L−2, and their count;
 /// with a splice, positions 1.. of the hook's activations are replaced first.
-fn summed_ce(
-    model: &Model,
-    ids: &Tensor,
-    splice: Option<(HookPoint, &dyn Fn(&Tensor) -> Tensor)>,
-) -> Result<(f64, u64)> {
+fn summed_ce(model: &Model, ids: &Tensor, splice: Option<Splice>) -> Result<(f64, u64)> {
     let _guard = tch::no_grad_guard();
     let mut hooks = Hooks::new();
     if let Some((hook, reconstruct)) = splice {

@@ -2,7 +2,7 @@
 //! tensors on the training device, scaled, and keeps a few ready ahead of the trainer.
 //!
 //! The thread says when the data ended; a thread that dies (a panic anywhere in the data path)
-//! closes its channel without saying so, and [`Loader::next`] reports that as an error, never as
+//! closes its channel without saying so, and [`Loader::next_batch`] reports that as an error, never as
 //! the end of the data.
 
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -36,7 +36,7 @@ pub struct Loader {
     rx: Receiver<Item>,
     thread: Option<JoinHandle<()>>,
     shard_order: Option<ShardOrder>,
-    /// Total time the trainer spent blocked in [`Loader::next`].
+    /// Total time the trainer spent blocked in [`Loader::next_batch`].
     pub waited: Duration,
 }
 
@@ -74,7 +74,7 @@ impl Loader {
     }
 
     /// The next batch; `Ok(None)` when the reader is exhausted.
-    pub fn next(&mut self) -> Result<Option<LoadedBatch>, LoaderError> {
+    pub fn next_batch(&mut self) -> Result<Option<LoadedBatch>, LoaderError> {
         let started = Instant::now();
         let item = self.rx.recv();
         self.waited += started.elapsed();
@@ -140,17 +140,17 @@ mod tests {
             Some(Ok(batch()))
         });
         let mut loader = Loader::spawn(batches, |b| to_tensor(b, 1.0, Device::Cpu), 1);
-        assert!(loader.next().unwrap().is_some());
-        assert!(loader.next().unwrap().is_some());
-        let err = loader.next().err().expect("an error, not the end").to_string();
+        assert!(loader.next_batch().unwrap().is_some());
+        assert!(loader.next_batch().unwrap().is_some());
+        let err = loader.next_batch().err().expect("an error, not the end").to_string();
         assert!(err.contains("panicked: boom in the reader"), "{err}");
     }
 
     #[test]
     fn an_exhausted_reader_is_the_end() {
         let mut loader = Loader::spawn(std::iter::once(Ok(batch())), |b| to_tensor(b, 2.0, Device::Cpu), 1);
-        let first = loader.next().unwrap().unwrap();
+        let first = loader.next_batch().unwrap().unwrap();
         assert_eq!(Vec::<f32>::try_from(first.x.view([-1])).unwrap(), vec![2.0, 4.0]);
-        assert!(loader.next().unwrap().is_none());
+        assert!(loader.next_batch().unwrap().is_none());
     }
 }

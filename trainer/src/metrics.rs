@@ -30,15 +30,10 @@ pub struct MetricsRow {
 }
 
 /// Sums of the per-step loss terms since the last log, kept as tensors on the device.
+#[derive(Default)]
 pub struct StepAccumulator {
     sums: Option<Tensor>, // [5]: loss, mse, l0, auxk, sparsity
     steps: u64,
-}
-
-impl Default for StepAccumulator {
-    fn default() -> Self {
-        StepAccumulator { sums: None, steps: 0 }
-    }
 }
 
 /// Means of an interval, read back from the device.

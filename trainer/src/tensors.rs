@@ -99,12 +99,14 @@ pub fn metadata_of(bytes: &[u8], location: &str) -> Result<BTreeMap<String, Stri
     Ok(header.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default())
 }
 
+/// Tensors by name.
+pub type NamedTensors = BTreeMap<String, Tensor>;
+/// A safetensors file's string metadata.
+pub type Metadata = BTreeMap<String, String>;
+
 /// Parses safetensors bytes into CPU tensors by name, plus the metadata. `location` names the
 /// object in errors.
-pub fn from_bytes(
-    bytes: &[u8],
-    location: &str,
-) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, String>), TensorFileError> {
+pub fn from_bytes(bytes: &[u8], location: &str) -> Result<(NamedTensors, Metadata), TensorFileError> {
     let invalid = |detail: String| TensorFileError::Invalid { location: location.to_string(), detail };
     let metadata = metadata_of(bytes, location)?;
     let file = SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;

@@ -542,7 +542,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             progress.abandon();
             return Err(TrainError::Interrupted { step });
         }
-        let batch = match loader.next()? {
+        let batch = match loader.next_batch()? {
             Some(batch) => batch,
             None => {
                 tracing::warn!("the dataset ended after {tokens} tokens, before --max-tokens; finishing early");

@@ -453,9 +453,11 @@ fn topk_sparse_decoding_matches_the_dense_product_and_its_gradients() {
     let mse = (&x_hat - &x).square().mean(Kind::Float);
     let residual = (&x - &x_hat).detach();
     let dead_pre = pre.masked_fill(&dead.logical_not(), f64::NEG_INFINITY);
-    let (aux_values, aux_idx) = dead_pre.topk(14.min(6), 1, true, false);
+    // AuxK takes the top min(k_aux, dead) dead latents, scaled by min(dead / k_aux, 1).
+    let (dead_latents, k_aux) = (14i64, 6i64);
+    let (aux_values, aux_idx) = dead_pre.topk(k_aux.min(dead_latents), 1, true, false);
     let aux = pre.zeros_like().scatter(1, &aux_idx, &aux_values.relu()).matmul(s.w_dec());
-    let auxk = (aux - residual).square().mean(Kind::Float) * (14.0f64 / 6.0).min(1.0);
+    let auxk = (aux - residual).square().mean(Kind::Float) * (dead_latents as f64 / k_aux as f64).min(1.0);
     let total = mse + auxk * s.config().auxk.coeff;
     assert!((scalar(&total) - scalar(&out.total)).abs() < 1e-5);
     total.backward();
