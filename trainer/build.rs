@@ -17,22 +17,10 @@ fn main() {
 /// `sae_no_nccl`.
 fn build_c10d_shim() {
     println!("cargo::rustc-check-cfg=cfg(sae_no_nccl)");
-    for file in [
-        "c10d_shim.cpp",
-        "c10d_shim_nccl.cpp",
-        "c10d_shim.h",
-        "c10d_shim_internal.h",
-    ] {
+    for file in ["c10d_shim.cpp", "c10d_shim_nccl.cpp", "c10d_shim.h", "c10d_shim_internal.h"] {
         println!("cargo:rerun-if-changed=csrc/{file}");
     }
-    for var in [
-        "LIBTORCH_INCLUDE",
-        "LIBTORCH_CXX11_ABI",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "GLOO_INCLUDE_DIR",
-        "SAE_NO_NCCL",
-    ] {
+    for var in ["LIBTORCH_INCLUDE", "LIBTORCH_CXX11_ABI", "CUDA_HOME", "CUDA_PATH", "GLOO_INCLUDE_DIR", "SAE_NO_NCCL"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
@@ -42,30 +30,17 @@ fn build_c10d_shim() {
     // The same layout for the torch wheel and for a libtorch archive: <root>/lib, <root>/include.
     let torch_root = match std::env::var("LIBTORCH_INCLUDE") {
         Ok(dir) => PathBuf::from(dir),
-        Err(_) => lib_dir
-            .parent()
-            .expect("libtorch lib dir has a parent")
-            .to_path_buf(),
+        Err(_) => lib_dir.parent().expect("libtorch lib dir has a parent").to_path_buf(),
     };
-    let torch_includes = [
-        torch_root.join("include"),
-        torch_root.join("include/torch/csrc/api/include"),
-    ];
+    let torch_includes = [torch_root.join("include"), torch_root.join("include/torch/csrc/api/include")];
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
 
     let base = |build: &mut cc::Build| {
-        build
-            .cpp(true)
-            .pic(true)
-            .std("c++17")
-            .warnings(true)
-            .extra_warnings(true);
+        build.cpp(true).pic(true).std("c++17").warnings(true).extra_warnings(true);
         build.define("_GLIBCXX_USE_CXX11_ABI", abi.as_str());
         // -isystem: libtorch's own headers warn a lot, which is not ours to fix.
         for dir in &torch_includes {
-            build
-                .flag("-isystem")
-                .flag(dir.to_str().expect("utf-8 path"));
+            build.flag("-isystem").flag(dir.to_str().expect("utf-8 path"));
         }
     };
 
@@ -80,9 +55,7 @@ fn build_c10d_shim() {
             build.define("USE_C10D_NCCL", None).define("USE_CUDA", None);
             build.define("SAE_HAVE_NCCL", None);
             for dir in &includes {
-                build
-                    .flag("-isystem")
-                    .flag(dir.to_str().expect("utf-8 path"));
+                build.flag("-isystem").flag(dir.to_str().expect("utf-8 path"));
             }
             build.file("csrc/c10d_shim_nccl.cpp");
             match build.try_compile_intermediates() {
@@ -131,16 +104,11 @@ fn build_c10d_shim() {
 fn gloo_include(build: &mut cc::Build) {
     let dirs = match std::env::var("GLOO_INCLUDE_DIR") {
         Ok(dir) => vec![PathBuf::from(dir)],
-        Err(_) => vec![
-            PathBuf::from("/usr/include"),
-            PathBuf::from("/usr/local/include"),
-        ],
+        Err(_) => vec![PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")],
     };
     match dirs.iter().find(|d| d.join("gloo/algorithm.h").exists()) {
         Some(dir) if dir.as_path() != Path::new("/usr/include") => {
-            build
-                .flag("-isystem")
-                .flag(dir.to_str().expect("utf-8 path"));
+            build.flag("-isystem").flag(dir.to_str().expect("utf-8 path"));
         }
         Some(_) => {}
         None => panic!(
@@ -158,10 +126,7 @@ fn nccl_includes(torch_root: &Path, lib_dir: &Path) -> Result<Vec<PathBuf>, Stri
     }
     for lib in ["libtorch_cuda.so", "libc10_cuda.so"] {
         if !lib_dir.join(lib).exists() {
-            return Err(format!(
-                "{} has no {lib}: a CPU-only libtorch",
-                lib_dir.display()
-            ));
+            return Err(format!("{} has no {lib}: a CPU-only libtorch", lib_dir.display()));
         }
     }
     let mut candidates = Vec::new();
@@ -181,29 +146,18 @@ fn nccl_includes(torch_root: &Path, lib_dir: &Path) -> Result<Vec<PathBuf>, Stri
     candidates.push(PathBuf::from("/usr/include"));
     let dirs: Vec<PathBuf> = candidates.into_iter().filter(|d| d.is_dir()).collect();
     // cuda_runtime_api.h: the runtime; crt/host_config.h: nvcc's headers; nv/target: CCCL's.
-    for header in [
-        "cuda_runtime_api.h",
-        "crt/host_config.h",
-        "nv/target",
-        "nccl.h",
-    ] {
+    for header in ["cuda_runtime_api.h", "crt/host_config.h", "nv/target", "nccl.h"] {
         if !dirs.iter().any(|d| d.join(header).exists()) {
             return Err(format!("no {header} in {}", display_dirs(&dirs)));
         }
     }
     // /usr/include is searched anyway; passing it as -isystem would reorder the system headers.
-    Ok(dirs
-        .into_iter()
-        .filter(|d| d != Path::new("/usr/include"))
-        .collect())
+    Ok(dirs.into_iter().filter(|d| d != Path::new("/usr/include")).collect())
 }
 
 fn display_dirs(dirs: &[PathBuf]) -> String {
     if dirs.is_empty() {
         return "any CUDA include directory".to_owned();
     }
-    dirs.iter()
-        .map(|d| d.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
 }

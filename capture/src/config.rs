@@ -96,10 +96,18 @@ impl LlamaConfig {
 
     fn validate(&self) -> Result<()> {
         if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            bail!("hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+            bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
         }
         if self.n_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_attention_heads, self.n_kv_heads());
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.n_kv_heads()
+            );
         }
         if !self.head_dim().is_multiple_of(2) {
             bail!("head dimension {} must be even for rotary embeddings", self.head_dim());

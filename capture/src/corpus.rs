@@ -143,8 +143,9 @@ impl CorpusSpec {
     /// sub-folders (`de/`, `es/`, `off/`) are not entered, the Chinese files (`chinese`,
     /// `tang300`, `song100`), the `.dat` indexes and the `.u8` symlinks are left out.
     pub fn english_fortunes_in(dir: &Path) -> Result<Self> {
-        let entries = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot list the fortunes folder {} (install Debian's `fortunes` package)", dir.display()))?;
+        let entries = std::fs::read_dir(dir).with_context(|| {
+            format!("cannot list the fortunes folder {} (install Debian's `fortunes` package)", dir.display())
+        })?;
         let mut files = Vec::new();
         for entry in entries {
             let entry = entry.with_context(|| format!("cannot list the fortunes folder {}", dir.display()))?;
@@ -156,7 +157,10 @@ impl CorpusSpec {
             }
         }
         if files.is_empty() {
-            bail!("the fortunes folder {} holds no English fortune files (install Debian's `fortunes` package)", dir.display());
+            bail!(
+                "the fortunes folder {} holds no English fortune files (install Debian's `fortunes` package)",
+                dir.display()
+            );
         }
         files.sort();
         let name = format!("English fortunes of {} ({} files)", dir.display(), files.len());
@@ -272,7 +276,8 @@ impl Corpus {
         let mut skipped = Vec::new();
         let mut runtime: Option<Arc<tokio::runtime::Runtime>> = None;
         for (input, url) in spec.inputs.iter().enumerate() {
-            let location = store::open_store(url).with_context(|| format!("bad corpus input `{}`", store::redact_urls_in(url)))?;
+            let location =
+                store::open_store(url).with_context(|| format!("bad corpus input `{}`", store::redact_urls_in(url)))?;
             let found_before = files.len();
             match &location.local_dir {
                 Some(path) => list_local(input, path, spec.format, &mut files, &mut skipped)?,
@@ -290,7 +295,11 @@ impl Corpus {
         }
         if files.is_empty() {
             let skipped_note = if skipped.is_empty() { String::new() } else { format!(" ({} skipped)", skipped.len()) };
-            bail!("empty corpus: no {} files found in {}{skipped_note}", spec.format, store::redact_urls_in(&spec.inputs.join(", ")));
+            bail!(
+                "empty corpus: no {} files found in {}{skipped_note}",
+                spec.format,
+                store::redact_urls_in(&spec.inputs.join(", "))
+            );
         }
         if files.len() > u32::MAX as usize {
             bail!("corpus has {} files; document ids allow at most {}", files.len(), u32::MAX);
@@ -391,10 +400,19 @@ impl Corpus {
     /// larger than memory.
     fn open_file(&self, file: &CorpusFile) -> std::io::Result<Box<dyn BufRead + Send>> {
         match &file.source {
-            Source::Local(path) => Ok(Box::new(BufReader::with_capacity(STREAM_BUFFER_BYTES, std::fs::File::open(path)?))),
+            Source::Local(path) => {
+                Ok(Box::new(BufReader::with_capacity(STREAM_BUFFER_BYTES, std::fs::File::open(path)?)))
+            }
             Source::Object { store, path } => {
                 let runtime = self.runtime.clone().expect("a corpus with object-store files has a runtime");
-                Ok(Box::new(ObjectReader { store: store.clone(), path: path.clone(), runtime, size: file.size, next: 0, chunk: Bytes::new() }))
+                Ok(Box::new(ObjectReader {
+                    store: store.clone(),
+                    path: path.clone(),
+                    runtime,
+                    size: file.size,
+                    next: 0,
+                    chunk: Bytes::new(),
+                }))
             }
         }
     }
@@ -429,7 +447,9 @@ impl Corpus {
                 reader.read_to_string(&mut text).map_err(unreadable)?;
                 FileRecords::Collected(vec![(0, text)].into_iter())
             }
-            CorpusFormat::Fortune => FileRecords::Fortunes(FortuneRecords { lines: reader, next_record: 0, done: false }),
+            CorpusFormat::Fortune => {
+                FileRecords::Fortunes(FortuneRecords { lines: reader, next_record: 0, done: false })
+            }
             CorpusFormat::Jsonl => FileRecords::Jsonl(JsonlRecords {
                 lines: reader,
                 next_line: 0,
@@ -474,7 +494,10 @@ impl BufRead for ObjectReader {
             let fetched = block_on(&self.runtime, async move { store.get_range(&path, range).await })
                 .map_err(|e| std::io::Error::other(redacted_store_error(e).to_string()))?;
             if fetched.is_empty() {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the object is shorter than listed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the object is shorter than listed",
+                ));
             }
             self.next += fetched.len() as u64;
             self.chunk = fetched;
@@ -522,7 +545,10 @@ fn check_utf8(mut reader: Box<dyn BufRead + Send>) -> Result<(), FileError> {
             }
             Err(e) => {
                 let len = e.error_len().unwrap_or(0);
-                return Err(FileError::Unreadable(format!("not UTF-8 (invalid utf-8 sequence of {len} bytes from index {})", offset + e.valid_up_to())));
+                return Err(FileError::Unreadable(format!(
+                    "not UTF-8 (invalid utf-8 sequence of {len} bytes from index {})",
+                    offset + e.valid_up_to()
+                )));
             }
         }
     }
@@ -750,7 +776,8 @@ fn jsonl_record(line: &str, index: usize, location: &str, field: &str) -> Result
         return Ok(None);
     }
     let line_no = index + 1;
-    let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{location}:{line_no}: not a JSON line"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("{location}:{line_no}: not a JSON line"))?;
     let object = value.as_object().ok_or_else(|| anyhow!("{location}:{line_no}: not a JSON object"))?;
     match object.get(field) {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
@@ -758,7 +785,10 @@ fn jsonl_record(line: &str, index: usize, location: &str, field: &str) -> Result
         Some(other) => bail!("{location}:{line_no}: text field `{field}` holds {}, not a string", json_kind(other)),
         None => {
             let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-            bail!("{location}:{line_no}: no text field `{field}` (fields: {}); choose one with --text-field", keys.join(", "))
+            bail!(
+                "{location}:{line_no}: no text field `{field}` (fields: {}); choose one with --text-field",
+                keys.join(", ")
+            )
         }
     }
 }
@@ -776,8 +806,13 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// The text column of a Parquet file, as (row index, text). Nulls and blank strings give no
 /// document. A file that is not Parquet is unreadable; a missing or non-string column is an error.
-fn parquet_documents<R: ChunkReader + 'static>(reader: R, location: &str, column: &str) -> Result<Vec<(u32, String)>, FileError> {
-    let unreadable = |e: parquet::errors::ParquetError| FileError::Unreadable(format!("not a readable Parquet file ({e})"));
+fn parquet_documents<R: ChunkReader + 'static>(
+    reader: R,
+    location: &str,
+    column: &str,
+) -> Result<Vec<(u32, String)>, FileError> {
+    let unreadable =
+        |e: parquet::errors::ParquetError| FileError::Unreadable(format!("not a readable Parquet file ({e})"));
     let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(unreadable)?;
     let fields = builder.schema().fields().clone();
     let Some(index) = fields.iter().position(|f| f.name() == column) else {
@@ -814,15 +849,25 @@ fn parquet_documents<R: ChunkReader + 'static>(reader: R, location: &str, column
         row += array.len() as u64;
     }
     if row > u64::from(u32::MAX) {
-        return Err(FileError::Bad(anyhow!("{location}: {row} rows; document ids allow at most {} per file", u32::MAX)));
+        return Err(FileError::Bad(anyhow!(
+            "{location}: {row} rows; document ids allow at most {} per file",
+            u32::MAX
+        )));
     }
     Ok(out)
 }
 
 /// Lists a local input: the file itself, or the files under the folder (sorted, symlinks and
 /// `.dat` skipped).
-fn list_local(input: usize, path: &Path, format: CorpusFormat, files: &mut Vec<CorpusFile>, skipped: &mut Vec<SkippedFile>) -> Result<()> {
-    let meta = std::fs::symlink_metadata(path).with_context(|| format!("corpus input {} does not exist or cannot be read", path.display()))?;
+fn list_local(
+    input: usize,
+    path: &Path,
+    format: CorpusFormat,
+    files: &mut Vec<CorpusFile>,
+    skipped: &mut Vec<SkippedFile>,
+) -> Result<()> {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("corpus input {} does not exist or cannot be read", path.display()))?;
     // A named input may be a symlink (the user asked for it): follow it once.
     let meta = if meta.file_type().is_symlink() {
         std::fs::metadata(path).with_context(|| format!("corpus input {} is a broken symlink", path.display()))?
@@ -845,13 +890,20 @@ fn list_local(input: usize, path: &Path, format: CorpusFormat, files: &mut Vec<C
         bail!("corpus input {} is neither a file nor a folder", path.display());
     }
     let mut found = Vec::new();
-    walk_local(path, path, format, &mut found, skipped).with_context(|| format!("cannot list corpus folder {}", path.display()))?;
+    walk_local(path, path, format, &mut found, skipped)
+        .with_context(|| format!("cannot list corpus folder {}", path.display()))?;
     found.sort_by(|a: &CorpusFile, b: &CorpusFile| a.rel_path.cmp(&b.rel_path));
     files.extend(found.into_iter().map(|f| CorpusFile { input, ..f }));
     Ok(())
 }
 
-fn walk_local(root: &Path, dir: &Path, format: CorpusFormat, out: &mut Vec<CorpusFile>, skipped: &mut Vec<SkippedFile>) -> Result<()> {
+fn walk_local(
+    root: &Path,
+    dir: &Path,
+    format: CorpusFormat,
+    out: &mut Vec<CorpusFile>,
+    skipped: &mut Vec<SkippedFile>,
+) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         // The root must be listable; a sub-folder that is not is skipped like an unreadable file.
@@ -927,7 +979,9 @@ fn list_object_store(
                 });
                 Ok(())
             }
-            Err(object_store::Error::NotFound { .. }) => bail!("corpus input {url} does not exist (no object there or under it)"),
+            Err(object_store::Error::NotFound { .. }) => {
+                bail!("corpus input {url} does not exist (no object there or under it)")
+            }
             Err(e) => Err(redacted_store_error(e).context(format!("cannot read corpus input {url}"))),
         };
     }
@@ -955,7 +1009,10 @@ fn list_object_store(
 }
 
 fn new_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the I/O runtime for object-store corpus inputs")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime for object-store corpus inputs")
 }
 
 /// Runs `fut` on `rt`; from inside another tokio runtime (where `block_on` would panic), on a
@@ -1015,8 +1072,13 @@ mod tests {
     #[test]
     fn streamed_fortunes_equal_the_whole_file_split() {
         for text in TRICKY_FORTUNES {
-            let whole: Vec<(u32, String)> = split_fortunes(text).map(|(i, r)| (i, r.to_string())).filter(|(_, r)| !r.trim().is_empty()).collect();
-            let streamed = collect(FileRecords::Fortunes(FortuneRecords { lines: tiny_reads(text.as_bytes()), next_record: 0, done: false }));
+            let whole: Vec<(u32, String)> =
+                split_fortunes(text).map(|(i, r)| (i, r.to_string())).filter(|(_, r)| !r.trim().is_empty()).collect();
+            let streamed = collect(FileRecords::Fortunes(FortuneRecords {
+                lines: tiny_reads(text.as_bytes()),
+                next_record: 0,
+                done: false,
+            }));
             assert_eq!(streamed, whole, "{text:?}");
         }
     }
@@ -1024,8 +1086,17 @@ mod tests {
     #[test]
     fn streamed_jsonl_equals_the_whole_file_read() {
         let text = "{\"text\": \"a\"}\r\n\n  \n{\"text\": null}\n{\"text\": \"b ∂\", \"x\": 1}\n{\"text\": \" \"}\n{\"text\": \"c\"}\r";
-        let whole: Vec<(u32, String)> = jsonl_documents(text, "f.jsonl", "text").unwrap().into_iter().filter(|(_, t)| !t.trim().is_empty()).collect();
-        let records = JsonlRecords { lines: tiny_reads(text.as_bytes()), next_line: 0, location: "f.jsonl".into(), field: "text".into() };
+        let whole: Vec<(u32, String)> = jsonl_documents(text, "f.jsonl", "text")
+            .unwrap()
+            .into_iter()
+            .filter(|(_, t)| !t.trim().is_empty())
+            .collect();
+        let records = JsonlRecords {
+            lines: tiny_reads(text.as_bytes()),
+            next_line: 0,
+            location: "f.jsonl".into(),
+            field: "text".into(),
+        };
         assert_eq!(collect(FileRecords::Jsonl(records)), whole);
         assert_eq!(whole.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 4, 6]);
     }

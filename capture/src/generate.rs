@@ -24,7 +24,13 @@ impl Default for GenerateOptions {
 
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
 /// `hooks` is applied at every step (steering passes its interventions here).
-pub fn generate(model: &Model, prompt: &[u32], opts: &GenerateOptions, hooks: &mut Hooks, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<Vec<u32>> {
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    hooks: &mut Hooks,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
     }

@@ -160,11 +160,46 @@ impl GgmlType {
     /// The name llama.cpp uses for the type.
     pub fn name(self) -> String {
         const NAMES: [&str; 40] = [
-            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-            "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S",
-            "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M",
-            "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4",
-            "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4",
+            "F32",
+            "F16",
+            "Q4_0",
+            "Q4_1",
+            "Q4_2",
+            "Q4_3",
+            "Q5_0",
+            "Q5_1",
+            "Q8_0",
+            "Q8_1",
+            "Q2_K",
+            "Q3_K",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "Q8_K",
+            "IQ2_XXS",
+            "IQ2_XS",
+            "IQ3_XXS",
+            "IQ1_S",
+            "IQ4_NL",
+            "IQ3_S",
+            "IQ2_S",
+            "IQ4_XS",
+            "I8",
+            "I16",
+            "I32",
+            "I64",
+            "F64",
+            "IQ1_M",
+            "BF16",
+            "Q4_0_4_4",
+            "Q4_0_4_8",
+            "Q4_0_8_8",
+            "TQ1_0",
+            "TQ2_0",
+            "IQ4_NL_4_4",
+            "IQ4_NL_4_8",
+            "IQ4_NL_8_8",
+            "MXFP4",
         ];
         let id = self.id() as usize;
         NAMES.get(id).map_or_else(|| format!("type id {id}"), |s| s.to_string())
@@ -311,10 +346,9 @@ impl GgufFile {
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
-            Some(v) => v
-                .as_u64()
-                .filter(|&a| a > 0 && a <= MAX_ALIGNMENT)
-                .ok_or_else(|| r.invalid(format!("general.alignment {v:?} is not an integer in 1..={MAX_ALIGNMENT}")))?,
+            Some(v) => v.as_u64().filter(|&a| a > 0 && a <= MAX_ALIGNMENT).ok_or_else(|| {
+                r.invalid(format!("general.alignment {v:?} is not an integer in 1..={MAX_ALIGNMENT}"))
+            })?,
         };
         let data_start = (r.pos as u64).div_ceil(alignment) * alignment;
         let data_start = usize::try_from(data_start).map_err(|_| r.truncated("data section"))?;
@@ -342,15 +376,11 @@ impl GgufFile {
     }
 
     pub fn require_u64(&self, key: &str) -> Result<u64, GgufError> {
-        self.require(key)?
-            .as_u64()
-            .ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+        self.require(key)?.as_u64().ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
     }
 
     pub fn require_f64(&self, key: &str) -> Result<f64, GgufError> {
-        self.require(key)?
-            .as_f64()
-            .ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+        self.require(key)?.as_f64().ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
     }
 
     /// The raw bytes of a tensor's data.
@@ -388,7 +418,11 @@ fn unsupported(path: &Path, tensor: &str, ty: GgmlType) -> GgufError {
 /// `data_start`, checked: every dimension fits an `i64` (libtorch's shapes), the element count
 /// and byte length do not overflow, and the data ends inside the file. Types we cannot read are
 /// not sized; they fail when dequantized. The error says what is wrong, naming the tensor.
-fn check_tensor_extent(info: &TensorInfo, data_start: usize, file_len: usize) -> Result<std::ops::Range<usize>, String> {
+fn check_tensor_extent(
+    info: &TensorInfo,
+    data_start: usize,
+    file_len: usize,
+) -> Result<std::ops::Range<usize>, String> {
     let name = &info.name;
     if let Some(&d) = info.dims.iter().find(|&&d| d > i64::MAX as u64) {
         return Err(format!("tensor {name:?} has dimension {d}, too large"));
@@ -400,7 +434,10 @@ fn check_tensor_extent(info: &TensorInfo, data_start: usize, file_len: usize) ->
         return Ok(0..0);
     }
     let Some(len) = info.ggml_type.byte_len(elements) else {
-        return Err(format!("tensor {name:?}: {elements} elements of {} is not a whole number of blocks, or too large", info.ggml_type.name()));
+        return Err(format!(
+            "tensor {name:?}: {elements} elements of {} is not a whole number of blocks, or too large",
+            info.ggml_type.name()
+        ));
     };
     let start = (data_start as u64).checked_add(info.offset);
     let end = start.and_then(|s| s.checked_add(len));
@@ -424,13 +461,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, Dequ
     let mut out = vec![0f32; n];
     // Blocks are independent, so dequantize chunks of blocks in parallel.
     const BLOCKS_PER_TASK: usize = 4096;
-    out.par_chunks_mut(per_block * BLOCKS_PER_TASK)
-        .zip(bytes.par_chunks(block_bytes * BLOCKS_PER_TASK))
-        .for_each(|(out, bytes)| {
+    out.par_chunks_mut(per_block * BLOCKS_PER_TASK).zip(bytes.par_chunks(block_bytes * BLOCKS_PER_TASK)).for_each(
+        |(out, bytes)| {
             for (out, block) in out.chunks_exact_mut(per_block).zip(bytes.chunks_exact(block_bytes)) {
                 dequantize_block(ty, block, out);
             }
-        });
+        },
+    );
     Ok(out)
 }
 
@@ -506,7 +543,9 @@ impl Reader<'_> {
     fn check_count(&self, count: u64, min_bytes: u64, what: &str) -> Result<(), GgufError> {
         match count.checked_mul(min_bytes) {
             Some(needed) if needed <= self.remaining() => Ok(()),
-            _ => Err(self.truncated(&format!("{what} {count} (more than the {} bytes left can hold)", self.remaining()))),
+            _ => {
+                Err(self.truncated(&format!("{what} {count} (more than the {} bytes left can hold)", self.remaining())))
+            }
         }
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&[u8], GgufError> {
@@ -561,9 +600,7 @@ impl Reader<'_> {
             10 => Value::U64(u64::from_le_bytes(self.array(key)?)),
             11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
-            kind => {
-                return Err(GgufError::BadValueType { path: self.path.to_path_buf(), key: key.into(), kind })
-            }
+            kind => return Err(GgufError::BadValueType { path: self.path.to_path_buf(), key: key.into(), kind }),
         })
     }
 }
@@ -758,9 +795,8 @@ mod tests {
 
     #[test]
     fn unsupported_type_error_names_tensor_and_type() {
-        let image = GgufBuilder::default()
-            .tensor("blk.0.attn_q.weight", &[256], GgmlType::Other(12), vec![0; 144])
-            .build();
+        let image =
+            GgufBuilder::default().tensor("blk.0.attn_q.weight", &[256], GgmlType::Other(12), vec![0; 144]).build();
         let file = GgufFile::from_bytes("test.gguf", image).unwrap();
         let err = file.dequantize("blk.0.attn_q.weight").unwrap_err().to_string();
         assert!(err.contains("blk.0.attn_q.weight") && err.contains("Q4_K"), "{err}");

@@ -45,7 +45,10 @@ impl HookPoint {
                 let rest = name.strip_prefix("blocks.").ok_or_else(unknown)?;
                 let (index, kind) = rest.split_once('.').ok_or_else(unknown)?;
                 // Reject "+1", " 1", "01"-style indices so each hook has exactly one name.
-                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
+                if index.is_empty()
+                    || !index.bytes().all(|b| b.is_ascii_digit())
+                    || (index.len() > 1 && index.starts_with('0'))
+                {
                     return Err(unknown());
                 }
                 let i: usize = index.parse().map_err(|_| unknown())?;
@@ -121,11 +124,7 @@ impl<'a> Hooks<'a> {
 
     /// The deepest hook this request touches, if any.
     pub fn deepest(&self, n_layers: usize) -> Option<usize> {
-        self.capture
-            .iter()
-            .chain(self.interventions.iter().map(|(p, _)| p))
-            .map(|p| p.blocks_needed(n_layers))
-            .max()
+        self.capture.iter().chain(self.interventions.iter().map(|(p, _)| p)).map(|p| p.blocks_needed(n_layers)).max()
     }
 
     /// Called by the model at each hook point.
@@ -174,7 +173,13 @@ mod tests {
 
     #[test]
     fn unknown_hooks_name_the_hook_and_the_range() {
-        for bad in ["blocks.30.hook_resid_post", "blocks.x.hook_resid_post", "blocks.01.hook_resid_pre", "blocks.3.hook_q", "resid"] {
+        for bad in [
+            "blocks.30.hook_resid_post",
+            "blocks.x.hook_resid_post",
+            "blocks.01.hook_resid_pre",
+            "blocks.3.hook_q",
+            "resid",
+        ] {
             let err = HookPoint::parse(bad, 30).unwrap_err().to_string();
             assert!(err.contains(bad) && err.contains("0..=29"), "{err}");
         }

@@ -16,12 +16,12 @@ use crate::hooks::{HookPoint, Hooks};
 /// One transformer block. Q, K and V share one matmul, and so do the MLP's gate and up
 /// projections: fewer, larger GEMMs run faster than three or two small ones.
 struct Block {
-    input_norm: Tensor, // [d]
-    qkv_proj: Tensor,   // [(n_heads + 2 * n_kv_heads) * head_dim, d]: rows of q, then k, then v
-    o_proj: Tensor,     // [d, n_heads * head_dim]
-    post_norm: Tensor,  // [d]
+    input_norm: Tensor,   // [d]
+    qkv_proj: Tensor,     // [(n_heads + 2 * n_kv_heads) * head_dim, d]: rows of q, then k, then v
+    o_proj: Tensor,       // [d, n_heads * head_dim]
+    post_norm: Tensor,    // [d]
     gate_up_proj: Tensor, // [2 * d_ff, d]: rows of gate, then up
-    down_proj: Tensor,  // [d, d_ff]
+    down_proj: Tensor,    // [d, d_ff]
 }
 
 /// Per-layer keys and values of the tokens seen so far, for incremental decoding.
@@ -62,9 +62,9 @@ pub struct Llama {
     cfg: LlamaConfig,
     embed: Tensor, // [vocab, d]
     blocks: Vec<Block>,
-    final_norm: Tensor,       // [d]
-    lm_head: Option<Tensor>,  // [vocab, d]; None when tied to `embed`
-    inv_freq: Tensor,         // [head_dim / 2], f32
+    final_norm: Tensor,      // [d]
+    lm_head: Option<Tensor>, // [vocab, d]; None when tied to `embed`
+    inv_freq: Tensor,        // [head_dim / 2], f32
     device: Device,
     kind: Kind,
 }
@@ -72,7 +72,12 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from f32 CPU tensors named as in Hugging Face checkpoints, moving them to
     /// `device` in the compute dtype `kind`.
-    pub fn from_weights(cfg: LlamaConfig, mut weights: HashMap<String, Tensor>, device: Device, kind: Kind) -> Result<Self> {
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        mut weights: HashMap<String, Tensor>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
         let d = cfg.d_model() as i64;
         let hd = cfg.head_dim() as i64;
         let q_rows = cfg.num_attention_heads as i64 * hd;
@@ -109,7 +114,8 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight", &[vocab, d])?) };
         // Hugging Face's default rotary init, computed in f32 as it does:
         // inv_freq[j] = 1 / theta^(2j / head_dim).
-        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / hd as f64;
+        let exponents =
+            Tensor::arange_start_step(0, hd, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / hd as f64;
         let inv_freq = (Tensor::from(cfg.rope_theta as f32).pow(&exponents)).reciprocal().to_device(device);
         Ok(Llama { cfg, embed, blocks, final_norm, lm_head, inv_freq, device, kind })
     }
@@ -170,13 +176,20 @@ impl Llama {
     // `x = x + y` makes a new tensor where `x += y` would add in place: hooks keep the residual
     // tensors they were given, which must not change afterwards.
     #[allow(clippy::assign_op_pattern)]
-    pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>, hooks: &mut Hooks, want_logits: bool) -> Result<ForwardOutput, TokenInputError> {
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        cache: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+        want_logits: bool,
+    ) -> Result<ForwardOutput, TokenInputError> {
         self.check_tokens(tokens)?;
         let _guard = tch::no_grad_guard();
         let n_layers = self.blocks.len();
         let seq = tokens.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.seen);
-        let blocks_to_run = if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
+        let blocks_to_run =
+            if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
 
         let positions = Tensor::arange_start(start, start + seq, (Kind::Float, self.device));
         let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0); // [seq, head_dim/2]
@@ -210,7 +223,8 @@ impl Llama {
         if blocks_to_run == n_layers && (want_logits || hooks.wants(HookPoint::LnFinal)) {
             let normed = hooks.apply(HookPoint::LnFinal, self.rms_norm(&x, &self.final_norm));
             if want_logits {
-                logits = Some(normed.linear::<Tensor>(self.unembedding(), None).to_kind(Kind::Float)); // [batch, seq, vocab]
+                logits = Some(normed.linear::<Tensor>(self.unembedding(), None).to_kind(Kind::Float));
+                // [batch, seq, vocab]
             }
         }
         Ok(ForwardOutput { logits, hooks: hooks.take_captured() })
@@ -225,9 +239,18 @@ impl Llama {
     }
 
     /// Grouped-query self-attention; `x` is `[batch, seq, d]`.
-    fn attention(&self, block: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, start: i64, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        start: i64,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("[batch, seq, d]");
-        let (h, kvh, hd) = (self.cfg.num_attention_heads as i64, self.cfg.n_kv_heads() as i64, self.cfg.head_dim() as i64);
+        let (h, kvh, hd) =
+            (self.cfg.num_attention_heads as i64, self.cfg.n_kv_heads() as i64, self.cfg.head_dim() as i64);
         let qkv = x.linear::<Tensor>(&block.qkv_proj, None).split_with_sizes([h * hd, kvh * hd, kvh * hd], -1);
         let heads = |y: &Tensor, n: i64| y.reshape([b, t, n, hd]).transpose(1, 2); // [b, n, t, hd]
         let q = rotate(&heads(&qkv[0], h), cos, sin);
@@ -331,6 +354,9 @@ mod tests {
         let err = model.forward(&flat, None, &mut Hooks::new(), false).err().unwrap();
         assert!(matches!(err, TokenInputError::BadTensor { ref shape, .. } if shape == &[2]), "{err}");
         let floats = Tensor::from_slice(&[1.0f32, 2.0]).unsqueeze(0);
-        assert!(matches!(model.forward(&floats, None, &mut Hooks::new(), false), Err(TokenInputError::BadTensor { .. })));
+        assert!(matches!(
+            model.forward(&floats, None, &mut Hooks::new(), false),
+            Err(TokenInputError::BadTensor { .. })
+        ));
     }
 }

@@ -49,7 +49,10 @@ impl Model {
     /// sharded index, `tokenizer.json`), computing in `kind` on `device`.
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         if !path.exists() {
-            bail!("model {} does not exist (run `make setup` to install the default model, or pass --model PATH)", path.display());
+            bail!(
+                "model {} does not exist (run `make setup` to install the default model, or pass --model PATH)",
+                path.display()
+            );
         }
         if path.is_dir() {
             Self::load_hf(path, device, kind)
@@ -85,8 +88,10 @@ impl Model {
             }
             weights.insert(name, tensor);
         }
-        let llama = Llama::from_weights(cfg, weights, device, kind).with_context(|| format!("cannot build the model from {}", path.display()))?;
-        let name = file.get("general.name").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| file_stem(path));
+        let llama = Llama::from_weights(cfg, weights, device, kind)
+            .with_context(|| format!("cannot build the model from {}", path.display()))?;
+        let name =
+            file.get("general.name").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| file_stem(path));
         Ok(Model { llama, tokenizer, name, path: path.to_path_buf(), format: ModelFormat::Gguf })
     }
 
@@ -100,7 +105,8 @@ impl Model {
                 weights.insert(name, tensor.to_kind(Kind::Float));
             }
         }
-        let llama = Llama::from_weights(cfg, weights, device, kind).with_context(|| format!("cannot build the model from {}", dir.display()))?;
+        let llama = Llama::from_weights(cfg, weights, device, kind)
+            .with_context(|| format!("cannot build the model from {}", dir.display()))?;
         Ok(Model { llama, tokenizer, name: file_stem(dir), path: dir.to_path_buf(), format: ModelFormat::HuggingFace })
     }
 
@@ -161,14 +167,23 @@ fn read_small_file(path: &Path, max_bytes: u64) -> Result<String> {
 /// inside `dir` (no `..`, no absolute path, no sub-folder), so an index cannot point the loader
 /// at files elsewhere.
 fn shard_files_of_index(dir: &Path, index_path: &Path, text: &str) -> Result<Vec<PathBuf>> {
-    let index: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{} is not JSON", index_path.display()))?;
-    let map = index.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{} has no weight_map", index_path.display()))?;
+    let index: serde_json::Value =
+        serde_json::from_str(text).with_context(|| format!("{} is not JSON", index_path.display()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no weight_map", index_path.display()))?;
     let mut names = Vec::new();
     for (tensor, file) in map {
-        let name = file.as_str().with_context(|| format!("{}: tensor {tensor:?} maps to {file}, not a file name", index_path.display()))?;
+        let name = file
+            .as_str()
+            .with_context(|| format!("{}: tensor {tensor:?} maps to {file}, not a file name", index_path.display()))?;
         let plain = Path::new(name).file_name().is_some_and(|n| n == name) && name != "." && name != "..";
         if !plain {
-            bail!("{}: tensor {tensor:?} maps to {name:?}, which is not a file name in the folder", index_path.display());
+            bail!(
+                "{}: tensor {tensor:?} maps to {name:?}, which is not a file name in the folder",
+                index_path.display()
+            );
         }
         names.push(name);
     }
@@ -228,7 +243,8 @@ mod tests {
         // llama.cpp: w.reshape(n_head, 2, head_dim/2, cols).swapaxes(1, 2).reshape(rows, cols)
         let (n_head, head_dim, cols) = (3i64, 8i64, 5i64);
         let w = Tensor::arange(n_head * head_dim * cols, (Kind::Float, Device::Cpu)).view([n_head * head_dim, cols]);
-        let permuted = w.view([n_head, 2, head_dim / 2, cols]).transpose(1, 2).contiguous().view([n_head * head_dim, cols]);
+        let permuted =
+            w.view([n_head, 2, head_dim / 2, cols]).transpose(1, 2).contiguous().view([n_head * head_dim, cols]);
         assert!(unpermute_rotary_rows(&permuted, n_head, head_dim, cols).unwrap().equal(&w));
     }
 

@@ -41,14 +41,22 @@ impl TextTokenizer {
         }
         let strings = |key: &str| -> Result<Vec<String>> {
             let items = file.require(key)?.as_array().ok_or_else(|| anyhow!("{path}: {key} is not an array"))?;
-            items.iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{path}: {key} holds a non-string"))).collect()
+            items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{path}: {key} holds a non-string")))
+                .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?
             .into_iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).ok_or_else(|| anyhow!("{path}: malformed merge {m:?}")))
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| anyhow!("{path}: malformed merge {m:?}"))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -62,7 +70,9 @@ impl TextTokenizer {
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         match (add_bos, bos_id) {
             (true, Some(bos)) => {
-                let bos_text = tokens.get(bos as usize).ok_or_else(|| anyhow!("{path}: BOS id {bos} is outside the vocabulary"))?;
+                let bos_text = tokens
+                    .get(bos as usize)
+                    .ok_or_else(|| anyhow!("{path}: BOS id {bos} is outside the vocabulary"))?;
                 let template = TemplateProcessing::builder()
                     .try_single(format!("{bos_text}:0 $A:0"))
                     .and_then(|b| b.try_pair(format!("{bos_text}:0 $A:0 $B:1")))
@@ -97,10 +107,13 @@ impl TextTokenizer {
 
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let file = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&file).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+        let inner =
+            Tokenizer::from_file(&file).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{} is not JSON", config_path.display()))?,
+            Ok(text) => {
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", config_path.display()))?
+            }
             Err(_) => serde_json::Value::Null,
         };
         let token_id = |key: &str| {

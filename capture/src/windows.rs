@@ -171,13 +171,21 @@ impl WindowStream {
             (false, _) => None,
         };
         let pool = match options.threads {
-            Some(n) => Some(rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).thread_name(|i| format!("tokenize-{i}")).build()?),
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .thread_name(|i| format!("tokenize-{i}"))
+                    .build()?,
+            ),
             None => None,
         };
         let (sender, receiver) = sync_channel(options.queue_windows.max(1));
         let packer = Packer::new(options.context_len, bos, eos);
         let producer = Producer { corpus, tokenizer, options, packer, pool, sender };
-        std::thread::Builder::new().name("corpus-windows".into()).spawn(move || producer.run()).context("cannot start the tokenizer thread")?;
+        std::thread::Builder::new()
+            .name("corpus-windows".into())
+            .spawn(move || producer.run())
+            .context("cannot start the tokenizer thread")?;
         Ok(WindowStream { receiver, stats: None, finished: false })
     }
 

@@ -23,7 +23,9 @@ fn tokenizer() -> Arc<TextTokenizer> {
     TOKENIZER
         .get_or_init(|| {
             let path = capture::model::default_model_path();
-            Arc::new(load_tokenizer(&path).unwrap_or_else(|e| panic!("cannot load the tokenizer of {} (run `make setup`): {e:#}", path.display())))
+            Arc::new(load_tokenizer(&path).unwrap_or_else(|e| {
+                panic!("cannot load the tokenizer of {} (run `make setup`): {e:#}", path.display())
+            }))
         })
         .clone()
 }
@@ -127,13 +129,19 @@ fn folder_walk_skips_symlinks_and_dat_files_in_sorted_order() {
     expected.sort();
     assert_eq!(names, expected);
     assert!(names.contains(&"de/anekdoten") && names.contains(&"es/vida.fortunes") && names.contains(&"chinese"));
-    assert!(names.iter().all(|n| !std::fs::symlink_metadata(Path::new(FORTUNES_DIR).join(n)).unwrap().file_type().is_symlink()));
+    assert!(names
+        .iter()
+        .all(|n| !std::fs::symlink_metadata(Path::new(FORTUNES_DIR).join(n)).unwrap().file_type().is_symlink()));
 }
 
 #[test]
 fn fortune_format_splits_on_lines_holding_only_percent() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "quotes", "A fortune\nof two lines.\n%\n100% sure\n% not a separator\n%\n\n%\n   indented art\n%\n");
+    let file = write(
+        dir.path(),
+        "quotes",
+        "A fortune\nof two lines.\n%\n100% sure\n% not a separator\n%\n\n%\n   indented art\n%\n",
+    );
     let (docs, stats) = Corpus::open(spec(&file, CorpusFormat::Fortune)).unwrap().read_all().unwrap();
     assert_eq!(texts(&docs), ["A fortune\nof two lines.", "100% sure\n% not a separator", "   indented art"]);
     // The blank record keeps its number: ids are record indexes in the file.
@@ -149,7 +157,11 @@ fn fortune_format_splits_on_lines_holding_only_percent() {
 fn jsonl_reads_the_chosen_text_field() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "b.jsonl", "{\"body\": \"third\"}\n");
-    write(dir.path(), "a.jsonl", "{\"id\": 1, \"body\": \"first\"}\n\n{\"id\": 2, \"body\": null}\n{\"id\": 3, \"body\": \"second \\u00e9\"}\n");
+    write(
+        dir.path(),
+        "a.jsonl",
+        "{\"id\": 1, \"body\": \"first\"}\n\n{\"id\": 2, \"body\": null}\n{\"id\": 3, \"body\": \"second \\u00e9\"}\n",
+    );
     write(dir.path(), "notes.txt", "not part of a jsonl corpus");
     let corpus = Corpus::open(spec(dir.path(), CorpusFormat::Jsonl).with_text_field("body")).unwrap();
     assert_eq!(corpus.files().iter().map(|f| f.rel_path.as_str()).collect::<Vec<_>>(), ["a.jsonl", "b.jsonl"]);
@@ -163,7 +175,13 @@ fn jsonl_without_the_text_field_is_an_error_naming_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "data.jsonl", "{\"content\": \"x\", \"id\": 1}\n");
     let err = Corpus::open(spec(&file, CorpusFormat::Jsonl)).unwrap().read_all().unwrap_err().to_string();
-    assert!(err.contains("data.jsonl:1") && err.contains("`text`") && err.contains("content") && err.contains("--text-field"), "{err}");
+    assert!(
+        err.contains("data.jsonl:1")
+            && err.contains("`text`")
+            && err.contains("content")
+            && err.contains("--text-field"),
+        "{err}"
+    );
     let file = write(dir.path(), "num.jsonl", "{\"text\": 5}\n");
     let err = Corpus::open(spec(&file, CorpusFormat::Jsonl)).unwrap().read_all().unwrap_err().to_string();
     assert!(err.contains("num.jsonl:1") && err.contains("a number"), "{err}");
@@ -177,8 +195,13 @@ fn write_parquet(path: &Path, texts: &[Option<&str>], compression: parquet::basi
     let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(0..texts.len() as i64));
     let text: ArrayRef = Arc::new(StringArray::from(texts.to_vec()));
     let batch = RecordBatch::try_from_iter([("id", ids), ("text", text)]).unwrap();
-    let props = parquet::file::properties::WriterProperties::builder().set_compression(compression).set_max_row_group_row_count(Some(2)).build();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props)).unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(compression)
+        .set_max_row_group_row_count(Some(2))
+        .build();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props))
+            .unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
 }
@@ -189,8 +212,16 @@ fn parquet_reads_the_text_column_of_a_hugging_face_layout() {
     let dir = tempfile::tempdir().unwrap();
     // data/train-0000x-of-00002.parquet beside a README, as the Hub lays datasets out.
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    write_parquet(&dir.path().join("data/train-00000-of-00002.parquet"), &[Some("alpha"), None, Some("gamma"), Some("  ")], Compression::SNAPPY);
-    write_parquet(&dir.path().join("data/train-00001-of-00002.parquet"), &[Some("delta")], Compression::ZSTD(ZstdLevel::default()));
+    write_parquet(
+        &dir.path().join("data/train-00000-of-00002.parquet"),
+        &[Some("alpha"), None, Some("gamma"), Some("  ")],
+        Compression::SNAPPY,
+    );
+    write_parquet(
+        &dir.path().join("data/train-00001-of-00002.parquet"),
+        &[Some("delta")],
+        Compression::ZSTD(ZstdLevel::default()),
+    );
     write(dir.path(), "README.md", "# a dataset card");
     let corpus = Corpus::open(spec(dir.path(), CorpusFormat::Parquet)).unwrap();
     assert_eq!(corpus.files().len(), 2, "only the .parquet files");
@@ -200,9 +231,20 @@ fn parquet_reads_the_text_column_of_a_hugging_face_layout() {
     assert_eq!(docs.iter().map(|d| (d.id.file, d.id.record)).collect::<Vec<_>>(), [(0, 0), (0, 2), (1, 0)]);
     assert_eq!(stats.files_read, 2);
 
-    let err = Corpus::open(spec(dir.path(), CorpusFormat::Parquet).with_text_field("content")).unwrap().read_all().unwrap_err().to_string();
-    assert!(err.contains("train-00000-of-00002.parquet") && err.contains("`content`") && err.contains("id, text"), "{err}");
-    let err = Corpus::open(spec(dir.path(), CorpusFormat::Parquet).with_text_field("id")).unwrap().read_all().unwrap_err().to_string();
+    let err = Corpus::open(spec(dir.path(), CorpusFormat::Parquet).with_text_field("content"))
+        .unwrap()
+        .read_all()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train-00000-of-00002.parquet") && err.contains("`content`") && err.contains("id, text"),
+        "{err}"
+    );
+    let err = Corpus::open(spec(dir.path(), CorpusFormat::Parquet).with_text_field("id"))
+        .unwrap()
+        .read_all()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`id`") && err.contains("Int64"), "{err}");
 }
 
@@ -218,7 +260,11 @@ fn non_utf8_file_in_a_folder_is_skipped_and_counted() {
     assert_eq!(docs[1].id, DocId { file: 2, record: 0 });
     assert_eq!(stats.files_read, 2);
     assert_eq!(stats.skipped.len(), 1);
-    assert!(stats.skipped[0].location.ends_with("b.txt") && stats.skipped[0].reason.contains("not UTF-8"), "{:?}", stats.skipped);
+    assert!(
+        stats.skipped[0].location.ends_with("b.txt") && stats.skipped[0].reason.contains("not UTF-8"),
+        "{:?}",
+        stats.skipped
+    );
     // Named on its own, the same file is an error: the user asked for it.
     let err = Corpus::open(spec(&latin1, CorpusFormat::Text)).unwrap().read_all().unwrap_err().to_string();
     assert!(err.contains("b.txt") && err.contains("not UTF-8"), "{err}");
@@ -243,7 +289,11 @@ fn unreadable_file_in_a_folder_is_skipped_and_counted() {
     if std::fs::read(&locked).is_err() {
         let (docs, stats) = Corpus::open(spec(dir.path(), CorpusFormat::Text)).unwrap().read_all().unwrap();
         assert_eq!(texts(&docs), ["kept"]);
-        assert!(stats.skipped[0].location.ends_with("c.txt") && stats.skipped[0].reason.contains("ermission"), "{:?}", stats.skipped);
+        assert!(
+            stats.skipped[0].location.ends_with("c.txt") && stats.skipped[0].reason.contains("ermission"),
+            "{:?}",
+            stats.skipped
+        );
     }
 
     // A named file that cannot be read is an error naming it.
@@ -276,7 +326,12 @@ fn empty_corpus_is_a_clear_error() {
     // Documents, but fewer tokens than one window.
     write(dir.path(), "short.txt", "Too short for a window.");
     let corpus = Corpus::open(spec(dir.path(), CorpusFormat::Text)).unwrap();
-    let err = WindowStream::start(corpus, tokenizer(), WindowOptions::new(64)).unwrap().next().unwrap().unwrap_err().to_string();
+    let err = WindowStream::start(corpus, tokenizer(), WindowOptions::new(64))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("shorter than one window") && err.contains("64"), "{err}");
 }
 
@@ -286,7 +341,12 @@ fn windows_pack_documents_separated_by_eos_without_bos() {
     assert!(!tok.add_bos, "SmolLM2 does not add BOS");
     let eos = tok.eos_id.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let docs = ["The first document.", "A second, somewhat longer document with more words in it.", "Third!", "And a fourth one to end."];
+    let docs = [
+        "The first document.",
+        "A second, somewhat longer document with more words in it.",
+        "Third!",
+        "And a fourth one to end.",
+    ];
     for (i, d) in docs.iter().enumerate() {
         write(dir.path(), &format!("{i}.txt"), d);
     }
@@ -305,7 +365,11 @@ fn windows_pack_documents_separated_by_eos_without_bos() {
         assert_eq!(w.sequence_id, i as u64);
         assert_eq!(w.tokens.as_slice(), *e);
     }
-    assert_eq!(windows[0].tokens[..tok.encode(docs[0]).unwrap().len()], tok.encode(docs[0]).unwrap()[..], "no BOS before the first document");
+    assert_eq!(
+        windows[0].tokens[..tok.encode(docs[0]).unwrap().len()],
+        tok.encode(docs[0]).unwrap()[..],
+        "no BOS before the first document"
+    );
     assert_eq!(stats.documents, 4);
     assert_eq!(stats.stream_tokens, stream_tokens.len() as u64);
     assert_eq!(stats.windows_packed, (stream_tokens.len() / context_len) as u64);
@@ -318,8 +382,12 @@ fn windows_pack_documents_separated_by_eos_without_bos() {
 
 #[test]
 fn default_corpus_token_count() {
-    let (windows, stats) = collect(&default_corpus(), WindowOptions { queue_windows: 1 << 16, ..WindowOptions::default() });
-    eprintln!("default corpus: {} documents, {} tokens, {} windows of 256", stats.documents, stats.stream_tokens, stats.windows_packed);
+    let (windows, stats) =
+        collect(&default_corpus(), WindowOptions { queue_windows: 1 << 16, ..WindowOptions::default() });
+    eprintln!(
+        "default corpus: {} documents, {} tokens, {} windows of 256",
+        stats.documents, stats.stream_tokens, stats.windows_packed
+    );
     assert_eq!(stats.documents, ENGLISH_FORTUNES);
     assert_eq!(stats.stream_tokens, ENGLISH_FORTUNE_TOKENS);
     assert_eq!(stats.windows_packed, ENGLISH_FORTUNE_TOKENS / 256);
@@ -335,8 +403,10 @@ fn default_corpus_token_count() {
 fn windows_do_not_depend_on_threads_or_chunks() {
     let corpus = default_corpus();
     let base = WindowOptions::default().max_tokens(150_000, false);
-    let (one_thread, stats) = collect(&corpus, WindowOptions { threads: Some(1), chunk_documents: 1000, ..base.clone() });
-    let (four_threads, _) = collect(&corpus, WindowOptions { threads: Some(4), chunk_documents: 37, queue_windows: 3, ..base.clone() });
+    let (one_thread, stats) =
+        collect(&corpus, WindowOptions { threads: Some(1), chunk_documents: 1000, ..base.clone() });
+    let (four_threads, _) =
+        collect(&corpus, WindowOptions { threads: Some(4), chunk_documents: 37, queue_windows: 3, ..base.clone() });
     let (global_pool, _) = collect(&corpus, WindowOptions { chunk_documents: 1, ..base.clone() });
     assert_eq!(one_thread.len() as u64, 150_000u64.div_ceil(255));
     assert!(one_thread == four_threads && one_thread == global_pool);
@@ -345,7 +415,10 @@ fn windows_do_not_depend_on_threads_or_chunks() {
     assert!(stats.read.files_read < corpus.files().len(), "{} files read", stats.read.files_read);
     let last = one_thread.last().unwrap();
     assert!(last.tokens.len() == 256 && stats.windows_packed == last.sequence_id + 1);
-    assert_eq!(one_thread.iter().map(|w| w.sequence_id).collect::<Vec<_>>(), (0..one_thread.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        one_thread.iter().map(|w| w.sequence_id).collect::<Vec<_>>(),
+        (0..one_thread.len() as u64).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -402,7 +475,8 @@ fn url_inputs_read_like_the_local_folder() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["computers", "linux", "pets"] {
         std::fs::copy(Path::new(FORTUNES_DIR).join(name), dir.path().join(name)).unwrap();
-        std::fs::copy(Path::new(FORTUNES_DIR).join(format!("{name}.dat")), dir.path().join(format!("{name}.dat"))).unwrap();
+        std::fs::copy(Path::new(FORTUNES_DIR).join(format!("{name}.dat")), dir.path().join(format!("{name}.dat")))
+            .unwrap();
         std::os::unix::fs::symlink(name, dir.path().join(format!("{name}.u8"))).unwrap();
     }
     let local = Corpus::open(spec(dir.path(), CorpusFormat::Fortune)).unwrap();
@@ -437,7 +511,9 @@ fn url_inputs_read_like_the_local_folder() {
     assert!(single.files()[0].named);
     let pets: Vec<_> = local_docs.iter().filter(|d| d.id.file == 2).map(|d| d.text.clone()).collect();
     assert_eq!(single.read_all().unwrap().0.into_iter().map(|d| d.text).collect::<Vec<_>>(), pets);
-    let err = Corpus::open(CorpusSpec::new(["memory://corpus-tests/nothing-here"], CorpusFormat::Text)).unwrap_err().to_string();
+    let err = Corpus::open(CorpusSpec::new(["memory://corpus-tests/nothing-here"], CorpusFormat::Text))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("memory://corpus-tests/nothing-here") && err.contains("does not exist"), "{err}");
 }
 
@@ -458,7 +534,9 @@ fn identity_follows_content_names_and_format() {
     assert_eq!(identity(CorpusFormat::Fortune), base);
     std::fs::rename(dir.path().join("b"), dir.path().join("c")).unwrap();
     assert_ne!(identity(CorpusFormat::Fortune).sha256, base.sha256, "name");
-    let jsonl = |field: &str| Corpus::open(spec(dir.path(), CorpusFormat::Text).with_text_field(field)).unwrap().identity().unwrap();
+    let jsonl = |field: &str| {
+        Corpus::open(spec(dir.path(), CorpusFormat::Text).with_text_field(field)).unwrap().identity().unwrap()
+    };
     assert_eq!(jsonl("x"), jsonl("y"), "the text field does not matter for text files");
     let manifest = base.to_manifest(&CorpusSpec::default_fortunes().unwrap(), "windows of 256 tokens");
     assert_eq!(manifest.sha256, base.sha256);

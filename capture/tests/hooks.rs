@@ -75,9 +75,24 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward() {
     let mut cache = model.llama.new_cache();
     let split = 5;
     // a multi-token prefix, then a multi-token chunk (masked against the cache), then one token.
-    let a = model.llama.forward(&common::ids(&ids[..split]), Some(&mut cache), &mut Hooks::new(), true).unwrap().logits.unwrap();
-    let b = model.llama.forward(&common::ids(&ids[split..ids.len() - 1]), Some(&mut cache), &mut Hooks::new(), true).unwrap().logits.unwrap();
-    let c = model.llama.forward(&common::ids(&ids[ids.len() - 1..]), Some(&mut cache), &mut Hooks::new(), true).unwrap().logits.unwrap();
+    let a = model
+        .llama
+        .forward(&common::ids(&ids[..split]), Some(&mut cache), &mut Hooks::new(), true)
+        .unwrap()
+        .logits
+        .unwrap();
+    let b = model
+        .llama
+        .forward(&common::ids(&ids[split..ids.len() - 1]), Some(&mut cache), &mut Hooks::new(), true)
+        .unwrap()
+        .logits
+        .unwrap();
+    let c = model
+        .llama
+        .forward(&common::ids(&ids[ids.len() - 1..]), Some(&mut cache), &mut Hooks::new(), true)
+        .unwrap()
+        .logits
+        .unwrap();
     assert_eq!(cache.len() as usize, ids.len());
     let stitched = Tensor::cat(&[a, b, c], 1);
     let err = (&stitched - &full).abs().max().double_value(&[]);

@@ -97,7 +97,10 @@ fn use_every_part(file: &GgufFile) {
             Ok((shape, values)) => assert_eq!(shape.iter().product::<usize>(), values.len(), "tensor {:?}", info.name),
             Err(err) => {
                 let text = err.to_string();
-                assert!(text.contains(&format!("{:?}", info.name)) && text.contains("damaged.gguf"), "the error names no tensor: {err}");
+                assert!(
+                    text.contains(&format!("{:?}", info.name)) && text.contains("damaged.gguf"),
+                    "the error names no tensor: {err}"
+                );
             }
         }
     }

@@ -114,7 +114,13 @@ fn logits_match_transformers_at_every_position() {
     for (i, prompt) in LOGIT_PROMPTS.iter().enumerate() {
         let ids = model.tokenizer.encode(prompt).unwrap();
         assert_eq!(ids, as_ids(&reference().json["logits"][i]), "tokenization differs for {prompt:?}");
-        let ours = model.llama.forward(&common::ids(&ids), None, &mut Hooks::new(), true).unwrap().logits.unwrap().squeeze_dim(0);
+        let ours = model
+            .llama
+            .forward(&common::ids(&ids), None, &mut Hooks::new(), true)
+            .unwrap()
+            .logits
+            .unwrap()
+            .squeeze_dim(0);
         let theirs = reference_logits(i);
         assert_eq!(ours.size(), theirs.size());
         let err = max_relative_error(&ours, theirs);
@@ -135,7 +141,8 @@ fn greedy_tokens_match_where_the_margin_is_clear() {
 
         // Teacher-forced over their sequence, so every step is compared.
         let sequence: Vec<u32> = prompt_ids.iter().chain(&theirs).copied().collect();
-        let logits = model.llama.forward(&common::ids(&sequence), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
+        let logits =
+            model.llama.forward(&common::ids(&sequence), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
         for (step, (&token, &margin)) in theirs.iter().zip(&margins).enumerate() {
             let ours = logits.get(0).get((prompt_ids.len() + step - 1) as i64).argmax(0, false).int64_value(&[]) as u32;
             if margin > 0.05 {
@@ -172,6 +179,10 @@ fn hugging_face_folder_loads_the_same_model() {
     assert!(err <= 1e-5, "GGUF and safetensors loads differ: {err:.3e}");
     // The exported tokenizer.json is transformers' own, which prepends BOS; otherwise the ids agree.
     let hf_ids = hf.tokenizer.encode(LOGIT_PROMPTS[1]).unwrap();
-    let expected: Vec<u32> = if hf.tokenizer.add_bos { hf.tokenizer.bos_id.into_iter().chain(ids.iter().copied()).collect() } else { ids.clone() };
+    let expected: Vec<u32> = if hf.tokenizer.add_bos {
+        hf.tokenizer.bos_id.into_iter().chain(ids.iter().copied()).collect()
+    } else {
+        ids.clone()
+    };
     assert_eq!(hf_ids, expected);
 }

@@ -9,7 +9,12 @@ use tch::{Device, Kind, Tensor};
 /// Runs `windows` (all of the same length) through the model up to the deepest of `hooks`, and
 /// returns their rows: every position from `first_position` on (1 leaves out each window's
 /// attention-sink position 0), activations as f32 in row-major `[rows, d_model]` per hook.
-pub fn rows_of_batch(model: &Model, hooks: &[HookPoint], windows: &[Window], first_position: usize) -> Result<RowBatch> {
+pub fn rows_of_batch(
+    model: &Model,
+    hooks: &[HookPoint],
+    windows: &[Window],
+    first_position: usize,
+) -> Result<RowBatch> {
     let len = windows[0].tokens.len();
     anyhow::ensure!(windows.iter().all(|w| w.tokens.len() == len), "windows in a batch must have the same length");
     let flat: Vec<i64> = windows.iter().flat_map(|w| w.tokens.iter().map(|&t| t as i64)).collect();

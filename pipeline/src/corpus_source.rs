@@ -66,7 +66,8 @@ impl WindowSource {
 
     /// Windows `start..end` of the global window order (fewer if the corpus ends first).
     pub fn windows(&self, start: u64, end: u64) -> Result<WindowStream> {
-        let options = WindowOptions { start_window: start, max_windows: Some(end), ..WindowOptions::new(self.context_len) };
+        let options =
+            WindowOptions { start_window: start, max_windows: Some(end), ..WindowOptions::new(self.context_len) };
         WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)
     }
 }

@@ -51,7 +51,8 @@ fn main() {
         .init();
     // `sae train --config FILE` reads flags from TOML (`sae run --config` has its own format).
     let argv: Vec<String> = std::env::args().collect();
-    let argv = if argv.get(1).map(String::as_str) == Some("train") { cmd::train::expand_config(argv) } else { Ok(argv) };
+    let argv =
+        if argv.get(1).map(String::as_str) == Some("train") { cmd::train::expand_config(argv) } else { Ok(argv) };
     let argv = match argv {
         Ok(argv) => argv,
         Err(err) => {

@@ -18,16 +18,24 @@ impl WorkerSlot {
         Self::resolve_with(worker, workers, |k| std::env::var(k).ok())
     }
 
-    fn resolve_with(worker: Option<usize>, workers: Option<usize>, env: impl Fn(&str) -> Option<String>) -> Result<Self> {
+    fn resolve_with(
+        worker: Option<usize>,
+        workers: Option<usize>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
         let parse = |key: &str| -> Result<Option<usize>> {
-            env(key).map(|v| v.trim().parse::<usize>().with_context(|| format!("{key}={v:?} is not a whole number"))).transpose()
+            env(key)
+                .map(|v| v.trim().parse::<usize>().with_context(|| format!("{key}={v:?} is not a whole number")))
+                .transpose()
         };
         let slot = if let Some(index) = worker {
             WorkerSlot { index, count: workers.context("--worker needs --workers")? }
         } else if let (Some(index), Some(count)) = (parse("SLURM_ARRAY_TASK_ID")?, parse("SLURM_ARRAY_TASK_COUNT")?) {
             WorkerSlot { index, count: workers.unwrap_or(count) }
         } else if let Some(index) = parse("JOB_COMPLETION_INDEX")? {
-            let count = workers.or(parse("SAE_WORKERS")?).context("JOB_COMPLETION_INDEX is set: give the worker count with --workers or SAE_WORKERS")?;
+            let count = workers
+                .or(parse("SAE_WORKERS")?)
+                .context("JOB_COMPLETION_INDEX is set: give the worker count with --workers or SAE_WORKERS")?;
             WorkerSlot { index, count }
         } else if let (Some(index), Some(count)) = (parse("RANK")?, parse("WORLD_SIZE")?) {
             WorkerSlot { index, count: workers.unwrap_or(count) }
@@ -69,7 +77,8 @@ mod tests {
 
     #[test]
     fn batch_systems_are_read_in_order() {
-        let slurm = env(&[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("RANK", "0"), ("WORLD_SIZE", "2")]);
+        let slurm =
+            env(&[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("RANK", "0"), ("WORLD_SIZE", "2")]);
         assert_eq!(WorkerSlot::resolve_with(None, None, slurm).unwrap(), WorkerSlot { index: 2, count: 4 });
         let k8s = env(&[("JOB_COMPLETION_INDEX", "3"), ("SAE_WORKERS", "5")]);
         assert_eq!(WorkerSlot::resolve_with(None, None, k8s).unwrap(), WorkerSlot { index: 3, count: 5 });

@@ -51,7 +51,8 @@ fn captured_rows_equal_the_models_own_hooks_bitwise() {
     let f32_url = dir.path().join("f32").display().to_string();
     let bf16_url = dir.path().join("bf16").display().to_string();
     for (url, dtype) in [(&f32_url, "f32"), (&bf16_url, "bf16")] {
-        let out = capture(url, &["--max-tokens", "600", "--hook", hooks[0], "--hook", hooks[1], "--store-dtype", dtype]);
+        let out =
+            capture(url, &["--max-tokens", "600", "--hook", hooks[0], "--hook", hooks[1], "--store-dtype", dtype]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
@@ -59,7 +60,10 @@ fn captured_rows_equal_the_models_own_hooks_bitwise() {
     let model = model();
     let corpus = Corpus::open(CorpusSpec::default_fortunes().unwrap()).unwrap();
     let opts = WindowOptions { max_windows: Some(10), ..WindowOptions::new(64) };
-    let windows: Vec<_> = WindowStream::start(corpus, std::sync::Arc::new(model.tokenizer.clone()), opts).unwrap().map(Result::unwrap).collect();
+    let windows: Vec<_> = WindowStream::start(corpus, std::sync::Arc::new(model.tokenizer.clone()), opts)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
     for hook_name in hooks {
         let hook = HookPoint::parse(hook_name, 30).unwrap();
         let mut expected_rows = Vec::new();
@@ -94,7 +98,9 @@ fn wait_for_commits(dir: &Path, n: usize, child: &mut Child) {
     let commits = dir.join("commits/w00000");
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let count = std::fs::read_dir(&commits).map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count()).unwrap_or(0);
+        let count = std::fs::read_dir(&commits)
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count())
+            .unwrap_or(0);
         if count >= n {
             return;
         }
@@ -135,7 +141,10 @@ fn a_capture_killed_twice_resumes_to_exactly_the_uninterrupted_rows() {
     let (rows_b, values_b) = read_all(&killed_url, hook);
     assert_eq!(rows_a.len(), 4500);
     assert_eq!(rows_a, rows_b, "token columns differ after resume");
-    assert!(values_a.iter().zip(&values_b).all(|(a, b)| a.to_bits() == b.to_bits()) && values_a.len() == values_b.len(), "activations differ after resume");
+    assert!(
+        values_a.iter().zip(&values_b).all(|(a, b)| a.to_bits() == b.to_bits()) && values_a.len() == values_b.len(),
+        "activations differ after resume"
+    );
     let verify = sae(&["dataset", "verify", &killed_url]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 
@@ -277,7 +286,11 @@ fn dataset_verify_names_a_corrupted_shard_and_exits_non_zero() {
     let ok = sae(&["dataset", "verify", &url]);
     assert!(ok.status.success(), "{}", stderr(&ok));
 
-    let shard = std::fs::read_dir(dir.path().join("ds/shards")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "parquet")).unwrap();
+    let shard = std::fs::read_dir(dir.path().join("ds/shards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
     let mut bytes = std::fs::read(&shard).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
@@ -297,7 +310,13 @@ fn finalize_refuses_a_worker_killed_after_its_first_commit() {
     let mut args = vec!["capture", "--out", &split, "--max-tokens", "60000", "--worker", "0", "--workers", "2"];
     args.extend_from_slice(SMALL);
     args.extend(["--shard-mib", "1"]);
-    let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(SAE)
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let commits = Path::new(&split).join("commits/w00000");
     let deadline = Instant::now() + Duration::from_secs(300);
     while std::fs::read_dir(&commits).map_or(true, |mut d| d.next().is_none()) {

@@ -79,7 +79,16 @@ fn unknown_hook_names_the_hook_and_the_valid_range() {
 
 #[test]
 fn activations_json_reports_the_hook_statistics() {
-    let out = sae(&["activations", "--hook", "blocks.15.hook_resid_post", "--prompt", "The capital of France is Paris.", "--json", "--threads", "2"]);
+    let out = sae(&[
+        "activations",
+        "--hook",
+        "blocks.15.hook_resid_post",
+        "--prompt",
+        "The capital of France is Paris.",
+        "--json",
+        "--threads",
+        "2",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.trim().lines().count(), 1, "stdout must be one JSON object: {stdout}");

@@ -43,9 +43,30 @@ fn free_port() -> u16 {
 
 fn train_args<'a>(out: &'a str, arch: &'a str, batch: &'a str, tokens: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--data", dataset(), "--out", out, "--arch", arch, "--latents", "1152", "--k", "16",
-        "--batch-size", batch, "--max-tokens", tokens, "--lr", "1e-3", "--threads", "1", "--log-every", "2",
-        "--no-eval", "--quiet", "--json",
+        "train",
+        "--data",
+        dataset(),
+        "--out",
+        out,
+        "--arch",
+        arch,
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--batch-size",
+        batch,
+        "--max-tokens",
+        tokens,
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--log-every",
+        "2",
+        "--no-eval",
+        "--quiet",
+        "--json",
     ]
 }
 
@@ -124,7 +145,6 @@ fn torchrun(args: &[&str]) -> Command {
     cmd.env("RUST_LOG", "warn");
     cmd
 }
-
 
 #[test]
 fn a_torchrun_run_interrupted_and_resumed_equals_an_uninterrupted_one_bitwise() {

@@ -43,17 +43,57 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let data = scratch("data").display().to_string();
-        let out = sae(&["capture", "--out", &data, "--max-tokens", "8000", "--context-len", "64", "--batch-size", "4", "--row-group-rows", "512"]);
+        let out = sae(&[
+            "capture",
+            "--out",
+            &data,
+            "--max-tokens",
+            "8000",
+            "--context-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--row-group-rows",
+            "512",
+        ]);
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         let sae_dir = scratch("sae").display().to_string();
         let out = sae(&[
-            "train", "--data", &data, "--out", &sae_dir, "--latents", "1152", "--k", "16", "--batch-size", "256", "--max-tokens", "16384",
-            "--lr", "1e-3", "--no-eval", "--quiet",
+            "train",
+            "--data",
+            &data,
+            "--out",
+            &sae_dir,
+            "--latents",
+            "1152",
+            "--k",
+            "16",
+            "--batch-size",
+            "256",
+            "--max-tokens",
+            "16384",
+            "--lr",
+            "1e-3",
+            "--no-eval",
+            "--quiet",
         ]);
         assert!(out.status.success(), "train failed: {}", stderr(&out));
         let features = scratch("features").display().to_string();
         let out = sae(&[
-            "features", "build", "--sae", &sae_dir, "--data", &data, "--out", &features, "--top-k", "5", "--context", "4", "--chunk-rows", "1000",
+            "features",
+            "build",
+            "--sae",
+            &sae_dir,
+            "--data",
+            &data,
+            "--out",
+            &features,
+            "--top-k",
+            "5",
+            "--context",
+            "4",
+            "--chunk-rows",
+            "1000",
         ]);
         assert!(out.status.success(), "features build failed: {}", stderr(&out));
         Fixture { data, sae: sae_dir, features }
@@ -136,7 +176,8 @@ fn top_examples_statistics_and_windows_equal_a_brute_force_pass() {
     let (z, ids) = brute_force_latents(f, &sae);
     let rows = z.size()[0];
     let d_sae = z.size()[1];
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(Path::new(&f.features).join("features.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&f.features).join("features.json")).unwrap()).unwrap();
     assert_eq!(summary["rows"].as_i64(), Some(rows));
 
     // Per-feature statistics.
@@ -148,7 +189,10 @@ fn top_examples_statistics_and_windows_equal_a_brute_force_pass() {
         for i in 0..b.num_rows() {
             let feature = col::<UInt32Array>(b, "feature").value(i) as usize;
             assert_eq!(col::<UInt64Array>(b, "fired").value(i) as i64, fired[feature], "feature {feature}");
-            assert!(close(col::<Float32Array>(b, "max_activation").value(i) as f64, max[feature] as f64), "feature {feature}");
+            assert!(
+                close(col::<Float32Array>(b, "max_activation").value(i) as f64, max[feature] as f64),
+                "feature {feature}"
+            );
             let hist = col::<ListArray>(b, "histogram").value(i);
             let total: u32 = hist.as_any().downcast_ref::<UInt32Array>().unwrap().values().iter().sum();
             assert_eq!(total as i64, fired[feature], "the histogram of feature {feature} counts every firing");
@@ -181,14 +225,18 @@ fn top_examples_statistics_and_windows_equal_a_brute_force_pass() {
     }
     let mut checked = 0;
     for feature in 0..d_sae as u32 {
-        let tops: Vec<f32> = by_feature.get(&feature).map_or(vec![], |v| v.iter().filter(|e| e.kind == "top").map(|e| e.activation).collect());
-        let want: Vec<f32> = top_values[feature as usize * 5..feature as usize * 5 + 5].iter().copied().filter(|&v| v > 0.0).collect();
+        let tops: Vec<f32> = by_feature
+            .get(&feature)
+            .map_or(vec![], |v| v.iter().filter(|e| e.kind == "top").map(|e| e.activation).collect());
+        let want: Vec<f32> =
+            top_values[feature as usize * 5..feature as usize * 5 + 5].iter().copied().filter(|&v| v > 0.0).collect();
         assert_eq!(tops.len(), want.len(), "feature {feature}");
         for (a, b) in tops.iter().zip(&want) {
             assert!(close(*a as f64, *b as f64), "feature {feature}: {tops:?} vs {want:?}");
         }
         // Quantile samples fire, and higher bands hold higher activations.
-        let quantiles: Vec<&&Ex> = by_feature.get(&feature).map_or(vec![], |v| v.iter().filter(|e| e.kind == "quantile").collect());
+        let quantiles: Vec<&&Ex> =
+            by_feature.get(&feature).map_or(vec![], |v| v.iter().filter(|e| e.kind == "quantile").collect());
         for a in &quantiles {
             assert!(a.activation > 0.0);
             for b in &quantiles {
@@ -214,16 +262,41 @@ fn neighbors_match_brute_force_and_the_build() {
     let mut order: Vec<usize> = (0..sims.len()).filter(|&i| i != feature as usize).collect();
     order.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]).then(a.cmp(&b)));
     let out = sae_ok(&["features", "neighbors", "--sae", &f.sae, "--feature", "17", "--top", "10", "--json"]);
-    let got: Vec<usize> = last_json(&out)["neighbors"].as_array().unwrap().iter().map(|n| n["feature"].as_u64().unwrap() as usize).collect();
+    let got: Vec<usize> = last_json(&out)["neighbors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["feature"].as_u64().unwrap() as usize)
+        .collect();
     assert_eq!(got, order[..10].to_vec());
     // The build's neighbours of the same feature agree.
     let stats = read_parquet(&Path::new(&f.features).join("features.parquet"));
     let b = &stats[0];
     let row = (0..b.num_rows()).find(|&i| col::<UInt32Array>(b, "feature").value(i) == 17).unwrap();
-    let built: Vec<usize> = col::<ListArray>(b, "neighbors").value(row).as_any().downcast_ref::<UInt32Array>().unwrap().values().iter().map(|&v| v as usize).collect();
+    let built: Vec<usize> = col::<ListArray>(b, "neighbors")
+        .value(row)
+        .as_any()
+        .downcast_ref::<UInt32Array>()
+        .unwrap()
+        .values()
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
     assert_eq!(built, order[..10].to_vec());
     // Into another SAE (itself): the feature is its own nearest neighbour at cosine 1.
-    let out = sae_ok(&["features", "neighbors", "--sae", &f.sae, "--feature", "17", "--other-sae", &f.sae, "--top", "1", "--json"]);
+    let out = sae_ok(&[
+        "features",
+        "neighbors",
+        "--sae",
+        &f.sae,
+        "--feature",
+        "17",
+        "--other-sae",
+        &f.sae,
+        "--top",
+        "1",
+        "--json",
+    ]);
     let first = &last_json(&out)["neighbors"][0];
     assert_eq!(first["feature"].as_i64(), Some(17));
     assert!((first["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-5);
@@ -240,7 +313,19 @@ const PROMPT: &str = "The stock market crashed, and the old sailor went back to 
 #[test]
 fn search_reports_what_a_direct_encode_gives() {
     let f = fixture();
-    let out = sae_ok(&["features", "search", "--sae", &f.sae, "--prompt", PROMPT, "--features", &f.features, "--per-token", "4", "--json"]);
+    let out = sae_ok(&[
+        "features",
+        "search",
+        "--sae",
+        &f.sae,
+        "--prompt",
+        PROMPT,
+        "--features",
+        &f.features,
+        "--per-token",
+        "4",
+        "--json",
+    ]);
     let report = last_json(&out);
     assert!(stdout(&out).contains("logits ↑"), "with --features, features show their logit tokens:\n{}", stdout(&out));
 
@@ -309,7 +394,19 @@ fn clamping_a_feature_to_its_own_activation_leaves_the_logits_and_a_large_clamp_
 #[test]
 fn steer_prints_both_continuations_and_refuses_nx_without_features() {
     let f = fixture();
-    let out = sae(&["steer", "--sae", &f.sae, "--feature", "5", "--clamp", "5x", "--prompt", "Once upon a time", "--max-new-tokens", "4"]);
+    let out = sae(&[
+        "steer",
+        "--sae",
+        &f.sae,
+        "--feature",
+        "5",
+        "--clamp",
+        "5x",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--features") && stderr(&out).contains("sae features build"), "{}", stderr(&out));
 
@@ -317,15 +414,40 @@ fn steer_prints_both_continuations_and_refuses_nx_without_features() {
     let search = last_json(&sae_ok(&["features", "search", "--sae", &f.sae, "--prompt", "Once upon a time", "--json"]));
     let feature = search["prompt_features"][0]["feature"].as_i64().unwrap().to_string();
     let out = sae_ok(&[
-        "steer", "--sae", &f.sae, "--feature", &feature, "--clamp", "10x", "--features", &f.features, "--prompt", "Once upon a time",
-        "--max-new-tokens", "8", "--json",
+        "steer",
+        "--sae",
+        &f.sae,
+        "--feature",
+        &feature,
+        "--clamp",
+        "10x",
+        "--features",
+        &f.features,
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+        "--json",
     ]);
     let text = stdout(&out);
     assert!(text.contains("unsteered: ") && text.contains("steered (feature "), "{text}");
     let report = last_json(&out);
     assert_ne!(report["steered"], report["unsteered"], "a 10x clamp left the greedy continuation unchanged: {text}");
     // Adding zero is no change at all.
-    let out = sae_ok(&["steer", "--sae", &f.sae, "--feature", &feature, "--add", "0", "--prompt", "Once upon a time", "--max-new-tokens", "8", "--json"]);
+    let out = sae_ok(&[
+        "steer",
+        "--sae",
+        &f.sae,
+        "--feature",
+        &feature,
+        "--add",
+        "0",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
     let report = last_json(&out);
     assert_eq!(report["steered"], report["unsteered"]);
 }
@@ -345,20 +467,52 @@ fn bad_inputs_are_clear_errors() {
     // An SAE whose hook the model does not have.
     let moved = scratch("sae-bad-hook");
     std::fs::create_dir_all(&moved).unwrap();
-    let cfg = std::fs::read_to_string(Path::new(&f.sae).join("cfg.json")).unwrap().replace(HOOK, "blocks.99.hook_resid_post");
+    let cfg =
+        std::fs::read_to_string(Path::new(&f.sae).join("cfg.json")).unwrap().replace(HOOK, "blocks.99.hook_resid_post");
     std::fs::write(moved.join("cfg.json"), cfg).unwrap();
     std::fs::copy(Path::new(&f.sae).join("sae_weights.safetensors"), moved.join("sae_weights.safetensors")).unwrap();
     let out = sae(&["features", "search", "--sae", moved.to_str().unwrap(), "--prompt", "Hi there"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("blocks.99.hook_resid_post") && stderr(&out).contains("does not exist in model"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("blocks.99.hook_resid_post") && stderr(&out).contains("does not exist in model"),
+        "{}",
+        stderr(&out)
+    );
     // A features folder built from another SAE.
     let other = scratch("sae-other").display().to_string();
     let out = sae(&[
-        "train", "--data", &f.data, "--out", &other, "--latents", "1152", "--k", "16", "--batch-size", "256", "--max-tokens", "1024", "--seed", "9",
-        "--no-eval", "--quiet",
+        "train",
+        "--data",
+        &f.data,
+        "--out",
+        &other,
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--batch-size",
+        "256",
+        "--max-tokens",
+        "1024",
+        "--seed",
+        "9",
+        "--no-eval",
+        "--quiet",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = sae(&["steer", "--sae", &other, "--feature", "3", "--clamp", "5x", "--features", &f.features, "--prompt", "Hi there"]);
+    let out = sae(&[
+        "steer",
+        "--sae",
+        &other,
+        "--feature",
+        "3",
+        "--clamp",
+        "5x",
+        "--features",
+        &f.features,
+        "--prompt",
+        "Hi there",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("built from another SAE"), "{}", stderr(&out));
     // A features folder that is not one.
@@ -377,8 +531,14 @@ fn chromium_dom(page: &Path) -> String {
     let profile = tempfile::tempdir().unwrap();
     let out = Command::new("chromium")
         .args([
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("--dump-dom")
@@ -473,14 +633,32 @@ fn features_live_on_s3() {
         assert!(out.status.success(), "sae {args:?} failed: {}", stderr(&out));
         stdout(&out)
     };
-    let build = ["features", "build", "--sae", &f.sae, "--data", &f.data, "--out", url, "--top-k", "3", "--context", "2", "--max-rows", "3000"];
+    let build = [
+        "features",
+        "build",
+        "--sae",
+        &f.sae,
+        "--data",
+        &f.data,
+        "--out",
+        url,
+        "--top-k",
+        "3",
+        "--context",
+        "2",
+        "--max-rows",
+        "3000",
+    ];
     assert!(run(&build).contains("3000 rows"));
     assert!(run(&build).contains("already built"));
     let text = run(&["features", "search", "--sae", &f.sae, "--prompt", PROMPT, "--features", url]);
     assert!(text.contains("logits ↑"), "{text}");
     let site = scratch("s3-site");
     let text = run(&["features", "browse", "--features", url, "--out", site.to_str().unwrap()]);
-    assert!(text.contains("index.html") && site.join("index.html").exists() && site.join("features/01151.html").exists(), "{text}");
+    assert!(
+        text.contains("index.html") && site.join("index.html").exists() && site.join("features/01151.html").exists(),
+        "{text}"
+    );
 }
 
 /// `sae run` killed (SIGKILL) while it trains: the next run reuses the dataset, resumes training
@@ -511,7 +689,8 @@ fn sae_run_resumes_after_being_killed_while_training() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let checkpoints = out_dir.join("sae/checkpoints");
     loop {
-        let written = std::fs::read_dir(&checkpoints).map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors")));
+        let written = std::fs::read_dir(&checkpoints)
+            .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".safetensors")));
         if written.unwrap_or(false) {
             break;
         }

@@ -22,10 +22,7 @@ const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const KUBERNETES_VERSION: &str = "1.33.0";
 
 fn k8s_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("workflows/k8s")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("workflows/k8s")
 }
 
 fn manifest_files() -> Vec<PathBuf> {
@@ -52,34 +49,24 @@ fn every_manifest_passes_the_pinned_kubernetes_schemas() {
     assert!(files.len() >= 5, "{files:?}");
     for file in &files {
         let out = validate(file);
-        assert!(
-            out.status.success(),
-            "{}: {}{}",
-            file.display(),
-            stdout(&out),
-            stderr(&out)
-        );
+        assert!(out.status.success(), "{}: {}{}", file.display(), stdout(&out), stderr(&out));
     }
     // The validator is live: a misspelt field in a copy is an error.
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.yaml");
     let text = std::fs::read_to_string(k8s_dir().join("capture-job.yaml")).unwrap();
     assert!(text.contains("completionMode: Indexed"));
-    std::fs::write(
-        &broken,
-        text.replace("completionMode: Indexed", "completionMod: Indexed"),
-    )
-    .unwrap();
-    assert!(
-        !validate(&broken).status.success(),
-        "kubernetes-validate accepted an unknown field"
-    );
+    std::fs::write(&broken, text.replace("completionMode: Indexed", "completionMod: Indexed")).unwrap();
+    assert!(!validate(&broken).status.success(), "kubernetes-validate accepted an unknown field");
 }
 
 /// Every document of a YAML file, as JSON (PyYAML from the test venv does the parsing).
 fn documents(file: &Path) -> Vec<Value> {
     let out = Command::new(venv_bin("python3"))
-        .args(["-c", "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)"])
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)",
+        ])
         .arg(file)
         .output()
         .unwrap();
@@ -88,9 +75,7 @@ fn documents(file: &Path) -> Vec<Value> {
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} in {docs:?}"))
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind} in {docs:?}"))
 }
 
 /// What the cluster would hold: the ConfigMap (as the user edited it) and the Secret.
@@ -111,9 +96,7 @@ struct JobSpec {
 }
 
 fn str_of(v: &Value) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("not a string: {v}"))
-        .to_string()
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}")).to_string()
 }
 
 impl Cluster {
@@ -140,20 +123,8 @@ impl Cluster {
             .map(str_of)
             .collect();
         let indexed = spec["completionMode"] == "Indexed";
-        let env = (0..completions)
-            .map(|index| self.container_env(&container, indexed.then_some(index)))
-            .collect();
-        (
-            JobSpec {
-                name: str_of(&job["metadata"]["name"]),
-                completions,
-                command,
-                env,
-                container,
-                pod,
-            },
-            docs,
-        )
+        let env = (0..completions).map(|index| self.container_env(&container, indexed.then_some(index))).collect();
+        (JobSpec { name: str_of(&job["metadata"]["name"]), completions, command, env, container, pod }, docs)
     }
 
     fn container_env(&self, container: &Value, index: Option<usize>) -> Vec<(String, String)> {
@@ -177,14 +148,8 @@ impl Cluster {
                 assert_eq!(r["name"], "sae-config", "{var}");
                 self.config[&str_of(&r["key"])].clone()
             } else if let Some(r) = var["valueFrom"].get("fieldRef") {
-                assert_eq!(
-                    r["fieldPath"],
-                    "metadata.annotations['batch.kubernetes.io/job-completion-index']",
-                    "{var}"
-                );
-                index
-                    .expect("a completion index outside an Indexed Job")
-                    .to_string()
+                assert_eq!(r["fieldPath"], "metadata.annotations['batch.kubernetes.io/job-completion-index']", "{var}");
+                index.expect("a completion index outside an Indexed Job").to_string()
             } else {
                 panic!("an env source this test does not resolve: {var}")
             };
@@ -196,12 +161,7 @@ impl Cluster {
 }
 
 fn env_value(env: &[(String, String)], name: &str) -> String {
-    env.iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .unwrap_or_else(|| panic!("no {name} in {env:?}"))
-        .1
-        .clone()
+    env.iter().rev().find(|(k, _)| k == name).unwrap_or_else(|| panic!("no {name} in {env:?}")).1.clone()
 }
 
 /// Runs one process per completion index, as the pods would run (a clean environment with the
@@ -218,45 +178,23 @@ fn run_job(job: &JobSpec, replace: &[(&str, String)]) -> Vec<Output> {
         .iter()
         .map(|env| {
             let mut cmd = Command::new(&job.command[0]);
-            cmd.args(&job.command[1..])
-                .env_clear()
-                .env("PATH", &path)
-                .env("HOME", std::env::var("HOME").unwrap());
+            cmd.args(&job.command[1..]).env_clear().env("PATH", &path).env("HOME", std::env::var("HOME").unwrap());
             for (k, v) in env {
-                let v = replace
-                    .iter()
-                    .find(|(name, _)| name == k)
-                    .map_or(v.clone(), |(_, with)| with.clone());
+                let v = replace.iter().find(|(name, _)| name == k).map_or(v.clone(), |(_, with)| with.clone());
                 cmd.env(k, v);
             }
-            cmd.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
         })
         .collect();
-    let outputs: Vec<Output> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     for (index, out) in outputs.iter().enumerate() {
-        assert!(
-            out.status.success(),
-            "job {} index {index} failed:\n{}{}",
-            job.name,
-            stdout(out),
-            stderr(out)
-        );
+        assert!(out.status.success(), "job {} index {index} failed:\n{}{}", job.name, stdout(out), stderr(out));
     }
     outputs
 }
 
 fn object(s3: &S3Server, folder: &str, key: &str) -> Option<Vec<u8>> {
-    store::ObjectDir::open(folder, &s3.store_options())
-        .unwrap()
-        .get(key)
-        .unwrap()
-        .map(|b| b.to_vec())
+    store::ObjectDir::open(folder, &s3.store_options()).unwrap().get(key).unwrap().map(|b| b.to_vec())
 }
 
 #[test]
@@ -295,13 +233,10 @@ fn the_manifests_commands_run_as_their_pods_would() {
         ("FEATURES_ARGS", "--top-k 5 --quantile-bands 2 --samples-per-band 2 --threads 2".to_string()),
     ];
     config.extend(edits.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let secret = [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let secret = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let cluster = Cluster { config, secret };
 
     // Capture: one worker per index; the worker count the pods are told is the Job's size.
@@ -312,16 +247,10 @@ fn the_manifests_commands_run_as_their_pods_would() {
         capture.completions.to_string(),
         "SAE_WORKERS must equal completions"
     );
-    assert_eq!(
-        capture.container["resources"]["limits"]["nvidia.com/gpu"],
-        1
-    );
+    assert_eq!(capture.container["resources"]["limits"]["nvidia.com/gpu"], 1);
     assert_eq!(capture.pod["restartPolicy"], "Never");
     run_job(&capture, &[]);
-    assert!(
-        object(&s3, data, "manifest.json").is_none(),
-        "the dataset is final before finalize ran"
-    );
+    assert!(object(&s3, data, "manifest.json").is_none(), "the dataset is final before finalize ran");
 
     let (finalize, _) = cluster.job("finalize-job.yaml");
     assert_eq!(
@@ -336,24 +265,14 @@ fn the_manifests_commands_run_as_their_pods_would() {
     // Training: NNODES pods of GPUS_PER_POD ranks, meeting at pod 0 behind the headless Service.
     let (train, docs) = cluster.job("train.yaml");
     let service = find(&docs, "Service");
-    assert_eq!(
-        service["spec"]["clusterIP"], "None",
-        "the rendezvous Service must be headless"
-    );
+    assert_eq!(service["spec"]["clusterIP"], "None", "the rendezvous Service must be headless");
     assert_eq!(
         train.pod["subdomain"], service["metadata"]["name"],
         "pods are named under the Service only with subdomain = its name"
     );
-    assert_eq!(
-        service["spec"]["selector"]["batch.kubernetes.io/job-name"],
-        Value::String(train.name.clone())
-    );
+    assert_eq!(service["spec"]["selector"]["batch.kubernetes.io/job-name"], Value::String(train.name.clone()));
     let env = &train.env[0];
-    assert_eq!(
-        env_value(env, "NNODES"),
-        train.completions.to_string(),
-        "NNODES must equal completions"
-    );
+    assert_eq!(env_value(env, "NNODES"), train.completions.to_string(), "NNODES must equal completions");
     assert_eq!(
         env_value(env, "GPUS_PER_POD"),
         train.container["resources"]["limits"]["nvidia.com/gpu"].to_string(),
@@ -361,32 +280,16 @@ fn the_manifests_commands_run_as_their_pods_would() {
     );
     assert_eq!(
         env_value(env, "MASTER_ADDR"),
-        format!(
-            "{}-0.{}",
-            train.name,
-            service["metadata"]["name"].as_str().unwrap()
-        ),
+        format!("{}-0.{}", train.name, service["metadata"]["name"].as_str().unwrap()),
         "rank 0's DNS name"
     );
-    assert_eq!(
-        env_value(env, "MASTER_PORT"),
-        service["spec"]["ports"][0]["port"].to_string()
-    );
-    let outputs = run_job(
-        &train,
-        &[
-            ("MASTER_ADDR", "127.0.0.1".to_string()),
-            ("MASTER_PORT", free_port().to_string()),
-        ],
-    );
+    assert_eq!(env_value(env, "MASTER_PORT"), service["spec"]["ports"][0]["port"].to_string());
+    let outputs =
+        run_job(&train, &[("MASTER_ADDR", "127.0.0.1".to_string()), ("MASTER_PORT", free_port().to_string())]);
     let ranks = train.completions * env_value(env, "GPUS_PER_POD").parse::<usize>().unwrap();
     let printed = stdout(&outputs[0]);
     let summary: Value = serde_json::from_str(
-        printed
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| panic!("no summary: {printed}")),
+        printed.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no summary: {printed}")),
     )
     .unwrap();
     assert_eq!(summary["world_size"], ranks, "{summary}");
@@ -397,7 +300,6 @@ fn the_manifests_commands_run_as_their_pods_would() {
     let (features_job, _) = cluster.job("features-job.yaml");
     run_job(&features_job, &[]);
     let index: Value =
-        serde_json::from_slice(&object(&s3, features, "features.json").expect("no features.json"))
-            .unwrap();
+        serde_json::from_slice(&object(&s3, features, "features.json").expect("no features.json")).unwrap();
     assert!(index.is_object());
 }

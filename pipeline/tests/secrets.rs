@@ -60,7 +60,19 @@ fn credentials_in_urls_are_refused_without_being_echoed() {
         ("capture --out", vec!["capture".into(), "--out".into(), url.clone(), "--max-tokens".into(), "10".into()]),
         ("capture --corpus", vec!["capture".into(), "--out".into(), out.into(), "--corpus".into(), slash_url.clone()]),
         ("eval", vec!["eval".into(), "--sae".into(), url.clone(), "--data".into(), out.into()]),
-        ("features build", vec!["features".into(), "build".into(), "--sae".into(), slash_url.clone(), "--data".into(), out.into(), "--out".into(), out.into()]),
+        (
+            "features build",
+            vec![
+                "features".into(),
+                "build".into(),
+                "--sae".into(),
+                slash_url.clone(),
+                "--data".into(),
+                out.into(),
+                "--out".into(),
+                out.into(),
+            ],
+        ),
     ];
     for (what, args) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -68,7 +80,10 @@ fn credentials_in_urls_are_refused_without_being_echoed() {
         assert!(!output.status.success(), "{what}: exit 0 with credentials in a URL");
         assert_no_secret(&output, what);
         let err = stderr(&output);
-        assert!(err.contains("s3://bucket/data") && err.contains("credentials"), "{what}: the error names no URL: {err}");
+        assert!(
+            err.contains("s3://bucket/data") && err.contains("credentials"),
+            "{what}: the error names no URL: {err}"
+        );
     }
 }
 
@@ -86,7 +101,10 @@ fn failing_requests_with_planted_credentials_print_none() {
         ("info --json of an unreachable bucket", vec!["dataset", "info", "--json", "s3://no-such-bucket/data"]),
         ("verify of an unreachable bucket", vec!["dataset", "verify", "s3://no-such-bucket/data"]),
         ("train from an unreachable bucket", vec!["train", "--data", "s3://no-such-bucket/data", "--out", sae_out]),
-        ("train into an unreachable bucket", vec!["train", "--data", "/nonexistent/dataset", "--out", "s3://no-such-bucket/sae"]),
+        (
+            "train into an unreachable bucket",
+            vec!["train", "--data", "/nonexistent/dataset", "--out", "s3://no-such-bucket/sae"],
+        ),
         ("missing dataset in a bucket", vec!["dataset", "info", "s3://present-bucket/no-such-data"]),
         ("missing local dataset", vec!["dataset", "info", "/nonexistent/dataset"]),
     ];
@@ -95,6 +113,9 @@ fn failing_requests_with_planted_credentials_print_none() {
         assert!(!output.status.success(), "{what}: exit 0");
         assert_no_secret(&output, what);
         let err = stderr(&output);
-        assert!(err.contains("no-such-bucket") || err.contains("no-such-data") || err.contains("/nonexistent/dataset"), "{what}: the error names no object: {err}");
+        assert!(
+            err.contains("no-such-bucket") || err.contains("no-such-data") || err.contains("/nonexistent/dataset"),
+            "{what}: the error names no object: {err}"
+        );
     }
 }

@@ -25,8 +25,7 @@ const CAPTURE_ARGS: &str = "--context-len 64 --batch-size 4 --row-group-rows 256
 const CAPTURE_TOKENS: &str = "2048";
 /// A small SAE, trained long enough (40 steps of 2 x 256 rows) for a requeue to land mid-run.
 const TRAIN_TOKENS: &str = "20480";
-const TRAIN_ARGS: &str =
-    "--batch-size 256 --lr 1e-3 --threads 1 --log-every 4 --no-eval --json --dist-timeout 60";
+const TRAIN_ARGS: &str = "--batch-size 256 --lr 1e-3 --threads 1 --log-every 4 --no-eval --json --dist-timeout 60";
 
 /// Slurm's job states after which a job runs no more (unless requeued).
 const ENDED: &[&str] = &[
@@ -42,18 +41,11 @@ const ENDED: &[&str] = &[
 ];
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn job_file(name: &str) -> String {
-    repo()
-        .join("workflows/slurm")
-        .join(name)
-        .display()
-        .to_string()
+    repo().join("workflows/slurm").join(name).display().to_string()
 }
 
 /// A private Slurm cluster (controller, node daemon, munge) whose state lives in `dir`;
@@ -64,20 +56,14 @@ struct SlurmCluster {
 
 impl SlurmCluster {
     fn start(dir: &Path) -> SlurmCluster {
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/slurm-local.sh"))
-            .arg("start")
-            .arg(dir)
-            .output()
-            .unwrap();
+        let out =
+            Command::new("bash").arg(repo().join("scripts/slurm-local.sh")).arg("start").arg(dir).output().unwrap();
         assert!(
             out.status.success(),
             "scripts/slurm-local.sh start failed (run `make setup-test` for slurm-wlm and munge, as root): {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        SlurmCluster {
-            dir: dir.to_path_buf(),
-        }
+        SlurmCluster { dir: dir.to_path_buf() }
     }
 
     fn conf(&self) -> PathBuf {
@@ -93,20 +79,14 @@ impl SlurmCluster {
 
     fn scontrol(&self, args: &[&str]) -> String {
         let out = self.client("scontrol").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "scontrol {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "scontrol {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The states of a job (one per task of an array), from `scontrol show job`.
     fn states(&self, job: &str) -> Vec<String> {
         let text = self.scontrol(&["show", "job", "-o", job]);
-        text.lines()
-            .filter_map(|line| field(line, "JobState"))
-            .collect()
+        text.lines().filter_map(|line| field(line, "JobState")).collect()
     }
 
     /// Waits until every task of `job` has ended and checks that all COMPLETED; on failure the
@@ -135,11 +115,7 @@ impl SlurmCluster {
     fn wait_state(&self, job: &str, want: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.states(job) != [want] {
-            assert!(
-                Instant::now() < deadline,
-                "job {job} not {want} after {timeout:?}: {:?}",
-                self.states(job)
-            );
+            assert!(Instant::now() < deadline, "job {job} not {want} after {timeout:?}: {:?}", self.states(job));
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -147,36 +123,21 @@ impl SlurmCluster {
 
 impl Drop for SlurmCluster {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/slurm-local.sh"))
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
+        let _ = Command::new("bash").arg(repo().join("scripts/slurm-local.sh")).arg("stop").arg(&self.dir).status();
     }
 }
 
 /// `Key=value` out of one line of `scontrol show -o`.
 fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
 }
 
 /// Every log file in `dir`, concatenated, for failure messages.
 fn all_logs(dir: &Path) -> String {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let mut names: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     names.sort();
-    names
-        .iter()
-        .map(|p| {
-            format!(
-                "== {} ==\n{}",
-                p.display(),
-                std::fs::read_to_string(p).unwrap_or_default()
-            )
-        })
-        .collect()
+    names.iter().map(|p| format!("== {} ==\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default())).collect()
 }
 
 /// What every job of these tests gets: the S3 server, the sae binary, the job files' defaults.
@@ -186,46 +147,21 @@ fn job_env(cmd: &mut Command, s3: &S3Server) {
 }
 
 /// Submits `file` with `sbatch --parsable` and returns the job id.
-fn sbatch(
-    cluster: &SlurmCluster,
-    s3: &S3Server,
-    vars: &[(&str, &str)],
-    args: &[&str],
-    file: &str,
-) -> String {
+fn sbatch(cluster: &SlurmCluster, s3: &S3Server, vars: &[(&str, &str)], args: &[&str], file: &str) -> String {
     let mut cmd = cluster.client("sbatch");
     job_env(&mut cmd, s3);
-    cmd.envs(vars.iter().copied())
-        .arg("--parsable")
-        .args(args)
-        .arg(file);
+    cmd.envs(vars.iter().copied()).arg("--parsable").args(args).arg(file);
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "sbatch {file}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string()
+    assert!(out.status.success(), "sbatch {file}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap().to_string()
 }
 
 fn object(s3: &S3Server, folder: &str, key: &str) -> Option<Vec<u8>> {
-    store::ObjectDir::open(folder, &s3.store_options())
-        .unwrap()
-        .get(key)
-        .unwrap()
-        .map(|b| b.to_vec())
+    store::ObjectDir::open(folder, &s3.store_options()).unwrap().get(key).unwrap().map(|b| b.to_vec())
 }
 
 fn keys(s3: &S3Server, folder: &str, dir: &str) -> Vec<String> {
-    store::ObjectDir::open(folder, &s3.store_options())
-        .unwrap()
-        .list(dir)
-        .unwrap()
+    store::ObjectDir::open(folder, &s3.store_options()).unwrap().list(dir).unwrap()
 }
 
 /// The JSON summary that `sae train --json` printed last into a job's log.
@@ -250,10 +186,7 @@ fn scratch() -> PathBuf {
 fn timed<T>(name: &str, scenario: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let value = scenario();
-    eprintln!(
-        "[slurm test] {name}: {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
+    eprintln!("[slurm test] {name}: {:.1} s", start.elapsed().as_secs_f64());
     value
 }
 
@@ -264,18 +197,12 @@ fn slurm_job_files_capture_train_survive_a_requeue_and_chain() {
     let cluster = SlurmCluster::start(&dir.join("cluster"));
     let logs = dir.join("logs");
 
-    let data = timed("capture array + finalize vs one worker", || {
-        capture_array_equals_one_worker(&cluster, &s3, &dir)
-    });
-    let whole = timed("train.sbatch, 2 tasks", || {
-        two_task_training_exports(&cluster, &s3, &logs, &data)
-    });
+    let data = timed("capture array + finalize vs one worker", || capture_array_equals_one_worker(&cluster, &s3, &dir));
+    let whole = timed("train.sbatch, 2 tasks", || two_task_training_exports(&cluster, &s3, &logs, &data));
     timed("requeued training resumes bit for bit", || {
         requeued_training_resumes_exactly(&cluster, &s3, &logs, &data, &whole)
     });
-    timed("submit.sh whole chain", || {
-        submit_runs_the_whole_chain(&cluster, &s3, &dir)
-    });
+    timed("submit.sh whole chain", || submit_runs_the_whole_chain(&cluster, &s3, &dir));
 }
 
 /// capture.sbatch as a 2-task array, finalize.sbatch after it by dependency; the dataset equals a
@@ -283,12 +210,8 @@ fn slurm_job_files_capture_train_survive_a_requeue_and_chain() {
 fn capture_array_equals_one_worker(cluster: &SlurmCluster, s3: &S3Server, dir: &Path) -> String {
     let split = "s3://sae/acts/split";
     let logs = dir.join("logs").display().to_string();
-    let vars = [
-        ("DATASET_URL", split),
-        ("CAPTURE_TOKENS", CAPTURE_TOKENS),
-        ("CAPTURE_ARGS", CAPTURE_ARGS),
-        ("WORKERS", "2"),
-    ];
+    let vars =
+        [("DATASET_URL", split), ("CAPTURE_TOKENS", CAPTURE_TOKENS), ("CAPTURE_ARGS", CAPTURE_ARGS), ("WORKERS", "2")];
     let array = sbatch(
         cluster,
         s3,
@@ -300,29 +223,16 @@ fn capture_array_equals_one_worker(cluster: &SlurmCluster, s3: &S3Server, dir: &
         cluster,
         s3,
         &vars,
-        &[
-            &format!("--dependency=afterok:{array}"),
-            &format!("--output={logs}/%x-%j.log"),
-        ],
+        &[&format!("--dependency=afterok:{array}"), &format!("--output={logs}/%x-%j.log")],
         &job_file("finalize.sbatch"),
     );
 
     // Meanwhile, the reference: one worker, the same settings, run directly.
     let single = dir.join("single").display().to_string();
     let mut cmd = Command::new(SAE);
-    cmd.args([
-        "capture",
-        "--out",
-        &single,
-        "--hook",
-        HOOK,
-        "--max-tokens",
-        CAPTURE_TOKENS,
-        "--threads",
-        "1",
-    ])
-    .args(CAPTURE_ARGS.split_whitespace())
-    .env("RUST_LOG", "warn");
+    cmd.args(["capture", "--out", &single, "--hook", HOOK, "--max-tokens", CAPTURE_TOKENS, "--threads", "1"])
+        .args(CAPTURE_ARGS.split_whitespace())
+        .env("RUST_LOG", "warn");
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
 
@@ -330,28 +240,16 @@ fn capture_array_equals_one_worker(cluster: &SlurmCluster, s3: &S3Server, dir: &
     cluster.wait_completed(&finalize, Path::new(&logs), Duration::from_secs(120));
     // Each array task was one worker of two.
     for task in 0..2 {
-        let log = std::fs::read_to_string(
-            Path::new(&logs).join(format!("sae-capture-{array}_{task}.log")),
-        )
-        .unwrap();
+        let log = std::fs::read_to_string(Path::new(&logs).join(format!("sae-capture-{array}_{task}.log"))).unwrap();
         assert!(log.contains(&format!("task {task} of 2")), "{log}");
     }
-    assert!(
-        object(s3, split, "manifest.json").is_some(),
-        "finalize wrote no manifest"
-    );
+    assert!(object(s3, split, "manifest.json").is_some(), "finalize wrote no manifest");
 
     let (rows_single, values_single) = dataset_rows(&single, HOOK, &Default::default());
     let (rows_split, values_split) = dataset_rows(split, HOOK, &s3.store_options());
     assert_eq!(rows_single.len(), CAPTURE_TOKENS.parse::<usize>().unwrap());
-    assert_eq!(
-        rows_single, rows_split,
-        "the array's rows differ from one worker's"
-    );
-    assert!(
-        values_single == values_split,
-        "the array's activations differ from one worker's"
-    );
+    assert_eq!(rows_single, rows_split, "the array's rows differ from one worker's");
+    assert!(values_single == values_split, "the array's activations differ from one worker's");
     split.to_string()
 }
 
@@ -368,21 +266,10 @@ fn train_vars<'a>(data: &'a str, out: &'a str) -> Vec<(&'a str, &'a str)> {
 }
 
 /// train.sbatch with two tasks on the node: two Gloo ranks, one exported SAE. Returns its URL.
-fn two_task_training_exports(
-    cluster: &SlurmCluster,
-    s3: &S3Server,
-    logs: &Path,
-    data: &str,
-) -> String {
+fn two_task_training_exports(cluster: &SlurmCluster, s3: &S3Server, logs: &Path, data: &str) -> String {
     let out = "s3://sae/saes/whole";
     let output = format!("--output={}/%x-%j.log", logs.display());
-    let job = sbatch(
-        cluster,
-        s3,
-        &train_vars(data, out),
-        &["--ntasks-per-node=2", &output],
-        &job_file("train.sbatch"),
-    );
+    let job = sbatch(cluster, s3, &train_vars(data, out), &["--ntasks-per-node=2", &output], &job_file("train.sbatch"));
     cluster.wait_completed(&job, logs, Duration::from_secs(180));
     let log = logs.join(format!("sae-train-{job}.log"));
     let summary = train_summary(&log);
@@ -390,8 +277,7 @@ fn two_task_training_exports(
     assert_eq!(summary["steps"], 40, "{summary}");
     assert!(summary["resumed_from_step"].is_null(), "{summary}");
     // The export: SAELens's file names, and weights that training moved away from zero.
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&object(s3, out, "cfg.json").expect("no cfg.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&object(s3, out, "cfg.json").expect("no cfg.json")).unwrap();
     assert_eq!(cfg["d_sae"], 1152, "{cfg}");
     let weights = object(s3, out, "sae_weights.safetensors").expect("no sae_weights.safetensors");
     let (tensors, _) = trainer::tensors::from_bytes(&weights, out).unwrap();
@@ -402,22 +288,10 @@ fn two_task_training_exports(
 /// The same training job, requeued with `scontrol requeue` once it has a checkpoint: Slurm sends
 /// SIGTERM, the ranks checkpoint and stop, the job goes back to the queue, and its second run
 /// resumes and ends with the uninterrupted job's weights, bit for bit.
-fn requeued_training_resumes_exactly(
-    cluster: &SlurmCluster,
-    s3: &S3Server,
-    logs: &Path,
-    data: &str,
-    whole: &str,
-) {
+fn requeued_training_resumes_exactly(cluster: &SlurmCluster, s3: &S3Server, logs: &Path, data: &str, whole: &str) {
     let out = "s3://sae/saes/requeued";
     let output = format!("--output={}/%x-%j.log", logs.display());
-    let job = sbatch(
-        cluster,
-        s3,
-        &train_vars(data, out),
-        &["--ntasks-per-node=2", &output],
-        &job_file("train.sbatch"),
-    );
+    let job = sbatch(cluster, s3, &train_vars(data, out), &["--ntasks-per-node=2", &output], &job_file("train.sbatch"));
     let log = logs.join(format!("sae-train-{job}.log"));
     let deadline = Instant::now() + Duration::from_secs(180);
     while keys(s3, out, "checkpoints").is_empty() {
@@ -427,47 +301,27 @@ fn requeued_training_resumes_exactly(
             "job {job} ended ({states:?}) before its first checkpoint:\n{}",
             all_logs(logs)
         );
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint after 180 s:\n{}",
-            all_logs(logs)
-        );
+        assert!(Instant::now() < deadline, "no checkpoint after 180 s:\n{}", all_logs(logs));
         std::thread::sleep(Duration::from_millis(20));
     }
     cluster.scontrol(&["requeue", &job]);
     // A requeued job waits (Reason=BeginTime) before it may start again; start it now.
     cluster.wait_state(&job, "PENDING", Duration::from_secs(60));
-    assert!(
-        object(s3, out, "sae_weights.safetensors").is_none(),
-        "the job finished before it was requeued"
-    );
+    assert!(object(s3, out, "sae_weights.safetensors").is_none(), "the job finished before it was requeued");
     cluster.scontrol(&["update", &format!("JobId={job}"), "StartTime=now"]);
     cluster.wait_completed(&job, logs, Duration::from_secs(180));
 
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        text.contains("SLURM_RESTART_COUNT=0") && text.contains("SLURM_RESTART_COUNT=1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("SIGTERM"),
-        "the batch script saw no SIGTERM:\n{text}"
-    );
-    assert!(
-        text.contains("resuming from step"),
-        "the requeued job did not resume:\n{text}"
-    );
+    assert!(text.contains("SLURM_RESTART_COUNT=0") && text.contains("SLURM_RESTART_COUNT=1"), "{text}");
+    assert!(text.contains("SIGTERM"), "the batch script saw no SIGTERM:\n{text}");
+    assert!(text.contains("resuming from step"), "the requeued job did not resume:\n{text}");
     let summary = train_summary(&log);
-    let resumed = summary["resumed_from_step"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("not resumed: {summary}"));
+    let resumed = summary["resumed_from_step"].as_u64().unwrap_or_else(|| panic!("not resumed: {summary}"));
     assert!((3..40).contains(&resumed), "{summary}");
     // It resumed from the checkpoint written on SIGTERM (steps the ranks reached together), not
     // only from a periodic one.
-    let interrupted = text
-        .lines()
-        .find_map(|l| l.strip_prefix("interrupted at step "))
-        .and_then(|rest| rest.split(';').next());
+    let interrupted =
+        text.lines().find_map(|l| l.strip_prefix("interrupted at step ")).and_then(|rest| rest.split(';').next());
     assert_eq!(interrupted, Some(resumed.to_string().as_str()), "{text}");
     assert_eq!(
         object(s3, out, "sae_weights.safetensors").unwrap(),
@@ -492,71 +346,45 @@ fn submit_runs_the_whole_chain(cluster: &SlurmCluster, s3: &S3Server, dir: &Path
         .env("LATENTS", "1152")
         .env("K", "16")
         .env("TRAIN_TOKENS", "8192")
-        .env("TRAIN_ARGS", "--batch-size 256 --threads 1 --eval-tokens 256 --density-tokens 2048 --json --dist-timeout 60")
+        .env(
+            "TRAIN_ARGS",
+            "--batch-size 256 --threads 1 --eval-tokens 256 --density-tokens 2048 --json --dist-timeout 60",
+        )
         .env("FEATURES_ARGS", "--top-k 5 --quantile-bands 2 --samples-per-band 2");
     let out = cmd.output().unwrap();
     let printed = common::stdout(&out);
-    assert!(
-        out.status.success(),
-        "submit.sh: {}{printed}",
-        common::stderr(&out)
-    );
+    assert!(out.status.success(), "submit.sh: {}{printed}", common::stderr(&out));
     let job = |what: &str| -> String {
-        let line = printed
-            .lines()
-            .find(|l| l.starts_with(what))
-            .unwrap_or_else(|| panic!("no `{what}` line:\n{printed}"));
-        line[what.len()..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
+        let line =
+            printed.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("no `{what}` line:\n{printed}"));
+        line[what.len()..].split_whitespace().next().unwrap().to_string()
     };
-    let ids: Vec<String> = ["capture job", "finalize job", "train job", "features job"]
-        .iter()
-        .map(|w| job(w))
-        .collect();
-    assert!(
-        printed.contains(&format!("features      {run}/features")),
-        "{printed}"
-    );
+    let ids: Vec<String> =
+        ["capture job", "finalize job", "train job", "features job"].iter().map(|w| job(w)).collect();
+    assert!(printed.contains(&format!("features      {run}/features")), "{printed}");
     for id in &ids {
         cluster.wait_completed(id, &logs, Duration::from_secs(300));
     }
     // The chain's order: each job started after every task of the one it depends on ended
     // (times as Slurm prints them, YYYY-MM-DDThh:mm:ss, so text order is time order).
     let times = |id: &str, key: &str| -> Vec<String> {
-        cluster
-            .scontrol(&["show", "job", "-o", id])
-            .lines()
-            .filter_map(|line| field(line, key))
-            .collect()
+        cluster.scontrol(&["show", "job", "-o", id]).lines().filter_map(|line| field(line, key)).collect()
     };
     for pair in ids.windows(2) {
         let ended = times(&pair[0], "EndTime").into_iter().max().unwrap();
         let started = times(&pair[1], "StartTime").into_iter().min().unwrap();
-        assert!(
-            started >= ended,
-            "job {} started at {started}, before {} ended at {ended}",
-            pair[1],
-            pair[0]
-        );
+        assert!(started >= ended, "job {} started at {started}, before {} ended at {ended}", pair[1], pair[0]);
     }
 
     let info = object(s3, data, "manifest.json").expect("the chain's dataset was not finalized");
     assert!(!info.is_empty());
     let sae = format!("{run}/sae");
     for key in ["cfg.json", "sae_weights.safetensors", "eval.json"] {
-        assert!(
-            object(s3, &sae, key).is_some(),
-            "no {key} in {sae}:\n{}",
-            all_logs(&logs)
-        );
+        assert!(object(s3, &sae, key).is_some(), "no {key} in {sae}:\n{}", all_logs(&logs));
     }
     let features = format!("{run}/features");
     let index: serde_json::Value = serde_json::from_slice(
-        &object(s3, &features, "features.json")
-            .unwrap_or_else(|| panic!("no features.json:\n{}", all_logs(&logs))),
+        &object(s3, &features, "features.json").unwrap_or_else(|| panic!("no features.json:\n{}", all_logs(&logs))),
     )
     .unwrap();
     assert!(index.is_object(), "{index}");

@@ -18,8 +18,22 @@ const HOOK: &str = "blocks.15.hook_resid_post";
 /// A small run: 80 steps of 256 rows, one thread (so results are reproducible bit for bit and two
 /// tests can run side by side on 2 cores).
 const RUN: &[&str] = &[
-    "--latents", "1152", "--k", "16", "--batch-size", "256", "--max-tokens", "20480", "--lr", "1e-3",
-    "--threads", "1", "--log-every", "5", "--no-eval", "--quiet",
+    "--latents",
+    "1152",
+    "--k",
+    "16",
+    "--batch-size",
+    "256",
+    "--max-tokens",
+    "20480",
+    "--lr",
+    "1e-3",
+    "--threads",
+    "1",
+    "--log-every",
+    "5",
+    "--no-eval",
+    "--quiet",
 ];
 
 fn sae(args: &[&str]) -> Output {
@@ -39,8 +53,19 @@ fn dataset() -> &'static str {
     DATA.get_or_init(|| {
         let dir = scratch("dataset").display().to_string();
         let out = sae(&[
-            "capture", "--out", &dir, "--max-tokens", "16000", "--context-len", "64", "--batch-size", "4",
-            "--threads", "2", "--row-group-rows", "512",
+            "capture",
+            "--out",
+            &dir,
+            "--max-tokens",
+            "16000",
+            "--context-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--threads",
+            "2",
+            "--row-group-rows",
+            "512",
         ]);
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         dir
@@ -142,7 +167,6 @@ fn a_sweep_member_equals_a_separate_run_bitwise() {
     assert_eq!(metrics(&member).last().unwrap()["fvu"], metrics(topk_alone()).last().unwrap()["fvu"]);
 }
 
-
 /// Starts a run that checkpoints every 5 steps and waits until a checkpoint newer than `after`
 /// exists, then sends `signal`. Returns the exit status.
 fn interrupt(dir: &Path, after: Option<String>, signal: &str) -> std::process::ExitStatus {
@@ -154,7 +178,13 @@ fn interrupt_with(dir: &Path, extra: &[&str], after: Option<String>, signal: &st
     let mut args = vec!["train", "--data", dataset(), "--out", dir.to_str().unwrap(), "--checkpoint-every", "5"];
     args.extend_from_slice(RUN);
     args.extend_from_slice(extra);
-    let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(SAE)
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let newest = newest_checkpoint(dir);
@@ -232,7 +262,8 @@ fn sae_lens_loads_our_exports_and_agrees_with_our_encode_and_decode() {
         let latents = loaded.sae.encode(&x).unwrap();
         let x_hat = loaded.sae.decode(&latents).unwrap();
         let inputs = dir.join("check-inputs.safetensors");
-        let named = [("x".to_string(), x.shallow_clone()), ("latents".to_string(), latents), ("x_hat".to_string(), x_hat)];
+        let named =
+            [("x".to_string(), x.shallow_clone()), ("latents".to_string(), latents), ("x_hat".to_string(), x_hat)];
         std::fs::write(&inputs, trainer::tensors::to_bytes(&named, None)).unwrap();
         let out = Command::new(&python)
             .args(["scripts/saelens_check.py", "--sae", dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()])
@@ -253,8 +284,18 @@ fn eval_scores_a_trained_sae_above_an_untrained_one() {
     assert!(out.status.success(), "{}", stderr(&out));
     let eval = |dir: &Path| {
         let out = sae(&[
-            "eval", "--sae", dir.to_str().unwrap(), "--data", dataset(), "--eval-tokens", "1024",
-            "--density-tokens", "4096", "--threads", "1", "--json",
+            "eval",
+            "--sae",
+            dir.to_str().unwrap(),
+            "--data",
+            dataset(),
+            "--eval-tokens",
+            "1024",
+            "--density-tokens",
+            "4096",
+            "--threads",
+            "1",
+            "--json",
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         last_json(&out)
@@ -288,7 +329,20 @@ fn training_writes_checkpoints_and_the_sae_to_a_real_s3_server() {
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(last_json(&out)["steps"], 20);
-    let out = run(&["eval", "--sae", url, "--data", dataset(), "--eval-tokens", "512", "--density-tokens", "2048", "--threads", "1", "--json"]);
+    let out = run(&[
+        "eval",
+        "--sae",
+        url,
+        "--data",
+        dataset(),
+        "--eval-tokens",
+        "512",
+        "--density-tokens",
+        "2048",
+        "--threads",
+        "1",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(last_json(&out)["ce_loss_score"].is_number());
 }
@@ -389,17 +443,39 @@ fn a_resumed_follow_run_keeps_the_normalization_it_started_with() {
     let data_url = data.to_str().unwrap();
     let capture = |worker: &str| {
         let out = sae(&[
-            "capture", "--out", data_url, "--max-tokens", "6000", "--context-len", "64", "--batch-size", "4",
-            "--threads", "2", "--row-group-rows", "256", "--worker", worker, "--workers", "2",
+            "capture",
+            "--out",
+            data_url,
+            "--max-tokens",
+            "6000",
+            "--context-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--threads",
+            "2",
+            "--row-group-rows",
+            "256",
+            "--worker",
+            worker,
+            "--workers",
+            "2",
         ]);
         assert!(out.status.success(), "capture worker {worker}: {}", stderr(&out));
     };
     capture("0");
     let dir = scratch("follow-growing-sae");
-    let mut args = vec!["train", "--data", data_url, "--out", dir.to_str().unwrap(), "--follow", "--checkpoint-every", "5"];
+    let mut args =
+        vec!["train", "--data", data_url, "--out", dir.to_str().unwrap(), "--follow", "--checkpoint-every", "5"];
     args.extend_from_slice(RUN);
     args.extend_from_slice(&["--max-tokens", "5120"]);
-    let mut child = Command::new(SAE).args(&args).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(SAE)
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     while newest_checkpoint(&dir).is_none() {
         assert!(child.try_wait().unwrap().is_none() && Instant::now() < deadline, "no checkpoint");
@@ -466,10 +542,16 @@ fn bad_inputs_are_clear_errors() {
     };
     fails(&["train", "--data", "/nonexistent/acts", "--out", out], "/nonexistent/acts");
     let data = dataset();
-    fails(&["train", "--data", data, "--out", out, "--hook", "blocks.3.hook_resid_post"], "has no hook `blocks.3.hook_resid_post`");
+    fails(
+        &["train", "--data", data, "--out", out, "--hook", "blocks.3.hook_resid_post"],
+        "has no hook `blocks.3.hook_resid_post`",
+    );
     fails(&["train", "--data", data, "--out", out, "--k", "0"], "k = 0");
     fails(&["train", "--data", data, "--out", out, "--latents", "0"], "width");
-    fails(&["train", "--data", data, "--out", out, "--latents", "64", "--k", "65"], "k = 65 exceeds the SAE width d_sae = 64");
+    fails(
+        &["train", "--data", data, "--out", out, "--latents", "64", "--k", "65"],
+        "k = 65 exceeds the SAE width d_sae = 64",
+    );
     fails(&["train", "--data", data, "--out", out, "--arch", "sparse"], "unknown architecture `sparse`");
     fails(&["train", "--data", data, "--out", out, "--sweep", "lr=1,2"], "not sweepable");
     fails(&["train", "--data", data, "--out", "gs://bucket/x"], "unsupported scheme");
@@ -519,7 +601,19 @@ fn feature_neighbors_are_sorted_exclude_the_feature_and_find_it_in_a_copy() {
     assert!(cosines.windows(2).all(|w| w[0] >= w[1]), "{cosines:?}");
     assert!(found.iter().all(|n| n["feature"] != 3));
     // In another SAE that is a copy, the feature's nearest neighbour is itself, at cosine 1.
-    let out = sae(&["features", "neighbors", "--sae", sae_dir, "--feature", "3", "--top", "1", "--other-sae", sae_dir, "--json"]);
+    let out = sae(&[
+        "features",
+        "neighbors",
+        "--sae",
+        sae_dir,
+        "--feature",
+        "3",
+        "--top",
+        "1",
+        "--other-sae",
+        sae_dir,
+        "--json",
+    ]);
     let best = &last_json(&out)["neighbors"][0];
     assert_eq!(best["feature"], 3);
     assert!((best["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-5, "{best}");

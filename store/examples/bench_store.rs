@@ -19,9 +19,7 @@ use store::reader::{OutputDtype, Reader, ReaderOptions};
 use store::*;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
 fn read_npy_f32(path: &std::path::Path) -> (Vec<f32>, usize, usize) {
@@ -30,32 +28,14 @@ fn read_npy_f32(path: &std::path::Path) -> (Vec<f32>, usize, usize) {
     let (hlen, hstart) = if bytes[6] == 1 {
         (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
     } else {
-        (
-            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
-            12,
-        )
+        (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
     };
     let header = std::str::from_utf8(&bytes[hstart..hstart + hlen]).unwrap();
-    assert!(
-        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
-        "{header}"
-    );
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
-    let dims: Vec<usize> = shape
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    let shape = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let dims: Vec<usize> = shape.split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let data = &bytes[hstart + hlen..];
-    let v: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let v: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(v.len(), dims[0] * dims[1]);
     (v, dims[0], dims[1])
 }
@@ -66,9 +46,7 @@ fn main() {
         Some("write") => write(&args),
         Some("read") => read(&args),
         _ => {
-            eprintln!(
-                "usage: bench_store write ACTS_DIR URL [...] | bench_store read URL HOOK [...]"
-            );
+            eprintln!("usage: bench_store write ACTS_DIR URL [...] | bench_store read URL HOOK [...]");
             std::process::exit(2);
         }
     }
@@ -77,8 +55,7 @@ fn main() {
 fn write(args: &[String]) {
     let dir = std::path::PathBuf::from(&args[1]);
     let url = &args[2];
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
     let hook = meta["hook"].as_str().unwrap().to_string();
     let ctx = meta["ctx"].as_u64().unwrap() as usize;
     let (acts, rows, d) = read_npy_f32(&dir.join("acts.npy"));
@@ -90,27 +67,15 @@ fn write(args: &[String]) {
     assert_eq!(tokens.len(), rows);
     let opts = WriterOptions {
         dtype: Dtype::parse(&arg(args, "--dtype").unwrap_or("bf16".into())).unwrap(),
-        zstd_level: arg(args, "--zstd-level")
-            .map(|s| s.parse().unwrap())
-            .unwrap_or(1),
-        row_group_rows: arg(args, "--row-group-rows")
-            .map(|s| s.parse().unwrap())
-            .unwrap_or(4096),
-        shard_mib: arg(args, "--shard-mib")
-            .map(|s| s.parse().unwrap())
-            .unwrap_or(256),
+        zstd_level: arg(args, "--zstd-level").map(|s| s.parse().unwrap()).unwrap_or(1),
+        row_group_rows: arg(args, "--row-group-rows").map(|s| s.parse().unwrap()).unwrap_or(4096),
+        shard_mib: arg(args, "--shard-mib").map(|s| s.parse().unwrap()).unwrap_or(256),
         ..Default::default()
     };
     let header = DatasetHeader {
-        model: ModelIdentity {
-            name: meta["model"].as_str().unwrap_or("").into(),
-            file_sha256: String::new(),
-        },
+        model: ModelIdentity { name: meta["model"].as_str().unwrap_or("").into(), file_sha256: String::new() },
         tokenizer: TokenizerIdentity::default(),
-        hooks: vec![HookSpec {
-            name: hook.clone(),
-            d_model: d,
-        }],
+        hooks: vec![HookSpec { name: hook.clone(), d_model: d }],
         context_len: ctx,
         corpus: CorpusIdentity {
             name: meta["corpus"].as_str().unwrap_or("").into(),
@@ -148,12 +113,7 @@ fn write(args: &[String]) {
 fn read(args: &[String]) {
     let url = &args[1];
     let hook = &args[2];
-    let mut o = ReaderOptions::new(
-        hook,
-        arg(args, "--batch")
-            .map(|s| s.parse().unwrap())
-            .unwrap_or(4096),
-    );
+    let mut o = ReaderOptions::new(hook, arg(args, "--batch").map(|s| s.parse().unwrap()).unwrap_or(4096));
     o.shuffle = args.iter().any(|a| a == "--shuffle");
     o.drop_last = o.shuffle;
     o.epochs = Some(1);
@@ -164,9 +124,7 @@ fn read(args: &[String]) {
     if let Some(p) = arg(args, "--prefetch") {
         o.prefetch_row_groups = p.parse().unwrap();
     }
-    let repeat: usize = arg(args, "--repeat")
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(1);
+    let repeat: usize = arg(args, "--repeat").map(|s| s.parse().unwrap()).unwrap_or(1);
     let mut best = f64::INFINITY;
     let (mut out, mut rows, mut d) = (Vec::new(), 0usize, 0usize);
     for _ in 0..repeat {
@@ -188,11 +146,7 @@ fn read(args: &[String]) {
         best = best.min(t.elapsed().as_secs_f64());
     }
     let secs = best;
-    let checksum: f64 = out
-        .chunks_exact(4)
-        .step_by(97)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .sum();
+    let checksum: f64 = out.chunks_exact(4).step_by(97).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).sum();
     println!(
         "{}",
         serde_json::json!({

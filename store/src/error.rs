@@ -18,11 +18,7 @@ pub enum Error {
     #[error("no dataset at `{url}`: {what}")]
     NotFound { url: String, what: String },
     #[error("dataset `{url}` has format_version {found}, but this build reads only version {supported}; upgrade sae-pipeline")]
-    UnsupportedVersion {
-        url: String,
-        found: String,
-        supported: u32,
-    },
+    UnsupportedVersion { url: String, found: String, supported: u32 },
     #[error("bad manifest or commit record `{location}`: {detail}")]
     BadMetadata { location: String, detail: String },
     #[error("corrupt shard `{key}`: {detail}")]
@@ -101,11 +97,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Error {
-    pub(crate) fn store(
-        op: &'static str,
-        location: impl fmt::Display,
-        source: object_store::Error,
-    ) -> Self {
+    pub(crate) fn store(op: &'static str, location: impl fmt::Display, source: object_store::Error) -> Self {
         Error::Store {
             op,
             location: crate::location::redact_urls_in(&location.to_string()),
@@ -116,9 +108,6 @@ impl Error {
         Error::Invalid(msg.into())
     }
     pub(crate) fn corrupt(key: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Corrupt {
-            key: key.into(),
-            detail: detail.into(),
-        }
+        Error::Corrupt { key: key.into(), detail: detail.into() }
     }
 }

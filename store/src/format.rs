@@ -48,9 +48,7 @@ impl Dtype {
             "bf16" => Ok(Dtype::Bf16),
             "f16" => Ok(Dtype::F16),
             "f32" => Ok(Dtype::F32),
-            _ => Err(Error::invalid(format!(
-                "unknown dtype `{s}` (expected bf16, f16 or f32)"
-            ))),
+            _ => Err(Error::invalid(format!("unknown dtype `{s}` (expected bf16, f16 or f32)"))),
         }
     }
 
@@ -80,18 +78,13 @@ impl Dtype {
     pub fn decode_to_f32(self, src: &[u8], out: &mut Vec<f32>) {
         out.reserve(src.len() / self.size());
         match self {
-            Dtype::F32 => out.extend(
-                src.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            Dtype::Bf16 => out.extend(
-                src.chunks_exact(2)
-                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)),
-            ),
-            Dtype::F16 => out.extend(
-                src.chunks_exact(2)
-                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            ),
+            Dtype::F32 => out.extend(src.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            Dtype::Bf16 => {
+                out.extend(src.chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)))
+            }
+            Dtype::F16 => {
+                out.extend(src.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
+            }
         }
     }
 }
@@ -143,10 +136,7 @@ pub fn planar_to_f32_bytes(dtype: Dtype, src: &[u8], d: usize, out: &mut Vec<u8>
         Dtype::Bf16 => {
             let start = out.len();
             out.resize(start + src.len() * 2, 0);
-            for (row, dst) in src
-                .chunks_exact(2 * d)
-                .zip(out[start..].chunks_exact_mut(4 * d))
-            {
+            for (row, dst) in src.chunks_exact(2 * d).zip(out[start..].chunks_exact_mut(4 * d)) {
                 let (lo, hi) = row.split_at(d);
                 for (j, e) in dst.chunks_exact_mut(4).enumerate() {
                     e[2] = lo[j];
@@ -159,11 +149,7 @@ pub fn planar_to_f32_bytes(dtype: Dtype, src: &[u8], d: usize, out: &mut Vec<u8>
             let mut le = Vec::with_capacity(src.len());
             from_planar(src, d, 2, &mut le);
             for c in le.chunks_exact(2) {
-                out.extend_from_slice(
-                    &half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))
-                        .to_f32()
-                        .to_le_bytes(),
-                );
+                out.extend_from_slice(&half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32().to_le_bytes());
             }
         }
     }
@@ -183,15 +169,8 @@ pub fn shard_schema(hooks: &[HookSpec], dtype: Dtype) -> SchemaRef {
             ("sae.layout".to_string(), "byte_planar".to_string()),
         ];
         fields.push(
-            Field::new(
-                &h.name,
-                DataType::FixedSizeBinary((h.d_model * dtype.size()) as i32),
-                false,
-            )
-            .with_metadata(
-                meta.into_iter()
-                    .collect::<std::collections::HashMap<_, _>>(),
-            ),
+            Field::new(&h.name, DataType::FixedSizeBinary((h.d_model * dtype.size()) as i32), false)
+                .with_metadata(meta.into_iter().collect::<std::collections::HashMap<_, _>>()),
         );
     }
     Arc::new(Schema::new(fields))
@@ -205,8 +184,7 @@ pub fn writer_properties(
     row_group_rows: usize,
     page_bytes: usize,
 ) -> Result<WriterProperties> {
-    let level = ZstdLevel::try_new(zstd_level)
-        .map_err(|e| Error::invalid(format!("zstd level {zstd_level}: {e}")))?;
+    let level = ZstdLevel::try_new(zstd_level).map_err(|e| Error::invalid(format!("zstd level {zstd_level}: {e}")))?;
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))
         .set_max_row_group_row_count(Some(row_group_rows))
@@ -217,10 +195,7 @@ pub fn writer_properties(
     for c in [COL_SEQUENCE_ID, COL_POSITION] {
         b = b
             .set_column_dictionary_enabled(ColumnPath::new(vec![c.to_string()]), false)
-            .set_column_encoding(
-                ColumnPath::new(vec![c.to_string()]),
-                Encoding::DELTA_BINARY_PACKED,
-            );
+            .set_column_encoding(ColumnPath::new(vec![c.to_string()]), Encoding::DELTA_BINARY_PACKED);
     }
     for h in hooks {
         let p = ColumnPath::new(vec![h.name.clone()]);
@@ -241,9 +216,7 @@ mod tests {
     fn planar_roundtrip() {
         for size in [2usize, 4] {
             let d = 5;
-            let src: Vec<u8> = (0..(3 * d * size) as u32)
-                .map(|i| (i * 7 % 251) as u8)
-                .collect();
+            let src: Vec<u8> = (0..(3 * d * size) as u32).map(|i| (i * 7 % 251) as u8).collect();
             let mut p = Vec::new();
             to_planar(&src, d, size, &mut p);
             assert_eq!(p[1], src[size], "byte 0 of element 1 comes second");
@@ -262,10 +235,7 @@ mod tests {
             planar_to_f32_bytes(dt, &p, 2, &mut f);
             let mut want = Vec::new();
             dt.decode_to_f32(&le, &mut want);
-            let got: Vec<f32> = f
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let got: Vec<f32> = f.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             assert_eq!(got, want, "{dt:?}");
         }
     }

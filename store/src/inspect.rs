@@ -8,8 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{
-    parse_versioned, CorpusIdentity, CreatedInfo, Manifest, ModelIdentity, TokenizerIdentity,
-    MANIFEST_KEY, SHARDS_DIR,
+    parse_versioned, CorpusIdentity, CreatedInfo, Manifest, ModelIdentity, TokenizerIdentity, MANIFEST_KEY, SHARDS_DIR,
 };
 use crate::reader::{check_schema, chunk_crcs, parse_footer};
 use crate::writer::{list_commits, read_header, runtime};
@@ -51,10 +50,7 @@ pub fn info(url: &str, store: &StoreOptions) -> Result<DatasetInfo> {
 }
 
 pub(crate) async fn read_manifest(loc: &Location) -> Result<Option<Manifest>> {
-    match loc
-        .get_bounded(MANIFEST_KEY, crate::manifest::limits::MAX_METADATA_BYTES)
-        .await?
-    {
+    match loc.get_bounded(MANIFEST_KEY, crate::manifest::limits::MAX_METADATA_BYTES).await? {
         Some(b) => parse_versioned(&b, &loc.display(MANIFEST_KEY), &loc.url).map(Some),
         None => Ok(None),
     }
@@ -78,14 +74,7 @@ async fn info_async(loc: &Location) -> Result<DatasetInfo> {
         format_version: m.format_version,
         is_final,
         tokens: m.tokens,
-        hooks: m
-            .hooks
-            .iter()
-            .map(|h| HookInfo {
-                name: h.name.clone(),
-                d_model: h.d_model,
-            })
-            .collect(),
+        hooks: m.hooks.iter().map(|h| HookInfo { name: h.name.clone(), d_model: h.d_model }).collect(),
         dtype: m.dtype,
         context_len: m.context_len,
         shards: m.shards.len(),
@@ -140,10 +129,7 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
             let m = &m;
             async move {
                 let p = verify_shard(loc, m, &s).await;
-                ShardProblem {
-                    key: s.key.clone(),
-                    problems: p,
-                }
+                ShardProblem { key: s.key.clone(), problems: p }
             }
         })
         .buffered(concurrency)
@@ -166,10 +152,7 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
         if s.first_row != first {
             order_problems.push(ShardProblem {
                 key: s.key.clone(),
-                problems: vec![format!(
-                    "first_row {} but the shards before hold {first} rows",
-                    s.first_row
-                )],
+                problems: vec![format!("first_row {} but the shards before hold {first} rows", s.first_row)],
             });
         }
         first += s.rows;
@@ -178,10 +161,7 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
     if rows != m.tokens {
         order_problems.push(ShardProblem {
             key: MANIFEST_KEY.into(),
-            problems: vec![format!(
-                "tokens {} but the shards hold {rows} rows",
-                m.tokens
-            )],
+            problems: vec![format!("tokens {} but the shards hold {rows} rows", m.tokens)],
         });
     }
     problems.extend(order_problems);
@@ -196,11 +176,7 @@ async fn verify_async(loc: &Location, concurrency: usize) -> Result<VerifyReport
     })
 }
 
-async fn verify_shard(
-    loc: &Location,
-    m: &Manifest,
-    s: &crate::manifest::ShardEntry,
-) -> Vec<String> {
+async fn verify_shard(loc: &Location, m: &Manifest, s: &crate::manifest::ShardEntry) -> Vec<String> {
     let mut p = Vec::new();
     let data = match loc.get(&s.key).await {
         Ok(Some(d)) => d,
@@ -208,11 +184,7 @@ async fn verify_shard(
         Err(e) => return vec![e.to_string()],
     };
     if data.len() as u64 != s.bytes {
-        p.push(format!(
-            "{} bytes, the manifest says {}",
-            data.len(),
-            s.bytes
-        ));
+        p.push(format!("{} bytes, the manifest says {}", data.len(), s.bytes));
     }
     let sum = format!("sha256:{:x}", Sha256::digest(&data));
     if sum != s.checksum {
@@ -249,9 +221,7 @@ async fn verify_shard(
                 for (ci, c) in rg.columns().iter().enumerate() {
                     let (start, len) = c.byte_range();
                     let Some(chunk) = data.get(start as usize..(start + len) as usize) else {
-                        p.push(format!(
-                            "row group {ri} column {ci} lies outside the object"
-                        ));
+                        p.push(format!("row group {ri} column {ci} lies outside the object"));
                         continue;
                     };
                     if crc32c::crc32c(chunk) != crcs[ri][ci] {

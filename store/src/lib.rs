@@ -30,8 +30,8 @@ pub use format::Dtype;
 pub use inspect::{info, verify, DatasetInfo, HookInfo, ShardProblem, VerifyReport};
 pub use location::{has_user_info, open_store, open_store_with, redact_url, redact_urls_in, Location, StoreOptions};
 pub use manifest::{
-    CommitRecord, CorpusIdentity, CreatedInfo, DatasetHeader, HookSpec, HookStats, HookSummary,
-    limits, Manifest, ModelIdentity, ShardEntry, TokenizerIdentity, Validate, FORMAT_VERSION,
+    limits, CommitRecord, CorpusIdentity, CreatedInfo, DatasetHeader, HookSpec, HookStats, HookSummary, Manifest,
+    ModelIdentity, ShardEntry, TokenizerIdentity, Validate, FORMAT_VERSION,
 };
 pub use objects::{load_manifest, shard_tokens, ObjectDir};
 pub use writer::{

@@ -10,8 +10,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
-    ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig,
+    ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
 use crate::error::{Error, Result};
@@ -35,16 +34,7 @@ impl std::fmt::Debug for StoreOptions {
         let s3_config: Vec<(&str, &str)> = self
             .s3_config
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str(),
-                    if s3_setting_is_public(k) {
-                        v.as_str()
-                    } else {
-                        "<redacted>"
-                    },
-                )
-            })
+            .map(|(k, v)| (k.as_str(), if s3_setting_is_public(k) { v.as_str() } else { "<redacted>" }))
             .collect();
         f.debug_struct("StoreOptions")
             .field("retry", &self.retry)
@@ -121,16 +111,11 @@ static MEMORY_STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock
 ///   (for tests).
 pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
     // Reasons may quote settings (a client error quotes the endpoint URL): redact them too.
-    let bad = |reason: &str| Error::Url {
-        url: redact_url(url),
-        reason: redact_urls_in(reason),
-    };
+    let bad = |reason: &str| Error::Url { url: redact_url(url), reason: redact_urls_in(reason) };
     // Before anything splits the URL: a secret holding `/` would otherwise be taken for a
     // bucket name and sent out in requests.
     if has_user_info(url) {
-        return Err(bad(
-            "credentials are not accepted in URLs; use the AWS_* environment variables",
-        ));
+        return Err(bad("credentials are not accepted in URLs; use the AWS_* environment variables"));
     }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -138,7 +123,9 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
             return Err(bad("missing bucket name (expected s3://bucket/prefix)"));
         }
         if bucket.contains('@') || rest.contains('?') {
-            return Err(bad("credentials or query strings are not accepted in URLs; use the AWS_* environment variables"));
+            return Err(bad(
+                "credentials or query strings are not accepted in URLs; use the AWS_* environment variables",
+            ));
         }
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
         if let Some(r) = &opts.retry {
@@ -152,38 +139,20 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
             }
         }
         for (k, v) in &opts.s3_config {
-            let key: object_store::aws::AmazonS3ConfigKey = k
-                .parse()
-                .map_err(|_| bad(&format!("unknown S3 setting `{k}`")))?;
+            let key: object_store::aws::AmazonS3ConfigKey =
+                k.parse().map_err(|_| bad(&format!("unknown S3 setting `{k}`")))?;
             b = b.with_config(key, v);
         }
-        let store = b
-            .build()
-            .map_err(|e| bad(&format!("cannot configure S3 client: {e}")))?;
+        let store = b.build().map_err(|e| bad(&format!("cannot configure S3 client: {e}")))?;
         let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location {
-            store: Arc::new(store),
-            prefix,
-            url: redact_url(url),
-            local_dir: None,
-        });
+        return Ok(Location { store: Arc::new(store), prefix, url: redact_url(url), local_dir: None });
     }
     if let Some(rest) = url.strip_prefix("memory://") {
         let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let map = MEMORY_STORES.get_or_init(Default::default);
-        let store = map
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::new(InMemory::new()))
-            .clone();
+        let store = map.lock().unwrap().entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone();
         let prefix = Path::parse(prefix.trim_end_matches('/')).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location {
-            store,
-            prefix,
-            url: redact_url(url),
-            local_dir: None,
-        });
+        return Ok(Location { store, prefix, url: redact_url(url), local_dir: None });
     }
     let fs_path = if let Some(rest) = url.strip_prefix("file://") {
         if !rest.starts_with('/') {
@@ -191,9 +160,7 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
         }
         std::path::PathBuf::from(rest)
     } else if url.contains("://") {
-        return Err(bad(
-            "unsupported scheme (use a path, file://, s3:// or memory://)",
-        ));
+        return Err(bad("unsupported scheme (use a path, file://, s3:// or memory://)"));
     } else {
         if url.is_empty() {
             return Err(bad("empty path"));
@@ -202,19 +169,12 @@ pub fn open_store_with(url: &str, opts: &StoreOptions) -> Result<Location> {
         if p.is_absolute() {
             p
         } else {
-            std::env::current_dir()
-                .map_err(|e| bad(&e.to_string()))?
-                .join(p)
+            std::env::current_dir().map_err(|e| bad(&e.to_string()))?.join(p)
         }
     };
     let prefix = Path::from_absolute_path(&fs_path).map_err(|e| bad(&e.to_string()))?;
     let store = LocalFileSystem::new().with_automatic_cleanup(true);
-    Ok(Location {
-        store: Arc::new(store),
-        prefix,
-        url: fs_path.display().to_string(),
-        local_dir: Some(fs_path),
-    })
+    Ok(Location { store: Arc::new(store), prefix, url: fs_path.display().to_string(), local_dir: Some(fs_path) })
 }
 
 /// Remove user info and query strings from a URL before it goes into a message.
@@ -286,21 +246,14 @@ impl Location {
     /// The key of `path` relative to the prefix.
     pub(crate) fn rel(&self, path: &Path) -> String {
         match path.prefix_match(&self.prefix) {
-            Some(parts) => parts
-                .map(|p| p.as_ref().to_string())
-                .collect::<Vec<_>>()
-                .join("/"),
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
             None => path.to_string(),
         }
     }
 
     pub(crate) async fn get(&self, rel: &str) -> Result<Option<Bytes>> {
         match self.store.get(&self.path(rel)).await {
-            Ok(r) => Ok(Some(
-                r.bytes()
-                    .await
-                    .map_err(|e| Error::store("GET", self.display(rel), e))?,
-            )),
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| Error::store("GET", self.display(rel), e))?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::store("GET", self.display(rel), e)),
         }
@@ -317,16 +270,10 @@ impl Location {
         if result.meta.size > max_bytes {
             return Err(Error::BadMetadata {
                 location: self.display(rel),
-                detail: format!(
-                    "{} bytes, more than the {max_bytes} such a record may hold",
-                    result.meta.size
-                ),
+                detail: format!("{} bytes, more than the {max_bytes} such a record may hold", result.meta.size),
             });
         }
-        let bytes = result
-            .bytes()
-            .await
-            .map_err(|e| Error::store("GET", self.display(rel), e))?;
+        let bytes = result.bytes().await.map_err(|e| Error::store("GET", self.display(rel), e))?;
         Ok(Some(bytes))
     }
 
@@ -339,15 +286,8 @@ impl Location {
 
     /// Create `rel` with `PutMode::Create`. Returns `Ok(false)` if it already exists.
     pub(crate) async fn put_create(&self, rel: &str, data: Bytes) -> Result<bool> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&self.path(rel), PutPayload::from_bytes(data), opts)
-            .await
-        {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&self.path(rel), PutPayload::from_bytes(data), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(Error::store("PUT (create)", self.display(rel), e)),
@@ -370,10 +310,7 @@ impl Location {
             .try_collect()
             .await
             .map_err(|e| Error::store("LIST", self.display(rel_dir), e))?;
-        let mut out: Vec<_> = metas
-            .into_iter()
-            .map(|m| (self.rel(&m.location), m))
-            .collect();
+        let mut out: Vec<_> = metas.into_iter().map(|m| (self.rel(&m.location), m)).collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
@@ -385,10 +322,7 @@ mod tests {
 
     #[test]
     fn redacts_credentials() {
-        assert_eq!(
-            redact_url("s3://AKIA:secret@bucket/x?sig=1"),
-            "s3://bucket/x"
-        );
+        assert_eq!(redact_url("s3://AKIA:secret@bucket/x?sig=1"), "s3://bucket/x");
         assert_eq!(redact_url("/tmp/x"), "/tmp/x");
     }
 
@@ -399,9 +333,7 @@ mod tests {
         assert_eq!(redacted, "error sending request for url (http://127.0.0.1:9000/bucket/k): refused; also `s3://b/x` and s3://bucket/a@b");
         assert!(has_user_info(text) && !has_user_info(&redacted));
         assert!(
-            !has_user_info("s3://bucket/prefix")
-                && !has_user_info("/tmp/a@b/c")
-                && !has_user_info("--max-tokens=5")
+            !has_user_info("s3://bucket/prefix") && !has_user_info("/tmp/a@b/c") && !has_user_info("--max-tokens=5")
         );
         assert!(has_user_info("--out=s3://KEY:SECRET@bucket/p"));
         assert_eq!(redact_url("s3://K:SE/CRET@bucket/x?sig=1"), "s3://bucket/x");
@@ -416,26 +348,17 @@ mod tests {
                 ("aws_session_token".into(), "PLANTED-TOKEN".into()),
                 ("aws_access_key_id".into(), "PLANTED-KEY-ID".into()),
                 ("aws_region".into(), "eu-west-1".into()),
-                (
-                    "aws_endpoint".into(),
-                    "http://u:PLANTED-PASS@127.0.0.1:9".into(),
-                ),
+                ("aws_endpoint".into(), "http://u:PLANTED-PASS@127.0.0.1:9".into()),
             ],
             client: Some(ClientOptions::new().with_proxy_url("http://u:PLANTED-PROXY@proxy:3128")),
             ..Default::default()
         };
         let debug = format!("{opts:?} {opts:#?}");
         assert!(!debug.contains("PLANTED"), "{debug}");
-        assert!(
-            debug.contains("aws_secret_access_key") && debug.contains("eu-west-1"),
-            "{debug}"
-        );
+        assert!(debug.contains("aws_secret_access_key") && debug.contains("eu-west-1"), "{debug}");
         let loc = open_store_with("s3://bucket/prefix", &opts).unwrap();
         let debug = format!("{loc:?} {loc:#?}");
-        assert!(
-            !debug.contains("PLANTED") && debug.contains("bucket"),
-            "{debug}"
-        );
+        assert!(!debug.contains("PLANTED") && debug.contains("bucket"), "{debug}");
     }
 
     #[test]

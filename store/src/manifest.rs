@@ -59,10 +59,7 @@ pub struct CreatedInfo {
 impl CreatedInfo {
     /// This process's command line, with the values of secret-looking options redacted.
     pub fn from_process() -> Self {
-        CreatedInfo {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            command_line: redact_args(std::env::args()),
-        }
+        CreatedInfo { version: env!("CARGO_PKG_VERSION").to_string(), command_line: redact_args(std::env::args()) }
     }
 }
 
@@ -129,10 +126,15 @@ impl DatasetHeader {
     /// (`created` does not count: the same dataset is written again by a resumed command).
     /// Empty when they describe the same dataset.
     pub fn differences(&self, other: &DatasetHeader) -> Vec<String> {
-        let names = |h: &DatasetHeader| h.hooks.iter().map(|s| format!("{}({})", s.name, s.d_model)).collect::<Vec<_>>().join(", ");
+        let names = |h: &DatasetHeader| {
+            h.hooks.iter().map(|s| format!("{}({})", s.name, s.d_model)).collect::<Vec<_>>().join(", ")
+        };
         let mut out = Vec::new();
         if self.model != other.model {
-            out.push(format!("model {:?} ({}) here, {:?} ({}) asked", self.model.name, self.model.file_sha256, other.model.name, other.model.file_sha256));
+            out.push(format!(
+                "model {:?} ({}) here, {:?} ({}) asked",
+                self.model.name, self.model.file_sha256, other.model.name, other.model.file_sha256
+            ));
         }
         if self.tokenizer != other.tokenizer {
             out.push(format!("tokenizer {} here, {} asked", self.tokenizer.sha256, other.tokenizer.sha256));
@@ -144,7 +146,10 @@ impl DatasetHeader {
             out.push(format!("context length {} here, {} asked", self.context_len, other.context_len));
         }
         if self.corpus.name != other.corpus.name || self.corpus.sha256 != other.corpus.sha256 {
-            out.push(format!("corpus {} ({}) here, {} ({}) asked", self.corpus.name, self.corpus.sha256, other.corpus.name, other.corpus.sha256));
+            out.push(format!(
+                "corpus {} ({}) here, {} ({}) asked",
+                self.corpus.name, self.corpus.sha256, other.corpus.name, other.corpus.sha256
+            ));
         }
         if self.corpus.detail != other.corpus.detail {
             out.push(format!("settings {} here, {} asked", self.corpus.detail, other.corpus.detail));
@@ -187,11 +192,7 @@ pub struct HookStats {
 
 impl HookStats {
     pub fn new(d: usize) -> Self {
-        HookStats {
-            sum: vec![0.0; d],
-            sum_sq_norm: 0.0,
-            count: 0,
-        }
+        HookStats { sum: vec![0.0; d], sum_sq_norm: 0.0, count: 0 }
     }
     pub fn merge(&mut self, other: &HookStats) {
         for (a, b) in self.sum.iter_mut().zip(&other.sum) {
@@ -336,7 +337,9 @@ fn check_context_len(context_len: usize) -> std::result::Result<(), String> {
 
 /// A worker name becomes part of object keys (`commits/<worker>/...`, `parts/<worker>.json`).
 fn check_worker_name(worker: &str) -> std::result::Result<(), String> {
-    let plain = !worker.is_empty() && worker.len() <= 64 && worker.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let plain = !worker.is_empty()
+        && worker.len() <= 64
+        && worker.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !plain {
         return Err(format!("worker name {worker:?} is not 1 to 64 letters, digits, `-` or `_`"));
     }
@@ -347,7 +350,8 @@ impl Validate for ShardEntry {
     fn validate(&self) -> std::result::Result<(), String> {
         use limits::*;
         let key = &self.key;
-        let plain_key = key.starts_with(&format!("{SHARDS_DIR}/")) && !key.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+        let plain_key = key.starts_with(&format!("{SHARDS_DIR}/"))
+            && !key.split('/').any(|p| p.is_empty() || p == "." || p == "..");
         if !plain_key {
             return Err(format!("shard key {key:?} is not a file under {SHARDS_DIR}/"));
         }
@@ -356,7 +360,10 @@ impl Validate for ShardEntry {
         }
         let group_rows = self.row_groups.iter().try_fold(0u64, |sum, &r| sum.checked_add(r));
         if group_rows != Some(self.rows) || self.row_groups.contains(&0) {
-            return Err(format!("shard `{key}`: row groups {:?} do not add up to its {} rows", self.row_groups, self.rows));
+            return Err(format!(
+                "shard `{key}`: row groups {:?} do not add up to its {} rows",
+                self.row_groups, self.rows
+            ));
         }
         if self.footer_len < 8 || self.footer_len > self.bytes {
             return Err(format!("shard `{key}`: footer of {} bytes in an object of {}", self.footer_len, self.bytes));
@@ -366,7 +373,11 @@ impl Validate for ShardEntry {
         }
         for (hook, stats) in &self.stats {
             if stats.sum.len() > MAX_D_MODEL || stats.count > self.rows {
-                return Err(format!("shard `{key}`: statistics of hook `{hook}` have {} sums over {} rows", stats.sum.len(), stats.count));
+                return Err(format!(
+                    "shard `{key}`: statistics of hook `{hook}` have {} sums over {} rows",
+                    stats.sum.len(),
+                    stats.count
+                ));
             }
         }
         Ok(())
@@ -406,7 +417,12 @@ impl Validate for Manifest {
         check_hooks(self.hooks.iter().map(|h| (h.name.as_str(), h.d_model)))?;
         for hook in &self.hooks {
             if hook.mean.len() != hook.d_model {
-                return Err(format!("hook `{}`: mean has {} values for d_model {}", hook.name, hook.mean.len(), hook.d_model));
+                return Err(format!(
+                    "hook `{}`: mean has {} values for d_model {}",
+                    hook.name,
+                    hook.mean.len(),
+                    hook.d_model
+                ));
             }
         }
         check_context_len(self.context_len)?;
@@ -417,14 +433,20 @@ impl Validate for Manifest {
         for shard in &self.shards {
             shard.validate()?;
             if shard.first_row != rows {
-                return Err(format!("shard `{}` starts at row {}, but the shards before it hold {rows} rows", shard.key, shard.first_row));
+                return Err(format!(
+                    "shard `{}` starts at row {}, but the shards before it hold {rows} rows",
+                    shard.key, shard.first_row
+                ));
             }
             // Each term is bounded by the shard limits, but there may be many shards.
             rows = rows.checked_add(shard.rows).ok_or("the shards' rows overflow")?;
             bytes = bytes.checked_add(shard.bytes).ok_or("the shards' bytes overflow")?;
         }
         if rows != self.tokens || bytes != self.bytes {
-            return Err(format!("the shards hold {rows} rows in {bytes} bytes, the manifest says {} in {}", self.tokens, self.bytes));
+            return Err(format!(
+                "the shards hold {rows} rows in {bytes} bytes, the manifest says {} in {}",
+                self.tokens, self.bytes
+            ));
         }
         Ok(())
     }
@@ -440,7 +462,11 @@ pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned + Validate>(
     if bytes.len() as u64 > limits::MAX_METADATA_BYTES {
         return Err(Error::BadMetadata {
             location: location.to_string(),
-            detail: format!("{} bytes, more than the {} a metadata record may hold", bytes.len(), limits::MAX_METADATA_BYTES),
+            detail: format!(
+                "{} bytes, more than the {} a metadata record may hold",
+                bytes.len(),
+                limits::MAX_METADATA_BYTES
+            ),
         });
     }
     /// Only the version: the other fields are skipped without being kept.
@@ -469,10 +495,8 @@ pub(crate) fn parse_versioned<T: serde::de::DeserializeOwned + Validate>(
             })
         }
     }
-    let record: T = serde_json::from_slice(bytes).map_err(|e| Error::BadMetadata {
-        location: location.to_string(),
-        detail: e.to_string(),
-    })?;
+    let record: T = serde_json::from_slice(bytes)
+        .map_err(|e| Error::BadMetadata { location: location.to_string(), detail: e.to_string() })?;
     record.validate().map_err(|detail| Error::BadMetadata { location: location.to_string(), detail })?;
     Ok(record)
 }
@@ -482,12 +506,7 @@ pub(crate) fn build_manifest(header: &HeaderFile, commits: &[CommitRecord]) -> M
     let mut shards = Vec::with_capacity(commits.len());
     let mut first_row = 0u64;
     let mut bytes = 0u64;
-    let mut totals: Vec<HookStats> = header
-        .header
-        .hooks
-        .iter()
-        .map(|h| HookStats::new(h.d_model))
-        .collect();
+    let mut totals: Vec<HookStats> = header.header.hooks.iter().map(|h| HookStats::new(h.d_model)).collect();
     for c in commits {
         let mut s = c.shard.clone();
         s.first_row = first_row;
@@ -557,7 +576,10 @@ mod tests {
         b.context_len = 128;
         let diff = a.differences(&b);
         assert_eq!(diff.len(), 2, "{diff:?}");
-        assert!(diff[0].contains("blocks.15.hook_resid_post") && diff[0].contains("blocks.14.hook_resid_post"), "{diff:?}");
+        assert!(
+            diff[0].contains("blocks.15.hook_resid_post") && diff[0].contains("blocks.14.hook_resid_post"),
+            "{diff:?}"
+        );
         assert!(diff[1].contains("256") && diff[1].contains("128"), "{diff:?}");
     }
     use super::*;
@@ -565,33 +587,17 @@ mod tests {
     #[test]
     fn redacts_secret_args() {
         let a = redact_args(
-            [
-                "sae",
-                "capture",
-                "--secret-key",
-                "S3CR3T",
-                "--aws-access-key=AK",
-                "s3://u:p@b/x",
-                "--tokens",
-                "100",
-            ]
-            .map(String::from),
+            ["sae", "capture", "--secret-key", "S3CR3T", "--aws-access-key=AK", "s3://u:p@b/x", "--tokens", "100"]
+                .map(String::from),
         );
         let joined = a.join(" ");
-        assert!(
-            !joined.contains("S3CR3T") && !joined.contains("AK") && !joined.contains("u:p"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("--tokens 100") && joined.contains("s3://b/x"),
-            "{joined}"
-        );
+        assert!(!joined.contains("S3CR3T") && !joined.contains("AK") && !joined.contains("u:p"), "{joined}");
+        assert!(joined.contains("--tokens 100") && joined.contains("s3://b/x"), "{joined}");
     }
 
     #[test]
     fn refuses_unknown_version() {
-        let e = parse_versioned::<Manifest>(br#"{"format_version": 99}"#, "m", "memory://x")
-            .unwrap_err();
+        let e = parse_versioned::<Manifest>(br#"{"format_version": 99}"#, "m", "memory://x").unwrap_err();
         assert!(matches!(e, Error::UnsupportedVersion { .. }));
         assert!(e.to_string().contains("format_version 99"), "{e}");
     }

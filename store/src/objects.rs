@@ -82,7 +82,8 @@ impl ObjectDir {
             return self.rt.block_on(self.loc.store.put(&path, payload)).map(|_| ()).map_err(|e| failed("PUT", e));
         }
         self.rt.block_on(async {
-            let upload = self.loc.store.put_multipart(&path).await.map_err(|e| failed("start multipart upload of", e))?;
+            let upload =
+                self.loc.store.put_multipart(&path).await.map_err(|e| failed("start multipart upload of", e))?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
             for part in data.chunks(PART_BYTES) {
                 writer.wait_for_capacity(4).await.map_err(|e| failed("upload part of", e))?;
@@ -117,10 +118,9 @@ pub fn load_manifest(url: &str, opts: &StoreOptions) -> Result<(Manifest, bool)>
         if let Some(manifest) = read_manifest(&loc).await? {
             return Ok((manifest, true));
         }
-        let header = read_header(&loc).await?.ok_or_else(|| Error::NotFound {
-            url: loc.url.clone(),
-            what: "no manifest.json or header.json".into(),
-        })?;
+        let header = read_header(&loc)
+            .await?
+            .ok_or_else(|| Error::NotFound { url: loc.url.clone(), what: "no manifest.json or header.json".into() })?;
         let commits = list_commits(&loc, None).await?;
         Ok((build_manifest(&header, &commits), false))
     })
@@ -147,9 +147,7 @@ pub fn shard_tokens(url: &str, opts: &StoreOptions, index: usize) -> Result<crat
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(pq)?;
     let names = [crate::format::COL_SEQUENCE_ID, crate::format::COL_POSITION, crate::format::COL_TOKEN_ID];
     let schema = builder.parquet_schema();
-    let leaves: Vec<usize> = (0..schema.num_columns())
-        .filter(|&i| names.contains(&schema.column(i).name()))
-        .collect();
+    let leaves: Vec<usize> = (0..schema.num_columns()).filter(|&i| names.contains(&schema.column(i).name())).collect();
     if leaves.len() != names.len() {
         return Err(Error::corrupt(&shard.key, "the token columns are missing"));
     }
@@ -171,7 +169,10 @@ pub fn shard_tokens(url: &str, opts: &StoreOptions, index: usize) -> Result<crat
         out.token_id.extend(tok.values().iter());
     }
     if out.token_id.len() as u64 != shard.rows {
-        return Err(Error::corrupt(&shard.key, format!("{} rows, the manifest says {}", out.token_id.len(), shard.rows)));
+        return Err(Error::corrupt(
+            &shard.key,
+            format!("{} rows, the manifest says {}", out.token_id.len(), shard.rows),
+        ));
     }
     Ok(out)
 }

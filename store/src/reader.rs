@@ -21,9 +21,7 @@ use std::time::Duration;
 use arrow_array::{Array, FixedSizeBinaryArray, UInt32Array, UInt64Array};
 use bytes::Bytes;
 use futures::StreamExt;
-use parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
-};
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ProjectionMask;
 use parquet::basic::{Encoding as ParquetEncoding, Type as PhysicalType};
 use parquet::column::page::Page;
@@ -105,11 +103,7 @@ pub struct FollowOptions {
 
 impl Default for FollowOptions {
     fn default() -> Self {
-        FollowOptions {
-            poll: Duration::from_secs(2),
-            idle_timeout: None,
-            replay: Vec::new(),
-        }
+        FollowOptions { poll: Duration::from_secs(2), idle_timeout: None, replay: Vec::new() }
     }
 }
 
@@ -164,9 +158,7 @@ impl ReaderOptions {
             output: OutputDtype::Stored,
             with_tokens: false,
             prefetch_row_groups: 8,
-            decode_threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            decode_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             max_bytes_in_flight: 1 << 30,
             follow: None,
             store: StoreOptions::default(),
@@ -220,11 +212,7 @@ pub(crate) fn rank_row_groups(
             mine.insert(i);
         }
     }
-    order
-        .into_iter()
-        .filter(|i| mine.contains(i))
-        .map(|i| all[i as usize])
-        .collect()
+    order.into_iter().filter(|i| mine.contains(i)).map(|i| all[i as usize]).collect()
 }
 
 /// Rows of every rank (epoch-invariant: LPT only depends on the multiset of sizes).
@@ -268,18 +256,13 @@ struct Plan {
 impl Plan {
     fn new(all: Vec<RgRef>, o: &ReaderOptions) -> Result<Plan> {
         if o.world == 0 || o.rank >= o.world {
-            return Err(Error::invalid(format!(
-                "rank {} is not in a world of {}",
-                o.rank, o.world
-            )));
+            return Err(Error::invalid(format!("rank {} is not in a world of {}", o.rank, o.world)));
         }
         if o.batch_rows == 0 {
             return Err(Error::invalid("batch_rows must be > 0"));
         }
         if !o.drop_last && o.world > 1 {
-            return Err(Error::invalid(
-                "drop_last = false needs world = 1 (every rank must yield the same batches)",
-            ));
+            return Err(Error::invalid("drop_last = false needs world = 1 (every rank must yield the same batches)"));
         }
         if all.len() < o.world {
             return Err(Error::invalid(format!(
@@ -291,11 +274,8 @@ impl Plan {
         let loads = rank_loads(&all, o.world);
         let min_rows = *loads.iter().min().unwrap();
         let b = o.batch_rows as u64;
-        let (batches_per_epoch, epoch_rows) = if o.drop_last {
-            (min_rows / b, (min_rows / b) * b)
-        } else {
-            (min_rows.div_ceil(b), min_rows)
-        };
+        let (batches_per_epoch, epoch_rows) =
+            if o.drop_last { (min_rows / b, (min_rows / b) * b) } else { (min_rows.div_ceil(b), min_rows) };
         if batches_per_epoch == 0 {
             return Err(Error::invalid(format!(
                 "rank {} gets {} rows per epoch, less than one batch of {}",
@@ -317,14 +297,7 @@ impl Plan {
 
     /// The jobs of one epoch, starting with the window that holds row `from_row`.
     fn epoch_jobs(&self, epoch: u64, from_row: u64) -> Vec<Job> {
-        let rgs = rank_row_groups(
-            &self.all,
-            self.seed,
-            epoch,
-            self.rank,
-            self.world,
-            self.shuffle,
-        );
+        let rgs = rank_row_groups(&self.all, self.seed, epoch, self.rank, self.world, self.shuffle);
         let mut jobs = Vec::new();
         let mut row = 0u64;
         for (w, chunk) in rgs.chunks(self.window).enumerate() {
@@ -352,14 +325,7 @@ impl Plan {
         self.shuffle.then(|| {
             permutation(
                 rows,
-                &mut SplitMix64::keyed(&[
-                    self.seed,
-                    epoch,
-                    self.rank as u64,
-                    self.world as u64,
-                    window,
-                    0x726f77,
-                ]),
+                &mut SplitMix64::keyed(&[self.seed, epoch, self.rank as u64, self.world as u64, window, 0x726f77]),
             )
         })
     }
@@ -449,34 +415,19 @@ impl Ctx {
 
     async fn load_meta(&self, i: u32) -> Result<Arc<ShardMeta>> {
         let s = self.shard(i);
-        let footer = self
-            .loc
-            .get_range(&s.key, s.bytes - s.footer_len..s.bytes)
-            .await?;
+        let footer = self.loc.get_range(&s.key, s.bytes - s.footer_len..s.bytes).await?;
         let meta = parse_footer(&s, &footer)?;
         let cols = check_schema(&s, &meta, &self.hook, self.d, self.dtype)?;
         let crcs = chunk_crcs(&s, &meta)?;
         let arrow = ArrowReaderMetadata::try_new(Arc::new(meta), ArrowReaderOptions::new())
-            .map_err(|e| Error::Parquet {
-                key: s.key.clone(),
-                source: e,
-            })?;
-        Ok(Arc::new(ShardMeta {
-            key: s.key,
-            arrow,
-            cols,
-            crcs,
-            file_len: s.bytes,
-        }))
+            .map_err(|e| Error::Parquet { key: s.key.clone(), source: e })?;
+        Ok(Arc::new(ShardMeta { key: s.key, arrow, cols, crcs, file_len: s.bytes }))
     }
 
     async fn fetch(self: Arc<Self>, job: Job, sem: Arc<Semaphore>) -> Result<Decoded> {
         let out_size = self.out_dtype.size();
         let kib = ((job.rg.rows as usize * self.d * out_size) >> 10).max(1) as u32;
-        let permit = sem
-            .acquire_many_owned(kib)
-            .await
-            .expect("semaphore never closed");
+        let permit = sem.acquire_many_owned(kib).await.expect("semaphore never closed");
         let meta = self.meta(job.rg.shard).await?;
         let rg_meta = meta.arrow.metadata().row_group(job.rg.rg as usize);
         let ncols = if self.with_tokens { 4 } else { 1 };
@@ -500,19 +451,13 @@ impl Ctx {
             if got != want || part.len() as u64 != ranges[k].end - ranges[k].start {
                 return Err(Error::corrupt(
                     &meta.key,
-                    format!(
-                        "row group {} column {c}: CRC-32C {got:08x}, the footer says {want:08x}",
-                        job.rg.rg
-                    ),
+                    format!("row group {} column {c}: CRC-32C {got:08x}, the footer says {want:08x}", job.rg.rg),
                 ));
             }
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let ctx = self.clone();
-        let chunks = Chunks {
-            parts: ranges.iter().map(|r| r.start).zip(parts).collect(),
-            len: meta.file_len,
-        };
+        let chunks = Chunks { parts: ranges.iter().map(|r| r.start).zip(parts).collect(), len: meta.file_len };
         let meta2 = meta.clone();
         let rg = job.rg;
         self.pool.spawn(move || {
@@ -525,69 +470,34 @@ impl Ctx {
             .unwrap_or_else(|payload| {
                 Err(Error::corrupt(
                     &meta2.key,
-                    format!(
-                        "decoding row group {} panicked: {}",
-                        rg.rg,
-                        panic_message(&*payload)
-                    ),
+                    format!("decoding row group {} panicked: {}", rg.rg, panic_message(&*payload)),
                 ))
             });
             let _ = tx.send(decoded);
         });
-        let (acts, tokens) = rx.await.map_err(|_| {
-            Error::corrupt(
-                &meta.key,
-                format!("row group {}: its decoding thread died", job.rg.rg),
-            )
-        })??;
-        Ok(Decoded {
-            job,
-            acts,
-            tokens,
-            rows: rg.rows as usize,
-            _permit: permit,
-            buffers: self.buffers.clone(),
-        })
+        let (acts, tokens) = rx
+            .await
+            .map_err(|_| Error::corrupt(&meta.key, format!("row group {}: its decoding thread died", job.rg.rg)))??;
+        Ok(Decoded { job, acts, tokens, rows: rg.rows as usize, _permit: permit, buffers: self.buffers.clone() })
     }
 
     /// The fast path for the activation column as this crate writes it: BYTE_STREAM_SPLIT pages
     /// without levels, un-split straight into the output layout (one pass, no Arrow array).
     /// Returns None when a page has another shape; the Arrow path then handles it.
-    fn decode_acts_fast(
-        &self,
-        meta: &ShardMeta,
-        rg: RgRef,
-        chunks: Chunks,
-    ) -> Result<Option<Vec<u8>>> {
-        let pq = |e| Error::Parquet {
-            key: meta.key.clone(),
-            source: e,
-        };
+    fn decode_acts_fast(&self, meta: &ShardMeta, rg: RgRef, chunks: Chunks) -> Result<Option<Vec<u8>>> {
+        let pq = |e| Error::Parquet { key: meta.key.clone(), source: e };
         let rgm = meta.arrow.metadata().row_group(rg.rg as usize);
-        let pages = SerializedPageReader::new(
-            Arc::new(chunks),
-            rgm.column(meta.cols[0]),
-            rg.rows as usize,
-            None,
-        )
-        .map_err(pq)?;
-        let (rows, d, s, os) = (
-            rg.rows as usize,
-            self.d,
-            self.dtype.size(),
-            self.out_dtype.size(),
-        );
+        let pages = SerializedPageReader::new(Arc::new(chunks), rgm.column(meta.cols[0]), rg.rows as usize, None)
+            .map_err(pq)?;
+        let (rows, d, s, os) = (rg.rows as usize, self.d, self.dtype.size(), self.out_dtype.size());
         // Every byte is written below, so a recycled buffer needs no clearing.
         let mut out = self.buffers.get(rows * d * os);
         let mut row0 = 0usize;
         for page in pages {
             let (buf, n) = match page.map_err(pq)? {
-                Page::DataPage {
-                    buf,
-                    num_values,
-                    encoding: ParquetEncoding::BYTE_STREAM_SPLIT,
-                    ..
-                } => (buf, num_values as usize),
+                Page::DataPage { buf, num_values, encoding: ParquetEncoding::BYTE_STREAM_SPLIT, .. } => {
+                    (buf, num_values as usize)
+                }
                 Page::DataPageV2 {
                     buf,
                     num_values,
@@ -603,30 +513,16 @@ impl Ctx {
             if buf.len() != n * d * s || row0 + n > rows {
                 return Err(Error::corrupt(
                     &meta.key,
-                    format!(
-                        "row group {}: a page of {} bytes for {n} values",
-                        rg.rg,
-                        buf.len()
-                    ),
+                    format!("row group {}: a page of {} bytes for {n} values", rg.rg, buf.len()),
                 ));
             }
-            unsplit_planar(
-                self.dtype,
-                self.out_dtype,
-                &buf,
-                n,
-                d,
-                &mut out[row0 * d * os..(row0 + n) * d * os],
-            );
+            unsplit_planar(self.dtype, self.out_dtype, &buf, n, d, &mut out[row0 * d * os..(row0 + n) * d * os]);
             row0 += n;
         }
         if row0 != rows {
             return Err(Error::corrupt(
                 &meta.key,
-                format!(
-                    "row group {} has {row0} rows, the manifest says {rows}",
-                    rg.rg
-                ),
+                format!("row group {} has {row0} rows, the manifest says {rows}", rg.rg),
             ));
         }
         Ok(Some(out))
@@ -639,20 +535,13 @@ impl Ctx {
         chunks: Chunks,
         ncols: usize,
     ) -> Result<(Vec<u8>, Option<TokenColumns>)> {
-        let pq = |e| Error::Parquet {
-            key: meta.key.clone(),
-            source: e,
-        };
+        let pq = |e| Error::Parquet { key: meta.key.clone(), source: e };
         let fast = self.decode_acts_fast(meta, rg, chunks.clone())?;
         let fast = match fast {
             Some(acts) if ncols == 1 => return Ok((acts, None)),
             other => other,
         };
-        let cols: Vec<usize> = if fast.is_some() {
-            meta.cols[1..ncols].to_vec()
-        } else {
-            meta.cols[..ncols].to_vec()
-        };
+        let cols: Vec<usize> = if fast.is_some() { meta.cols[1..ncols].to_vec() } else { meta.cols[..ncols].to_vec() };
         let mask = ProjectionMask::leaves(meta.arrow.parquet_schema(), cols);
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(chunks, meta.arrow.clone())
             .with_row_groups(vec![rg.rg as usize])
@@ -661,9 +550,7 @@ impl Ctx {
             .build()
             .map_err(pq)?;
         let have_acts = fast.is_some();
-        let mut acts = fast.unwrap_or_else(|| {
-            Vec::with_capacity(rg.rows as usize * self.d * self.out_dtype.size())
-        });
+        let mut acts = fast.unwrap_or_else(|| Vec::with_capacity(rg.rows as usize * self.d * self.out_dtype.size()));
         let mut tokens = (ncols == 4).then(TokenColumns::default);
         let mut rows = 0usize;
         for b in reader {
@@ -673,64 +560,32 @@ impl Ctx {
                 self.acts_from_arrow(meta, &b, &mut acts)?;
             }
             if let Some(t) = tokens.as_mut() {
-                let u64col = |n: &str| {
-                    b.column_by_name(n)
-                        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned())
-                };
-                let u32col = |n: &str| {
-                    b.column_by_name(n)
-                        .and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned())
-                };
+                let u64col =
+                    |n: &str| b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+                let u32col =
+                    |n: &str| b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned());
                 let bad = || Error::corrupt(&meta.key, "token columns have unexpected types");
-                t.sequence_id.extend(
-                    u64col(format::COL_SEQUENCE_ID)
-                        .ok_or_else(bad)?
-                        .values()
-                        .iter(),
-                );
-                t.position.extend(
-                    u32col(format::COL_POSITION)
-                        .ok_or_else(bad)?
-                        .values()
-                        .iter(),
-                );
-                t.token_id.extend(
-                    u32col(format::COL_TOKEN_ID)
-                        .ok_or_else(bad)?
-                        .values()
-                        .iter(),
-                );
+                t.sequence_id.extend(u64col(format::COL_SEQUENCE_ID).ok_or_else(bad)?.values().iter());
+                t.position.extend(u32col(format::COL_POSITION).ok_or_else(bad)?.values().iter());
+                t.token_id.extend(u32col(format::COL_TOKEN_ID).ok_or_else(bad)?.values().iter());
             }
         }
         if rows as u64 != rg.rows {
             return Err(Error::corrupt(
                 &meta.key,
-                format!(
-                    "row group {} has {rows} rows, the manifest says {}",
-                    rg.rg, rg.rows
-                ),
+                format!("row group {} has {rows} rows, the manifest says {}", rg.rg, rg.rows),
             ));
         }
         Ok((acts, tokens))
     }
 
-    fn acts_from_arrow(
-        &self,
-        meta: &ShardMeta,
-        b: &arrow_array::RecordBatch,
-        acts: &mut Vec<u8>,
-    ) -> Result<()> {
+    fn acts_from_arrow(&self, meta: &ShardMeta, b: &arrow_array::RecordBatch, acts: &mut Vec<u8>) -> Result<()> {
         let width = self.d * self.dtype.size();
         {
             let col = b
                 .column_by_name(&self.hook)
                 .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
-                .ok_or_else(|| {
-                    Error::corrupt(
-                        &meta.key,
-                        format!("column `{}` is not fixed-size binary", self.hook),
-                    )
-                })?;
+                .ok_or_else(|| Error::corrupt(&meta.key, format!("column `{}` is not fixed-size binary", self.hook)))?;
             let data = &col.value_data()[col.offset() * width..(col.offset() + col.len()) * width];
             if self.out_dtype == self.dtype {
                 format::from_planar(data, self.d, self.dtype.size(), acts);
@@ -744,14 +599,7 @@ impl Ctx {
 
 /// Un-split one BYTE_STREAM_SPLIT page of `n` byte-planar rows straight into little-endian
 /// output rows. Stream `b * d + j` holds byte `b` of element `j` of every row.
-pub(crate) fn unsplit_planar(
-    dtype: Dtype,
-    out_dtype: Dtype,
-    buf: &[u8],
-    n: usize,
-    d: usize,
-    out: &mut [u8],
-) {
+pub(crate) fn unsplit_planar(dtype: Dtype, out_dtype: Dtype, buf: &[u8], n: usize, d: usize, out: &mut [u8]) {
     assert_eq!(buf.len(), n * d * dtype.size());
     assert_eq!(out.len(), n * d * out_dtype.size());
     match (dtype.size(), out_dtype.size()) {
@@ -759,11 +607,7 @@ pub(crate) fn unsplit_planar(
             let mut tmp = vec![0u8; n * d * 2];
             unsplit_blocks::<2, 2>(buf, n, d, &mut tmp);
             for (o, c) in out.chunks_exact_mut(4).zip(tmp.chunks_exact(2)) {
-                o.copy_from_slice(
-                    &half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))
-                        .to_f32()
-                        .to_le_bytes(),
-                );
+                o.copy_from_slice(&half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32().to_le_bytes());
             }
         }
         (2, 4) => unsplit_blocks::<2, 4>(buf, n, d, out), // bf16 -> f32: the top two bytes
@@ -915,37 +759,23 @@ impl Chunks {
             .iter()
             .find(|(off, b)| start >= *off && start + length as u64 <= off + b.len() as u64)
             .map(|(o, b)| (*o, b))
-            .ok_or_else(|| {
-                parquet::errors::ParquetError::General(format!(
-                    "range {start}+{length} was not fetched"
-                ))
-            })
+            .ok_or_else(|| parquet::errors::ParquetError::General(format!("range {start}+{length} was not fetched")))
     }
 }
 
-pub(crate) fn parse_footer(
-    s: &ShardEntry,
-    footer: &[u8],
-) -> Result<parquet::file::metadata::ParquetMetaData> {
+pub(crate) fn parse_footer(s: &ShardEntry, footer: &[u8]) -> Result<parquet::file::metadata::ParquetMetaData> {
     let crc = crc32c::crc32c(footer);
     if crc != s.footer_crc32c {
         return Err(Error::corrupt(
             &s.key,
-            format!(
-                "footer CRC-32C {crc:08x}, the manifest says {:08x}",
-                s.footer_crc32c
-            ),
+            format!("footer CRC-32C {crc:08x}, the manifest says {:08x}", s.footer_crc32c),
         ));
     }
     if footer.len() < 8 || &footer[footer.len() - 4..] != b"PAR1" {
         return Err(Error::corrupt(&s.key, "no Parquet footer"));
     }
-    ParquetMetaDataReader::decode_metadata(&footer[..footer.len() - 8]).map_err(|e| {
-        Error::Parquet {
-            key: s.key.clone(),
-            source: e,
-        }
-    })
+    ParquetMetaDataReader::decode_metadata(&footer[..footer.len() - 8])
+        .map_err(|e| Error::Parquet { key: s.key.clone(), source: e })
 }
 
 /// Check the shard's schema and row groups against the manifest; return the leaf column indices
@@ -958,15 +788,11 @@ pub(crate) fn check_schema(
     dtype: Dtype,
 ) -> Result<[usize; 4]> {
     let schema = meta.file_metadata().schema_descr();
-    let find = |name: &str| {
-        (0..schema.num_columns()).find(|&i| schema.column(i).path().parts() == [name.to_string()])
-    };
+    let find = |name: &str| (0..schema.num_columns()).find(|&i| schema.column(i).path().parts() == [name.to_string()]);
     let bad = |detail: String| Error::corrupt(&s.key, detail);
     let h = find(hook).ok_or_else(|| bad(format!("no column `{hook}`")))?;
     let c = schema.column(h);
-    if c.physical_type() != PhysicalType::FIXED_LEN_BYTE_ARRAY
-        || c.type_length() as usize != d * dtype.size()
-    {
+    if c.physical_type() != PhysicalType::FIXED_LEN_BYTE_ARRAY || c.type_length() as usize != d * dtype.size() {
         return Err(bad(format!(
             "column `{hook}` is {:?}({}), expected FIXED_LEN_BYTE_ARRAY({}) for d_model {d} in {}",
             c.physical_type(),
@@ -986,23 +812,13 @@ pub(crate) fn check_schema(
     {
         let i = find(name).ok_or_else(|| bad(format!("no column `{name}`")))?;
         if schema.column(i).physical_type() != ty {
-            return Err(bad(format!(
-                "column `{name}` is {:?}, expected {ty:?}",
-                schema.column(i).physical_type()
-            )));
+            return Err(bad(format!("column `{name}` is {:?}, expected {ty:?}", schema.column(i).physical_type())));
         }
         cols[k + 1] = i;
     }
-    let rgs: Vec<u64> = meta
-        .row_groups()
-        .iter()
-        .map(|r| r.num_rows() as u64)
-        .collect();
+    let rgs: Vec<u64> = meta.row_groups().iter().map(|r| r.num_rows() as u64).collect();
     if rgs != s.row_groups {
-        return Err(bad(format!(
-            "row groups of {:?} rows, the manifest says {:?}",
-            rgs, s.row_groups
-        )));
+        return Err(bad(format!("row groups of {:?} rows, the manifest says {:?}", rgs, s.row_groups)));
     }
     let rows: u64 = rgs.iter().sum();
     if rows != s.rows {
@@ -1011,27 +827,16 @@ pub(crate) fn check_schema(
     Ok(cols)
 }
 
-pub(crate) fn chunk_crcs(
-    s: &ShardEntry,
-    meta: &parquet::file::metadata::ParquetMetaData,
-) -> Result<Vec<Vec<u32>>> {
-    let kv = meta
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == format::KV_CHUNK_CRC));
+pub(crate) fn chunk_crcs(s: &ShardEntry, meta: &parquet::file::metadata::ParquetMetaData) -> Result<Vec<Vec<u32>>> {
+    let kv = meta.file_metadata().key_value_metadata().and_then(|kv| kv.iter().find(|k| k.key == format::KV_CHUNK_CRC));
     let crcs: Vec<Vec<u32>> = kv
         .and_then(|k| k.value.as_deref())
         .and_then(|v| serde_json::from_str(v).ok())
         .ok_or_else(|| Error::corrupt(&s.key, format!("no `{}` metadata", format::KV_CHUNK_CRC)))?;
     if crcs.len() != meta.num_row_groups()
-        || crcs
-            .iter()
-            .any(|r| r.len() != meta.file_metadata().schema_descr().num_columns())
+        || crcs.iter().any(|r| r.len() != meta.file_metadata().schema_descr().num_columns())
     {
-        return Err(Error::corrupt(
-            &s.key,
-            "column chunk CRC table does not match the row groups",
-        ));
+        return Err(Error::corrupt(&s.key, "column chunk CRC table does not match the row groups"));
     }
     Ok(crcs)
 }
@@ -1101,42 +906,21 @@ impl Reader {
         let rt = Arc::new(runtime()?);
         let (manifest, header) = rt.block_on(async {
             let m = match loc.get_bounded(MANIFEST_KEY, limits::MAX_METADATA_BYTES).await? {
-                Some(b) => Some(parse_versioned::<Manifest>(
-                    &b,
-                    &loc.display(MANIFEST_KEY),
-                    &loc.url,
-                )?),
+                Some(b) => Some(parse_versioned::<Manifest>(&b, &loc.display(MANIFEST_KEY), &loc.url)?),
                 None => None,
             };
-            let h = if m.is_none() {
-                read_header(&loc).await?
-            } else {
-                None
-            };
+            let h = if m.is_none() { read_header(&loc).await? } else { None };
             Ok::<_, Error>((m, h))
         })?;
         let (hooks, dtype): (Vec<(String, usize)>, Dtype) = match (&manifest, &header) {
-            (Some(m), _) => (
-                m.hooks
-                    .iter()
-                    .map(|h| (h.name.clone(), h.d_model))
-                    .collect(),
-                m.dtype,
-            ),
-            (None, Some(h)) if opts.follow.is_some() => (
-                h.header
-                    .hooks
-                    .iter()
-                    .map(|h| (h.name.clone(), h.d_model))
-                    .collect(),
-                h.encoding.dtype,
-            ),
+            (Some(m), _) => (m.hooks.iter().map(|h| (h.name.clone(), h.d_model)).collect(), m.dtype),
+            (None, Some(h)) if opts.follow.is_some() => {
+                (h.header.hooks.iter().map(|h| (h.name.clone(), h.d_model)).collect(), h.encoding.dtype)
+            }
             (None, Some(_)) => {
                 return Err(Error::NotFound {
                     url: loc.url.clone(),
-                    what: format!(
-                        "the dataset is not final (no {MANIFEST_KEY}); read it in follow mode"
-                    ),
+                    what: format!("the dataset is not final (no {MANIFEST_KEY}); read it in follow mode"),
                 })
             }
             (None, None) => {
@@ -1148,10 +932,7 @@ impl Reader {
         };
         let d = match hooks.iter().find(|(n, _)| n == &opts.hook) {
             None => {
-                let have: Vec<String> = hooks
-                    .iter()
-                    .map(|(n, d)| format!("{n} (d_model {d})"))
-                    .collect();
+                let have: Vec<String> = hooks.iter().map(|(n, d)| format!("{n} (d_model {d})")).collect();
                 return Err(Error::invalid(format!(
                     "dataset `{}` has no hook `{}`; it has: {}",
                     loc.url,
@@ -1181,10 +962,7 @@ impl Reader {
         // Follow mode registers shards as it discovers them (its jobs index that list), even
         // when the manifest is already there.
         let shards = match &opts.follow {
-            None => manifest
-                .as_ref()
-                .map(|m| m.shards.clone())
-                .unwrap_or_default(),
+            None => manifest.as_ref().map(|m| m.shards.clone()).unwrap_or_default(),
             Some(_) => Vec::new(),
         };
         let ctx = Arc::new(Ctx {
@@ -1202,12 +980,9 @@ impl Reader {
                 max: opts.prefetch_row_groups + opts.window_row_groups + 4,
             }),
         });
-        let max_rg = manifest
-            .iter()
-            .flat_map(|m| &m.shards)
-            .flat_map(|s| s.row_groups.iter().copied())
-            .max()
-            .unwrap_or(0) as usize;
+        let max_rg =
+            manifest.iter().flat_map(|m| &m.shards).flat_map(|s| s.row_groups.iter().copied()).max().unwrap_or(0)
+                as usize;
         let window_bytes = max_rg * d * out_dtype.size() * opts.window_row_groups.max(1);
         if window_bytes > opts.max_bytes_in_flight {
             return Err(Error::invalid(format!(
@@ -1221,14 +996,11 @@ impl Reader {
                     .iter()
                     .enumerate()
                     .flat_map(|(si, s)| {
-                        s.row_groups
-                            .iter()
-                            .enumerate()
-                            .map(move |(ri, &rows)| RgRef {
-                                shard: si as u32,
-                                rg: ri as u32,
-                                rows,
-                            })
+                        s.row_groups.iter().enumerate().map(move |(ri, &rows)| RgRef {
+                            shard: si as u32,
+                            rg: ri as u32,
+                            rows,
+                        })
                     })
                     .collect();
                 let plan = Plan::new(all, &opts)?;
@@ -1338,10 +1110,7 @@ impl Reader {
             Some(Ok(())) => "stopped before the data ended".to_string(),
             None => "had already stopped".to_string(),
         };
-        Error::ReaderFailed {
-            url: self.ctx.loc.url.clone(),
-            detail: format!("the fetch task {why}"),
-        }
+        Error::ReaderFailed { url: self.ctx.loc.url.clone(), detail: format!("the fetch task {why}") }
     }
 
     fn next_final(&mut self) -> Result<Option<Batch>> {
@@ -1357,19 +1126,14 @@ impl Reader {
         let mut filled = 0usize;
         while filled < want {
             let need_window = match &self.window {
-                Some(w) => {
-                    w.epoch != self.cursor.epoch || self.row >= w.start + w.order.len() as u64
-                }
+                Some(w) => w.epoch != self.cursor.epoch || self.row >= w.start + w.order.len() as u64,
                 None => true,
             };
             if need_window {
                 self.window = None; // release its bytes before waiting for the next
                 self.window = Some(self.next_window()?);
                 let w = self.window.as_ref().unwrap();
-                if w.epoch != self.cursor.epoch
-                    || self.row < w.start
-                    || self.row >= w.start + w.order.len() as u64
-                {
+                if w.epoch != self.cursor.epoch || self.row < w.start || self.row >= w.start + w.order.len() as u64 {
                     return Err(Error::invalid(format!(
                         "reader out of step: window of epoch {} rows {}..{}, wanted epoch {} row {}",
                         w.epoch,
@@ -1391,10 +1155,7 @@ impl Reader {
         batch.cursor = self.cursor;
         self.cursor.batch += 1;
         if self.cursor.batch >= bpe {
-            self.cursor = Cursor {
-                epoch: self.cursor.epoch + 1,
-                batch: 0,
-            };
+            self.cursor = Cursor { epoch: self.cursor.epoch + 1, batch: 0 };
             self.row = 0;
             self.window = None;
         }
@@ -1441,12 +1202,7 @@ impl Reader {
             Some(p) => p.into_iter().map(|i| flat[i as usize]).collect(),
             None => flat,
         };
-        Ok(Window {
-            epoch: j.epoch,
-            start: j.window_row_start,
-            rgs,
-            order,
-        })
+        Ok(Window { epoch: j.epoch, start: j.window_row_start, rgs, order })
     }
 
     /// Follow mode: row groups in commit order, rows shuffled within windows; single pass.
@@ -1521,12 +1277,7 @@ impl Reader {
             } else {
                 flat
             };
-            return Ok(Some(Window {
-                epoch: 0,
-                start,
-                rgs,
-                order,
-            }));
+            return Ok(Some(Window { epoch: 0, start, rgs, order }));
         }
     }
 }
@@ -1552,12 +1303,7 @@ fn copy_rows(w: &mut Window, from: usize, n: usize, batch: &mut Batch, row_bytes
         }
         let d = &mut w.rgs[rg as usize];
         let r0 = r0 as usize;
-        if batch.bytes.is_empty()
-            && r0 == 0
-            && len == d.rows
-            && len == batch.rows
-            && d.acts.len() == len * row_bytes
-        {
+        if batch.bytes.is_empty() && r0 == 0 && len == d.rows && len == batch.rows && d.acts.len() == len * row_bytes {
             batch.bytes = std::mem::take(&mut d.acts);
             if batch.tokens.is_some() {
                 batch.tokens = d.tokens.take();
@@ -1566,12 +1312,9 @@ fn copy_rows(w: &mut Window, from: usize, n: usize, batch: &mut Batch, row_bytes
             if batch.bytes.is_empty() {
                 batch.bytes.reserve_exact(batch.rows * row_bytes);
             }
-            batch
-                .bytes
-                .extend_from_slice(&d.acts[r0 * row_bytes..(r0 + len) * row_bytes]);
+            batch.bytes.extend_from_slice(&d.acts[r0 * row_bytes..(r0 + len) * row_bytes]);
             if let (Some(t), Some(src)) = (batch.tokens.as_mut(), d.tokens.as_ref()) {
-                t.sequence_id
-                    .extend_from_slice(&src.sequence_id[r0..r0 + len]);
+                t.sequence_id.extend_from_slice(&src.sequence_id[r0..r0 + len]);
                 t.position.extend_from_slice(&src.position[r0..r0 + len]);
                 t.token_id.extend_from_slice(&src.token_id[r0..r0 + len]);
             }
@@ -1616,11 +1359,7 @@ async fn produce_final(
     };
     let start = o.start;
     let jobs = (start.epoch..o.epochs.unwrap_or(u64::MAX)).flat_map(move |epoch| {
-        let from = if epoch == start.epoch {
-            start.batch * plan.batch_rows
-        } else {
-            0
-        };
+        let from = if epoch == start.epoch { start.batch * plan.batch_rows } else { 0 };
         plan.epoch_jobs(epoch, from)
     });
     if pump(jobs, &ctx, &sem, o.prefetch_row_groups, &tx).await {
@@ -1637,9 +1376,8 @@ async fn pump(
     prefetch: usize,
     tx: &mpsc::Sender<Result<Fetched>>,
 ) -> bool {
-    let mut stream = futures::stream::iter(jobs)
-        .map(|job| ctx.clone().fetch(job, sem.clone()))
-        .buffered(prefetch.max(1));
+    let mut stream =
+        futures::stream::iter(jobs).map(|job| ctx.clone().fetch(job, sem.clone())).buffered(prefetch.max(1));
     while let Some(item) = stream.next().await {
         let failed = item.is_err();
         if tx.send(item.map(Fetched::RowGroup)).await.is_err() || failed {
@@ -1672,9 +1410,7 @@ fn follow_jobs(ctx: &Ctx, s: ShardEntry, o: &ReaderOptions) -> Vec<Job> {
         // Ranks may discover commits in different orders, so the owner of a row group depends
         // only on its identity: (shard key, row group index).
         let owner =
-            crc32c::crc32c_append(crc32c::crc32c(s.key.as_bytes()), &(ri as u64).to_le_bytes())
-                as u64
-                % o.world as u64;
+            crc32c::crc32c_append(crc32c::crc32c(s.key.as_bytes()), &(ri as u64).to_le_bytes()) as u64 % o.world as u64;
         if owner == o.rank as u64 {
             jobs.push(Job {
                 epoch: 0,
@@ -1682,11 +1418,7 @@ fn follow_jobs(ctx: &Ctx, s: ShardEntry, o: &ReaderOptions) -> Vec<Job> {
                 window_row_start: 0,
                 window_rows: rows,
                 window_len: 1,
-                rg: RgRef {
-                    shard: idx as u32,
-                    rg: ri as u32,
-                    rows,
-                },
+                rg: RgRef { shard: idx as u32, rg: ri as u32, rows },
             });
         }
     }
@@ -1696,8 +1428,7 @@ fn follow_jobs(ctx: &Ctx, s: ShardEntry, o: &ReaderOptions) -> Vec<Job> {
 /// The jobs of the shards an interrupted reader had discovered, in its order.
 async fn replay_jobs(ctx: &Ctx, o: &ReaderOptions, replay: &[String]) -> Result<Vec<Job>> {
     let (_, shards) = list_shards(ctx).await?;
-    let mut by_key: HashMap<String, ShardEntry> =
-        shards.into_iter().map(|s| (s.key.clone(), s)).collect();
+    let mut by_key: HashMap<String, ShardEntry> = shards.into_iter().map(|s| (s.key.clone(), s)).collect();
     let mut jobs = Vec::new();
     for key in replay {
         let s = by_key.remove(key).ok_or_else(|| Error::ReaderFailed {
@@ -1711,12 +1442,7 @@ async fn replay_jobs(ctx: &Ctx, o: &ReaderOptions, replay: &[String]) -> Result<
     Ok(jobs)
 }
 
-async fn produce_follow(
-    ctx: Arc<Ctx>,
-    o: ReaderOptions,
-    tx: mpsc::Sender<Result<Fetched>>,
-    sem: Arc<Semaphore>,
-) {
+async fn produce_follow(ctx: Arc<Ctx>, o: ReaderOptions, tx: mpsc::Sender<Result<Fetched>>, sem: Arc<Semaphore>) {
     let fo = o.follow.clone().unwrap_or_default();
     let mut seen: HashSet<String> = fo.replay.iter().cloned().collect();
     if !fo.replay.is_empty() {
@@ -1742,10 +1468,7 @@ async fn produce_follow(
                 return;
             }
         };
-        let new: Vec<ShardEntry> = shards
-            .into_iter()
-            .filter(|s| !seen.contains(&s.key))
-            .collect();
+        let new: Vec<ShardEntry> = shards.into_iter().filter(|s| !seen.contains(&s.key)).collect();
         if !new.is_empty() {
             last_new = tokio::time::Instant::now();
         }
@@ -1788,11 +1511,7 @@ pub(crate) mod failpoints {
     }
 
     pub fn hit(point: &'static str, url: &str) {
-        let armed = ARMED
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(p, u)| *p == point && u == url);
+        let armed = ARMED.lock().unwrap().iter().any(|(p, u)| *p == point && u == url);
         if armed {
             panic!("failpoint `{point}` hit for {url}");
         }
@@ -1810,15 +1529,7 @@ mod tests {
     use super::*;
 
     fn rgs(sizes: &[u64]) -> Vec<RgRef> {
-        sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &rows)| RgRef {
-                shard: 0,
-                rg: i as u32,
-                rows,
-            })
-            .collect()
+        sizes.iter().enumerate().map(|(i, &rows)| RgRef { shard: 0, rg: i as u32, rows }).collect()
     }
 
     #[test]
@@ -1837,40 +1548,20 @@ mod tests {
             assert_eq!(seen.len(), all.len());
             let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
             assert!(hi - lo <= 100, "{loads:?}");
-            assert_eq!(
-                rank_loads(&all, 3).iter().sum::<u64>(),
-                loads.iter().sum::<u64>()
-            );
+            assert_eq!(rank_loads(&all, 3).iter().sum::<u64>(), loads.iter().sum::<u64>());
         }
         // Epochs differ, the same epoch is reproducible.
-        assert_ne!(
-            rank_row_groups(&all, 9, 0, 0, 1, true),
-            rank_row_groups(&all, 9, 1, 0, 1, true)
-        );
-        assert_eq!(
-            rank_row_groups(&all, 9, 1, 0, 1, true),
-            rank_row_groups(&all, 9, 1, 0, 1, true)
-        );
+        assert_ne!(rank_row_groups(&all, 9, 0, 0, 1, true), rank_row_groups(&all, 9, 1, 0, 1, true));
+        assert_eq!(rank_row_groups(&all, 9, 1, 0, 1, true), rank_row_groups(&all, 9, 1, 0, 1, true));
         assert_eq!(rank_row_groups(&all, 9, 1, 0, 1, false), all);
     }
 
     #[test]
     fn unsplit_matches_the_naive_transpose() {
-        for (dt, odt) in [
-            (Dtype::Bf16, Dtype::F32),
-            (Dtype::Bf16, Dtype::Bf16),
-            (Dtype::F32, Dtype::F32),
-            (Dtype::F16, Dtype::F16),
-        ] {
-            for (n, d) in [
-                (8, 8),
-                (21, 13),
-                (64, 24),
-                (3, 5),
-                (16, 16),
-                (35, 40),
-                (48, 17),
-            ] {
+        for (dt, odt) in
+            [(Dtype::Bf16, Dtype::F32), (Dtype::Bf16, Dtype::Bf16), (Dtype::F32, Dtype::F32), (Dtype::F16, Dtype::F16)]
+        {
+            for (n, d) in [(8, 8), (21, 13), (64, 24), (3, 5), (16, 16), (35, 40), (48, 17)] {
                 let s = dt.size();
                 // Planar rows, then BYTE_STREAM_SPLIT: stream p holds byte p of every row.
                 let rows_le: Vec<u8> = (0..n * d * s).map(|i| (i * 31 % 253) as u8).collect();
@@ -1902,44 +1593,21 @@ mod tests {
         let mut o = ReaderOptions::new("h", 10);
         o.world = 4;
         o.rank = 1;
-        let e = Plan::new(rgs(&[100, 100, 100]), &o)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Plan::new(rgs(&[100, 100, 100]), &o).err().unwrap().to_string();
         assert!(e.contains("3 row groups, fewer than the 4 ranks"), "{e}");
     }
 
     fn small_dataset(url: &str, rows: usize) {
         use crate::manifest::*;
         let header = DatasetHeader {
-            model: ModelIdentity {
-                name: "m".into(),
-                file_sha256: "00".repeat(32),
-            },
-            tokenizer: TokenizerIdentity {
-                name: "t".into(),
-                sha256: "11".repeat(32),
-            },
-            hooks: vec![HookSpec {
-                name: "h".into(),
-                d_model: 4,
-            }],
+            model: ModelIdentity { name: "m".into(), file_sha256: "00".repeat(32) },
+            tokenizer: TokenizerIdentity { name: "t".into(), sha256: "11".repeat(32) },
+            hooks: vec![HookSpec { name: "h".into(), d_model: 4 }],
             context_len: 8,
-            corpus: CorpusIdentity {
-                name: "c".into(),
-                sha256: "22".repeat(32),
-                detail: String::new(),
-            },
-            created: CreatedInfo {
-                version: "test".into(),
-                command_line: vec![],
-            },
+            corpus: CorpusIdentity { name: "c".into(), sha256: "22".repeat(32), detail: String::new() },
+            created: CreatedInfo { version: "test".into(), command_line: vec![] },
         };
-        let opts = crate::WriterOptions {
-            row_group_rows: 16,
-            shard_bytes: Some(256),
-            ..Default::default()
-        };
+        let opts = crate::WriterOptions { row_group_rows: 16, shard_bytes: Some(256), ..Default::default() };
         let mut w = crate::DatasetWriter::create(url, header, opts).unwrap();
         let batch = crate::RowBatch {
             sequence_id: (0..rows as u64).map(|r| r / 8).collect(),
@@ -1952,9 +1620,7 @@ mod tests {
     }
 
     fn read_all(url: &str, opts: ReaderOptions) -> Result<Vec<Vec<f32>>> {
-        Reader::open(url, opts)?
-            .map(|b| b.map(|b| b.to_f32()))
-            .collect()
+        Reader::open(url, opts)?.map(|b| b.map(|b| b.to_f32())).collect()
     }
 
     #[test]
@@ -1962,13 +1628,8 @@ mod tests {
         let url = "memory://failpoints/decode";
         small_dataset(url, 64);
         failpoints::arm("decode", url);
-        let err = read_all(url, ReaderOptions::one_pass_in_order("h", 16))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("corrupt shard `shards/") && err.contains("panicked"),
-            "{err}"
-        );
+        let err = read_all(url, ReaderOptions::one_pass_in_order("h", 16)).unwrap_err().to_string();
+        assert!(err.contains("corrupt shard `shards/") && err.contains("panicked"), "{err}");
     }
 
     #[test]
@@ -1997,10 +1658,7 @@ mod tests {
         // Resume past the first windows (3 row groups of 16 rows = 48 rows each).
         for at in [1u64, 5, 17] {
             let mut o = opts.clone();
-            o.start = Cursor {
-                epoch: 0,
-                batch: at,
-            };
+            o.start = Cursor { epoch: 0, batch: at };
             o.follow.as_mut().unwrap().replay = first.shard_order().keys();
             let rest = read_all(url, o).unwrap();
             assert_eq!(rest, whole[at as usize..], "resumed at batch {at}");

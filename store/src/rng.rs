@@ -60,10 +60,7 @@ mod tests {
         s.sort();
         assert_eq!(s, (0..1000).collect::<Vec<u32>>());
         // Pinned values: the order is part of the format's resume contract.
-        assert_eq!(
-            SplitMix64::keyed(&[0]).next_u64(),
-            SplitMix64::keyed(&[0]).next_u64()
-        );
+        assert_eq!(SplitMix64::keyed(&[0]).next_u64(), SplitMix64::keyed(&[0]).next_u64());
     }
 
     #[test]

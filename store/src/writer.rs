@@ -33,8 +33,8 @@ use crate::error::{Error, Result};
 use crate::format::{self, Dtype};
 use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{
-    build_manifest, limits, parse_versioned, CommitRecord, DatasetHeader, Encoding, HeaderFile, HookStats,
-    Manifest, ShardEntry, COMMITS_DIR, FORMAT_VERSION, HEADER_KEY, MANIFEST_KEY, PARTS_DIR, SHARDS_DIR,
+    build_manifest, limits, parse_versioned, CommitRecord, DatasetHeader, Encoding, HeaderFile, HookStats, Manifest,
+    ShardEntry, COMMITS_DIR, FORMAT_VERSION, HEADER_KEY, MANIFEST_KEY, PARTS_DIR, SHARDS_DIR,
 };
 
 /// What a writer has committed so far (resumed shards included), for progress displays.
@@ -118,9 +118,7 @@ impl Default for WriterOptions {
 
 impl WriterOptions {
     fn shard_target(&self) -> u64 {
-        self.shard_bytes
-            .unwrap_or(self.shard_mib.saturating_mul(1 << 20))
-            .max(1)
+        self.shard_bytes.unwrap_or(self.shard_mib.saturating_mul(1 << 20)).max(1)
     }
 }
 
@@ -167,10 +165,7 @@ fn random_hex() -> String {
         h.write_u32(i);
         h.write_u32(std::process::id());
         h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
         );
         out.push_str(&format!("{:016x}", h.finish()));
     }
@@ -193,10 +188,7 @@ pub(crate) async fn read_header(loc: &Location) -> Result<Option<HeaderFile>> {
     }
 }
 
-pub(crate) async fn list_commits(
-    loc: &Location,
-    worker: Option<&str>,
-) -> Result<Vec<CommitRecord>> {
+pub(crate) async fn list_commits(loc: &Location, worker: Option<&str>) -> Result<Vec<CommitRecord>> {
     let dir = match worker {
         Some(w) => format!("{COMMITS_DIR}/{w}"),
         None => COMMITS_DIR.to_string(),
@@ -206,10 +198,10 @@ pub(crate) async fn list_commits(
         if !key.ends_with(".json") {
             continue;
         }
-        let bytes = loc.get_bounded(&key, limits::MAX_METADATA_BYTES).await?.ok_or_else(|| Error::BadMetadata {
-            location: loc.display(&key),
-            detail: "listed but vanished".into(),
-        })?;
+        let bytes = loc
+            .get_bounded(&key, limits::MAX_METADATA_BYTES)
+            .await?
+            .ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
         let rec: CommitRecord = parse_versioned(&bytes, &loc.display(&key), &loc.url)?;
         out.push(rec);
     }
@@ -256,28 +248,13 @@ impl DatasetWriter {
         if names.len() != header.hooks.len()
             || header.hooks.iter().any(|h| {
                 h.d_model == 0
-                    || [
-                        format::COL_SEQUENCE_ID,
-                        format::COL_POSITION,
-                        format::COL_TOKEN_ID,
-                    ]
-                    .contains(&h.name.as_str())
+                    || [format::COL_SEQUENCE_ID, format::COL_POSITION, format::COL_TOKEN_ID].contains(&h.name.as_str())
             })
         {
-            return Err(Error::invalid(
-                "hook names must be distinct, non-reserved, with d_model > 0",
-            ));
+            return Err(Error::invalid("hook names must be distinct, non-reserved, with d_model > 0"));
         }
-        if opts.worker.is_empty()
-            || !opts
-                .worker
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(Error::invalid(format!(
-                "worker id `{}` must be non-empty [A-Za-z0-9_-]",
-                opts.worker
-            )));
+        if opts.worker.is_empty() || !opts.worker.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(Error::invalid(format!("worker id `{}` must be non-empty [A-Za-z0-9_-]", opts.worker)));
         }
         let encoding = Encoding {
             dtype: opts.dtype,
@@ -332,17 +309,18 @@ impl DatasetWriter {
             if r.dataset_id != header_file.dataset_id {
                 return Err(Error::BadMetadata {
                     location: loc.display(&commit_key(&r.worker, r.seq)),
-                    detail: format!(
-                        "belongs to dataset {}, not {}",
-                        r.dataset_id, header_file.dataset_id
-                    ),
+                    detail: format!("belongs to dataset {}, not {}", r.dataset_id, header_file.dataset_id),
                 });
             }
         }
         let next_seq = resumed.last().map(|r| r.seq + 1).unwrap_or(0);
         let worker = opts.worker.clone();
         let progress = Arc::new(ProgressCounters::default());
-        progress.add(resumed.len() as u64, resumed.iter().map(|r| r.shard.bytes).sum(), resumed.iter().map(|r| r.shard.rows).sum());
+        progress.add(
+            resumed.len() as u64,
+            resumed.iter().map(|r| r.shard.bytes).sum(),
+            resumed.iter().map(|r| r.shard.rows).sum(),
+        );
         let (tx, rx) = sync_channel(opts.queue_batches.max(1));
         let mut enc = Encoder::new(rt.clone(), loc.clone(), header_file.clone(), opts, next_seq)?;
         enc.progress = progress.clone();
@@ -405,11 +383,7 @@ impl DatasetWriter {
         if batch.rows() == 0 {
             return Ok(());
         }
-        let sent = self
-            .tx
-            .as_ref()
-            .map(|tx| tx.send(Msg::Rows(batch)).is_ok())
-            .unwrap_or(false);
+        let sent = self.tx.as_ref().map(|tx| tx.send(Msg::Rows(batch)).is_ok()).unwrap_or(false);
         if !sent {
             return Err(self.join_error());
         }
@@ -435,10 +409,7 @@ impl DatasetWriter {
     /// several workers write one dataset, then call [`finalize`] once. Returns every commit
     /// record of this worker, resumed ones included.
     pub fn finish_worker(mut self) -> Result<Vec<CommitRecord>> {
-        let tx = self
-            .tx
-            .take()
-            .ok_or_else(|| Error::WriterFailed("already finished".into()))?;
+        let tx = self.tx.take().ok_or_else(|| Error::WriterFailed("already finished".into()))?;
         let _ = tx.send(Msg::Finish);
         drop(tx);
         let new = match self.thread.take().map(|t| t.join()) {
@@ -570,21 +541,12 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(
-        rt: Arc<Runtime>,
-        loc: Location,
-        header: HeaderFile,
-        opts: WriterOptions,
-        next_seq: u64,
-    ) -> Result<Self> {
+    fn new(rt: Arc<Runtime>, loc: Location, header: HeaderFile, opts: WriterOptions, next_seq: u64) -> Result<Self> {
         let hooks = &header.header.hooks;
         let schema = format::shard_schema(hooks, opts.dtype);
         // One page per row group per column: BYTE_STREAM_SPLIT then sees long streams.
-        let rg_bytes = opts.row_group_rows
-            * hooks.iter().map(|h| h.d_model).max().unwrap_or(1)
-            * opts.dtype.size();
-        let props =
-            format::writer_properties(hooks, opts.zstd_level, opts.row_group_rows, rg_bytes + 1)?;
+        let rg_bytes = opts.row_group_rows * hooks.iter().map(|h| h.d_model).max().unwrap_or(1) * opts.dtype.size();
+        let props = format::writer_properties(hooks, opts.zstd_level, opts.row_group_rows, rg_bytes + 1)?;
         let pending = Pending {
             sequence_id: Vec::new(),
             position: Vec::new(),
@@ -662,28 +624,17 @@ impl Encoder {
         let n = b.rows();
         let slots_needed = (base + n).div_ceil(r);
         while p.stats.len() < slots_needed {
-            p.stats
-                .push_back(hooks.iter().map(|h| HookStats::new(h.d_model)).collect());
+            p.stats.push_back(hooks.iter().map(|h| HookStats::new(h.d_model)).collect());
         }
         for (i, spec) in hooks.iter().enumerate() {
-            let (_, v) = b
-                .activations
-                .iter()
-                .find(|(n, _)| n == &spec.name)
-                .expect("validated");
+            let (_, v) = b.activations.iter().find(|(n, _)| n == &spec.name).expect("validated");
             let d = spec.d_model;
             // Rows in segments that each fall into one future row group's stats slot.
             let mut row = 0;
             while row < n {
                 let slot = (base + row) / r;
                 let end = n.min((slot + 1) * r - base);
-                encode_rows_planar(
-                    dtype,
-                    &v[row * d..end * d],
-                    d,
-                    &mut p.acts[i],
-                    &mut p.stats[slot][i],
-                );
+                encode_rows_planar(dtype, &v[row * d..end * d], d, &mut p.acts[i], &mut p.stats[slot][i]);
                 row = end;
             }
         }
@@ -694,21 +645,14 @@ impl Encoder {
 
     fn open_shard(&mut self) -> Result<Shard> {
         let seq = self.next_seq;
-        let key = format!(
-            "{SHARDS_DIR}/{}-{seq:08}-{}.parquet",
-            self.opts.worker,
-            &random_hex()[..8]
-        );
+        let key = format!("{SHARDS_DIR}/{}-{seq:08}-{}.parquet", self.opts.worker, &random_hex()[..8]);
         let path = self.loc.path(&key);
         let upload = self
             .rt
             .block_on(self.loc.store.put_multipart(&path))
             .map_err(|e| Error::store("start multipart upload", self.loc.display(&key), e))?;
         let arrow = ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(self.props.clone()))
-            .map_err(|e| Error::Parquet {
-                key: key.clone(),
-                source: e,
-            })?;
+            .map_err(|e| Error::Parquet { key: key.clone(), source: e })?;
         Ok(Shard {
             seq,
             key,
@@ -720,13 +664,7 @@ impl Encoder {
             row_groups: Vec::new(),
             rows: 0,
             seq_range: [u64::MAX, 0],
-            stats: self
-                .header
-                .header
-                .hooks
-                .iter()
-                .map(|h| HookStats::new(h.d_model))
-                .collect(),
+            stats: self.header.header.hooks.iter().map(|h| HookStats::new(h.d_model)).collect(),
         })
     }
 
@@ -746,38 +684,23 @@ impl Encoder {
             Arc::new(UInt32Array::from(p.token_id.drain(..n).collect::<Vec<_>>())),
         ];
         // Row groups are cut at multiples of R (or take all that is left): slot 0 is theirs.
-        let rg_stats = p
-            .stats
-            .pop_front()
-            .expect("a stats slot per pending row group");
+        let rg_stats = p.stats.pop_front().expect("a stats slot per pending row group");
         for (i, h) in hooks.iter().enumerate() {
             let width = h.d_model * dtype.size();
             let rest = p.acts[i].split_off(n * width);
             let mine = std::mem::replace(&mut p.acts[i], rest);
-            cols.push(Arc::new(FixedSizeBinaryArray::new(
-                width as i32,
-                Buffer::from_vec(mine),
-                None,
-            )));
+            cols.push(Arc::new(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(mine), None)));
         }
-        let batch =
-            RecordBatch::try_new(self.schema.clone(), cols).expect("schema matches columns");
+        let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("schema matches columns");
         let shard = self.shard.as_mut().unwrap();
         let key = shard.key.clone();
-        let pq = |e| Error::Parquet {
-            key: key.clone(),
-            source: e,
-        };
+        let pq = |e| Error::Parquet { key: key.clone(), source: e };
         shard.arrow.write(&batch).map_err(pq)?;
         shard.arrow.flush().map_err(pq)?;
         shard.arrow.sync().map_err(|e| pq(e.into()))?;
         let buf = std::mem::take(shard.arrow.inner_mut());
         let base = shard.written;
-        let rg = shard
-            .arrow
-            .flushed_row_groups()
-            .last()
-            .expect("a row group was flushed");
+        let rg = shard.arrow.flushed_row_groups().last().expect("a row group was flushed");
         let mut crcs = Vec::with_capacity(rg.num_columns());
         for c in rg.columns() {
             let (start, len) = c.byte_range();
@@ -821,10 +744,7 @@ impl Encoder {
     fn close_shard(&mut self) -> Result<()> {
         let shard = self.shard.as_mut().unwrap();
         let key = shard.key.clone();
-        let pq = |e| Error::Parquet {
-            key: key.clone(),
-            source: e,
-        };
+        let pq = |e| Error::Parquet { key: key.clone(), source: e };
         shard.arrow.append_key_value_metadata(KeyValue::new(
             format::KV_CHUNK_CRC.to_string(),
             serde_json::to_string(&shard.crcs).unwrap(),
@@ -840,14 +760,10 @@ impl Encoder {
         if tail.len() < 8 || &tail[tail.len() - 4..] != b"PAR1" {
             return Err(Error::corrupt(&key, "the writer produced no footer"));
         }
-        let meta_len =
-            u32::from_le_bytes(tail[tail.len() - 8..tail.len() - 4].try_into().unwrap()) as usize;
+        let meta_len = u32::from_le_bytes(tail[tail.len() - 8..tail.len() - 4].try_into().unwrap()) as usize;
         let footer_len = meta_len + 8;
         if footer_len > tail.len() {
-            return Err(Error::corrupt(
-                &key,
-                "footer split across row group flushes",
-            ));
+            return Err(Error::corrupt(&key, "footer split across row group flushes"));
         }
         let footer_crc32c = crc32c::crc32c(&tail[tail.len() - footer_len..]);
         self.send(tail)?;
@@ -863,14 +779,8 @@ impl Encoder {
                 Err(e) => Err(Error::store("complete upload of", loc.display(&key), e)),
             }
         })?;
-        let stats: BTreeMap<String, HookStats> = self
-            .header
-            .header
-            .hooks
-            .iter()
-            .map(|h| h.name.clone())
-            .zip(shard.stats)
-            .collect();
+        let stats: BTreeMap<String, HookStats> =
+            self.header.header.hooks.iter().map(|h| h.name.clone()).zip(shard.stats).collect();
         let rec = CommitRecord {
             format_version: FORMAT_VERSION,
             dataset_id: self.header.dataset_id.clone(),
@@ -894,10 +804,7 @@ impl Encoder {
         if !rt.block_on(loc.put_create(&ckey, body.into()))? {
             return Err(Error::AlreadyExists {
                 location: loc.display(&ckey),
-                what: format!(
-                    "another writer with worker id `{}` committed this shard first",
-                    self.opts.worker
-                ),
+                what: format!("another writer with worker id `{}` committed this shard first", self.opts.worker),
             });
         }
         // A finalize that ran before this commit did not see it: the rows are not in the
@@ -920,20 +827,11 @@ impl Encoder {
 
 /// Encode f32 rows into byte-planar rows of `dtype` (see `format::to_planar`), adding the
 /// stored (rounded) values to `st` in f64.
-pub(crate) fn encode_rows_planar(
-    dtype: Dtype,
-    src: &[f32],
-    d: usize,
-    out: &mut Vec<u8>,
-    st: &mut HookStats,
-) {
+pub(crate) fn encode_rows_planar(dtype: Dtype, src: &[f32], d: usize, out: &mut Vec<u8>, st: &mut HookStats) {
     let s = dtype.size();
     let start = out.len();
     out.resize(start + src.len() * s, 0);
-    for (row, dst) in src
-        .chunks_exact(d)
-        .zip(out[start..].chunks_exact_mut(d * s))
-    {
+    for (row, dst) in src.chunks_exact(d).zip(out[start..].chunks_exact_mut(d * s)) {
         let mut sq = 0f64;
         match dtype {
             Dtype::Bf16 | Dtype::F16 => {
@@ -1015,10 +913,16 @@ async fn check_parts(
 ) -> Result<()> {
     let mut parts = Vec::new();
     for (key, _) in loc.list(PARTS_DIR).await? {
-        let bytes = loc.get_bounded(&key, limits::MAX_METADATA_BYTES).await?.ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
+        let bytes = loc
+            .get_bounded(&key, limits::MAX_METADATA_BYTES)
+            .await?
+            .ok_or_else(|| Error::BadMetadata { location: loc.display(&key), detail: "listed but vanished".into() })?;
         let part: PartRecord = parse_versioned(&bytes, &loc.display(&key), &loc.url)?;
         if part.dataset_id != dataset_id {
-            return Err(Error::BadMetadata { location: loc.display(&key), detail: format!("belongs to dataset {}", part.dataset_id) });
+            return Err(Error::BadMetadata {
+                location: loc.display(&key),
+                detail: format!("belongs to dataset {}", part.dataset_id),
+            });
         }
         parts.push(part);
     }
@@ -1059,12 +963,7 @@ pub(crate) async fn finalize_async(loc: &Location, workers: Option<usize>) -> Re
     })?;
     let commits = list_commits(loc, None).await?;
     check_parts(loc, &header.dataset_id, &commits, workers).await?;
-    let objects: BTreeMap<String, u64> = loc
-        .list(SHARDS_DIR)
-        .await?
-        .into_iter()
-        .map(|(k, m)| (k, m.size))
-        .collect();
+    let objects: BTreeMap<String, u64> = loc.list(SHARDS_DIR).await?.into_iter().map(|(k, m)| (k, m.size)).collect();
     for c in &commits {
         let where_ = loc.display(&commit_key(&c.worker, c.seq));
         if c.dataset_id != header.dataset_id {
@@ -1078,18 +977,10 @@ pub(crate) async fn finalize_async(loc: &Location, workers: Option<usize>) -> Re
             Some(&size) => {
                 return Err(Error::corrupt(
                     &c.shard.key,
-                    format!(
-                        "committed with {} bytes, the object has {size}",
-                        c.shard.bytes
-                    ),
+                    format!("committed with {} bytes, the object has {size}", c.shard.bytes),
                 ))
             }
-            None => {
-                return Err(Error::corrupt(
-                    &c.shard.key,
-                    "committed but missing from the store",
-                ))
-            }
+            None => return Err(Error::corrupt(&c.shard.key, "committed but missing from the store")),
         }
     }
     let manifest = build_manifest(&header, &commits);
@@ -1155,9 +1046,7 @@ mod tests {
     #[test]
     fn fused_encoding_matches_encode_then_planarize() {
         let d = 7;
-        let src: Vec<f32> = (0..5 * d)
-            .map(|i| (i as f32 * 0.731).sin() * 40.0)
-            .collect();
+        let src: Vec<f32> = (0..5 * d).map(|i| (i as f32 * 0.731).sin() * 40.0).collect();
         for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
             let mut fused = Vec::new();
             let mut st = HookStats::new(d);

@@ -95,10 +95,8 @@ fn a_worker_that_commits_after_finalize_fails_and_its_shard_stays() {
 
 #[test]
 fn a_store_that_ignores_conditional_create_is_named_at_start_up() {
-    let direct = writer(
-        &Backend { name: "s3-moto", url: moto().url("probe-ok"), opts: moto().options(3), _dir: None },
-        "w0",
-    );
+    let direct =
+        writer(&Backend { name: "s3-moto", url: moto().url("probe-ok"), opts: moto().options(3), _dir: None }, "w0");
     assert!(direct.conditional_create_honoured());
     let proxy = Proxy::start(moto().port);
     proxy.strip_header("If-None-Match");

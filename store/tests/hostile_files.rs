@@ -159,7 +159,10 @@ fn read_every_way(dir: &Path) -> Outcome {
 /// Errors about a damaged object must say which one.
 fn assert_names_an_object(err: &Error, dir: &Path) {
     let text = err.to_string();
-    let names_it = text.contains(dir.to_str().unwrap()) || text.contains(".json") || text.contains(".parquet") || text.contains("shard");
+    let names_it = text.contains(dir.to_str().unwrap())
+        || text.contains(".json")
+        || text.contains(".parquet")
+        || text.contains("shard");
     assert!(names_it, "the error names no object: {text}");
 }
 
@@ -196,7 +199,12 @@ fn json_mutation() -> impl Strategy<Value = JsonMutation> {
 }
 
 /// Paths (object keys and array indices) of every number in `value`, and of every object field.
-fn leaves(value: &serde_json::Value, path: &mut Vec<serde_json::Value>, numbers: &mut Vec<Vec<serde_json::Value>>, fields: &mut Vec<Vec<serde_json::Value>>) {
+fn leaves(
+    value: &serde_json::Value,
+    path: &mut Vec<serde_json::Value>,
+    numbers: &mut Vec<Vec<serde_json::Value>>,
+    fields: &mut Vec<Vec<serde_json::Value>>,
+) {
     match value {
         serde_json::Value::Number(_) => numbers.push(path.clone()),
         serde_json::Value::Object(map) => {
@@ -260,7 +268,10 @@ fn mutate_json(bytes: &[u8], mutation: &JsonMutation) -> Vec<u8> {
 /// allocation (checked in [`read_every_way`]).
 fn check_damaged_dataset(dir: &Path) {
     let outcome = read_every_way(dir);
-    for err in [outcome.info.as_ref().err(), outcome.verified.as_ref().err(), outcome.read.as_ref().err()].into_iter().flatten() {
+    for err in [outcome.info.as_ref().err(), outcome.verified.as_ref().err(), outcome.read.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
         assert_names_an_object(err, dir);
     }
     if let (Ok(info), Ok(values)) = (&outcome.info, &outcome.read) {
@@ -381,7 +392,12 @@ fn oversized_metadata_is_refused() {
     let dir = copy_of_pristine();
     let path = dir.path().join("manifest.json");
     // A sparse file just past the limit: refused by its size, before it is read.
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(store::limits::MAX_METADATA_BYTES + 1).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(store::limits::MAX_METADATA_BYTES + 1)
+        .unwrap();
     LARGEST_ALLOCATION.store(0, Ordering::Relaxed);
     let err = store::info(dir.path().to_str().unwrap(), &StoreOptions::default()).unwrap_err();
     assert!(LARGEST_ALLOCATION.load(Ordering::Relaxed) <= ALLOCATION_LIMIT, "the oversized manifest was read");

@@ -14,11 +14,7 @@ const CTX: usize = 25;
 fn dataset(name: &str) -> String {
     let url = format!("memory://{}/ds", unique(name));
     let hooks = [("h", 8)];
-    let opts = WriterOptions {
-        row_group_rows: 50,
-        shard_bytes: Some(2_400),
-        ..Default::default()
-    };
+    let opts = WriterOptions { row_group_rows: 50, shard_bytes: Some(2_400), ..Default::default() };
     let mut w = DatasetWriter::create(&url, header(&hooks, CTX), opts).unwrap();
     for s in 0..22 {
         w.append(synth(s, 1, CTX, &hooks)).unwrap();
@@ -40,19 +36,11 @@ fn opts(batch: usize) -> ReaderOptions {
 
 fn ids(b: &Batch) -> Vec<(u64, u32)> {
     let t = b.tokens.as_ref().unwrap();
-    t.sequence_id
-        .iter()
-        .copied()
-        .zip(t.position.iter().copied())
-        .collect()
+    t.sequence_id.iter().copied().zip(t.position.iter().copied()).collect()
 }
 
 fn take(url: &str, o: ReaderOptions, n: usize) -> Vec<Batch> {
-    Reader::open(url, o)
-        .unwrap()
-        .take(n)
-        .map(|b| b.unwrap())
-        .collect()
+    Reader::open(url, o).unwrap().take(n).map(|b| b.unwrap()).collect()
 }
 
 #[test]
@@ -67,10 +55,7 @@ fn ranks_are_disjoint_balanced_and_shuffled() {
         o.world = world;
         let r = Reader::open(&url, o.clone()).unwrap();
         let n = r.batches_per_epoch().unwrap();
-        assert!(
-            bpe.is_none() || bpe == Some(n),
-            "every rank yields the same batches per epoch"
-        );
+        assert!(bpe.is_none() || bpe == Some(n), "every rank yields the same batches per epoch");
         bpe = Some(n);
         let batches: Vec<Batch> = r.take(n as usize).map(|b| b.unwrap()).collect();
         let mut mine = HashSet::new();
@@ -80,28 +65,18 @@ fn ranks_are_disjoint_balanced_and_shuffled() {
             assert_eq!(b.dtype, store::Dtype::Bf16);
             let vals = b.to_f32();
             for (i, (s, p)) in ids(b).into_iter().enumerate() {
-                assert_eq!(
-                    &vals[i * 8..i * 8 + 8],
-                    &stored_values(store::Dtype::Bf16, 0, s, p, 8)[..]
-                );
+                assert_eq!(&vals[i * 8..i * 8 + 8], &stored_values(store::Dtype::Bf16, 0, s, p, 8)[..]);
                 assert!(mine.insert((s, p)), "row repeated within an epoch");
                 assert!(all.insert((s, p)), "row given to two ranks");
             }
         }
         // Shuffled: a batch mixes sequences from far apart (different row groups).
         let seqs: HashSet<u64> = ids(&batches[0]).iter().map(|x| x.0).collect();
-        assert!(
-            seqs.len() > 3,
-            "batch 0 of rank {rank} has sequences {seqs:?}"
-        );
+        assert!(seqs.len() > 3, "batch 0 of rank {rank} has sequences {seqs:?}");
     }
     let total = 22 * CTX;
     assert!(all.len() as u64 == world as u64 * bpe.unwrap() * 40 && all.len() <= total);
-    assert!(
-        all.len() >= total - world * 40 - 2 * 50,
-        "too many rows dropped: {} of {total}",
-        all.len()
-    );
+    assert!(all.len() >= total - world * 40 - 2 * 50, "too many rows dropped: {} of {total}", all.len());
 }
 
 #[test]
@@ -109,23 +84,14 @@ fn order_is_a_pure_function_of_seed_epoch_rank_world() {
     let url = dataset("pure");
     let a = take(&url, opts(30), 40);
     let b = take(&url, opts(30), 40);
-    assert_eq!(
-        a.iter().map(ids).collect::<Vec<_>>(),
-        b.iter().map(ids).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        a.iter().map(|b| &b.bytes).collect::<Vec<_>>(),
-        b.iter().map(|b| &b.bytes).collect::<Vec<_>>()
-    );
+    assert_eq!(a.iter().map(ids).collect::<Vec<_>>(), b.iter().map(ids).collect::<Vec<_>>());
+    assert_eq!(a.iter().map(|b| &b.bytes).collect::<Vec<_>>(), b.iter().map(|b| &b.bytes).collect::<Vec<_>>());
     let mut o = opts(30);
     o.seed = 99;
     let c = take(&url, o, 1);
     assert_ne!(ids(&a[0]), ids(&c[0]), "another seed, another order");
     // Epoch 1 is another permutation of the same rows.
-    let bpe = Reader::open(&url, opts(30))
-        .unwrap()
-        .batches_per_epoch()
-        .unwrap() as usize;
+    let bpe = Reader::open(&url, opts(30)).unwrap().batches_per_epoch().unwrap() as usize;
     assert!(40 > 2 * bpe, "the test reads past two epochs");
     assert_eq!(a[bpe].cursor, Cursor { epoch: 1, batch: 0 });
     assert_ne!(ids(&a[0]), ids(&a[bpe]));
@@ -142,19 +108,12 @@ fn a_reader_rebuilt_from_a_cursor_continues_exactly() {
         let mut o = opts(35);
         o.world = world;
         o.rank = world - 1;
-        let bpe = Reader::open(&url, o.clone())
-            .unwrap()
-            .batches_per_epoch()
-            .unwrap() as usize;
+        let bpe = Reader::open(&url, o.clone()).unwrap().batches_per_epoch().unwrap() as usize;
         assert!(bpe >= 3, "bpe {bpe}");
         let full = take(&url, o.clone(), 3 * bpe + 8);
         // Resume at the start, mid-window, at an epoch boundary, and in a later epoch.
         for k in [0, 1, 4, bpe - 1, bpe, bpe + 2, 2 * bpe + 1] {
-            let cursor = if k == 0 {
-                Cursor::default()
-            } else {
-                full[k - 1].next
-            };
+            let cursor = if k == 0 { Cursor::default() } else { full[k - 1].next };
             // The cursor serializes to a small value.
             let json = serde_json::to_string(&cursor).unwrap();
             let back: Cursor = serde_json::from_str(&json).unwrap();
@@ -163,11 +122,7 @@ fn a_reader_rebuilt_from_a_cursor_continues_exactly() {
             let resumed = take(&url, o2, 5);
             for (i, b) in resumed.iter().enumerate() {
                 assert_eq!(b.cursor, full[k + i].cursor, "world {world} k {k}");
-                assert_eq!(
-                    ids(b),
-                    ids(&full[k + i]),
-                    "world {world} resume at {k}, batch {i}"
-                );
+                assert_eq!(ids(b), ids(&full[k + i]), "world {world} resume at {k}, batch {i}");
                 assert_eq!(b.bytes, full[k + i].bytes);
             }
         }
@@ -183,11 +138,7 @@ fn epochs_loop_or_stop() {
     let bpe = r.batches_per_epoch().unwrap();
     assert_eq!(r.count() as u64, 2 * bpe);
     // Without a limit it keeps going past the dataset's size.
-    let n = Reader::open(&url, opts(50))
-        .unwrap()
-        .take(5 * bpe as usize)
-        .filter(|b| b.is_ok())
-        .count();
+    let n = Reader::open(&url, opts(50)).unwrap().take(5 * bpe as usize).filter(|b| b.is_ok()).count();
     assert_eq!(n as u64, 5 * bpe);
 }
 
@@ -199,27 +150,16 @@ fn unshuffled_single_pass_reads_every_row_in_order() {
     o.drop_last = false;
     o.epochs = Some(1);
     o.output = OutputDtype::F32;
-    let rows: Vec<(u64, u32)> = Reader::open(&url, o)
-        .unwrap()
-        .flat_map(|b| ids(&b.unwrap()))
-        .collect();
-    let want: Vec<(u64, u32)> = (0..22u64)
-        .flat_map(|s| (0..CTX as u32).map(move |p| (s, p)))
-        .collect();
+    let rows: Vec<(u64, u32)> = Reader::open(&url, o).unwrap().flat_map(|b| ids(&b.unwrap())).collect();
+    let want: Vec<(u64, u32)> = (0..22u64).flat_map(|s| (0..CTX as u32).map(move |p| (s, p))).collect();
     assert_eq!(rows, want);
 }
 
 #[test]
 fn clear_errors_for_bad_requests() {
     let url = dataset("errors");
-    let e = Reader::open(&url, ReaderOptions::new("blocks.9.hook_resid_post", 10))
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("no hook `blocks.9.hook_resid_post`") && e.contains("h (d_model 8)"),
-        "{e}"
-    );
+    let e = Reader::open(&url, ReaderOptions::new("blocks.9.hook_resid_post", 10)).err().unwrap().to_string();
+    assert!(e.contains("no hook `blocks.9.hook_resid_post`") && e.contains("h (d_model 8)"), "{e}");
     let mut o = ReaderOptions::new("h", 10);
     o.d_model = Some(576);
     let e = Reader::open(&url, o).err().unwrap().to_string();
@@ -233,19 +173,13 @@ fn clear_errors_for_bad_requests() {
     o.max_bytes_in_flight = 1000;
     let e = Reader::open(&url, o).err().unwrap().to_string();
     assert!(e.contains("max_bytes_in_flight"), "{e}");
-    let e = Reader::open(
-        &format!("memory://{}/nothing", unique("none")),
-        ReaderOptions::new("h", 10),
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = Reader::open(&format!("memory://{}/nothing", unique("none")), ReaderOptions::new("h", 10))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("no manifest.json"), "{e}");
     let mut o = ReaderOptions::new("h", 10);
-    o.start = Cursor {
-        epoch: 0,
-        batch: 10_000,
-    };
+    o.start = Cursor { epoch: 0, batch: 10_000 };
     let e = Reader::open(&url, o).err().unwrap().to_string();
     assert!(e.contains("past the end of an epoch"), "{e}");
 }
@@ -255,18 +189,11 @@ fn follow_mode_reads_a_dataset_while_it_is_written() {
     let dir = TempDir::new("follow");
     let url = format!("file://{}/ds", dir.path().display());
     let hooks = [("h", 8)];
-    let wopts = WriterOptions {
-        row_group_rows: 50,
-        shard_bytes: Some(1_000),
-        ..Default::default()
-    };
+    let wopts = WriterOptions { row_group_rows: 50, shard_bytes: Some(1_000), ..Default::default() };
     let mut w = DatasetWriter::create(&url, header(&hooks, CTX), wopts).unwrap();
     w.append(synth(0, 4, CTX, &hooks)).unwrap();
     // Not final: a plain reader refuses, pointing at follow mode.
-    let e = Reader::open(&url, ReaderOptions::new("h", 10))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = Reader::open(&url, ReaderOptions::new("h", 10)).err().unwrap().to_string();
     assert!(e.contains("follow mode"), "{e}");
     let mut o = opts(20);
     o.follow = Some(FollowOptions {
@@ -275,12 +202,8 @@ fn follow_mode_reads_a_dataset_while_it_is_written() {
         ..Default::default()
     });
     o.drop_last = false;
-    let reader = std::thread::spawn(move || {
-        Reader::open(&url, o)
-            .unwrap()
-            .map(|b| ids(&b.unwrap()))
-            .collect::<Vec<_>>()
-    });
+    let reader =
+        std::thread::spawn(move || Reader::open(&url, o).unwrap().map(|b| ids(&b.unwrap())).collect::<Vec<_>>());
     std::thread::sleep(std::time::Duration::from_millis(300));
     for s in 4..12 {
         w.append(synth(s, 1, CTX, &hooks)).unwrap();
@@ -301,21 +224,12 @@ fn a_budget_of_one_window_still_streams() {
     o.prefetch_row_groups = 8;
     // One window of 3 row groups of 50 rows x 8 bf16 values: 2400 bytes, 2 KiB of permits.
     o.max_bytes_in_flight = 3 * 50 * 8 * 2 + 1023;
-    let bpe = Reader::open(&url, o.clone())
-        .unwrap()
-        .batches_per_epoch()
-        .unwrap() as usize;
+    let bpe = Reader::open(&url, o.clone()).unwrap().batches_per_epoch().unwrap() as usize;
     let tight: Vec<Batch> = take(&url, o.clone(), 2 * bpe + 1);
     let loose = take(&url, opts(30), 2 * bpe + 1);
-    assert_eq!(
-        tight.iter().map(ids).collect::<Vec<_>>(),
-        loose.iter().map(ids).collect::<Vec<_>>()
-    );
+    assert_eq!(tight.iter().map(ids).collect::<Vec<_>>(), loose.iter().map(ids).collect::<Vec<_>>());
     o.max_bytes_in_flight = 3 * 50 * 8 * 2 - 1;
-    assert!(
-        Reader::open(&url, o).is_err(),
-        "a budget below one window is refused"
-    );
+    assert!(Reader::open(&url, o).is_err(), "a budget below one window is refused");
 }
 
 #[test]
@@ -352,7 +266,11 @@ fn follow_mode_yields_the_same_values_as_the_final_reader() {
         o.epochs = Some(1);
         o.output = output;
         if follow {
-            o.follow = Some(FollowOptions { poll: std::time::Duration::from_millis(20), idle_timeout: None, ..Default::default() });
+            o.follow = Some(FollowOptions {
+                poll: std::time::Duration::from_millis(20),
+                idle_timeout: None,
+                ..Default::default()
+            });
         }
         let mut out = std::collections::BTreeMap::new();
         for b in Reader::open(&url, o).unwrap() {

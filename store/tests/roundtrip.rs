@@ -8,10 +8,7 @@ use common::*;
 use store::reader::{OutputDtype, Reader, ReaderOptions};
 use store::{finalize, info, verify, DatasetWriter, Dtype, Error, WriterOptions};
 
-const HOOKS: [(&str, usize); 2] = [
-    ("blocks.3.hook_resid_post", 16),
-    ("blocks.5.hook_resid_post", 24),
-];
+const HOOKS: [(&str, usize); 2] = [("blocks.3.hook_resid_post", 16), ("blocks.5.hook_resid_post", 24)];
 const CTX: usize = 32;
 
 fn list_parquet(url: &str, opts: &store::StoreOptions) -> BTreeSet<String> {
@@ -31,8 +28,7 @@ fn roundtrip_on_every_backend() {
         let mut w = DatasetWriter::create(&b.url, header(&HOOKS, CTX), opts).unwrap();
         let nseq = 40;
         for s in (0..nseq).step_by(3) {
-            w.append(synth(s as u64, 3.min(nseq - s), CTX, &HOOKS))
-                .unwrap();
+            w.append(synth(s as u64, 3.min(nseq - s), CTX, &HOOKS)).unwrap();
         }
         let m = w.finish().unwrap();
         let rows = (nseq * CTX) as u64;
@@ -64,11 +60,7 @@ fn roundtrip_on_every_backend() {
             let h = m.hook(name).unwrap();
             assert_eq!(h.d_model, *d);
             for (a, b) in h.mean.iter().zip(&sum) {
-                assert!(
-                    (a - b / rows as f64).abs() < 1e-9,
-                    "mean {a} vs {}",
-                    b / rows as f64
-                );
+                assert!((a - b / rows as f64).abs() < 1e-9, "mean {a} vs {}", b / rows as f64);
             }
             assert!((h.mean_sq_norm - sq / rows as f64).abs() < 1e-6 * sq / rows as f64);
         }
@@ -94,11 +86,7 @@ fn roundtrip_on_every_backend() {
                 let (seq, pos) = ((n / CTX as u64), (n % CTX as u64) as u32);
                 assert_eq!((t.sequence_id[r], t.position[r]), (seq, pos), "row {n}");
                 assert_eq!(t.token_id[r], ((seq * 31 + pos as u64 * 7) % 49152) as u32);
-                assert_eq!(
-                    &vals[r * 24..(r + 1) * 24],
-                    &stored_values(Dtype::Bf16, 1, seq, pos, 24)[..],
-                    "row {n}"
-                );
+                assert_eq!(&vals[r * 24..(r + 1) * 24], &stored_values(Dtype::Bf16, 1, seq, pos, 24)[..], "row {n}");
                 n += 1;
             }
         }
@@ -113,26 +101,14 @@ fn roundtrip_on_every_backend() {
         assert_eq!((first.rows, first.d, first.dtype), (640, 16, Dtype::Bf16));
         let mut want = Vec::new();
         for r in 0..640u64 {
-            Dtype::Bf16.encode_f32(
-                &row_values(0, r / CTX as u64, (r % CTX as u64) as u32, 16),
-                &mut want,
-            );
+            Dtype::Bf16.encode_f32(&row_values(0, r / CTX as u64, (r % CTX as u64) as u32, 16), &mut want);
         }
         assert_eq!(first.bytes, want);
 
         let i = info(&b.url, &b.opts).unwrap();
         assert!(i.is_final);
-        assert_eq!(
-            (i.tokens, i.shards, i.bytes, i.dtype),
-            (rows, m.shards.len(), m.bytes, Dtype::Bf16)
-        );
-        assert_eq!(
-            i.hooks
-                .iter()
-                .map(|h| (h.name.as_str(), h.d_model))
-                .collect::<Vec<_>>(),
-            HOOKS.to_vec()
-        );
+        assert_eq!((i.tokens, i.shards, i.bytes, i.dtype), (rows, m.shards.len(), m.bytes, Dtype::Bf16));
+        assert_eq!(i.hooks.iter().map(|h| (h.name.as_str(), h.d_model)).collect::<Vec<_>>(), HOOKS.to_vec());
         let json = serde_json::to_value(&i).unwrap();
         for k in ["tokens", "hooks", "dtype", "shards", "bytes"] {
             assert!(json.get(k).is_some(), "info JSON lacks {k}");
@@ -152,10 +128,7 @@ fn roundtrip_on_every_backend() {
         let e = DatasetWriter::create(
             &b.url,
             header(&HOOKS, CTX),
-            WriterOptions {
-                store: b.opts.clone(),
-                ..Default::default()
-            },
+            WriterOptions { store: b.opts.clone(), ..Default::default() },
         )
         .err()
         .unwrap();
@@ -168,11 +141,7 @@ fn every_dtype_roundtrips_exactly() {
     for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
         let url = format!("memory://{}/ds", unique("dtypes"));
         let hooks = [("h", 40)];
-        let opts = WriterOptions {
-            dtype,
-            row_group_rows: 64,
-            ..Default::default()
-        };
+        let opts = WriterOptions { dtype, row_group_rows: 64, ..Default::default() };
         let mut w = DatasetWriter::create(&url, header(&hooks, 16), opts).unwrap();
         w.append(synth(0, 10, 16, &hooks)).unwrap();
         let m = w.finish().unwrap();
@@ -181,10 +150,7 @@ fn every_dtype_roundtrips_exactly() {
         ro.shuffle = false;
         ro.epochs = Some(1);
         ro.output = OutputDtype::F32;
-        let got: Vec<f32> = Reader::open(&url, ro)
-            .unwrap()
-            .flat_map(|b| f32s(&b.unwrap().bytes))
-            .collect();
+        let got: Vec<f32> = Reader::open(&url, ro).unwrap().flat_map(|b| f32s(&b.unwrap().bytes)).collect();
         let mut want = Vec::new();
         for s in 0..10 {
             for p in 0..16 {
@@ -213,15 +179,11 @@ fn several_workers_merge_into_one_manifest() {
                 ..Default::default()
             };
             let mut w = DatasetWriter::create(&b.url, header(&hooks, 20), opts).unwrap();
-            w.append(synth(wi as u64 * 1000, 5 + wi, 20, &hooks))
-                .unwrap();
+            w.append(synth(wi as u64 * 1000, 5 + wi, 20, &hooks)).unwrap();
             counts += ((5 + wi) * 20) as u64;
             let recs = w.finish_part(3).unwrap();
             assert!(recs.iter().all(|r| &r.worker == worker));
-            assert_eq!(
-                recs.iter().map(|r| r.shard.rows).sum::<u64>(),
-                ((5 + wi) * 20) as u64
-            );
+            assert_eq!(recs.iter().map(|r| r.shard.rows).sum::<u64>(), ((5 + wi) * 20) as u64);
         }
         // Not final yet: info reports the committed shards.
         let i = info(&b.url, &b.opts).unwrap();
@@ -245,11 +207,7 @@ fn two_writers_with_one_worker_id_cannot_both_commit() {
             DatasetWriter::create(
                 &b.url,
                 header(&hooks, 20),
-                WriterOptions {
-                    row_group_rows: 50,
-                    store: b.opts.clone(),
-                    ..Default::default()
-                },
+                WriterOptions { row_group_rows: 50, store: b.opts.clone(), ..Default::default() },
             )
             .unwrap()
         };
@@ -258,11 +216,7 @@ fn two_writers_with_one_worker_id_cannot_both_commit() {
         w2.append(synth(100, 3, 20, &hooks)).unwrap();
         w1.finish_part(1).unwrap();
         let e = w2.finish_worker().unwrap_err().to_string();
-        assert!(
-            e.contains("already exists") && e.contains("worker id `w0`"),
-            "{}: {e}",
-            b.name
-        );
+        assert!(e.contains("already exists") && e.contains("worker id `w0`"), "{}: {e}", b.name);
         // Finalize keeps the first writer's shard and removes the loser's orphaned object.
         let m = finalize(&b.url, &b.opts, None).unwrap();
         assert_eq!(m.shards.len(), 1);

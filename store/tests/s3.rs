@@ -10,12 +10,8 @@ use store::{info, verify, DatasetWriter, WriterOptions};
 const HOOKS: [(&str, usize); 1] = [("h", 32)];
 
 fn write(url: &str, store: &store::StoreOptions, nseq: u64) -> store::Result<store::Manifest> {
-    let opts = WriterOptions {
-        row_group_rows: 64,
-        shard_bytes: Some(8_000),
-        store: store.clone(),
-        ..Default::default()
-    };
+    let opts =
+        WriterOptions { row_group_rows: 64, shard_bytes: Some(8_000), store: store.clone(), ..Default::default() };
     let mut w = DatasetWriter::create(url, header(&HOOKS, 16), opts)?;
     w.append(synth(0, nseq as usize, 16, &HOOKS))?;
     w.finish()
@@ -44,12 +40,7 @@ fn retries_get_past_503s_and_dropped_connections() {
     let mut w = DatasetWriter::create(
         &url,
         header(&HOOKS, 16),
-        WriterOptions {
-            row_group_rows: 64,
-            shard_bytes: Some(8_000),
-            store: store.clone(),
-            ..Default::default()
-        },
+        WriterOptions { row_group_rows: 64, shard_bytes: Some(8_000), store: store.clone(), ..Default::default() },
     )
     .unwrap();
     assert_eq!(proxy.injected(), 2);
@@ -75,21 +66,14 @@ fn giving_up_is_reported_clearly() {
     proxy.set(Fault::Http503(usize::MAX), None);
     let e = info(&url, &store).unwrap_err().to_string();
     eprintln!("gave up: {e}");
-    assert!(
-        e.contains("manifest.json") && e.contains("503") && e.contains("after 2 retries"),
-        "{e}"
-    );
+    assert!(e.contains("manifest.json") && e.contains("503") && e.contains("after 2 retries"), "{e}");
     // Reads that start fine and then fail name the shard.
     proxy.set(Fault::Pass, None);
     let mut o = ReaderOptions::new("h", 64);
     o.store = store.clone();
     let r = Reader::open(&url, o).unwrap();
     proxy.set(Fault::Http503(usize::MAX), None);
-    let e = r
-        .take(3)
-        .find_map(|b| b.err())
-        .expect("must fail")
-        .to_string();
+    let e = r.take(3).find_map(|b| b.err()).expect("must fail").to_string();
     assert!(e.contains("shards/w0-") && e.contains("503"), "{e}");
     // A writer whose uploads keep failing reports the shard and gives up.
     let url2 = moto().url("giveup-write");
@@ -97,11 +81,7 @@ fn giving_up_is_reported_clearly() {
     let mut w = DatasetWriter::create(
         &url2,
         header(&HOOKS, 16),
-        WriterOptions {
-            row_group_rows: 64,
-            store: store.clone(),
-            ..Default::default()
-        },
+        WriterOptions { row_group_rows: 64, store: store.clone(), ..Default::default() },
     )
     .unwrap();
     proxy.set(Fault::Http503(usize::MAX), Some("PUT"));
@@ -113,10 +93,7 @@ fn giving_up_is_reported_clearly() {
     let prefix = url2.rsplit('/').next().unwrap();
     let uploads = http_body(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
     assert!(uploads.contains("ListMultipartUploadsResult"), "{uploads}");
-    assert!(
-        !uploads.contains(&format!("<Key>{prefix}/")),
-        "an upload was left open: {uploads}"
-    );
+    assert!(!uploads.contains(&format!("<Key>{prefix}/")), "an upload was left open: {uploads}");
 }
 
 #[test]
@@ -133,18 +110,10 @@ fn s3s_fs_with_sigv4_roundtrip_and_wrong_credentials() {
     let bad = s3_options(&srv.endpoint, srv.access_key.as_deref().unwrap(), secret, 1);
     let e = info(&url, &bad).unwrap_err().to_string();
     eprintln!("wrong secret: {e}");
-    assert!(
-        e.contains("403") || e.contains("SignatureDoesNotMatch"),
-        "{e}"
-    );
+    assert!(e.contains("403") || e.contains("SignatureDoesNotMatch"), "{e}");
     assert!(!e.contains(secret), "the secret leaked into: {e}");
-    let e = write(&srv.url("sigv4-bad"), &bad, 2)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("403") || e.contains("SignatureDoesNotMatch"),
-        "{e}"
-    );
+    let e = write(&srv.url("sigv4-bad"), &bad, 2).unwrap_err().to_string();
+    assert!(e.contains("403") || e.contains("SignatureDoesNotMatch"), "{e}");
     assert!(!e.contains(secret));
     let unknown = s3_options(&srv.endpoint, "NOSUCHKEY", secret, 1);
     let e = info(&url, &unknown).unwrap_err().to_string();
@@ -167,11 +136,7 @@ fn large_shards_use_multipart_on_both_servers() {
             w.append(synth(s, 1, 128, &hooks)).unwrap(); // 72 x 128 rows of 1024 values, ~1.5 B each: ~14 MiB
         }
         let m = w.finish().unwrap();
-        assert!(
-            m.shards[0].bytes > 10 << 20,
-            "{name}: shard of {} bytes",
-            m.shards[0].bytes
-        );
+        assert!(m.shards[0].bytes > 10 << 20, "{name}: shard of {} bytes", m.shards[0].bytes);
         let v = verify(&url, &srv.options(2), 2).unwrap();
         assert!(v.ok, "{name}: {v:?}");
         let mut o = ReaderOptions::new("h", 1000);

@@ -34,10 +34,7 @@ impl Adam {
             if !grad.defined() {
                 continue;
             }
-            let (m, v) = self
-                .moments
-                .entry(name.clone())
-                .or_insert_with(|| (param.zeros_like(), param.zeros_like()));
+            let (m, v) = self.moments.entry(name.clone()).or_insert_with(|| (param.zeros_like(), param.zeros_like()));
             // m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
             let _ = m.f_mul_scalar_(self.beta1).and_then(|mut m| m.f_add_(&(&grad * (1.0 - self.beta1))));
             let _ = v.f_mul_scalar_(self.beta2).and_then(|mut v| v.f_add_(&(grad.square() * (1.0 - self.beta2))));
@@ -64,7 +61,9 @@ impl Adam {
         self.moments.clear();
         for (key, m) in tensors {
             if let Some(name) = key.strip_prefix("m.") {
-                let v = tensors.get(&format!("v.{name}")).ok_or_else(|| format!("Adam state has m.{name} but no v.{name}"))?;
+                let v = tensors
+                    .get(&format!("v.{name}"))
+                    .ok_or_else(|| format!("Adam state has m.{name} but no v.{name}"))?;
                 self.moments.insert(name.to_string(), (m.to_kind(Kind::Float), v.to_kind(Kind::Float)));
             }
         }

@@ -133,10 +133,8 @@ pub fn save(
     named.push(("dead.tokens_since_fired".to_string(), dead_counters.shallow_clone()));
     let encoded = tensors::encode(&named);
     let json = serde_json::to_string(state).expect("state");
-    let metadata = BTreeMap::from([
-        (CHECKSUM_KEY.to_string(), checksum(&encoded.sha256(), &json)),
-        (STATE_KEY.to_string(), json),
-    ]);
+    let metadata =
+        BTreeMap::from([(CHECKSUM_KEY.to_string(), checksum(&encoded.sha256(), &json)), (STATE_KEY.to_string(), json)]);
     dir.put(&key(state.step), encoded.to_bytes(Some(metadata)))?;
     let steps = list_steps(dir)?;
     for old in steps.iter().rev().skip(KEEP) {
@@ -180,7 +178,10 @@ fn parse_state(metadata: &BTreeMap<String, String>, location: &str) -> Result<Ch
     let json = metadata.get(STATE_KEY).ok_or_else(|| bad(location, format!("no `{STATE_KEY}` metadata")))?;
     let state: CheckpointState = serde_json::from_str(json).map_err(|e| bad(location, e.to_string()))?;
     if !(1..=FORMAT_VERSION).contains(&state.format_version) {
-        return Err(bad(location, format!("format_version {} (this build reads 1 to {FORMAT_VERSION})", state.format_version)));
+        return Err(bad(
+            location,
+            format!("format_version {} (this build reads 1 to {FORMAT_VERSION})", state.format_version),
+        ));
     }
     if state.format_version >= 2 && !metadata.contains_key(CHECKSUM_KEY) {
         return Err(bad(location, format!("no `{CHECKSUM_KEY}` metadata")));
@@ -200,8 +201,7 @@ pub fn load(dir: &ObjectDir, step: u64) -> Result<Checkpoint, CheckpointError> {
             return Err(bad(format!("its contents hash to {found}, but {recorded} was recorded when it was saved")));
         }
     }
-    let dead_counters =
-        named.remove("dead.tokens_since_fired").ok_or_else(|| bad("no dead-latent counters".into()))?;
+    let dead_counters = named.remove("dead.tokens_since_fired").ok_or_else(|| bad("no dead-latent counters".into()))?;
     let pending_metrics = named.remove("metrics.pending");
     let mut sae = BTreeMap::new();
     let mut adam = BTreeMap::new();

@@ -128,14 +128,7 @@ pub enum DistError {
         "{op} on rank {rank} of {world_size} (store at {master}) failed: {message} (a peer may \
          have died or stopped calling {op}; timeout {timeout})"
     )]
-    Collective {
-        op: &'static str,
-        rank: usize,
-        world_size: usize,
-        master: String,
-        timeout: String,
-        message: String,
-    },
+    Collective { op: &'static str, rank: usize, world_size: usize, master: String, timeout: String, message: String },
     /// The NCCL backend was asked for, but this build has none (see [`has_nccl`]).
     #[error(
         "the NCCL backend is not in this build: build.rs found no CUDA/NCCL headers or a \
@@ -193,15 +186,7 @@ impl DistEnv {
                 None => rank,
             };
             let (master_addr, master_port) = master(&get, "RANK and WORLD_SIZE are set")?;
-            return Self::checked(
-                rank,
-                world_size,
-                local_rank,
-                master_addr,
-                master_port,
-                agent_store,
-            )
-            .map(Some);
+            return Self::checked(rank, world_size, local_rank, master_addr, master_port, agent_store).map(Some);
         }
         if get("SLURM_PROCID").is_some() && get("SLURM_STEP_ID").is_some() {
             let world_size = parse_usize(&get, "SLURM_NTASKS")?;
@@ -215,15 +200,7 @@ impl DistEnv {
                 "this is a Slurm step of several tasks (set it to the first host of \
                  $SLURM_JOB_NODELIST, e.g. `scontrol show hostnames | head -n1`)",
             )?;
-            return Self::checked(
-                rank,
-                world_size,
-                local_rank,
-                master_addr,
-                master_port,
-                false,
-            )
-            .map(Some);
+            return Self::checked(rank, world_size, local_rank, master_addr, master_port, false).map(Some);
         }
         Ok(None)
     }
@@ -240,18 +217,9 @@ impl DistEnv {
             return Err(DistError::Env("the world size is 0".into()));
         }
         if rank >= world_size {
-            return Err(DistError::Env(format!(
-                "rank {rank} is not below the world size {world_size}"
-            )));
+            return Err(DistError::Env(format!("rank {rank} is not below the world size {world_size}")));
         }
-        Ok(DistEnv {
-            rank,
-            world_size,
-            local_rank,
-            master_addr,
-            master_port,
-            agent_store,
-        })
+        Ok(DistEnv { rank, world_size, local_rank, master_addr, master_port, agent_store })
     }
 
     fn master(&self) -> String {
@@ -265,21 +233,14 @@ impl DistEnv {
 
 fn parse_usize(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<usize, DistError> {
     let value = get(name).ok_or_else(|| DistError::Env(format!("{name} is not set")))?;
-    value
-        .trim()
-        .parse()
-        .map_err(|_| DistError::Env(format!("{name}={value:?} is not a non-negative integer")))
+    value.trim().parse().map_err(|_| DistError::Env(format!("{name}={value:?} is not a non-negative integer")))
 }
 
 fn master(get: &impl Fn(&str) -> Option<String>, why: &str) -> Result<(String, u16), DistError> {
-    let addr = get("MASTER_ADDR")
-        .ok_or_else(|| DistError::Env(format!("MASTER_ADDR is not set, but {why}")))?;
+    let addr = get("MASTER_ADDR").ok_or_else(|| DistError::Env(format!("MASTER_ADDR is not set, but {why}")))?;
     let port = match get("MASTER_PORT") {
         None => DEFAULT_MASTER_PORT,
-        Some(p) => p
-            .trim()
-            .parse()
-            .map_err(|_| DistError::Env(format!("MASTER_PORT={p:?} is not a port number")))?,
+        Some(p) => p.trim().parse().map_err(|_| DistError::Env(format!("MASTER_PORT={p:?} is not a port number")))?,
     };
     Ok((addr.trim().to_owned(), port))
 }
@@ -338,15 +299,12 @@ impl ProcessGroup {
         if backend == Backend::Nccl && !has_nccl() {
             return Err(DistError::NoNccl);
         }
-        let to_int = |what: &str, v: usize| {
-            c_int::try_from(v).map_err(|_| init_error(format!("{what} {v} is too large")))
-        };
+        let to_int =
+            |what: &str, v: usize| c_int::try_from(v).map_err(|_| init_error(format!("{what} {v} is too large")));
         let rank = to_int("rank", env.rank)?;
         let world_size = to_int("world size", env.world_size)?;
         let device = to_int("local rank", env.local_rank)?;
-        let timeout_ms = i64::try_from(timeout.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1);
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX).max(1);
         // torchrun's agent store outlives restarts of the workers: keep each attempt's keys apart.
         let attempt = if env.agent_store {
             std::env::var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|_| "0".into())
@@ -356,8 +314,8 @@ impl ProcessGroup {
         let index = GROUPS_CREATED.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("sae_pipeline/attempt{attempt}/pg{index}/");
         let c_backend = CString::new(backend.name()).expect("no NUL");
-        let c_addr = CString::new(env.master_addr.as_str())
-            .map_err(|_| init_error("MASTER_ADDR contains a NUL byte".into()))?;
+        let c_addr =
+            CString::new(env.master_addr.as_str()).map_err(|_| init_error("MASTER_ADDR contains a NUL byte".into()))?;
         let c_prefix = CString::new(prefix).expect("no NUL");
         let mut err: *mut c_char = std::ptr::null_mut();
         // SAFETY: all strings are valid NUL-terminated C strings that outlive the call; `err` is
@@ -377,13 +335,9 @@ impl ProcessGroup {
             )
         };
         match NonNull::new(handle) {
-            Some(handle) => Ok(ProcessGroup {
-                handle,
-                rank: env.rank,
-                world_size: env.world_size,
-                master: env.master(),
-                timeout,
-            }),
+            Some(handle) => {
+                Ok(ProcessGroup { handle, rank: env.rank, world_size: env.world_size, master: env.master(), timeout })
+            }
             None => {
                 let mut message = take_error(err);
                 if !env.agent_store && env.rank == 0 && message.contains("EADDRINUSE") {
@@ -435,13 +389,7 @@ impl ProcessGroup {
         let mut err: *mut c_char = std::ptr::null_mut();
         // SAFETY: the handle is live; the pointers are live `at::Tensor*` borrowed for the call.
         let rc = unsafe {
-            ffi::sae_c10d_broadcast(
-                self.handle.as_ptr(),
-                ptrs.as_ptr(),
-                ptrs.len(),
-                root as c_int,
-                &mut err,
-            )
+            ffi::sae_c10d_broadcast(self.handle.as_ptr(), ptrs.as_ptr(), ptrs.len(), root as c_int, &mut err)
         };
         self.check(op, rc, err)
     }
@@ -454,23 +402,12 @@ impl ProcessGroup {
         self.check("barrier", rc, err)
     }
 
-    fn all_reduce(
-        &self,
-        tensors: &[&Tensor],
-        average: bool,
-        op: &'static str,
-    ) -> Result<(), DistError> {
+    fn all_reduce(&self, tensors: &[&Tensor], average: bool, op: &'static str) -> Result<(), DistError> {
         let ptrs = tensor_ptrs(tensors);
         let mut err: *mut c_char = std::ptr::null_mut();
         // SAFETY: the handle is live; the pointers are live `at::Tensor*` borrowed for the call.
         let rc = unsafe {
-            ffi::sae_c10d_all_reduce(
-                self.handle.as_ptr(),
-                ptrs.as_ptr(),
-                ptrs.len(),
-                c_int::from(average),
-                &mut err,
-            )
+            ffi::sae_c10d_all_reduce(self.handle.as_ptr(), ptrs.as_ptr(), ptrs.len(), c_int::from(average), &mut err)
         };
         self.check(op, rc, err)
     }
@@ -523,10 +460,7 @@ fn take_error(err: *mut c_char) -> String {
         return "unknown error (the c10d shim returned no message)".into();
     }
     // SAFETY: the shim returns a NUL-terminated string from malloc, released here exactly once.
-    let message = unsafe { CStr::from_ptr(err) }
-        .to_string_lossy()
-        .trim()
-        .to_owned();
+    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().trim().to_owned();
     unsafe { ffi::sae_c10d_free_error(err) };
     message
 }

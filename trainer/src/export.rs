@@ -149,22 +149,18 @@ pub fn load(cfg: &[u8], weights: &[u8], location: &str, device: Device) -> Resul
     check_sizes_match_weights(trained, &saved).map_err(cfg_error)?;
     // Inference runs the saved architecture: BatchTopK becomes a JumpReLU with its threshold.
     let arch = match &trained.arch {
-        Architecture::BatchTopK { .. } => {
-            Architecture::JumpRelu { init_threshold: 1.0, bandwidth: 1.0, l0_coeff: 0.0 }
-        }
+        Architecture::BatchTopK { .. } => Architecture::JumpRelu { init_threshold: 1.0, bandwidth: 1.0, l0_coeff: 0.0 },
         other => other.clone(),
     };
     if let Architecture::JumpRelu { .. } = arch {
-        let threshold = saved
-            .remove("threshold")
-            .ok_or_else(|| cfg_error("a JumpReLU SAE needs a `threshold` tensor".into()))?;
+        let threshold =
+            saved.remove("threshold").ok_or_else(|| cfg_error("a JumpReLU SAE needs a `threshold` tensor".into()))?;
         saved.insert("log_threshold".to_string(), threshold.log());
     }
     let config = SaeConfig { arch, ..trained.clone() };
     let sae_error = |source| LoadError::Sae { location: location.to_string(), source };
     let mut sae = Sae::new(config, device).map_err(sae_error)?;
-    let saved: BTreeMap<String, Tensor> =
-        saved.into_iter().map(|(name, t)| (name, t.to_kind(Kind::Float))).collect();
+    let saved: BTreeMap<String, Tensor> = saved.into_iter().map(|(name, t)| (name, t.to_kind(Kind::Float))).collect();
     sae.load_state_tensors(&saved).map_err(sae_error)?;
     Ok(LoadedSae { sae, info })
 }
@@ -182,7 +178,8 @@ mod size_checks {
         let arch = Architecture::TopK { k: 2 };
         assert!(check_sizes_match_weights(&SaeConfig::new(4, 8, arch.clone()), &saved_decoder(&[8, 4])).is_ok());
         for (d_in, d_sae) in [(4, 1 << 40), (usize::MAX, 8), (8, 4)] {
-            let err = check_sizes_match_weights(&SaeConfig::new(d_in, d_sae, arch.clone()), &saved_decoder(&[8, 4])).unwrap_err();
+            let err = check_sizes_match_weights(&SaeConfig::new(d_in, d_sae, arch.clone()), &saved_decoder(&[8, 4]))
+                .unwrap_err();
             assert!(err.contains(&d_sae.to_string()) && err.contains("[8, 4]"), "{err}");
         }
         let err = check_sizes_match_weights(&SaeConfig::new(4, 8, arch), &BTreeMap::new()).unwrap_err();

@@ -49,10 +49,8 @@ impl StepAccumulator {
     pub fn add(&mut self, out: &ForwardOutput) {
         let _guard = tch::no_grad_guard();
         let l0 = out.latents.ne(0.0).sum(Kind::Float) / out.latents.size()[0] as f64;
-        let row = Tensor::stack(
-            &[out.total.detach(), out.mse.detach(), l0, out.auxk.detach(), out.sparsity.detach()],
-            0,
-        );
+        let row =
+            Tensor::stack(&[out.total.detach(), out.mse.detach(), l0, out.auxk.detach(), out.sparsity.detach()], 0);
         self.sums = Some(match self.sums.take() {
             Some(sums) => sums + row,
             None => row,

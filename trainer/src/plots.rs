@@ -84,11 +84,8 @@ pub fn training_curves(title: &str, points: &[CurvePoint]) -> Result<Vec<u8>, Pl
         return Err(PlotError::NoData);
     }
     let tokens = points.iter().map(|p| p.tokens as f64);
-    let x_range = padded_linear(
-        tokens.clone().fold(f64::INFINITY, f64::min),
-        tokens.fold(f64::NEG_INFINITY, f64::max),
-        0.0,
-    );
+    let x_range =
+        padded_linear(tokens.clone().fold(f64::INFINITY, f64::min), tokens.fold(f64::NEG_INFINITY, f64::max), 0.0);
 
     render(CURVES_SIZE, |root| {
         let root = root.titled(title, ("sans-serif", 24)).map_err(drawing)?;
@@ -108,8 +105,7 @@ pub fn training_curves(title: &str, points: &[CurvePoint]) -> Result<Vec<u8>, Pl
 /// Errors: [`PlotError::NoData`] when `density` is empty or has no valid value; the font and
 /// drawing errors of [`PlotError`].
 pub fn density_histogram(title: &str, density: &[f64]) -> Result<Vec<u8>, PlotError> {
-    let valid: Vec<f64> =
-        density.iter().copied().filter(|d| d.is_finite() && (0.0..=1.0).contains(d)).collect();
+    let valid: Vec<f64> = density.iter().copied().filter(|d| d.is_finite() && (0.0..=1.0).contains(d)).collect();
     if valid.is_empty() {
         return Err(PlotError::NoData);
     }
@@ -131,12 +127,8 @@ pub fn density_histogram(title: &str, density: &[f64]) -> Result<Vec<u8>, PlotEr
     let tallest = counts.iter().copied().max().unwrap_or(0).max(dead).max(1) as u64;
     let y_max = tallest + tallest.div_ceil(10);
 
-    let mut caption = format!(
-        "{} latents, {} dead ({:.1}%)",
-        valid.len(),
-        dead,
-        100.0 * dead as f64 / valid.len() as f64
-    );
+    let mut caption =
+        format!("{} latents, {} dead ({:.1}%)", valid.len(), dead, 100.0 * dead as f64 / valid.len() as f64);
     if skipped > 0 {
         caption.push_str(&format!(", {skipped} invalid skipped"));
     }
@@ -172,16 +164,13 @@ pub fn density_histogram(title: &str, density: &[f64]) -> Result<Vec<u8>, PlotEr
         });
         chart.draw_series(bars).map_err(drawing)?;
         if dead > 0 {
-            let bar =
-                Rectangle::new([(dead_bar.0, 0), (dead_bar.1, dead as u64)], DEAD_COLOR.filled());
+            let bar = Rectangle::new([(dead_bar.0, 0), (dead_bar.1, dead as u64)], DEAD_COLOR.filled());
             chart.draw_series(std::iter::once(bar)).map_err(drawing)?;
             let label_style = TextStyle::from(("sans-serif", 16).into_font())
                 .color(&DEAD_COLOR)
                 .pos(Pos::new(HPos::Center, VPos::Bottom));
             let label_at = ((dead_bar.0 + dead_bar.1) / 2.0, dead as u64);
-            chart
-                .draw_series(std::iter::once(Text::new("dead", label_at, label_style)))
-                .map_err(drawing)?;
+            chart.draw_series(std::iter::once(Text::new("dead", label_at, label_style))).map_err(drawing)?;
         }
         Ok(())
     })
@@ -189,11 +178,7 @@ pub fn density_histogram(title: &str, density: &[f64]) -> Result<Vec<u8>, PlotEr
 
 /// (tokens, value) for the points whose value can be drawn: finite, and positive on a log axis.
 fn series(points: &[CurvePoint], value: impl Fn(&CurvePoint) -> f64, log: bool) -> Vec<(f64, f64)> {
-    points
-        .iter()
-        .map(|p| (p.tokens as f64, value(p)))
-        .filter(|&(_, v)| v.is_finite() && (!log || v > 0.0))
-        .collect()
+    points.iter().map(|p| (p.tokens as f64, value(p))).filter(|&(_, v)| v.is_finite() && (!log || v > 0.0)).collect()
 }
 
 /// One panel of [`training_curves`]. An empty series still gets its axes.
@@ -217,18 +202,13 @@ fn draw_curve(
         ($chart:expr, $y_format:expr) => {{
             let mut chart = $chart;
             let mut mesh = chart.configure_mesh();
-            mesh.y_desc(name)
-                .light_line_style(LIGHT_GRID)
-                .x_label_formatter(&x_format)
-                .y_label_formatter($y_format);
+            mesh.y_desc(name).light_line_style(LIGHT_GRID).x_label_formatter(&x_format).y_label_formatter($y_format);
             if x_desc {
                 mesh.x_desc("tokens");
             }
             mesh.draw().map_err(drawing)?;
             chart.draw_series(LineSeries::new(data.iter().copied(), line)).map_err(drawing)?;
-            chart
-                .draw_series(markers.iter().map(|&p| Circle::new(p, 4, LIVE_COLOR.filled())))
-                .map_err(drawing)?;
+            chart.draw_series(markers.iter().map(|&p| Circle::new(p, 4, LIVE_COLOR.filled()))).map_err(drawing)?;
         }};
     }
     if log_y {
@@ -286,11 +266,7 @@ fn short_number(y: f64) -> String {
     let a = y.abs();
     if a == 0.0 || (1e-3..1e4).contains(&a) {
         let text = format!("{y:.4}");
-        let text = if text.contains('.') {
-            text.trim_end_matches('0').trim_end_matches('.')
-        } else {
-            &text
-        };
+        let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.') } else { &text };
         text.to_string()
     } else {
         format!("{y:.1e}")
@@ -310,9 +286,8 @@ fn ensure_font() -> Result<(), PlotError> {
             let bytes = read_font(Path::new(FONT_PATH))?;
             // plotters keeps a 'static reference to the font: it lives as long as the process.
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
-                PlotError::FontInvalid { path: FONT_PATH.to_string(), package: FONT_PACKAGE }
-            })
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| PlotError::FontInvalid { path: FONT_PATH.to_string(), package: FONT_PACKAGE })
         })
         .clone()
 }
@@ -366,8 +341,7 @@ mod tests {
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();
         assert_eq!((info.color_type, info.bit_depth), (png::ColorType::Rgb, png::BitDepth::Eight));
-        let pixels =
-            buf[..info.buffer_size()].chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect();
+        let pixels = buf[..info.buffer_size()].chunks_exact(3).map(|p| [p[0], p[1], p[2]]).collect();
         (info.width, info.height, pixels)
     }
 
@@ -427,17 +401,15 @@ mod tests {
     #[test]
     fn training_curves_without_data_is_an_error() {
         assert_eq!(training_curves("empty", &[]), Err(PlotError::NoData));
-        let nan =
-            CurvePoint { tokens: 1, loss: f64::NAN, l0: f64::NAN, fvu: -1.0, dead_fraction: 0.0 };
+        let nan = CurvePoint { tokens: 1, loss: f64::NAN, l0: f64::NAN, fvu: -1.0, dead_fraction: 0.0 };
         assert_eq!(training_curves("all NaN", &[nan; 5]), Err(PlotError::NoData));
     }
 
     #[test]
     fn density_histogram_draws_live_and_dead_bars() {
         // Densities from 1e-6 to 1e-1, and 100 dead latents.
-        let density: Vec<f64> = (0..4608)
-            .map(|i| if i < 100 { 0.0 } else { 10f64.powf(-6.0 + 5.0 * (i as f64 / 4608.0)) })
-            .collect();
+        let density: Vec<f64> =
+            (0..4608).map(|i| if i < 100 { 0.0 } else { 10f64.powf(-6.0 + 5.0 * (i as f64 / 4608.0)) }).collect();
         let (w, h, pixels) = decode(&density_histogram("feature density", &density).unwrap());
         assert_eq!((w, h), (900, 600));
         assert!(non_white(&pixels) > 10_000);

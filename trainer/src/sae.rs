@@ -166,9 +166,7 @@ pub enum SaeError {
     ZeroInputWidth,
     #[error("k = 0: TopK and BatchTopK need k of at least 1")]
     ZeroK,
-    #[error(
-        "k = {k} exceeds the SAE width d_sae = {d_sae}; k must be at most the number of latents"
-    )]
+    #[error("k = {k} exceeds the SAE width d_sae = {d_sae}; k must be at most the number of latents")]
     KExceedsWidth { k: usize, d_sae: usize },
     #[error("{name} = {value} is out of range")]
     BadHyperparameter { name: &'static str, value: f64 },
@@ -258,17 +256,7 @@ impl Sae {
             )),
             _ => None,
         };
-        Ok(Sae {
-            config,
-            vs,
-            w_enc,
-            b_enc,
-            w_dec,
-            b_dec,
-            log_threshold,
-            batchtopk_threshold,
-            matmul_kind: Kind::Float,
-        })
+        Ok(Sae { config, vs, w_enc, b_enc, w_dec, b_dec, log_threshold, batchtopk_threshold, matmul_kind: Kind::Float })
     }
 
     /// Runs the large matrix products in bf16 (autocast, as on GPUs with bf16 tensor cores) or,
@@ -330,10 +318,7 @@ impl Sae {
 
     /// Copies saved state into this SAE. Every tensor of [`Sae::state_tensors`] must be present
     /// with its shape; extra names are refused too, since they mean another architecture.
-    pub fn load_state_tensors(
-        &mut self,
-        saved: &std::collections::BTreeMap<String, Tensor>,
-    ) -> Result<(), SaeError> {
+    pub fn load_state_tensors(&mut self, saved: &std::collections::BTreeMap<String, Tensor>) -> Result<(), SaeError> {
         let _guard = tch::no_grad_guard();
         let mine = self.state_tensors();
         if saved.len() != mine.len() {
@@ -346,9 +331,8 @@ impl Sae {
             });
         }
         for (name, tensor) in mine {
-            let value = saved
-                .get(&name)
-                .ok_or_else(|| SaeError::StateMismatch { detail: format!("no tensor `{name}`") })?;
+            let value =
+                saved.get(&name).ok_or_else(|| SaeError::StateMismatch { detail: format!("no tensor `{name}`") })?;
             if value.size() != tensor.size() {
                 return Err(SaeError::StateMismatch {
                     detail: format!("`{name}` has shape {:?}, expected {:?}", value.size(), tensor.size()),
@@ -444,11 +428,7 @@ impl Sae {
     /// The training forward pass on x [batch, d_in]. `dead_mask` [d_sae] (Bool) marks the latents
     /// the loop considers dead; AuxK is 0 without it. For BatchTopK this also updates the
     /// inference threshold, hence `&mut self`.
-    pub fn forward(
-        &mut self,
-        x: &Tensor,
-        dead_mask: Option<&Tensor>,
-    ) -> Result<ForwardOutput, SaeError> {
+    pub fn forward(&mut self, x: &Tensor, dead_mask: Option<&Tensor>) -> Result<ForwardOutput, SaeError> {
         let pre = self.pre_activations(x)?;
         let zero = || Tensor::zeros([], (Kind::Float, pre.device()));
         let (latents, sparsity) = match self.config.arch.clone() {
@@ -456,8 +436,7 @@ impl Sae {
                 let latents = pre.relu();
                 // Σ_i f_i · ‖W_dec,i‖ per row, then the mean over rows.
                 let dec_norms = self.w_dec.norm_scalaropt_dim(2, [1], false); // [d_sae]
-                let l1 =
-                    (&latents * dec_norms).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
+                let l1 = (&latents * dec_norms).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float);
                 (latents, l1)
             }
             Architecture::TopK { k } => {
@@ -494,8 +473,7 @@ impl Sae {
             (true, Some(dead)) => self.auxk_loss(pre, dead, &(x - &x_hat).detach())?,
             _ => zero(),
         };
-        let total =
-            &mse + &sparsity * self.config.arch.sparsity_coeff() + &auxk * self.config.auxk.coeff;
+        let total = &mse + &sparsity * self.config.arch.sparsity_coeff() + &auxk * self.config.auxk.coeff;
         Ok(ForwardOutput { x_hat, latents, mse, sparsity, auxk, total })
     }
 
@@ -518,8 +496,7 @@ impl Sae {
         if !grad.defined() {
             return;
         }
-        let rows =
-            &self.w_dec / self.w_dec.norm_scalaropt_dim(2, [1], true).clamp_min(f64::EPSILON);
+        let rows = &self.w_dec / self.w_dec.norm_scalaropt_dim(2, [1], true).clamp_min(f64::EPSILON);
         let parallel = (&grad * &rows).sum_dim_intlist(1, true, Kind::Float) * &rows; // [d_sae, d_in]
         let _ = grad.shallow_clone().f_sub_(&parallel).expect("project decoder gradient");
     }
@@ -540,8 +517,7 @@ impl Sae {
             let smallest = kept.min();
             // The first batch sets the threshold outright; later ones move it by an EMA, which
             // follows the drift of training better than an all-time mean.
-            let weight =
-                if updates.double_value(&[]) == 0.0 { 1.0 } else { BATCHTOPK_THRESHOLD_EMA };
+            let weight = if updates.double_value(&[]) == 0.0 { 1.0 } else { BATCHTOPK_THRESHOLD_EMA };
             let updated = &*threshold + (smallest - &*threshold) * weight;
             threshold.copy_(&updated);
             let _ = updates.f_add_scalar_(1.0).expect("count threshold updates");
@@ -564,8 +540,7 @@ impl Sae {
         let theta_value = theta.detach();
         let live = &theta - &theta_value; // [d_sae], value 0
         let fired = pre.detach().gt_tensor(&theta_value).to_kind(Kind::Float); // [batch, d_sae]
-        let in_window =
-            ((pre.detach() - &theta_value) / bandwidth).abs().lt(0.5).to_kind(Kind::Float); // [batch, d_sae]
+        let in_window = ((pre.detach() - &theta_value) / bandwidth).abs().lt(0.5).to_kind(Kind::Float); // [batch, d_sae]
 
         let latents = pre * &fired + &live * (&in_window * (-&theta_value / bandwidth));
         let l0_rows = &fired + &live * (&in_window * (-1.0 / bandwidth));
@@ -578,12 +553,7 @@ impl Sae {
     /// e has no offset to explain). Loss = mean((ê − e)²), in the units of `mse`. As in sparsify it
     /// is scaled by min(#dead / k_aux, 1), so a handful of dead latents does not pull as hard as
     /// many; with no dead latent it is exactly 0.
-    fn auxk_loss(
-        &self,
-        pre: &Tensor,
-        dead: &Tensor,
-        residual: &Tensor,
-    ) -> Result<Tensor, SaeError> {
+    fn auxk_loss(&self, pre: &Tensor, dead: &Tensor, residual: &Tensor) -> Result<Tensor, SaeError> {
         if dead.size() != [self.config.d_sae as i64] {
             return Err(self.shape_error("dead mask", dead, format!("[{}]", self.config.d_sae)));
         }

@@ -114,7 +114,13 @@ impl Member {
 
 impl Default for Member {
     fn default() -> Self {
-        Member { name: String::new(), d_sae: 0, arch: Architecture::TopK { k: 32 }, k_aux: None, auxk_coeff: DEFAULT_AUXK_COEFF }
+        Member {
+            name: String::new(),
+            d_sae: 0,
+            arch: Architecture::TopK { k: 32 },
+            k_aux: None,
+            auxk_coeff: DEFAULT_AUXK_COEFF,
+        }
     }
 }
 
@@ -419,7 +425,8 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         }
         let config = member.config(d_in);
         config.validate().map_err(|source| TrainError::Sae { name: display_name(&member.name), source })?;
-        let dir = if member.name.is_empty() { ObjectDir::open(&req.out_url, &req.store)? } else { root.child(&member.name)? };
+        let dir =
+            if member.name.is_empty() { ObjectDir::open(&req.out_url, &req.store)? } else { root.child(&member.name)? };
         let json = config_json(&stats.manifest.dataset_id, &settings, &config);
         let found = inspect_output(&dir, &json)?;
         plans.push(Planned { member, config, dir, json, found });
@@ -477,7 +484,10 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         if let Some(saved) = saved.take() {
             sae.load_state_tensors(&saved.sae).map_err(sae_error)?;
             adam.load_state(saved.state.adam_steps, &saved.adam).map_err(|detail| {
-                TrainError::Checkpoint(CheckpointError::Bad { location: dir.display(checkpoint::CHECKPOINT_DIR), detail })
+                TrainError::Checkpoint(CheckpointError::Bad {
+                    location: dir.display(checkpoint::CHECKPOINT_DIR),
+                    detail,
+                })
             })?;
             dead = DeadLatents::from_counters(saved.dead_counters, dead_window, req.device);
             rows = saved.state.metrics;
@@ -602,7 +612,17 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
             collectives.mean_pending_metrics(run)?;
             log_row(run, step, tokens, schedule.at(step.saturating_sub(1)), waited_fraction, 0.0, stats.variance);
         }
-        summaries.push(finish(run, &stats, &settings, step, tokens, waited_fraction, start_step, session_seconds, leader)?);
+        summaries.push(finish(
+            run,
+            &stats,
+            &settings,
+            step,
+            tokens,
+            waited_fraction,
+            start_step,
+            session_seconds,
+            leader,
+        )?);
     }
     summaries.extend(finished);
     Ok(summaries)
@@ -679,7 +699,14 @@ impl Collectives<'_> {
 }
 
 /// One optimizer step of one SAE on the scaled batch `x` [rows, d_in].
-fn train_step(run: &mut MemberRun, x: &Tensor, step: u64, lr: f64, tokens: u64, ctx: &StepContext) -> Result<(), TrainError> {
+fn train_step(
+    run: &mut MemberRun,
+    x: &Tensor,
+    step: u64,
+    lr: f64,
+    tokens: u64,
+    ctx: &StepContext,
+) -> Result<(), TrainError> {
     let arch = run.sae.config().arch.clone();
     let params = run.sae.parameters();
     for (_, p) in &params {
@@ -689,7 +716,8 @@ fn train_step(run: &mut MemberRun, x: &Tensor, step: u64, lr: f64, tokens: u64, 
         }
     }
     let dead_mask = arch.uses_auxk().then(|| run.dead.mask());
-    let out = run.sae.forward(x, dead_mask.as_ref()).map_err(|source| TrainError::Sae { name: run.name.clone(), source })?;
+    let out =
+        run.sae.forward(x, dead_mask.as_ref()).map_err(|source| TrainError::Sae { name: run.name.clone(), source })?;
     let sparsity_coeff = warmed_up(arch.sparsity_coeff(), step, ctx.settings.sparsity_warmup_steps);
     let loss = &out.mse + &out.sparsity * sparsity_coeff + &out.auxk * run.sae.config().auxk.coeff;
     loss.backward();
@@ -759,7 +787,14 @@ fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, at: &Position) -
             normalization: Some(at.normalization),
             follow_shards: at.follow_shards.clone(),
         };
-        checkpoint::save(&run.dir, &state, &run.sae.state_tensors(), &run.adam.state(), run.dead.counters(), pending.as_ref())?;
+        checkpoint::save(
+            &run.dir,
+            &state,
+            &run.sae.state_tensors(),
+            &run.adam.state(),
+            run.dead.counters(),
+            pending.as_ref(),
+        )?;
     }
     Ok(())
 }
@@ -805,7 +840,13 @@ fn finish(
     let points: Vec<crate::plots::CurvePoint> = run
         .rows
         .iter()
-        .map(|r| crate::plots::CurvePoint { tokens: r.tokens, loss: r.loss, l0: r.l0, fvu: r.fvu, dead_fraction: r.dead_fraction })
+        .map(|r| crate::plots::CurvePoint {
+            tokens: r.tokens,
+            loss: r.loss,
+            l0: r.l0,
+            fvu: r.fvu,
+            dead_fraction: r.dead_fraction,
+        })
         .collect();
     match crate::plots::training_curves(&format!("{} ({})", run.name, config.arch.name()), &points) {
         Ok(png) => run.dir.put(CURVES_FILE, png)?,
@@ -857,7 +898,11 @@ fn summarize(
 }
 
 fn display_name(name: &str) -> String {
-    if name.is_empty() { "sae".to_string() } else { name.to_string() }
+    if name.is_empty() {
+        "sae".to_string()
+    } else {
+        name.to_string()
+    }
 }
 
 fn progress_bar(show: bool, total_tokens: u64, done: u64) -> indicatif::ProgressBar {

@@ -28,15 +28,9 @@ const TIMEOUT_VAR: &str = "SAE_DIST_TIMEOUT_MS";
 #[test]
 #[ignore = "a worker process of the multi-process tests, not a test of its own"]
 fn worker() {
-    let scenario = std::env::var(WORKER_VAR)
-        .unwrap_or_else(|_| panic!("run only as a worker, with {WORKER_VAR} set"));
-    let timeout_ms: u64 = std::env::var(TIMEOUT_VAR)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let env = DistEnv::from_env()
-        .expect("environment")
-        .expect("a distributed environment");
+    let scenario = std::env::var(WORKER_VAR).unwrap_or_else(|_| panic!("run only as a worker, with {WORKER_VAR} set"));
+    let timeout_ms: u64 = std::env::var(TIMEOUT_VAR).ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let env = DistEnv::from_env().expect("environment").expect("a distributed environment");
     let pg = match ProcessGroup::new(&env, Backend::Gloo, Duration::from_millis(timeout_ms)) {
         Ok(pg) => pg,
         Err(e) => fail(&e),
@@ -47,11 +41,7 @@ fn worker() {
             if let Err(e) = collectives(&pg) {
                 fail(&e);
             }
-            println!(
-                "rank {rank} of {} ok agent_store={}",
-                pg.world_size(),
-                env.agent_store
-            );
+            println!("rank {rank} of {} ok agent_store={}", pg.world_size(), env.agent_store);
         }
         "stuck" | "dead" => {
             // One collective that works, then rank 1 stops taking part: it sleeps until the test
@@ -90,14 +80,11 @@ where
 /// empty one, and a parameter that requires grad.
 fn rank_tensors(r: usize) -> Vec<Tensor> {
     let rf = r as f64;
-    let a = (Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).reshape([2, 3]) * (rf + 1.0))
-        .set_requires_grad(true);
+    let a = (Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).reshape([2, 3]) * (rf + 1.0)).set_requires_grad(true);
     let b = Tensor::from_slice(&[10 * (r as i64 + 1), r as i64, -3, 7]);
     let c = Tensor::from_slice(&[rf as f32]);
     // [2, 3] transposed: strides (1, 3).
-    let d = (Tensor::arange(6, (Kind::Double, tch::Device::Cpu)) + 100.0 * rf)
-        .reshape([2, 3])
-        .tr();
+    let d = (Tensor::arange(6, (Kind::Double, tch::Device::Cpu)) + 100.0 * rf).reshape([2, 3]).tr();
     let e = Tensor::zeros([0], (Kind::Float, tch::Device::Cpu));
     vec![a, b, c, d, e]
 }
@@ -117,10 +104,7 @@ fn collectives(pg: &ProcessGroup) -> Result<(), DistError> {
     assert_eq!(values::<f32>(&t[2]), vec![1.0]);
     // d = [[0, 3], [1, 4], [2, 5]] + 100 r, summed over r = 0, 1.
     assert_eq!(t[3].size(), vec![3, 2]);
-    assert_eq!(
-        values::<f64>(&t[3]),
-        vec![100.0, 106.0, 102.0, 108.0, 104.0, 110.0]
-    );
+    assert_eq!(values::<f64>(&t[3]), vec![100.0, 106.0, 102.0, 108.0, 104.0, 110.0]);
     assert_eq!(t[4].size(), vec![0]);
 
     // Mean: the sum divided by 2; integers floored.
@@ -129,10 +113,7 @@ fn collectives(pg: &ProcessGroup) -> Result<(), DistError> {
     assert_eq!(values::<f32>(&t[0]), vec![0.0, 1.5, 3.0, 4.5, 6.0, 7.5]);
     assert_eq!(values::<i64>(&t[1]), vec![15, 0, -3, 7]);
     assert_eq!(values::<f32>(&t[2]), vec![0.5]);
-    assert_eq!(
-        values::<f64>(&t[3]),
-        vec![50.0, 53.0, 51.0, 54.0, 52.0, 55.0]
-    );
+    assert_eq!(values::<f64>(&t[3]), vec![50.0, 53.0, 51.0, 54.0, 52.0, 55.0]);
 
     // Broadcast from rank 0 overwrites rank 1's values, and from rank 1 rank 0's.
     for root in [0, 1] {
@@ -153,15 +134,9 @@ fn collectives(pg: &ProcessGroup) -> Result<(), DistError> {
     let flags = Tensor::from_slice(&[true, false]);
     let e = pg.all_reduce_mean(&[&flags]).unwrap_err().to_string();
     assert!(e.contains("cannot average boolean tensors"), "{e}");
-    assert!(
-        e.contains(&format!("all-reduce (mean) on rank {r} of 2")),
-        "{e}"
-    );
+    assert!(e.contains(&format!("all-reduce (mean) on rank {r} of 2")), "{e}");
     let e = pg.barrier().unwrap_err().to_string();
-    assert!(
-        e.contains("unusable after an earlier failed collective"),
-        "{e}"
-    );
+    assert!(e.contains("unusable after an earlier failed collective"), "{e}");
     Ok(())
 }
 
@@ -169,11 +144,7 @@ fn collectives(pg: &ProcessGroup) -> Result<(), DistError> {
 // The test side.
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A child process whose stdout lines arrive on a channel and whose stderr is collected; killed
@@ -187,9 +158,7 @@ struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().expect("spawn worker");
         let out = child.stdout.take().unwrap();
         let mut err = child.stderr.take().unwrap();
@@ -206,12 +175,7 @@ impl Proc {
             let _ = err.read_to_string(&mut s);
             s
         });
-        Proc {
-            child,
-            lines,
-            stdout_seen: Vec::new(),
-            stderr: Some(stderr),
-        }
+        Proc { child, lines, stdout_seen: Vec::new(), stderr: Some(stderr) }
     }
 
     /// Waits for a stdout line holding `want` (libtest may print "test worker ... " before it).
@@ -246,18 +210,11 @@ impl Proc {
                 break status;
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "process still running after {within:?}; stderr: {}",
-                    self.finish_killed()
-                );
+                panic!("process still running after {within:?}; stderr: {}", self.finish_killed());
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().unwrap())
-            .unwrap_or_default();
+        let stderr = self.stderr.take().map(|h| h.join().unwrap()).unwrap_or_default();
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.stdout_seen.push(line);
         }
@@ -267,10 +224,7 @@ impl Proc {
     fn finish_killed(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap())
-            .unwrap_or_default()
+        self.stderr.take().map(|h| h.join().unwrap()).unwrap_or_default()
     }
 }
 
@@ -284,30 +238,17 @@ impl Drop for Proc {
 }
 
 /// This test binary, as the worker of `scenario`, with the launcher variables of `rank`.
-fn worker_command(
-    scenario: &str,
-    rank: usize,
-    world: usize,
-    port: u16,
-    timeout_ms: u64,
-) -> Command {
+fn worker_command(scenario: &str, rank: usize, world: usize, port: u16, timeout_ms: u64) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "worker",
-        "--ignored",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ])
-    .env(WORKER_VAR, scenario)
-    .env(TIMEOUT_VAR, timeout_ms.to_string())
-    .env("RANK", rank.to_string())
-    .env("WORLD_SIZE", world.to_string())
-    .env("LOCAL_RANK", rank.to_string())
-    .env("MASTER_ADDR", "127.0.0.1")
-    .env("MASTER_PORT", port.to_string())
-    .env_remove("TORCHELASTIC_USE_AGENT_STORE");
+    cmd.args(["--exact", "worker", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(WORKER_VAR, scenario)
+        .env(TIMEOUT_VAR, timeout_ms.to_string())
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env_remove("TORCHELASTIC_USE_AGENT_STORE");
     cmd
 }
 
@@ -324,19 +265,10 @@ fn two_processes_all_reduce_broadcast_barrier() {
     let (mut r0, mut r1) = spawn_pair("collectives", 10_000);
     for (rank, p) in [(0, &mut r0), (1, &mut r1)] {
         let (status, out, err) = p.wait(Duration::from_secs(60));
-        assert!(
-            status.success(),
-            "rank {rank}: {status}\nstdout:\n{out}\nstderr:\n{err}"
-        );
-        assert!(
-            out.contains(&format!("rank {rank} of 2 ok agent_store=false")),
-            "rank {rank}: {out}"
-        );
+        assert!(status.success(), "rank {rank}: {status}\nstdout:\n{out}\nstderr:\n{err}");
+        assert!(out.contains(&format!("rank {rank} of 2 ok agent_store=false")), "rank {rank}: {out}");
     }
-    eprintln!(
-        "two ranks: sum, mean, broadcast, barrier in {:.2?}",
-        t0.elapsed()
-    );
+    eprintln!("two ranks: sum, mean, broadcast, barrier in {:.2?}", t0.elapsed());
 }
 
 fn torchrun() -> Option<PathBuf> {
@@ -347,11 +279,7 @@ fn torchrun() -> Option<PathBuf> {
     let cache = std::env::var("SAE_CACHE")
         .map(PathBuf::from)
         .ok()
-        .or_else(|| {
-            std::env::var("HOME")
-                .ok()
-                .map(|h| PathBuf::from(h).join(".cache/sae-pipeline"))
-        });
+        .or_else(|| std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/sae-pipeline")));
     if let Some(cache) = cache {
         candidates.push(cache.join("venv/bin/torchrun"));
     }
@@ -369,49 +297,21 @@ fn torchrun_agent_store() {
     let t0 = Instant::now();
     let port = free_port();
     let mut cmd = Command::new(torchrun);
-    cmd.args([
-        "--no-python",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-    ])
-    .arg(format!("--master-port={port}"))
-    .arg(std::env::current_exe().unwrap())
-    .args([
-        "--exact",
-        "worker",
-        "--ignored",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ])
-    .env(WORKER_VAR, "collectives")
-    .env(TIMEOUT_VAR, "10000")
-    .env("OMP_NUM_THREADS", "1");
-    for var in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "TORCHELASTIC_USE_AGENT_STORE",
-    ] {
+    cmd.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"])
+        .arg(format!("--master-port={port}"))
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "worker", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env(WORKER_VAR, "collectives")
+        .env(TIMEOUT_VAR, "10000")
+        .env("OMP_NUM_THREADS", "1");
+    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"] {
         cmd.env_remove(var);
     }
     let mut p = Proc::spawn(cmd);
     let (status, out, err) = p.wait(Duration::from_secs(120));
-    assert!(
-        status.success(),
-        "torchrun: {status}\nstdout:\n{out}\nstderr:\n{err}"
-    );
+    assert!(status.success(), "torchrun: {status}\nstdout:\n{out}\nstderr:\n{err}");
     for rank in 0..2 {
-        assert!(
-            out.contains(&format!("rank {rank} of 2 ok agent_store=true")),
-            "rank {rank}:\n{out}\n{err}"
-        );
+        assert!(out.contains(&format!("rank {rank} of 2 ok agent_store=true")), "rank {rank}:\n{out}\n{err}");
     }
     eprintln!("torchrun, 2 ranks on the agent store: {:.2?}", t0.elapsed());
 }
@@ -428,21 +328,11 @@ fn dead_peer_fails_fast_with_a_clear_error() {
     r1.child.kill().unwrap(); // SIGKILL
     let (status, out, err) = r0.wait(Duration::from_secs(60));
     let elapsed = killed.elapsed();
-    assert_eq!(
-        status.code(),
-        Some(3),
-        "rank 0: {status}\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    assert!(
-        err.contains("DIST ERROR: all-reduce on rank 0 of 2 (store at 127.0.0.1:"),
-        "{err}"
-    );
+    assert_eq!(status.code(), Some(3), "rank 0: {status}\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("DIST ERROR: all-reduce on rank 0 of 2 (store at 127.0.0.1:"), "{err}");
     assert!(err.contains("a peer may have died"), "{err}");
     assert!(elapsed < Duration::from_secs(60));
-    eprintln!(
-        "rank 0 failed {elapsed:.2?} after its peer was killed: {}",
-        err.trim()
-    );
+    eprintln!("rank 0 failed {elapsed:.2?} after its peer was killed: {}", err.trim());
 }
 
 /// Rank 1 stays alive but never joins the all-reduce: rank 0 fails once the timeout passes.
@@ -455,20 +345,10 @@ fn stuck_peer_times_out() {
     let waiting = Instant::now();
     let (status, out, err) = r0.wait(Duration::from_secs(60));
     let elapsed = waiting.elapsed();
-    assert_eq!(
-        status.code(),
-        Some(3),
-        "rank 0: {status}\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    assert!(
-        err.contains("DIST ERROR: all-reduce on rank 0 of 2"),
-        "{err}"
-    );
+    assert_eq!(status.code(), Some(3), "rank 0: {status}\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("DIST ERROR: all-reduce on rank 0 of 2"), "{err}");
     assert!(err.contains("timeout 3 s"), "{err}");
-    assert!(
-        elapsed >= timeout - Duration::from_millis(500),
-        "failed before the timeout: {elapsed:?}"
-    );
+    assert!(elapsed >= timeout - Duration::from_millis(500), "failed before the timeout: {elapsed:?}");
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
     eprintln!("rank 0 timed out after {elapsed:.2?}: {}", err.trim());
     drop(r1); // killed
@@ -511,9 +391,7 @@ fn missing_store_is_reported_within_the_timeout() {
         agent_store: false,
     };
     let t0 = Instant::now();
-    let e = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(2))
-        .unwrap_err()
-        .to_string();
+    let e = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(2)).unwrap_err().to_string();
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     assert!(
         e.starts_with(&format!(
@@ -539,9 +417,7 @@ fn taken_port_is_reported() {
         master_port: port,
         agent_store: false,
     };
-    let e = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(2))
-        .unwrap_err()
-        .to_string();
+    let e = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(2)).unwrap_err().to_string();
     assert!(e.contains("rank 0 of 2") && e.contains("hosting it"), "{e}");
     assert!(e.to_lowercase().contains("address already in use"), "{e}");
     eprintln!("port taken: {e}");
@@ -557,10 +433,7 @@ fn nccl_is_compiled_in() {
     if std::env::var("SAE_ALLOW_NO_NCCL").as_deref() == Ok("1") {
         return;
     }
-    assert!(
-        has_nccl(),
-        "the c10d shim was built without NCCL: see build.rs's warning"
-    );
+    assert!(has_nccl(), "the c10d shim was built without NCCL: see build.rs's warning");
 }
 
 /// An NCCL group of one on the first GPU, where there is one. Without a GPU (or without NCCL in
@@ -582,9 +455,7 @@ fn nccl_group_on_a_gpu() {
         return;
     }
     if !tch::Cuda::is_available() {
-        let e = ProcessGroup::new(&env, Backend::Nccl, Duration::from_secs(5))
-            .unwrap_err()
-            .to_string();
+        let e = ProcessGroup::new(&env, Backend::Nccl, Duration::from_secs(5)).unwrap_err().to_string();
         assert!(e.contains("the NCCL backend needs a CUDA device"), "{e}");
         eprintln!("no CUDA device; NCCL refused cleanly: {e}");
         return;
@@ -594,20 +465,14 @@ fn nccl_group_on_a_gpu() {
     pg.all_reduce_sum(&[&t]).unwrap();
     pg.broadcast(&[&t], 0).unwrap();
     pg.barrier().unwrap();
-    assert_eq!(
-        values::<f32>(&t.to_device(tch::Device::Cpu)),
-        vec![1.0, 2.0]
-    );
+    assert_eq!(values::<f32>(&t.to_device(tch::Device::Cpu)), vec![1.0, 2.0]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // DistEnv::from_vars.
 
 fn env_of(vars: &[(&str, &str)]) -> Result<Option<DistEnv>, DistError> {
-    let map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     DistEnv::from_vars(|k| map.get(k).cloned())
 }
 
@@ -615,16 +480,9 @@ fn env_of(vars: &[(&str, &str)]) -> Result<Option<DistEnv>, DistError> {
 fn env_without_launcher_is_a_single_process() {
     assert_eq!(env_of(&[]).unwrap(), None);
     // A Slurm batch script (no job step) is one process, whatever SLURM_NTASKS says.
-    assert_eq!(
-        env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).unwrap(),
-        None
-    );
+    assert_eq!(env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).unwrap(), None);
     // A one-task step too.
-    let one = [
-        ("SLURM_PROCID", "0"),
-        ("SLURM_NTASKS", "1"),
-        ("SLURM_STEP_ID", "0"),
-    ];
+    let one = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("SLURM_STEP_ID", "0")];
     assert_eq!(env_of(&one).unwrap(), None);
 }
 
@@ -654,17 +512,8 @@ fn env_from_torchrun() {
     };
     assert_eq!(e, want);
     // Manual launch: no agent store, LOCAL_RANK defaults to RANK, the port to 29500.
-    let e = env_of(&[
-        ("RANK", "1"),
-        ("WORLD_SIZE", "2"),
-        ("MASTER_ADDR", "127.0.0.1"),
-    ])
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        (e.local_rank, e.master_port, e.agent_store),
-        (1, 29500, false)
-    );
+    let e = env_of(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1")]).unwrap().unwrap();
+    assert_eq!((e.local_rank, e.master_port, e.agent_store), (1, 29500, false));
 }
 
 #[test]
@@ -679,48 +528,23 @@ fn env_from_slurm() {
     .unwrap()
     .unwrap();
     assert_eq!((e.rank, e.world_size, e.local_rank), (5, 8, 1));
-    assert_eq!(
-        (e.master_addr.as_str(), e.master_port, e.agent_store),
-        ("gpu17", 29500, false)
-    );
-    let e = env_of(&[
-        ("SLURM_PROCID", "0"),
-        ("SLURM_NTASKS", "2"),
-        ("SLURM_LOCALID", "0"),
-        ("SLURM_STEP_ID", "0"),
-    ])
-    .unwrap_err()
-    .to_string();
+    assert_eq!((e.master_addr.as_str(), e.master_port, e.agent_store), ("gpu17", 29500, false));
+    let e = env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0"), ("SLURM_STEP_ID", "0")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("MASTER_ADDR is not set"), "{e}");
 }
 
 #[test]
 fn env_errors_name_the_variable() {
-    let e = env_of(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")])
-        .unwrap_err()
-        .to_string();
+    let e = env_of(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")]).unwrap_err().to_string();
     assert!(e.contains("rank 2 is not below the world size 2"), "{e}");
-    let e = env_of(&[("RANK", "a"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("RANK=\"a\" is not a non-negative integer"),
-        "{e}"
-    );
-    let e = env_of(&[("RANK", "0"), ("MASTER_ADDR", "x")])
-        .unwrap_err()
-        .to_string();
+    let e = env_of(&[("RANK", "a"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x")]).unwrap_err().to_string();
+    assert!(e.contains("RANK=\"a\" is not a non-negative integer"), "{e}");
+    let e = env_of(&[("RANK", "0"), ("MASTER_ADDR", "x")]).unwrap_err().to_string();
     assert!(e.contains("WORLD_SIZE is not set"), "{e}");
-    let e = env_of(&[
-        ("RANK", "0"),
-        ("WORLD_SIZE", "2"),
-        ("MASTER_ADDR", "x"),
-        ("MASTER_PORT", "99999"),
-    ])
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("MASTER_PORT=\"99999\" is not a port number"),
-        "{e}"
-    );
+    let e = env_of(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "x"), ("MASTER_PORT", "99999")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MASTER_PORT=\"99999\" is not a port number"), "{e}");
 }

@@ -60,7 +60,8 @@ fn named(values: &[f32]) -> Vec<(String, Tensor)> {
 fn saved(dir: &ObjectDir) -> Vec<u8> {
     let w: Vec<f32> = (0..64).map(|i| i as f32 * 0.25 - 3.0).collect();
     let dead = Tensor::from_slice(&[5i64, 0, 9, 1]);
-    checkpoint::save(dir, &state(), &named(&w), &named(&w[..32]), &dead, Some(&Tensor::from_slice(&[1.5f32, 2.5]))).unwrap();
+    checkpoint::save(dir, &state(), &named(&w), &named(&w[..32]), &dead, Some(&Tensor::from_slice(&[1.5f32, 2.5])))
+        .unwrap();
     dir.get(&format!("checkpoints/step-{STEP:09}.safetensors")).unwrap().unwrap().to_vec()
 }
 
@@ -74,7 +75,8 @@ enum Damage {
 fn damage() -> impl Strategy<Value = Damage> {
     prop_oneof![
         (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Damage::FlipBit { at, bit }),
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16)).prop_map(|(at, bytes)| Damage::Overwrite { at, bytes }),
+        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, bytes)| Damage::Overwrite { at, bytes }),
         any::<usize>().prop_map(|to| Damage::Truncate { to }),
     ]
 }

@@ -46,7 +46,8 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--context-len must be at least 2 (the first position of each window is not counted)");
     }
     let windows: Vec<Vec<i64>> = if args.prompt.is_empty() {
-        let text = std::fs::read_to_string(&args.text_file).with_context(|| format!("cannot read {}", args.text_file.display()))?;
+        let text = std::fs::read_to_string(&args.text_file)
+            .with_context(|| format!("cannot read {}", args.text_file.display()))?;
         // Documents joined by EOS, packed into full windows; the last partial window is dropped.
         let eos = model.tokenizer.eos_id.map(|e| e as i64);
         let mut stream = Vec::new();
@@ -60,7 +61,10 @@ pub fn run(args: Args) -> Result<()> {
         stream.truncate(args.max_tokens);
         stream.chunks_exact(args.context_len).map(<[i64]>::to_vec).collect()
     } else {
-        args.prompt.iter().map(|p| Ok(model.tokenizer.encode(p)?.into_iter().map(|t| t as i64).collect())).collect::<Result<_>>()?
+        args.prompt
+            .iter()
+            .map(|p| Ok(model.tokenizer.encode(p)?.into_iter().map(|t| t as i64).collect()))
+            .collect::<Result<_>>()?
     };
     if windows.is_empty() {
         bail!("no window of {} tokens could be made from {}", args.context_len, args.text_file.display());
@@ -68,12 +72,17 @@ pub fn run(args: Args) -> Result<()> {
 
     let total_tokens: usize = windows.iter().map(Vec::len).sum();
     let bar = ProgressBar::new(total_tokens as u64).with_style(
-        ProgressStyle::with_template("{spinner} forward [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}").expect("valid template"),
+        ProgressStyle::with_template("{spinner} forward [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
+            .expect("valid template"),
     );
     let started = std::time::Instant::now();
     let mut rows: Vec<Tensor> = Vec::new();
     // Prompts may differ in length, so only full windows are batched together.
-    let batches: Vec<Vec<Vec<i64>>> = if args.prompt.is_empty() { windows.chunks(args.batch_size).map(<[_]>::to_vec).collect() } else { windows.iter().map(|w| vec![w.clone()]).collect() };
+    let batches: Vec<Vec<Vec<i64>>> = if args.prompt.is_empty() {
+        windows.chunks(args.batch_size).map(<[_]>::to_vec).collect()
+    } else {
+        windows.iter().map(|w| vec![w.clone()]).collect()
+    };
     for batch in batches {
         let len = batch[0].len() as i64;
         let flat: Vec<i64> = batch.concat();
@@ -81,9 +90,14 @@ pub fn run(args: Args) -> Result<()> {
         let mut hooks = Hooks::new().capture([hook]);
         let out = model.llama.forward(&tokens, None, &mut hooks, args.full_forward)?;
         let acts = &out.hooks[&hook]; // [batch, seq, d]
-        // Position 0 of every window is an attention sink with an outlier norm: leave it out.
+                                      // Position 0 of every window is an attention sink with an outlier norm: leave it out.
         if len > 1 {
-            rows.push(acts.narrow(1, 1, len - 1).reshape([-1, acts.size()[2]]).to_kind(Kind::Float).to_device(tch::Device::Cpu));
+            rows.push(
+                acts.narrow(1, 1, len - 1)
+                    .reshape([-1, acts.size()[2]])
+                    .to_kind(Kind::Float)
+                    .to_device(tch::Device::Cpu),
+            );
         }
         bar.inc(flat.len() as u64);
     }

@@ -17,7 +17,10 @@ use capture::HookPoint;
 use crossbeam_channel::bounded;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use store::{CorpusIdentity, CreatedInfo, DatasetHeader, DatasetWriter, Dtype, HookSpec, ModelIdentity, TokenizerIdentity, WriterOptions};
+use store::{
+    CorpusIdentity, CreatedInfo, DatasetHeader, DatasetWriter, Dtype, HookSpec, ModelIdentity, TokenizerIdentity,
+    WriterOptions,
+};
 
 use capture::windows::Window;
 
@@ -122,7 +125,10 @@ pub fn run(args: Args) -> Result<()> {
     let header = DatasetHeader {
         model: ModelIdentity { name: model.name.clone(), file_sha256: model.file_sha256()? },
         tokenizer: TokenizerIdentity { name: model.name.clone(), sha256: model.tokenizer.digest()? },
-        hooks: hooks.iter().map(|h| HookSpec { name: h.to_string(), d_model: model.llama.config().d_model() }).collect(),
+        hooks: hooks
+            .iter()
+            .map(|h| HookSpec { name: h.to_string(), d_model: model.llama.config().d_model() })
+            .collect(),
         context_len: args.context_len,
         corpus: CorpusIdentity { detail: serde_json::to_string(&config)?, ..source.identity().clone() },
         created: CreatedInfo::from_process(),
@@ -138,7 +144,8 @@ pub fn run(args: Args) -> Result<()> {
         worker: slot.store_id(),
         ..WriterOptions::default()
     };
-    let mut writer = DatasetWriter::create(&args.out, header, opts).with_context(|| format!("cannot write the dataset at {}", args.out))?;
+    let mut writer = DatasetWriter::create(&args.out, header, opts)
+        .with_context(|| format!("cannot write the dataset at {}", args.out))?;
     let resume_row = first_row + writer.committed_rows();
     if writer.committed_rows() > 0 {
         tracing::info!(rows = writer.committed_rows(), "resuming after the rows this worker already committed");
@@ -167,7 +174,10 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     let bar = ProgressBar::new(end_row.saturating_sub(resume_row)).with_style(
-        ProgressStyle::with_template("{spinner} capture [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta} {msg}").expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} capture [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template"),
     );
     let loop_started = Instant::now();
     let mut row = first_batch * rows_per_batch;
@@ -196,7 +206,11 @@ pub fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     let written = row.min(end_row);
     if written < end_row {
-        tracing::warn!(rows = written - first_row, wanted = end_row - first_row, "the corpus ended before --max-tokens: the dataset holds what there was");
+        tracing::warn!(
+            rows = written - first_row,
+            wanted = end_row - first_row,
+            "the corpus ended before --max-tokens: the dataset holds what there was"
+        );
     }
     if slot.count == 1 {
         let manifest = writer.finish()?;
@@ -209,7 +223,10 @@ pub fn run(args: Args) -> Result<()> {
         let records = writer.finish_part(slot.count)?;
         eprintln!(
             "worker {} of {} done: {} shards; run `sae dataset finalize {}` once every worker is done",
-            slot.index, slot.count, records.len(), args.out
+            slot.index,
+            slot.count,
+            records.len(),
+            args.out
         );
         Ok(())
     }
@@ -233,7 +250,10 @@ fn already_finished_or_different(out: &str, header: &DatasetHeader) -> Result<Op
     };
     let differences = existing.differences(header);
     if !differences.is_empty() {
-        bail!("{out} holds a different capture: {}. Use another --out, or delete it to start over", differences.join("; "));
+        bail!(
+            "{out} holds a different capture: {}. Use another --out, or delete it to start over",
+            differences.join("; ")
+        );
     }
     Ok(info.is_final.then_some(info))
 }

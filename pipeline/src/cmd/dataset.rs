@@ -71,7 +71,10 @@ pub fn run(args: Args) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("checked {} shards, {} rows, {} bytes", report.shards_checked, report.rows_checked, report.bytes_checked);
+                println!(
+                    "checked {} shards, {} rows, {} bytes",
+                    report.shards_checked, report.rows_checked, report.bytes_checked
+                );
                 for bad in &report.bad_shards {
                     for problem in &bad.problems {
                         println!("BAD {}: {problem}", bad.key);
@@ -82,7 +85,12 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
             if !report.ok {
-                let keys: Vec<&str> = report.bad_shards.iter().map(|b| b.key.as_str()).chain(report.unlisted.iter().map(String::as_str)).collect();
+                let keys: Vec<&str> = report
+                    .bad_shards
+                    .iter()
+                    .map(|b| b.key.as_str())
+                    .chain(report.unlisted.iter().map(String::as_str))
+                    .collect();
                 bail!("dataset {url} failed verification: {}", keys.join(", "));
             }
             Ok(())

@@ -105,7 +105,13 @@ pub fn load_sae_with_sha(url: &str, store: &StoreOptions, device: Device) -> Res
 }
 
 /// The dataset's summary of the SAE's hook `hook_name`, checked against the SAE's input width.
-pub fn sae_hook_in_dataset<'m>(manifest: &'m Manifest, hook_name: &str, d_in: usize, sae_url: &str, data_url: &str) -> Result<&'m HookSummary> {
+pub fn sae_hook_in_dataset<'m>(
+    manifest: &'m Manifest,
+    hook_name: &str,
+    d_in: usize,
+    sae_url: &str,
+    data_url: &str,
+) -> Result<&'m HookSummary> {
     let hook = manifest.hook(hook_name).with_context(|| {
         let have: Vec<&str> = manifest.hooks.iter().map(|h| h.name.as_str()).collect();
         format!("dataset `{data_url}` has no hook `{hook_name}` (the SAE's hook); it has: {}", have.join(", "))
@@ -145,10 +151,17 @@ pub fn sae_fits_model(loaded: &LoadedSae, sae_url: &str, model: &capture::Model)
 /// The SAE's hook in `model`, or an error naming both.
 pub fn sae_hook_in_model(hook_name: &str, model: &capture::Model) -> Result<HookPoint> {
     let n_layers = model.llama.config().num_hidden_layers;
-    HookPoint::parse(hook_name, n_layers).with_context(|| format!("the SAE's hook `{hook_name}` does not exist in model `{}`", model.name))
+    HookPoint::parse(hook_name, n_layers)
+        .with_context(|| format!("the SAE's hook `{hook_name}` does not exist in model `{}`", model.name))
 }
 
-pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &ModelArgs, store: &StoreOptions) -> Result<EvalReport> {
+pub fn evaluate(
+    sae_url: &str,
+    data_url: &str,
+    eval: &EvalArgs,
+    model_args: &ModelArgs,
+    store: &StoreOptions,
+) -> Result<EvalReport> {
     if let Some(n) = model_args.threads {
         tch::set_num_threads(n);
     }
@@ -176,7 +189,8 @@ pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &Mod
     let model = model_args.load()?;
     check_capture_model(&model, &manifest, data_url)?;
     let hook_point = sae_hook_in_model(&hook.name, &model)?;
-    let last_shard = manifest.shards.len().checked_sub(1).with_context(|| format!("dataset `{data_url}` has no shards"))?;
+    let last_shard =
+        manifest.shards.len().checked_sub(1).with_context(|| format!("dataset `{data_url}` has no shards"))?;
     let tokens = store::shard_tokens(data_url, store, last_shard)?;
     let windows = windows_from_tokens(&tokens, eval.eval_tokens);
     let model_kind = model.llama.kind();
@@ -187,7 +201,13 @@ pub fn evaluate(sae_url: &str, data_url: &str, eval: &EvalArgs, model_args: &Mod
     };
     let ce = ce_loss_score(&model, hook_point, &windows, eval.eval_batch, &reconstruct)?;
 
-    let report = EvalReport { sae: sae_url.to_string(), data: data_url.to_string(), hook: hook.name.clone(), reconstruction, ce };
+    let report = EvalReport {
+        sae: sae_url.to_string(),
+        data: data_url.to_string(),
+        hook: hook.name.clone(),
+        reconstruction,
+        ce,
+    };
     let dir = ObjectDir::open(sae_url, store)?;
     let title = format!("feature density, {} latents over {} tokens", sae.config().d_sae, report.reconstruction.rows);
     match trainer::plots::density_histogram(&title, &report.reconstruction.density) {

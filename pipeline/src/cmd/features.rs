@@ -10,7 +10,9 @@ use store::{ObjectDir, StoreOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
 
-use crate::cmd::eval::{check_capture_model, load_sae, load_sae_with_sha, sae_fits_model, sae_hook_in_dataset, sae_hook_in_model};
+use crate::cmd::eval::{
+    check_capture_model, load_sae, load_sae_with_sha, sae_fits_model, sae_hook_in_dataset, sae_hook_in_model,
+};
 use crate::features::build::{build, BuildSettings};
 use crate::features::neighbors::{nearest, unit_rows, Neighbor};
 use crate::features::set::{ExampleKind, FeatureSet, Summary, FORMAT_VERSION};
@@ -286,7 +288,12 @@ fn search(a: SearchArgs) -> Result<()> {
             .filter(|&at| values[at] > 0.0)
             .map(|at| FeatureHit { feature: indices[at], activation: values[at] as f64 })
             .collect();
-        per_token.push(TokenHits { position, token_id: ids[position], token: model.tokenizer.decode(&[ids[position]])?, features: hits });
+        per_token.push(TokenHits {
+            position,
+            token_id: ids[position],
+            token: model.tokenizer.decode(&[ids[position]])?,
+            features: hits,
+        });
     }
     let (max, argmax) = z.max_dim(0, false);
     let fired = z.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
@@ -300,7 +307,12 @@ fn search(a: SearchArgs) -> Result<()> {
         .iter()
         .zip(&best)
         .filter(|(_, &v)| v > 0.0)
-        .map(|(&f, &v)| PromptHit { feature: f, max_activation: v as f64, max_position: argmax[f as usize] as usize + 1, tokens_fired: fired[f as usize] as usize })
+        .map(|(&f, &v)| PromptHit {
+            feature: f,
+            max_activation: v as f64,
+            max_position: argmax[f as usize] as usize + 1,
+            tokens_fired: fired[f as usize] as usize,
+        })
         .collect();
 
     let describe = |feature: i64| -> String {
@@ -314,12 +326,22 @@ fn search(a: SearchArgs) -> Result<()> {
             .find(|e| e.kind == ExampleKind::Top)
             .map(|e| {
                 let c = e.center as usize;
-                let text: String =
-                    e.tokens.iter().enumerate().map(|(i, t)| if i == c { format!("[[{t}]]") } else { t.clone() }).collect();
+                let text: String = e
+                    .tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| if i == c { format!("[[{t}]]") } else { t.clone() })
+                    .collect();
                 format!(" · example {:?}", text.replace('\n', "↵"))
             })
             .unwrap_or_default();
-        format!(" · dataset max {:.2} · top tokens {} · logits ↑ {}{}", stats.max_activation, fires_on.join(" "), logits.join(" "), example)
+        format!(
+            " · dataset max {:.2} · top tokens {} · logits ↑ {}{}",
+            stats.max_activation,
+            fires_on.join(" "),
+            logits.join(" "),
+            example
+        )
     };
     println!("{} on {:?} ({} tokens; position 0 is not encoded)", a.sae, a.prompt, ids.len());
     println!("per token (feature:activation):");
@@ -360,7 +382,11 @@ fn neighbors(a: NeighborArgs) -> Result<()> {
         Some(other) => {
             let other_sae = load_sae(other, &store, Device::Cpu)?;
             if other_sae.info.hook_name != sae.info.hook_name {
-                tracing::warn!("the SAEs read different hooks: {} and {}", sae.info.hook_name, other_sae.info.hook_name);
+                tracing::warn!(
+                    "the SAEs read different hooks: {} and {}",
+                    sae.info.hook_name,
+                    other_sae.info.hook_name
+                );
             }
             (other, nearest(&query, &unit_rows(other_sae.sae.w_dec()), a.top, None)?)
         }

@@ -32,7 +32,12 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn options(&self) -> GenerateOptions {
-        GenerateOptions { max_new_tokens: self.max_new_tokens, temperature: self.temperature, seed: self.seed, stop_at_eos: true }
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            seed: self.seed,
+            stop_at_eos: true,
+        }
     }
 }
 
@@ -64,6 +69,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     writeln!(stdout)?;
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(prompt_tokens = prompt.len(), new_tokens = ids.len(), tokens_per_s = format!("{:.1}", ids.len() as f64 / secs), "generated");
+    tracing::info!(
+        prompt_tokens = prompt.len(),
+        new_tokens = ids.len(),
+        tokens_per_s = format!("{:.1}", ids.len() as f64 / secs),
+        "generated"
+    );
     Ok(())
 }

@@ -4,6 +4,6 @@ pub mod dataset;
 pub mod eval;
 pub mod features;
 pub mod generate;
-pub mod train;
 pub mod run;
 pub mod steer;
+pub mod train;

@@ -82,8 +82,12 @@ impl Plan {
     fn load(args: &Args) -> Result<Plan> {
         let (mut table, source): (toml::Table, String) = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file `{}`", path.display()))?;
-                (text.parse().with_context(|| format!("config file `{}` is not valid TOML", path.display()))?, path.display().to_string())
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file `{}`", path.display()))?;
+                (
+                    text.parse().with_context(|| format!("config file `{}` is not valid TOML", path.display()))?,
+                    path.display().to_string(),
+                )
             }
             None => (toml::Table::new(), "the built-in defaults".into()),
         };
@@ -91,7 +95,9 @@ impl Plan {
         // Per key: a file's [train] with only `k` keeps the default width, steps and rate.
         for (stage, settings) in defaults {
             let toml::Value::Table(settings) = settings else { continue };
-            if let toml::Value::Table(given) = table.entry(stage).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+            if let toml::Value::Table(given) =
+                table.entry(stage).or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
                 for (key, value) in settings {
                     given.entry(key).or_insert(value);
                 }
@@ -141,21 +147,26 @@ impl Plan {
 pub fn run(args: Args) -> Result<()> {
     let plan = Plan::load(&args)?;
     let store = StoreOptions::default();
-    let (data, sae, features, browser) = (plan.path("data"), plan.path("sae"), plan.path("features"), plan.path("browser"));
+    let (data, sae, features, browser) =
+        (plan.path("data"), plan.path("sae"), plan.path("features"), plan.path("browser"));
     println!("== sae run: {} (settings from {}) ==", plan.dir, plan.source);
 
     println!("== 1/5 capture → {data} ==");
     crate::cmd::capture::run(parse_stage("capture", plan.flags("capture", &["--out", &data], true)?)?)?;
 
     println!("== 2/5 train → {sae} ==");
-    crate::cmd::train::run(parse_stage("train", plan.flags("train", &["--data", &data, "--out", &sae, "--no-eval"], true)?)?)?;
+    crate::cmd::train::run(parse_stage(
+        "train",
+        plan.flags("train", &["--data", &data, "--out", &sae, "--no-eval"], true)?,
+    )?)?;
 
     println!("== 3/5 eval → {sae}/{EVAL_FILE} ==");
     let sae_dir = ObjectDir::open(&sae, &store)?;
     let report: EvalReport = match sae_dir.get(EVAL_FILE)? {
         Some(bytes) => {
             println!("already evaluated ({})", sae_dir.display(EVAL_FILE));
-            serde_json::from_slice(&bytes).with_context(|| format!("`{}` is not an eval report", sae_dir.display(EVAL_FILE)))?
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("`{}` is not an eval report", sae_dir.display(EVAL_FILE)))?
         }
         None => {
             let eval: EvalArgs = parse_stage("eval", plan.flags("eval", &[], false)?)?;
@@ -166,7 +177,8 @@ pub fn run(args: Args) -> Result<()> {
     crate::cmd::eval::print_report(&report);
 
     println!("== 4/5 features build → {features} ==");
-    let build: BuildArgs = parse_stage("features", plan.flags("features", &["--sae", &sae, "--data", &data, "--out", &features], true)?)?;
+    let build: BuildArgs =
+        parse_stage("features", plan.flags("features", &["--sae", &sae, "--data", &data, "--out", &features], true)?)?;
     let summary = run_build(&build, &store)?;
 
     println!("== 5/5 browse → {browser} ==");
@@ -177,17 +189,37 @@ pub fn run(args: Args) -> Result<()> {
     println!();
     println!("{:<10} {:<40} result", "stage", "output");
     let row = |stage: &str, output: &str, result: String| println!("{stage:<10} {output:<40} {result}");
-    row("capture", &data, format!("{} tokens of {} · {:.3} bytes/element", manifest.tokens, manifest.corpus.name, manifest.bytes_per_element()));
+    row(
+        "capture",
+        &data,
+        format!(
+            "{} tokens of {} · {:.3} bytes/element",
+            manifest.tokens,
+            manifest.corpus.name,
+            manifest.bytes_per_element()
+        ),
+    );
     row("train", &sae, format!("{} latents on {}", summary.d_sae, report.hook));
     row(
         "eval",
         &format!("{sae}/{EVAL_FILE}"),
-        format!("FVU {:.3} · L0 {:.1} · dead {:.1}% · CE-loss score {:.3}", r.fvu, r.l0, 100.0 * r.dead_fraction, report.ce.ce_loss_score),
+        format!(
+            "FVU {:.3} · L0 {:.1} · dead {:.1}% · CE-loss score {:.3}",
+            r.fvu,
+            r.l0,
+            100.0 * r.dead_fraction,
+            report.ce.ce_loss_score
+        ),
     );
     row(
         "features",
         &features,
-        format!("{} alive · {} dead over {} tokens", summary.d_sae - summary.dead.len(), summary.dead.len(), summary.rows),
+        format!(
+            "{} alive · {} dead over {} tokens",
+            summary.d_sae - summary.dead.len(),
+            summary.dead.len(),
+            summary.rows
+        ),
     );
     row("browse", &browser, format!("{} pages", summary.d_sae + 1));
     println!();

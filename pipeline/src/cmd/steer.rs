@@ -10,8 +10,8 @@ use trainer::sae::Sae;
 use trainer::steer::{splice, FeatureEdit};
 
 use crate::cmd::eval::{load_sae_with_sha, sae_fits_model};
-use crate::cmd::generate::SamplingArgs;
 use crate::cmd::features::load_features_for;
+use crate::cmd::generate::SamplingArgs;
 use crate::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
@@ -68,7 +68,9 @@ pub fn steering_hooks<'a>(sae: &'a Sae, hook: HookPoint, edits: &'a [FeatureEdit
     let mut seen = 0i64;
     Hooks::new().intervene(hook, move |x: &Tensor| {
         let (b, t, d) = x.size3().expect("[batch, seq, d]");
-        let steered = splice(sae, &x.reshape([b * t, d]), |z| edits.iter().for_each(|e| e.apply(z))).expect("the SAE's width was checked").reshape([b, t, d]);
+        let steered = splice(sae, &x.reshape([b * t, d]), |z| edits.iter().for_each(|e| e.apply(z)))
+            .expect("the SAE's width was checked")
+            .reshape([b, t, d]);
         let start = seen;
         seen += t;
         if start == 0 {

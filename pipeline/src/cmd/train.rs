@@ -5,9 +5,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use std::time::Duration;
 use store::StoreOptions;
 use trainer::sae::{Architecture, DEFAULT_AUXK_COEFF};
-use std::time::Duration;
 
 use tch::Device;
 use trainer::dist::{Backend, DistEnv, ProcessGroup};
@@ -133,7 +133,9 @@ fn architecture(name: &str, args: &Args, k: usize, l1: f64, l0_coeff: f64) -> Re
         "relu" => Architecture::Relu { l1 },
         "topk" => Architecture::TopK { k },
         "batchtopk" => Architecture::BatchTopK { k },
-        "jumprelu" => Architecture::JumpRelu { init_threshold: args.init_threshold, bandwidth: args.bandwidth, l0_coeff },
+        "jumprelu" => {
+            Architecture::JumpRelu { init_threshold: args.init_threshold, bandwidth: args.bandwidth, l0_coeff }
+        }
         other => bail!("unknown architecture `{other}`: use relu, topk, batchtopk or jumprelu"),
     })
 }
@@ -142,7 +144,8 @@ fn architecture(name: &str, args: &Args, k: usize, l1: f64, l0_coeff: f64) -> Re
 fn members(args: &Args, d_model: usize) -> Result<Vec<Member>> {
     let mut lists: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for item in &args.sweep {
-        let (key, values) = item.split_once('=').with_context(|| format!("--sweep `{item}`: expected KEY=V1,V2,..."))?;
+        let (key, values) =
+            item.split_once('=').with_context(|| format!("--sweep `{item}`: expected KEY=V1,V2,..."))?;
         let key = key.trim().replace('-', "_");
         if !["latents", "k", "arch", "l1", "l0_coeff"].contains(&key.as_str()) {
             bail!("--sweep key `{key}` is not sweepable; use latents, k, arch, l1 or l0_coeff");
@@ -159,7 +162,8 @@ fn members(args: &Args, d_model: usize) -> Result<Vec<Member>> {
     let archs = one("arch", args.arch.clone());
     let l1s = one("l1", args.l1.to_string());
     let l0s = one("l0_coeff", args.l0_coeff.to_string());
-    let parse_usize = |key: &str, v: &str| v.parse::<usize>().with_context(|| format!("{key} `{v}` is not a whole number"));
+    let parse_usize =
+        |key: &str, v: &str| v.parse::<usize>().with_context(|| format!("{key} `{v}` is not a whole number"));
     let parse_f64 = |key: &str, v: &str| v.parse::<f64>().with_context(|| format!("{key} `{v}` is not a number"));
     let mut out = Vec::new();
     for arch_name in &archs {
@@ -167,7 +171,13 @@ fn members(args: &Args, d_model: usize) -> Result<Vec<Member>> {
             for k in &ks {
                 for l1 in &l1s {
                     for l0 in &l0s {
-                        let arch = architecture(arch_name, args, parse_usize("k", k)?, parse_f64("l1", l1)?, parse_f64("l0_coeff", l0)?)?;
+                        let arch = architecture(
+                            arch_name,
+                            args,
+                            parse_usize("k", k)?,
+                            parse_f64("l1", l1)?,
+                            parse_f64("l0_coeff", l0)?,
+                        )?;
                         let d_sae = parse_usize("latents", l)?;
                         let name = if lists.is_empty() { String::new() } else { Member::sweep_name(d_sae, &arch) };
                         if out.iter().any(|m: &Member| m.name == name) {
@@ -397,8 +407,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("train.toml");
         std::fs::write(&path, "latents = 4608\nfollow = true\nno_eval = false\n[sweep]\nk = [16, 32]\n").unwrap();
-        let argv: Vec<String> =
-            ["sae", "train", "--config", path.to_str().unwrap(), "--latents", "2304"].iter().map(|s| s.to_string()).collect();
+        let argv: Vec<String> = ["sae", "train", "--config", path.to_str().unwrap(), "--latents", "2304"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let out = expand_config(argv).unwrap();
         let joined = out.join(" ");
         assert!(joined.starts_with("sae train --follow --latents 4608 --sweep k=16,32 --config"), "{joined}");

@@ -252,7 +252,9 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         b.push_str("<p class=\"none\">none</p>\n");
     }
     for band in quantiles.chunk_by(|a, c| a.band == c.band) {
-        let (lo, hi) = band.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), e| (lo.min(e.activation), hi.max(e.activation)));
+        let (lo, hi) = band
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), e| (lo.min(e.activation), hi.max(e.activation)));
         let _ = writeln!(
             b,
             "<h3>Band {} of {} <span class=\"sub\">(samples {} to {})</span></h3>",
@@ -299,7 +301,12 @@ fn histogram_svg(f: &FeatureStats) -> String {
     let peak = f.histogram.iter().copied().max().unwrap_or(0);
     let n = f.histogram.len();
     if peak == 0 || n == 0 || f.max_activation <= 0.0 {
-        let _ = write!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">never fired</text>", left + pw / 2.0, top + ph / 2.0);
+        let _ = write!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">never fired</text>",
+            left + pw / 2.0,
+            top + ph / 2.0
+        );
     } else {
         let bw = pw / n as f64;
         let step = f.max_activation as f64 / n as f64;
@@ -415,12 +422,18 @@ mod tests {
 
     #[test]
     fn escapes_hostile_strings() {
-        assert_eq!(html(r#"<img src=x onerror="a('1')">&amp;"#), "&lt;img src=x onerror=&quot;a(&#39;1&#39;)&quot;&gt;&amp;amp;");
+        assert_eq!(
+            html(r#"<img src=x onerror="a('1')">&amp;"#),
+            "&lt;img src=x onerror=&quot;a(&#39;1&#39;)&quot;&gt;&amp;amp;"
+        );
         assert_eq!(html("</script><script>x</script>"), "&lt;/script&gt;&lt;script&gt;x&lt;/script&gt;");
         assert_eq!(html(" plain text ü"), " plain text ü");
         assert_eq!(visible(" a\nb\tc\r\0\x7f"), " a↵b⇥c␍␀␡");
         // Tokens are made visible, then escaped; attributes passed to `tok` stay as given.
-        assert_eq!(tok("<b>\n", "center", " title=\"1.000\""), "<span class=\"tok center\" title=\"1.000\">&lt;b&gt;↵</span>");
+        assert_eq!(
+            tok("<b>\n", "center", " title=\"1.000\""),
+            "<span class=\"tok center\" title=\"1.000\">&lt;b&gt;↵</span>"
+        );
     }
 
     #[test]
@@ -525,7 +538,9 @@ mod tests {
         assert!(dom.contains("2 of 2 features"), "the script did not run");
         assert!(!row_tag(&dom, 0).contains("hidden") && !row_tag(&dom, 1).contains("hidden"));
         // The hostile top logit token shows as text.
-        assert!(dom.contains("&lt;/script&gt;&lt;script&gt;document.body.setAttribute('data-pwned','3')&lt;/script&gt;"));
+        assert!(
+            dom.contains("&lt;/script&gt;&lt;script&gt;document.body.setAttribute('data-pwned','3')&lt;/script&gt;")
+        );
 
         // Search by token (case-insensitive), then by id, prefilled from the URL.
         let dom = dump_dom(&format!("{url}#q=PWNED"));

@@ -162,7 +162,10 @@ impl Accumulator {
             self.sum = self.sum.index_add(0, features, &values.to_kind(Kind::Double));
             self.max = self.max.internal_scatter_reduce(0, features, values, "amax", true);
             // Histogram sketch: flat index feature * LOG_BINS + log bin of each activation.
-            let bin = ((values.log10() - LOG_LO) * BINS_PER_DECADE).floor().clamp(0.0, (LOG_BINS - 1) as f64).to_kind(Kind::Int64);
+            let bin = ((values.log10() - LOG_LO) * BINS_PER_DECADE)
+                .floor()
+                .clamp(0.0, (LOG_BINS - 1) as f64)
+                .to_kind(Kind::Int64);
             self.log_hist += (features * LOG_BINS + bin).bincount::<Tensor>(None, d_sae * LOG_BINS);
             let rows = rows + self.rows as i64;
             self.top.merge(features, &values.neg(), values, &rows);
@@ -195,7 +198,15 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 
 /// Runs both passes over `data_url`'s rows of `hook` and computes the logit effects and
 /// neighbours. `model` supplies the unembedding and decodes tokens.
-pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook: &str, store: &StoreOptions, s: &BuildSettings) -> Result<Built> {
+pub fn build(
+    sae: &Sae,
+    model: &Model,
+    data_url: &str,
+    manifest: &Manifest,
+    hook: &str,
+    store: &StoreOptions,
+    s: &BuildSettings,
+) -> Result<Built> {
     let _guard = tch::no_grad_guard();
     let device = sae.w_dec().device();
     let d_sae = sae.config().d_sae as i64;
@@ -215,7 +226,10 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
     for batch in Reader::open(data_url, reader_options(hook, chunk_rows, store))? {
         let batch = batch?;
         let keep = (total_rows - acc.rows).min(batch.rows as u64) as i64;
-        let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]).narrow(0, 0, keep).to_device(device);
+        let x = Tensor::from_slice(&batch.to_f32())
+            .view([batch.rows as i64, batch.d as i64])
+            .narrow(0, 0, keep)
+            .to_device(device);
         let (rows, features, values) = sae.encode_sparse(&x)?;
         acc.add(keep, &rows, &features, &values);
         bar.inc(keep as u64);
@@ -224,7 +238,11 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
         }
     }
     bar.finish_and_clear();
-    tracing::info!(rows = acc.rows, seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "statistics pass done");
+    tracing::info!(
+        rows = acc.rows,
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "statistics pass done"
+    );
     let rows = acc.rows;
     if rows == 0 {
         bail!("dataset `{data_url}` has no rows of hook `{hook}`");
@@ -261,8 +279,10 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
                 examples.push((blank(ExampleKind::Top, rank, 0, values[f]), rows[f] as u64));
             }
         }
-        let mut sampled: Vec<(f32, u64)> =
-            (0..samples as usize).filter(|&j| sample_keys[j][f] < EMPTY_KEY as f32).map(|j| (sample_values[j][f], sample_rows[j][f] as u64)).collect();
+        let mut sampled: Vec<(f32, u64)> = (0..samples as usize)
+            .filter(|&j| sample_keys[j][f] < EMPTY_KEY as f32)
+            .map(|j| (sample_values[j][f], sample_rows[j][f] as u64))
+            .collect();
         sampled.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let m = sampled.len();
         let mut in_band = vec![Vec::new(); s.quantile_bands];
@@ -278,12 +298,19 @@ pub fn build(sae: &Sae, model: &Model, data_url: &str, manifest: &Manifest, hook
     }
     let windows_started = std::time::Instant::now();
     fill_windows(sae, model, data_url, hook, store, chunk_rows, rows, s.context, &mut examples)?;
-    tracing::info!(examples = examples.len(), seconds = format!("{:.1}", windows_started.elapsed().as_secs_f64()), "example windows read");
+    tracing::info!(
+        examples = examples.len(),
+        seconds = format!("{:.1}", windows_started.elapsed().as_secs_f64()),
+        "example windows read"
+    );
     let logits_started = std::time::Instant::now();
 
     let (logit_top, logit_bottom) = logit_effects(sae, model, s.logit_tokens)?;
     let neighbors = all_nearest(&unit_rows(sae.w_dec()), s.neighbors)?;
-    tracing::info!(seconds = format!("{:.1}", logits_started.elapsed().as_secs_f64()), "logit effects and neighbours done");
+    tracing::info!(
+        seconds = format!("{:.1}", logits_started.elapsed().as_secs_f64()),
+        "logit effects and neighbours done"
+    );
     let features = (0..d_sae as usize)
         .map(|f| {
             let hist = &log_hist[f * LOG_BINS as usize..(f + 1) * LOG_BINS as usize];
@@ -420,12 +447,19 @@ fn fill_windows(
                 which.push(at as i64);
                 feature.push(examples[s.example].0.feature as i64);
             }
-            let index = [Some(Tensor::from_slice(&which).to_device(device)), Some(Tensor::from_slice(&feature).to_device(device))];
+            let index = [
+                Some(Tensor::from_slice(&which).to_device(device)),
+                Some(Tensor::from_slice(&feature).to_device(device)),
+            ];
             let values = Vec::<f32>::try_from(z.index(&index).to_device(Device::Cpu))?;
             for (j, s) in slots[first..next].iter().enumerate() {
                 let r = (s.row - start_row) as usize;
-                found[first + j] =
-                    Some(SlotValue { sequence_id: tokens.sequence_id[r], position: tokens.position[r], token_id: tokens.token_id[r], activation: values[j] });
+                found[first + j] = Some(SlotValue {
+                    sequence_id: tokens.sequence_id[r],
+                    position: tokens.position[r],
+                    token_id: tokens.token_id[r],
+                    activation: values[j],
+                });
             }
         }
         bar.inc(batch.rows as u64);
@@ -446,7 +480,8 @@ fn fill_windows(
         window.sort_unstable_by_key(|(offset, _)| *offset);
         let centre = window.iter().position(|(o, _)| *o == 0).context("an example's own row was not read back")?;
         let (sequence, position) = (window[centre].1.sequence_id, window[centre].1.position);
-        let belongs = |(offset, v): &(i64, SlotValue)| v.sequence_id == sequence && v.position as i64 == position as i64 + offset;
+        let belongs =
+            |(offset, v): &(i64, SlotValue)| v.sequence_id == sequence && v.position as i64 == position as i64 + offset;
         let mut lo = centre;
         while lo > 0 && belongs(&window[lo - 1]) && window[lo - 1].0 == window[lo].0 - 1 {
             lo -= 1;
@@ -477,7 +512,11 @@ pub fn logit_effects(sae: &Sae, model: &Model, n: usize) -> Result<(Vec<Vec<(Str
     let gain = llama.final_norm_weight().to_kind(Kind::Float); // [d]
     let w_dec = sae.w_dec().detach().to_kind(Kind::Float).to_device(device); // [d_sae, d]
     if w_dec.size()[1] != unembed.size()[1] {
-        bail!("the SAE's decoder rows have width {} but the model's residual stream has width {}", w_dec.size()[1], unembed.size()[1]);
+        bail!(
+            "the SAE's decoder rows have width {} but the model's residual stream has width {}",
+            w_dec.size()[1],
+            unembed.size()[1]
+        );
     }
     let (d_sae, vocab) = (w_dec.size()[0], unembed.size()[0]);
     let n = (n as i64).min(vocab);
@@ -505,7 +544,6 @@ pub fn logit_effects(sae: &Sae, model: &Model, n: usize) -> Result<(Vec<Vec<(Str
     }
     Ok((top, bottom))
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -565,7 +603,11 @@ mod tests {
             let sae = Sae::new(trainer::sae::SaeConfig::new(8, 16, arch), Device::Cpu).unwrap();
             let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
             let (rows, features, values) = sae.encode_sparse(&x).unwrap();
-            let rebuilt = Tensor::zeros([5, 16], (Kind::Float, Device::Cpu)).index_put(&[Some(rows), Some(features)], &values, false);
+            let rebuilt = Tensor::zeros([5, 16], (Kind::Float, Device::Cpu)).index_put(
+                &[Some(rows), Some(features)],
+                &values,
+                false,
+            );
             assert!(rebuilt.equal(&sae.encode(&x).unwrap()));
         }
     }

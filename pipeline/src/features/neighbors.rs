@@ -68,14 +68,16 @@ pub fn all_nearest(unit: &Tensor, top: usize) -> Result<Vec<Vec<(u32, f32)>>> {
     while start < n_rows {
         let len = chunk.min(n_rows - start);
         let sims = unit.narrow(0, start, len).matmul(&unit.tr()); // [len, n_rows]
-        // A row is not its own neighbour.
+                                                                  // A row is not its own neighbour.
         let own = Tensor::arange_start(start, start + len, (Kind::Int64, unit.device())).unsqueeze(1);
         let (values, ids) = sims.scatter_value(1, &own, f64::NEG_INFINITY).topk(top, 1, true, true);
         let ids = Vec::<i64>::try_from(ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
         let values = Vec::<f32>::try_from(values.to_device(tch::Device::Cpu).flatten(0, -1))?;
-        out.extend(ids.chunks(top as usize).zip(values.chunks(top as usize)).map(|(ids, values)| {
-            ids.iter().map(|&i| i as u32).zip(values.iter().copied()).collect()
-        }));
+        out.extend(
+            ids.chunks(top as usize)
+                .zip(values.chunks(top as usize))
+                .map(|(ids, values)| ids.iter().map(|&i| i as u32).zip(values.iter().copied()).collect()),
+        );
         start += len;
     }
     Ok(out)
@@ -94,7 +96,8 @@ mod tests {
         let got = nearest(&query, &rows, 10, Some(5)).unwrap();
         // Brute force: every similarity, sorted.
         let sims = Vec::<f32>::try_from(rows.mv(&query)).unwrap();
-        let mut all: Vec<(i64, f32)> = sims.iter().enumerate().map(|(i, &s)| (i as i64, s)).filter(|(i, _)| *i != 5).collect();
+        let mut all: Vec<(i64, f32)> =
+            sims.iter().enumerate().map(|(i, &s)| (i as i64, s)).filter(|(i, _)| *i != 5).collect();
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let want: Vec<i64> = all[..10].iter().map(|(i, _)| *i).collect();
         assert_eq!(got.iter().map(|n| n.feature).collect::<Vec<_>>(), want);
@@ -111,7 +114,8 @@ mod tests {
         let all = all_nearest(&rows, 5).unwrap();
         assert_eq!(all.len(), 300);
         for f in [0i64, 17, 299] {
-            let want: Vec<u32> = nearest(&rows.get(f), &rows, 5, Some(f)).unwrap().iter().map(|n| n.feature as u32).collect();
+            let want: Vec<u32> =
+                nearest(&rows.get(f), &rows, 5, Some(f)).unwrap().iter().map(|n| n.feature as u32).collect();
             assert_eq!(all[f as usize].iter().map(|(i, _)| *i).collect::<Vec<_>>(), want);
         }
     }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder, UInt32Builder};
 use arrow_array::{
-    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
+    UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -157,7 +158,13 @@ impl Summary {
         if self.dead.len() > self.d_sae {
             return Err(format!("{} dead latents of {}", self.dead.len(), self.d_sae));
         }
-        for (name, count) in [("top_k", self.top_k), ("context", self.context), ("quantile_bands", self.quantile_bands), ("samples_per_band", self.samples_per_band), ("histogram_bins", self.histogram_bins)] {
+        for (name, count) in [
+            ("top_k", self.top_k),
+            ("context", self.context),
+            ("quantile_bands", self.quantile_bands),
+            ("samples_per_band", self.samples_per_band),
+            ("histogram_bins", self.histogram_bins),
+        ] {
             if count > MAX_SUMMARY_COUNT {
                 return Err(format!("{name} {count} is more than {MAX_SUMMARY_COUNT}"));
             }
@@ -203,18 +210,25 @@ impl FeatureSet {
     /// Reads only `features.json`; `None` when the folder holds no finished build.
     pub fn read_summary(dir: &ObjectDir) -> Result<Option<Summary>> {
         let Some(bytes) = dir.get(SUMMARY_FILE)? else { return Ok(None) };
-        let summary: Summary =
-            serde_json::from_slice(&bytes).with_context(|| format!("`{}` is not a features summary", dir.display(SUMMARY_FILE)))?;
+        let summary: Summary = serde_json::from_slice(&bytes)
+            .with_context(|| format!("`{}` is not a features summary", dir.display(SUMMARY_FILE)))?;
         if summary.format_version != FORMAT_VERSION {
-            bail!("`{}` has format version {}, this program reads {FORMAT_VERSION}", dir.display(SUMMARY_FILE), summary.format_version);
+            bail!(
+                "`{}` has format version {}, this program reads {FORMAT_VERSION}",
+                dir.display(SUMMARY_FILE),
+                summary.format_version
+            );
         }
-        summary.check_sizes().map_err(|detail| anyhow::anyhow!("`{}` is damaged: {detail}", dir.display(SUMMARY_FILE)))?;
+        summary
+            .check_sizes()
+            .map_err(|detail| anyhow::anyhow!("`{}` is damaged: {detail}", dir.display(SUMMARY_FILE)))?;
         Ok(Some(summary))
     }
 
     pub fn read(dir: &ObjectDir) -> Result<FeatureSet> {
-        let summary = Self::read_summary(dir)?
-            .with_context(|| format!("`{}` holds no features (no {SUMMARY_FILE}); run `sae features build` first", dir.url()))?;
+        let summary = Self::read_summary(dir)?.with_context(|| {
+            format!("`{}` holds no features (no {SUMMARY_FILE}); run `sae features build` first", dir.url())
+        })?;
         let read = |key: &str| -> Result<Vec<RecordBatch>> {
             let bytes = dir.get(key)?.with_context(|| format!("`{}` is missing", dir.display(key)))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -224,11 +238,17 @@ impl FeatureSet {
         };
         let mut features = Vec::new();
         for batch in read(FEATURES_FILE)? {
-            features.extend(features_from_batch(&batch).with_context(|| format!("`{}` has an unexpected schema", dir.display(FEATURES_FILE)))?);
+            features.extend(
+                features_from_batch(&batch)
+                    .with_context(|| format!("`{}` has an unexpected schema", dir.display(FEATURES_FILE)))?,
+            );
         }
         let mut examples = Vec::new();
         for batch in read(EXAMPLES_FILE)? {
-            examples.extend(examples_from_batch(&batch).with_context(|| format!("`{}` has an unexpected schema", dir.display(EXAMPLES_FILE)))?);
+            examples.extend(
+                examples_from_batch(&batch)
+                    .with_context(|| format!("`{}` has an unexpected schema", dir.display(EXAMPLES_FILE)))?,
+            );
         }
         if features.len() != summary.d_sae || features.iter().enumerate().any(|(i, f)| f.feature as usize != i) {
             bail!("`{}` does not hold features 0..{} in order", dir.display(FEATURES_FILE), summary.d_sae);
@@ -349,7 +369,12 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
         .with_context(|| format!("no column `{name}`"))?
         .as_any()
         .downcast_ref::<T>()
-        .with_context(|| format!("column `{name}` has type {}", batch.column_by_name(name).map_or(DataType::Null, |c| c.data_type().clone())))
+        .with_context(|| {
+            format!(
+                "column `{name}` has type {}",
+                batch.column_by_name(name).map_or(DataType::Null, |c| c.data_type().clone())
+            )
+        })
 }
 
 /// Row `i` of a list column, as the values of type `T` turned into `Vec<V>` by `f`.
@@ -376,8 +401,16 @@ fn features_from_batch(b: &RecordBatch) -> Result<Vec<FeatureStats>> {
     let max = column::<Float32Array>(b, "max_activation")?;
     let mean = column::<Float32Array>(b, "mean_activation")?;
     let dead = column::<BooleanArray>(b, "dead")?;
-    let lists = ["histogram", "top_logit_tokens", "top_logits", "bottom_logit_tokens", "bottom_logits", "neighbors", "neighbor_cosines"]
-        .map(|name| column::<ListArray>(b, name));
+    let lists = [
+        "histogram",
+        "top_logit_tokens",
+        "top_logits",
+        "bottom_logit_tokens",
+        "bottom_logits",
+        "neighbors",
+        "neighbor_cosines",
+    ]
+    .map(|name| column::<ListArray>(b, name));
     let [histogram, top_tokens, top_logits, bottom_tokens, bottom_logits, neighbors, cosines] = lists;
     let (histogram, top_tokens, top_logits, bottom_tokens, bottom_logits, neighbors, cosines) =
         (histogram?, top_tokens?, top_logits?, bottom_tokens?, bottom_logits?, neighbors?, cosines?);
@@ -473,7 +506,10 @@ pub(crate) mod tests {
                 mean_activation: 1.25,
                 dead: false,
                 histogram: vec![5, 3, 1, 1],
-                top_logit_tokens: vec![" </script><script>document.body.setAttribute('data-pwned','3')</script>".into(), "\"a\"".into()],
+                top_logit_tokens: vec![
+                    " </script><script>document.body.setAttribute('data-pwned','3')</script>".into(),
+                    "\"a\"".into(),
+                ],
                 top_logits: vec![0.5, 0.25],
                 bottom_logit_tokens: vec!["</b>".into()],
                 bottom_logits: vec![-0.5],
@@ -513,7 +549,11 @@ pub(crate) mod tests {
             ],
             token_activations: vec![0.0, activation, 0.5],
         };
-        let examples = vec![example(ExampleKind::Top, 0, 3.5), example(ExampleKind::Top, 1, 3.0), example(ExampleKind::Quantile, 0, 0.75)];
+        let examples = vec![
+            example(ExampleKind::Top, 0, 3.5),
+            example(ExampleKind::Top, 1, 3.0),
+            example(ExampleKind::Quantile, 0, 0.75),
+        ];
         FeatureSet { summary, features, examples }
     }
 

@@ -76,8 +76,7 @@ fn decoder_row_norms(sae: &Sae) -> Vec<f32> {
 fn sparse_data(rows: i64, d_in: i64, n_features: i64, active: f64) -> Tensor {
     let dictionary = Tensor::randn([n_features, d_in], (Kind::Float, Device::Cpu));
     let dictionary = &dictionary / dictionary.norm_scalaropt_dim(2, [1], true);
-    let on =
-        Tensor::rand([rows, n_features], (Kind::Float, Device::Cpu)).lt(active / n_features as f64);
+    let on = Tensor::rand([rows, n_features], (Kind::Float, Device::Cpu)).lt(active / n_features as f64);
     let magnitude = Tensor::rand([rows, n_features], (Kind::Float, Device::Cpu)) + 0.5;
     (magnitude * on.to_kind(Kind::Float)).matmul(&dictionary)
 }
@@ -231,8 +230,7 @@ fn encode_and_decode_match_hand_computed_values() {
     assert_close(&values(&top3.encode(&x).unwrap()), &[2.0, 0.5, 2.0, 0.0, 3.5, 0.0]);
 
     // JumpReLU with θ = 1 drops 0.5.
-    let jump =
-        hand_set(Architecture::JumpRelu { init_threshold: 1.0, bandwidth: 0.1, l0_coeff: 0.0 });
+    let jump = hand_set(Architecture::JumpRelu { init_threshold: 1.0, bandwidth: 0.1, l0_coeff: 0.0 });
     assert_close(&values(&jump.threshold().unwrap()), &[1.0, 1.0, 1.0]);
     assert_close(&values(&jump.encode(&x).unwrap()), &[2.0, 0.0, 2.0, 0.0, 3.5, 0.0]);
 }
@@ -360,10 +358,7 @@ fn jump_relu_threshold_gets_the_rectangle_kernel_gradient() {
     let log_threshold = sae.var_store().variables()["log_threshold"].grad();
     assert!((scalar(&log_threshold.sum(Kind::Float)) + 4.0 / 3.0).abs() < 1e-5);
     let w_enc_grad = sae.w_enc().grad();
-    assert!(
-        !w_enc_grad.defined() || scalar(&w_enc_grad.abs().sum(Kind::Float)) == 0.0,
-        "L0 gives z no gradient"
-    );
+    assert!(!w_enc_grad.defined() || scalar(&w_enc_grad.abs().sum(Kind::Float)) == 0.0, "L0 gives z no gradient");
 
     // ∂(Σ latents)/∂θ = −(θ/ε)·(rows in the window) = −2 · 2; ∂/∂z = H(z − θ): rows 2 and 3.
     zero_grad(&sae);
@@ -390,8 +385,7 @@ fn training_lowers_the_loss_for_every_architecture() {
     for arch in arches {
         let _torch = setup(13);
         let data = sparse_data(2048, 16, 48, 2.0); // [2048, 16]
-        let variance =
-            scalar(&(&data - data.mean_dim(0, true, Kind::Float)).square().mean(Kind::Float));
+        let variance = scalar(&(&data - data.mean_dim(0, true, Kind::Float)).square().mean(Kind::Float));
         let mut sae = sae(16, 64, arch.clone());
         sae.set_decoder_bias(&data.mean_dim(0, false, Kind::Float)).unwrap();
         let mut opt = tch::nn::Adam::default().build(sae.var_store(), 3e-3).unwrap();
