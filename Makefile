@@ -7,7 +7,7 @@ SAE := target/release/sae
 DEMO_DIR ?= runs/demo
 WITH_ENV := source scripts/env.sh &&
 
-.PHONY: setup setup-test build demo test bench clean
+.PHONY: setup setup-test build demo test faults bench clean
 
 ## Install libtorch (unless LIBTORCH is set), the model and the corpus; skips what is there.
 setup:
@@ -32,6 +32,19 @@ demo: build
 ## The whole suite, in the release profile so the workspace compiles once.
 test: setup-test
 	$(WITH_ENV) $(CARGO) test --release --workspace
+
+## The fault campaign at full size (pipeline/tests/faults.rs; `make test` runs it with 2 faults per
+## scenario): FAULT_KILLS faults per scenario at places drawn from FAULT_SEED, then one summary
+## line per scenario. The figures go into RELIABILITY.md by hand, with the date.
+FAULT_KILLS ?= 10
+FAULT_SEED ?= 13
+FAULT_SUMMARY := $(CURDIR)/target/faults-summary.txt
+faults: setup-test
+	rm -f $(FAULT_SUMMARY)
+	status=0; $(WITH_ENV) SAE_FAULT_KILLS=$(FAULT_KILLS) SAE_FAULT_SEED=$(FAULT_SEED) SAE_FAULT_SUMMARY=$(FAULT_SUMMARY) \
+	  $(CARGO) test --release -p pipeline --test faults -- --nocapture || status=$$?; \
+	  echo "== fault campaign: $(FAULT_KILLS) faults per scenario, seed $(FAULT_SEED) =="; \
+	  cat $(FAULT_SUMMARY) 2>/dev/null || echo "(no scenario finished)"; exit $$status
 
 ## Side-by-side benchmarks; results go into BENCHMARKS.md by hand, with the date.
 bench: setup-test build

@@ -101,7 +101,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
+pub fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -136,7 +136,7 @@ impl Drop for Server {
 
 /// Start `cmd args` under a shell watchdog that kills it once this test process is gone, then
 /// removes `cleanup` (a server's data directory), if given.
-fn spawn_watched(cmd: &str, args: &[String], cleanup: Option<&Path>) -> Child {
+pub fn spawn_watched(cmd: &str, args: &[String], cleanup: Option<&Path>) -> Child {
     let script = r#"p=$1; dir=$2; shift 2; "$@" & c=$!; trap 'kill $c 2>/dev/null; wait $c 2>/dev/null; [ -n "$dir" ] && rm -rf "$dir"' EXIT INT TERM; while kill -0 "$p" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.3; done"#;
     let mut full = vec![
         "-c".to_string(),
@@ -221,22 +221,27 @@ pub fn moto() -> &'static Server {
     })
 }
 
+/// The s3s-fs binary (SAE_S3S_FS, else cargo's bin folder, else PATH).
+pub fn s3s_fs_binary() -> PathBuf {
+    find_binary(
+        "SAE_S3S_FS",
+        &[
+            std::env::var("CARGO_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| home().join(".cargo"))
+                .join("bin/s3s-fs"),
+            home().join(".cargo/bin/s3s-fs"),
+        ],
+        "s3s-fs",
+        "cargo install s3s-fs --version 0.14.1 --features binary",
+    )
+}
+
 /// s3s-fs (file-backed, checks SigV4) with the given keys.
 pub fn s3s_fs() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
-        let bin = find_binary(
-            "SAE_S3S_FS",
-            &[
-                std::env::var("CARGO_HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|_| home().join(".cargo"))
-                    .join("bin/s3s-fs"),
-                home().join(".cargo/bin/s3s-fs"),
-            ],
-            "s3s-fs",
-            "cargo install s3s-fs --version 0.14.1 --features binary",
-        );
+        let bin = s3s_fs_binary();
         for _ in 0..3 {
             let dir = TempDir::new("s3s-fs");
             let bucket = "sae-test".to_string();
