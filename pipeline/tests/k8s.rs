@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 mod common;
-use common::{dataset_rows, free_port, start_moto, stderr, stdout, venv_bin, S3Server};
+use common::{dataset_rows, free_port, start_moto, stderr, stdout, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// The Kubernetes version the manifests are checked against (Debian 12's era of clusters up to
@@ -193,10 +193,6 @@ fn run_job(job: &JobSpec, replace: &[(&str, String)]) -> Vec<Output> {
     outputs
 }
 
-fn object(s3: &S3Server, folder: &str, key: &str) -> Option<Vec<u8>> {
-    store::ObjectDir::open(folder, &s3.store_options()).unwrap().get(key).unwrap().map(|b| b.to_vec())
-}
-
 #[test]
 fn the_manifests_commands_run_as_their_pods_would() {
     let s3 = start_moto("k8s");
@@ -250,7 +246,7 @@ fn the_manifests_commands_run_as_their_pods_would() {
     assert_eq!(capture.container["resources"]["limits"]["nvidia.com/gpu"], 1);
     assert_eq!(capture.pod["restartPolicy"], "Never");
     run_job(&capture, &[]);
-    assert!(object(&s3, data, "manifest.json").is_none(), "the dataset is final before finalize ran");
+    assert!(s3.object(data, "manifest.json").is_none(), "the dataset is final before finalize ran");
 
     let (finalize, _) = cluster.job("finalize-job.yaml");
     assert_eq!(
@@ -294,12 +290,12 @@ fn the_manifests_commands_run_as_their_pods_would() {
     .unwrap();
     assert_eq!(summary["world_size"], ranks, "{summary}");
     for key in ["cfg.json", "sae_weights.safetensors", "eval.json"] {
-        assert!(object(&s3, sae, key).is_some(), "no {key} in {sae}");
+        assert!(s3.object(sae, key).is_some(), "no {key} in {sae}");
     }
 
     let (features_job, _) = cluster.job("features-job.yaml");
     run_job(&features_job, &[]);
     let index: Value =
-        serde_json::from_slice(&object(&s3, features, "features.json").expect("no features.json")).unwrap();
+        serde_json::from_slice(&s3.object(features, "features.json").expect("no features.json")).unwrap();
     assert!(index.is_object());
 }

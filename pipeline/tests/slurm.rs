@@ -156,10 +156,6 @@ fn sbatch(cluster: &SlurmCluster, s3: &S3Server, vars: &[(&str, &str)], args: &[
     String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap().to_string()
 }
 
-fn object(s3: &S3Server, folder: &str, key: &str) -> Option<Vec<u8>> {
-    store::ObjectDir::open(folder, &s3.store_options()).unwrap().get(key).unwrap().map(|b| b.to_vec())
-}
-
 fn keys(s3: &S3Server, folder: &str, dir: &str) -> Vec<String> {
     store::ObjectDir::open(folder, &s3.store_options()).unwrap().list(dir).unwrap()
 }
@@ -243,7 +239,7 @@ fn capture_array_equals_one_worker(cluster: &SlurmCluster, s3: &S3Server, dir: &
         let log = std::fs::read_to_string(Path::new(&logs).join(format!("sae-capture-{array}_{task}.log"))).unwrap();
         assert!(log.contains(&format!("task {task} of 2")), "{log}");
     }
-    assert!(object(s3, split, "manifest.json").is_some(), "finalize wrote no manifest");
+    assert!(s3.object(split, "manifest.json").is_some(), "finalize wrote no manifest");
 
     let (rows_single, values_single) = dataset_rows(&single, HOOK, &Default::default());
     let (rows_split, values_split) = dataset_rows(split, HOOK, &s3.store_options());
@@ -265,21 +261,33 @@ fn train_vars<'a>(data: &'a str, out: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
+/// Submits train.sbatch with two tasks on the node, training into `out`. Returns the job id and
+/// its log file.
+fn submit_two_task_training(
+    cluster: &SlurmCluster,
+    s3: &S3Server,
+    logs: &Path,
+    data: &str,
+    out: &str,
+) -> (String, PathBuf) {
+    let output = format!("--output={}/%x-%j.log", logs.display());
+    let job = sbatch(cluster, s3, &train_vars(data, out), &["--ntasks-per-node=2", &output], &job_file("train.sbatch"));
+    let log = logs.join(format!("sae-train-{job}.log"));
+    (job, log)
+}
 /// train.sbatch with two tasks on the node: two Gloo ranks, one exported SAE. Returns its URL.
 fn two_task_training_exports(cluster: &SlurmCluster, s3: &S3Server, logs: &Path, data: &str) -> String {
     let out = "s3://sae/saes/whole";
-    let output = format!("--output={}/%x-%j.log", logs.display());
-    let job = sbatch(cluster, s3, &train_vars(data, out), &["--ntasks-per-node=2", &output], &job_file("train.sbatch"));
+    let (job, log) = submit_two_task_training(cluster, s3, logs, data, out);
     cluster.wait_completed(&job, logs, Duration::from_secs(180));
-    let log = logs.join(format!("sae-train-{job}.log"));
     let summary = train_summary(&log);
     assert_eq!(summary["world_size"], 2, "{summary}");
     assert_eq!(summary["steps"], 40, "{summary}");
     assert!(summary["resumed_from_step"].is_null(), "{summary}");
     // The export: SAELens's file names, and weights that training moved away from zero.
-    let cfg: serde_json::Value = serde_json::from_slice(&object(s3, out, "cfg.json").expect("no cfg.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&s3.object(out, "cfg.json").expect("no cfg.json")).unwrap();
     assert_eq!(cfg["d_sae"], 1152, "{cfg}");
-    let weights = object(s3, out, "sae_weights.safetensors").expect("no sae_weights.safetensors");
+    let weights = s3.object(out, "sae_weights.safetensors").expect("no sae_weights.safetensors");
     let (tensors, _) = trainer::tensors::from_bytes(&weights, out).unwrap();
     assert_eq!(tensors["W_dec"].size(), [1152, 576]);
     out.to_string()
@@ -290,9 +298,7 @@ fn two_task_training_exports(cluster: &SlurmCluster, s3: &S3Server, logs: &Path,
 /// resumes and ends with the uninterrupted job's weights, bit for bit.
 fn requeued_training_resumes_exactly(cluster: &SlurmCluster, s3: &S3Server, logs: &Path, data: &str, whole: &str) {
     let out = "s3://sae/saes/requeued";
-    let output = format!("--output={}/%x-%j.log", logs.display());
-    let job = sbatch(cluster, s3, &train_vars(data, out), &["--ntasks-per-node=2", &output], &job_file("train.sbatch"));
-    let log = logs.join(format!("sae-train-{job}.log"));
+    let (job, log) = submit_two_task_training(cluster, s3, logs, data, out);
     let deadline = Instant::now() + Duration::from_secs(180);
     while keys(s3, out, "checkpoints").is_empty() {
         let states = cluster.states(&job);
@@ -307,7 +313,7 @@ fn requeued_training_resumes_exactly(cluster: &SlurmCluster, s3: &S3Server, logs
     cluster.scontrol(&["requeue", &job]);
     // A requeued job waits (Reason=BeginTime) before it may start again; start it now.
     cluster.wait_state(&job, "PENDING", Duration::from_secs(60));
-    assert!(object(s3, out, "sae_weights.safetensors").is_none(), "the job finished before it was requeued");
+    assert!(s3.object(out, "sae_weights.safetensors").is_none(), "the job finished before it was requeued");
     cluster.scontrol(&["update", &format!("JobId={job}"), "StartTime=now"]);
     cluster.wait_completed(&job, logs, Duration::from_secs(180));
 
@@ -324,8 +330,8 @@ fn requeued_training_resumes_exactly(cluster: &SlurmCluster, s3: &S3Server, logs
         text.lines().find_map(|l| l.strip_prefix("interrupted at step ")).and_then(|rest| rest.split(';').next());
     assert_eq!(interrupted, Some(resumed.to_string().as_str()), "{text}");
     assert_eq!(
-        object(s3, out, "sae_weights.safetensors").unwrap(),
-        object(s3, whole, "sae_weights.safetensors").unwrap(),
+        s3.object(out, "sae_weights.safetensors").unwrap(),
+        s3.object(whole, "sae_weights.safetensors").unwrap(),
         "the requeued job's weights differ from the uninterrupted job's"
     );
 }
@@ -376,15 +382,15 @@ fn submit_runs_the_whole_chain(cluster: &SlurmCluster, s3: &S3Server, dir: &Path
         assert!(started >= ended, "job {} started at {started}, before {} ended at {ended}", pair[1], pair[0]);
     }
 
-    let info = object(s3, data, "manifest.json").expect("the chain's dataset was not finalized");
+    let info = s3.object(data, "manifest.json").expect("the chain's dataset was not finalized");
     assert!(!info.is_empty());
     let sae = format!("{run}/sae");
     for key in ["cfg.json", "sae_weights.safetensors", "eval.json"] {
-        assert!(object(s3, &sae, key).is_some(), "no {key} in {sae}:\n{}", all_logs(&logs));
+        assert!(s3.object(&sae, key).is_some(), "no {key} in {sae}:\n{}", all_logs(&logs));
     }
     let features = format!("{run}/features");
     let index: serde_json::Value = serde_json::from_slice(
-        &object(s3, &features, "features.json").unwrap_or_else(|| panic!("no features.json:\n{}", all_logs(&logs))),
+        &s3.object(&features, "features.json").unwrap_or_else(|| panic!("no features.json:\n{}", all_logs(&logs))),
     )
     .unwrap();
     assert!(index.is_object(), "{index}");

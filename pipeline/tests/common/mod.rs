@@ -122,6 +122,11 @@ impl S3Server {
             ..Default::default()
         }
     }
+
+    /// The object `key` under the folder URL `folder` on this server, if it exists.
+    pub fn object(&self, folder: &str, key: &str) -> Option<Vec<u8>> {
+        store::ObjectDir::open(folder, &self.store_options()).unwrap().get(key).unwrap().map(|b| b.to_vec())
+    }
 }
 
 /// Every row of `hook` in a dataset, in stored order: (sequence_id, position, token_id) and the
