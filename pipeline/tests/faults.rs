@@ -274,7 +274,10 @@ impl Process {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("a process ran for over {PROCESS_DEADLINE:?}: {}", std::fs::read_to_string(&self.stderr).unwrap_or_default());
+                panic!(
+                    "a process ran for over {PROCESS_DEADLINE:?}: {}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -340,9 +343,8 @@ fn assert_clear_failure(run: &Finished, names_one_of: &[&str]) {
 
 /// Small windows and batches keep the captures short on 2 cores; shards of about 1 MiB (~1300
 /// bf16 rows) so that a capture commits several shards and kills land between commits.
-const CAPTURE: &[&str] = &[
-    "--context-len", "64", "--batch-size", "4", "--threads", "2", "--row-group-rows", "256", "--shard-mib", "1",
-];
+const CAPTURE: &[&str] =
+    &["--context-len", "64", "--batch-size", "4", "--threads", "2", "--row-group-rows", "256", "--shard-mib", "1"];
 
 fn capture_args(out: &str, tokens: u64) -> Vec<String> {
     let mut args = strings(&["capture", "--out", out, "--max-tokens", &tokens.to_string()]);
@@ -382,7 +384,8 @@ impl Reference {
     fn kill_point(&self, i: usize, planned: usize, rng: &mut Rng) -> (usize, Duration) {
         let shard_time = self.took.saturating_sub(self.header_after).div_f64(self.shards as f64);
         let stretch = |j: usize| j * (self.shards - 1) / planned;
-        let commits = stretch(i) + rng.between(0, (stretch(i + 1).max(stretch(i) + 1) - stretch(i) - 1) as u64) as usize;
+        let commits =
+            stretch(i) + rng.between(0, (stretch(i + 1).max(stretch(i) + 1) - stretch(i) - 1) as u64) as usize;
         let span = if commits == 0 { self.header_after + shard_time } else { shard_time };
         (commits, span.mul_f64(rng.uniform(0.0, 0.9)))
     }
@@ -535,8 +538,21 @@ fn train_with_kills(scenario: &'static str, how: Launch, settings: &[&str], tota
     let args_for = |out: &Path| {
         let mut args = strings(&["train", "--data", &base().url, "--out", out.to_str().unwrap()]);
         args.extend(strings(&[
-            "--latents", "1152", "--k", "16", "--lr", "1e-3", "--threads", "1", "--log-every", "5", "--no-eval",
-            "--quiet", "--json", "--checkpoint-every", &every.to_string(),
+            "--latents",
+            "1152",
+            "--k",
+            "16",
+            "--lr",
+            "1e-3",
+            "--threads",
+            "1",
+            "--log-every",
+            "5",
+            "--no-eval",
+            "--quiet",
+            "--json",
+            "--checkpoint-every",
+            &every.to_string(),
         ]));
         args.extend(strings(settings));
         args
@@ -686,8 +702,15 @@ impl RestartableS3 {
     fn start(dir: &Path, port: u16) -> RestartableS3 {
         std::fs::create_dir_all(dir.join(S3S_BUCKET)).unwrap();
         let args = strings(&[
-            "--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", S3S_ACCESS_KEY, "--secret-key",
-            S3S_SECRET_KEY, dir.to_str().unwrap(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            S3S_ACCESS_KEY,
+            "--secret-key",
+            S3S_SECRET_KEY,
+            dir.to_str().unwrap(),
         ]);
         let bin = store_common::s3s_fs_binary();
         // A restart right after a crash may find the port still held for a moment.
@@ -871,7 +894,11 @@ fn s3_training_data() -> &'static str {
     DATA.get_or_init(|| {
         let url = moto().url("faults-training-data");
         let logs = scratch("s3-training-data");
-        let f = run(with_env(sae_command(&capture_args(&url, 2600)), &s3_env(&moto().endpoint, "test", "test")), &logs, "capture");
+        let f = run(
+            with_env(sae_command(&capture_args(&url, 2600)), &s3_env(&moto().endpoint, "test", "test")),
+            &logs,
+            "capture",
+        );
         assert!(f.success(), "{}", f.stderr);
         assert!(small().equals(&url, &moto().options(3)));
         url
@@ -880,9 +907,30 @@ fn s3_training_data() -> &'static str {
 
 fn s3_train_args(data: &str, out: &str) -> Vec<String> {
     strings(&[
-        "train", "--data", data, "--out", out, "--latents", "1152", "--k", "16", "--batch-size", "256",
-        "--max-tokens", "10240", "--lr", "1e-3", "--threads", "1", "--log-every", "5", "--no-eval", "--quiet",
-        "--json", "--checkpoint-every", "5",
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--latents",
+        "1152",
+        "--k",
+        "16",
+        "--batch-size",
+        "256",
+        "--max-tokens",
+        "10240",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--log-every",
+        "5",
+        "--no-eval",
+        "--quiet",
+        "--json",
+        "--checkpoint-every",
+        "5",
     ])
 }
 
@@ -969,7 +1017,11 @@ fn finalize_racing_a_late_worker_keeps_its_manifest_and_the_late_worker_fails() 
             tally.saw(&f);
             assert!(f.success(), "worker {index}: {}", f.stderr);
         }
-        let f = run(sae_command(&strings(&["dataset", "finalize", &url, "--workers", "2"])), &logs, &format!("finalize-{i}"));
+        let f = run(
+            sae_command(&strings(&["dataset", "finalize", &url, "--workers", "2"])),
+            &logs,
+            &format!("finalize-{i}"),
+        );
         tally.saw(&f);
         assert!(f.success(), "finalize: {}", f.stderr);
         let manifest = std::fs::read(data.join("manifest.json")).unwrap();
