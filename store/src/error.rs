@@ -6,13 +6,10 @@ use std::fmt;
 pub enum Error {
     #[error("invalid dataset URL `{url}`: {reason}")]
     Url { url: String, reason: String },
-    #[error("{op} `{location}` failed: {source}")]
-    Store {
-        op: &'static str,
-        location: String,
-        #[source]
-        source: StoreFailure,
-    },
+    /// `cause` already holds the store's whole error chain, so it is printed here and is not
+    /// the error's `source()` (a caller printing the chain would print it twice).
+    #[error("{op} `{location}` failed: {cause}")]
+    Store { op: &'static str, location: String, cause: StoreFailure },
     #[error("`{location}` already exists: {what}")]
     AlreadyExists { location: String, what: String },
     #[error("no dataset at `{url}`: {what}")]
@@ -101,7 +98,7 @@ impl Error {
         Error::Store {
             op,
             location: crate::location::redact_urls_in(&location.to_string()),
-            source: StoreFailure::new(&source),
+            cause: StoreFailure::new(&source),
         }
     }
     pub(crate) fn invalid(msg: impl Into<String>) -> Self {

@@ -802,21 +802,31 @@ impl Encoder {
         let ckey = commit_key(&self.opts.worker, shard.seq);
         let body = serde_json::to_vec(&rec).expect("commit record serializes");
         if !rt.block_on(loc.put_create(&ckey, body.into()))? {
+            // No record names this writer's object (its key is its own): remove it, so the
+            // dataset holds nothing that is not committed.
+            rt.block_on(loc.delete(&key))?;
             return Err(Error::AlreadyExists {
                 location: loc.display(&ckey),
                 what: format!("another writer with worker id `{}` committed this shard first", self.opts.worker),
             });
         }
-        // A finalize that ran before this commit did not see it: the rows are not in the
-        // dataset, which must be an error here rather than a success that loses them.
-        if rt.block_on(loc.get(MANIFEST_KEY))?.is_some() {
-            return Err(Error::AlreadyExists {
-                location: loc.display(MANIFEST_KEY),
-                what: format!(
-                    "the dataset was finalized before worker `{}` committed shard {} ({} rows); those rows are not in it",
-                    self.opts.worker, shard.seq, rec.shard.rows
-                ),
-            });
+        // A finalize may have run around this commit. If its manifest lists the shard, the rows
+        // are in the dataset; if not, they are not, which must be an error here rather than a
+        // success that loses them. The commit and the object are then withdrawn, so the dataset
+        // stays exactly as finalized.
+        if let Some(bytes) = rt.block_on(loc.get_bounded(MANIFEST_KEY, limits::MAX_METADATA_BYTES))? {
+            let manifest: Manifest = parse_versioned(&bytes, &loc.display(MANIFEST_KEY), &loc.url)?;
+            if !manifest.shards.iter().any(|s| s.key == key) {
+                rt.block_on(loc.delete(&ckey))?;
+                rt.block_on(loc.delete(&key))?;
+                return Err(Error::AlreadyExists {
+                    location: loc.display(MANIFEST_KEY),
+                    what: format!(
+                        "the dataset was finalized before worker `{}` committed shard {} ({} rows); those rows are not in it, and the shard was removed",
+                        self.opts.worker, shard.seq, rec.shard.rows
+                    ),
+                });
+            }
         }
         self.next_seq += 1;
         self.progress.add(1, rec.shard.bytes, rec.shard.rows);

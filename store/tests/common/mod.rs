@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use store::{
-    BackoffConfig, ClientOptions, CorpusIdentity, CreatedInfo, DatasetHeader, Dtype, HookSpec,
-    ModelIdentity, RetryConfig, RowBatch, StoreOptions, TokenizerIdentity,
+    BackoffConfig, ClientOptions, CorpusIdentity, CreatedInfo, DatasetHeader, Dtype, HookSpec, ModelIdentity,
+    RetryConfig, RowBatch, StoreOptions, TokenizerIdentity,
 };
 
 /// Every object key under the dataset at `url`, relative to its prefix.
@@ -29,11 +29,7 @@ pub fn list_keys(url: &str, opts: &StoreOptions) -> std::collections::BTreeSet<S
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub fn unique(name: &str) -> String {
-    format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
+    format!("{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
 }
 
 /// A temporary directory, removed on drop.
@@ -60,15 +56,11 @@ fn home() -> PathBuf {
 
 /// The venv that scripts/setup.sh --test fills (SAE_VENV, default ~/.cache/sae-pipeline/venv).
 pub fn venv() -> PathBuf {
-    std::env::var("SAE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| home().join(".cache/sae-pipeline/venv"))
+    std::env::var("SAE_VENV").map(PathBuf::from).unwrap_or_else(|_| home().join(".cache/sae-pipeline/venv"))
 }
 
 pub fn python() -> PathBuf {
-    std::env::var("SAE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| venv().join("bin/python3"))
+    std::env::var("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|_| venv().join("bin/python3"))
 }
 
 fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> PathBuf {
@@ -88,17 +80,11 @@ fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> 
             }
         }
     }
-    panic!(
-        "{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)"
-    );
+    panic!("{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)");
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
@@ -147,30 +133,24 @@ pub fn spawn_watched(cmd: &str, args: &[String], cleanup: Option<&Path>) -> Chil
         cmd.to_string(),
     ];
     full.extend(args.iter().cloned());
-    Command::new("sh")
-        .args(&full)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn server")
+    Command::new("sh").args(&full).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn server")
 }
 
 /// Send a bare HTTP request (for moto, which does not check signatures) and return the status.
 pub fn http(port: u16, method: &str, path: &str) -> u16 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 /// Send a bare HTTP request and return the whole response.
 pub fn http_body(port: u16, method: &str, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     resp
@@ -190,23 +170,14 @@ pub fn moto() -> &'static Server {
             let port = free_port();
             let mut child = spawn_watched(
                 bin.to_str().unwrap(),
-                &[
-                    "-H".into(),
-                    "127.0.0.1".into(),
-                    "-p".into(),
-                    port.to_string(),
-                ],
+                &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
                 None,
             );
             if !wait_listening(port, &mut child, "moto_server") {
                 continue;
             }
             let bucket = "sae-test".to_string();
-            assert_eq!(
-                http(port, "PUT", &format!("/{bucket}")),
-                200,
-                "create bucket on moto"
-            );
+            assert_eq!(http(port, "PUT", &format!("/{bucket}")), 200, "create bucket on moto");
             return Server {
                 endpoint: format!("http://127.0.0.1:{port}"),
                 port,
@@ -226,10 +197,7 @@ pub fn s3s_fs_binary() -> PathBuf {
     find_binary(
         "SAE_S3S_FS",
         &[
-            std::env::var("CARGO_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| home().join(".cargo"))
-                .join("bin/s3s-fs"),
+            std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home().join(".cargo")).join("bin/s3s-fs"),
             home().join(".cargo/bin/s3s-fs"),
         ],
         "s3s-fs",
@@ -247,10 +215,7 @@ pub fn s3s_fs() -> &'static Server {
             let bucket = "sae-test".to_string();
             std::fs::create_dir_all(dir.path().join(&bucket)).unwrap();
             let port = free_port();
-            let (ak, sk) = (
-                "SAETESTACCESSKEY".to_string(),
-                "sae-test-secret-key-0123456789".to_string(),
-            );
+            let (ak, sk) = ("SAETESTACCESSKEY".to_string(), "sae-test-secret-key-0123456789".to_string());
             let args: Vec<String> = vec![
                 "--host".into(),
                 "127.0.0.1".into(),
@@ -294,20 +259,11 @@ pub fn test_retry(max_retries: usize) -> RetryConfig {
 }
 
 /// Store options for an S3 endpoint (keys default to dummies, which moto accepts).
-pub fn s3_options(
-    endpoint: &str,
-    access_key: &str,
-    secret_key: &str,
-    max_retries: usize,
-) -> StoreOptions {
+pub fn s3_options(endpoint: &str, access_key: &str, secret_key: &str, max_retries: usize) -> StoreOptions {
     StoreOptions {
         retry: Some(test_retry(max_retries)),
         // A fresh connection per request, so a proxy sees (and can fail) every request.
-        client: Some(
-            ClientOptions::new()
-                .with_pool_max_idle_per_host(0)
-                .with_timeout(Duration::from_secs(30)),
-        ),
+        client: Some(ClientOptions::new().with_pool_max_idle_per_host(0).with_timeout(Duration::from_secs(30))),
         s3_config: vec![
             ("aws_endpoint".into(), endpoint.into()),
             ("aws_allow_http".into(), "true".into()),
@@ -351,48 +307,19 @@ pub fn backends(name: &str) -> Vec<Backend> {
             opts: StoreOptions::default(),
             _dir: None,
         },
-        Backend {
-            name: "file",
-            url: file_url,
-            opts: StoreOptions::default(),
-            _dir: Some(dir),
-        },
-        Backend {
-            name: "s3-moto",
-            url: moto().url(name),
-            opts: moto().options(3),
-            _dir: None,
-        },
+        Backend { name: "file", url: file_url, opts: StoreOptions::default(), _dir: Some(dir) },
+        Backend { name: "s3-moto", url: moto().url(name), opts: moto().options(3), _dir: None },
     ]
 }
 
 pub fn header(hooks: &[(&str, usize)], context_len: usize) -> DatasetHeader {
     DatasetHeader {
-        model: ModelIdentity {
-            name: "test-model".into(),
-            file_sha256: "00".repeat(32),
-        },
-        tokenizer: TokenizerIdentity {
-            name: "test-tok".into(),
-            sha256: "11".repeat(32),
-        },
-        hooks: hooks
-            .iter()
-            .map(|(n, d)| HookSpec {
-                name: n.to_string(),
-                d_model: *d,
-            })
-            .collect(),
+        model: ModelIdentity { name: "test-model".into(), file_sha256: "00".repeat(32) },
+        tokenizer: TokenizerIdentity { name: "test-tok".into(), sha256: "11".repeat(32) },
+        hooks: hooks.iter().map(|(n, d)| HookSpec { name: n.to_string(), d_model: *d }).collect(),
         context_len,
-        corpus: CorpusIdentity {
-            name: "synthetic".into(),
-            sha256: "22".repeat(32),
-            detail: String::new(),
-        },
-        created: CreatedInfo {
-            version: "test".into(),
-            command_line: vec!["test".into()],
-        },
+        corpus: CorpusIdentity { name: "synthetic".into(), sha256: "22".repeat(32), detail: String::new() },
+        created: CreatedInfo { version: "test".into(), command_line: vec!["test".into()] },
     }
 }
 
@@ -404,8 +331,7 @@ pub fn synth(seq0: u64, nseq: usize, ctx: usize, hooks: &[(&str, usize)]) -> Row
         for p in 0..ctx as u32 {
             b.sequence_id.push(seq0 + s);
             b.position.push(p);
-            b.token_id
-                .push(((seq0 + s) * 31 + p as u64 * 7) as u32 % 49152);
+            b.token_id.push(((seq0 + s) * 31 + p as u64 * 7) as u32 % 49152);
         }
     }
     for (hi, (name, d)) in hooks.iter().enumerate() {
@@ -443,10 +369,7 @@ pub fn stored_values(dtype: Dtype, hook: usize, seq: u64, pos: u32, d: usize) ->
 }
 
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,22 +459,14 @@ fn read_head(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 /// Serve one request (the client's connection pool is disabled in tests: one request per
 /// connection).
-fn handle(
-    mut client: TcpStream,
-    upstream_port: u16,
-    st: Arc<Mutex<ProxyState>>,
-) -> std::io::Result<()> {
+fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>) -> std::io::Result<()> {
     {
         let head = read_head(&mut client)?;
         let text = String::from_utf8_lossy(&head).to_string();
         let method = text.split_whitespace().next().unwrap_or("").to_string();
         let len: usize = text
             .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
             .unwrap_or(0);
         let stripped = st.lock().unwrap().stripped.clone();
         let action = {
@@ -592,8 +507,7 @@ fn handle(
                     .split("\r\n")
                     .filter(|l| {
                         let l = l.to_ascii_lowercase();
-                        !l.starts_with("connection:")
-                            && !stripped.iter().any(|h| l.starts_with(&format!("{h}:")))
+                        !l.starts_with("connection:") && !stripped.iter().any(|h| l.starts_with(&format!("{h}:")))
                     })
                     .map(|l| format!("{l}\r\n"))
                     .collect();
