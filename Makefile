@@ -7,7 +7,7 @@ SAE := target/release/sae
 DEMO_DIR ?= runs/demo
 WITH_ENV := source scripts/env.sh &&
 
-.PHONY: setup setup-test build demo test faults bench clean
+.PHONY: setup setup-test build demo lint test faults bench clean
 
 ## Install libtorch (unless LIBTORCH is set), the model and the corpus; skips what is there.
 setup:
@@ -29,8 +29,14 @@ demo: build
 	$(SAE) generate --prompt "The capital of France is" --max-new-tokens 16
 	$(SAE) run --dir $(DEMO_DIR)
 
-## The whole suite, in the release profile so the workspace compiles once.
-test: setup-test
+## Formatting and lints: cargo fmt --check (rustfmt.toml) and clippy with warnings as errors.
+## Clippy runs in the release profile, so it reuses the tests' build scripts (libtorch, c10d).
+lint: setup-test
+	$(WITH_ENV) $(CARGO) fmt --all --check
+	$(WITH_ENV) $(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+## The lint gate, then the whole suite, in the release profile so the workspace compiles once.
+test: lint
 	$(WITH_ENV) $(CARGO) test --release --workspace
 
 ## The fault campaign at full size (pipeline/tests/faults.rs; `make test` runs it with 2 faults per
