@@ -12,7 +12,7 @@ use store::reader::{Reader, ReaderOptions};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{model, start_moto, stderr};
+use common::{model, spawn_sae, start_moto, stderr, wait_while_running};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
@@ -310,20 +310,11 @@ fn finalize_refuses_a_worker_killed_after_its_first_commit() {
     let mut args = vec!["capture", "--out", &split, "--max-tokens", "60000", "--worker", "0", "--workers", "2"];
     args.extend_from_slice(SMALL);
     args.extend(["--shard-mib", "1"]);
-    let mut child = Command::new(SAE)
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sae(&args);
     let commits = Path::new(&split).join("commits/w00000");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while std::fs::read_dir(&commits).map_or(true, |mut d| d.next().is_none()) {
-        assert!(child.try_wait().unwrap().is_none(), "capture ended before its first commit");
-        assert!(Instant::now() < deadline, "no commit after 300 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_while_running(&mut child, "its first commit", || {
+        std::fs::read_dir(&commits).is_ok_and(|mut d| d.next().is_some())
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     // Worker 1 never ran. Finalize must not make a dataset of worker 0's first shard.

@@ -11,7 +11,7 @@ use store::reader::{OutputDtype, Reader, ReaderOptions};
 use tch::{Device, Tensor};
 
 mod common;
-use common::{last_json, newest_checkpoint, start_moto, stderr, venv_bin};
+use common::{last_json, newest_checkpoint, spawn_sae, start_moto, stderr, venv_bin, wait_while_running};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -178,25 +178,11 @@ fn interrupt_with(dir: &Path, extra: &[&str], after: Option<String>, signal: &st
     let mut args = vec!["train", "--data", dataset(), "--out", dir.to_str().unwrap(), "--checkpoint-every", "5"];
     args.extend_from_slice(RUN);
     args.extend_from_slice(extra);
-    let mut child = Command::new(SAE)
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
+    let mut child = spawn_sae(&args);
+    wait_while_running(&mut child, "a new checkpoint", || {
         let newest = newest_checkpoint(dir);
-        if newest.is_some() && newest > after {
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("training ended ({status}) before a new checkpoint appeared");
-        }
-        assert!(Instant::now() < deadline, "no checkpoint after 300 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        newest.is_some() && newest > after
+    });
     let pid = child.id().to_string();
     assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
@@ -469,18 +455,8 @@ fn a_resumed_follow_run_keeps_the_normalization_it_started_with() {
         vec!["train", "--data", data_url, "--out", dir.to_str().unwrap(), "--follow", "--checkpoint-every", "5"];
     args.extend_from_slice(RUN);
     args.extend_from_slice(&["--max-tokens", "5120"]);
-    let mut child = Command::new(SAE)
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while newest_checkpoint(&dir).is_none() {
-        assert!(child.try_wait().unwrap().is_none() && Instant::now() < deadline, "no checkpoint");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = spawn_sae(&args);
+    wait_while_running(&mut child, "a checkpoint", || newest_checkpoint(&dir).is_some());
     child.kill().unwrap();
     child.wait().unwrap();
     let first = checkpoint_state(&dir.join("checkpoints").join(newest_checkpoint(&dir).unwrap()));

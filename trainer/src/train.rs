@@ -448,7 +448,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     // Every rank reads the same --out (it must be shared storage); rank 0's view decides.
     let newest = newest_intact(&plans)?;
     let start_step = collectives.agree(newest.as_ref().map_or(0, |(step, _)| *step))?;
-    let mut saved: Vec<Option<Checkpoint>> = match newest {
+    let saved: Vec<Option<Checkpoint>> = match newest {
         Some((step, checkpoints)) if step == start_step => checkpoints.into_iter().map(Some).collect(),
         _ if start_step == 0 => plans.iter().map(|_| None).collect(),
         _ => plans.iter().map(|p| checkpoint::load(&p.dir, start_step).map(Some)).collect::<Result<_, _>>()?,
@@ -468,7 +468,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     let mut runs = Vec::new();
     let mut cursor = Cursor::default();
     let mut tokens = 0u64;
-    for (plan, saved) in plans.into_iter().zip(saved.iter_mut()) {
+    for (plan, saved) in plans.into_iter().zip(saved) {
         let Planned { member, config, dir, json, .. } = plan;
         let name = display_name(&member.name);
         let sae_error = |source| TrainError::Sae { name: name.clone(), source };
@@ -481,7 +481,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
         let mut dead = DeadLatents::new(config.d_sae, dead_window, req.device);
         let mut rows = Vec::new();
         let mut acc = StepAccumulator::default();
-        if let Some(saved) = saved.take() {
+        if let Some(saved) = saved {
             sae.load_state_tensors(&saved.sae).map_err(sae_error)?;
             adam.load_state(saved.state.adam_steps, &saved.adam).map_err(|detail| {
                 TrainError::Checkpoint(CheckpointError::Bad {

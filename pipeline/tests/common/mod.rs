@@ -89,6 +89,30 @@ impl S3Server {
     }
 }
 
+/// Starts the `sae` program with `args`, its output discarded.
+pub fn spawn_sae(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sae"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run sae")
+}
+
+/// Waits until `ready()` holds while `child` runs; fails the test if `child` exits first or no
+/// `what` appears within 300 s.
+pub fn wait_while_running(child: &mut Child, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !ready() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("sae ended ({status}) before {what}");
+        }
+        assert!(Instant::now() < deadline, "no {what} after 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The file name of the newest checkpoint in an SAE's output folder, if any.
 pub fn newest_checkpoint(dir: &Path) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
