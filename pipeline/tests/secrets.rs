@@ -119,3 +119,33 @@ fn failing_requests_with_planted_credentials_print_none() {
         );
     }
 }
+
+#[test]
+fn credentials_in_config_files_are_refused_without_being_echoed() {
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("s3://{KEY_ID}:{SECRET}@bucket/data");
+    let slash_url = format!("s3://{KEY_ID}:{SECRET_WITH_SLASH}@bucket/data");
+    let files = [
+        ("run: dir", "run", format!("dir = \"{url}\"\n")),
+        (
+            "run: [capture] corpus",
+            "run",
+            format!("dir = \"{}\"\n[capture]\ncorpus = [\"{slash_url}\"]\n", work.path().display()),
+        ),
+        ("run: [train] data", "run", format!("[train]\ndata = \"{url}\"\n")),
+        ("train --config", "train", format!("data = \"{slash_url}\"\nout = \"{}\"\n", work.path().display())),
+    ];
+    for (i, (what, command, text)) in files.into_iter().enumerate() {
+        let config = work.path().join(format!("config-{i}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let output = sae(&[command, "--config", config.to_str().unwrap()], &[]);
+        assert!(!output.status.success(), "{what}: exit 0 with credentials in a URL");
+        assert_no_secret(&output, what);
+        let err = stderr(&output);
+        assert!(
+            err.contains("s3://bucket/data") && err.contains("credentials"),
+            "{what}: the error names no URL: {err}"
+        );
+        assert!(!work.path().join("data").exists(), "{what}: a stage ran");
+    }
+}

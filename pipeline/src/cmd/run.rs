@@ -78,6 +78,20 @@ struct Plan {
     source: String,
 }
 
+/// Refuses a setting that holds a URL with user info (`s3://KEY:SECRET@bucket/...`) before
+/// anything prints it, as `main` does for command-line arguments; the message is redacted.
+fn refuse_credentials(value: &toml::Value, source: &str) -> Result<()> {
+    match value {
+        toml::Value::String(text) if store::has_user_info(text) => bail!(
+            "`{}` in {source}: credentials are not accepted in URLs; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead",
+            store::redact_urls_in(text)
+        ),
+        toml::Value::Table(table) => table.values().try_for_each(|v| refuse_credentials(v, source)),
+        toml::Value::Array(items) => items.iter().try_for_each(|v| refuse_credentials(v, source)),
+        _ => Ok(()),
+    }
+}
+
 impl Plan {
     fn load(args: &Args) -> Result<Plan> {
         let (mut table, source): (toml::Table, String) = match &args.config {
@@ -103,6 +117,7 @@ impl Plan {
                 }
             }
         }
+        refuse_credentials(&toml::Value::Table(table.clone()), &source)?;
         let known = ["dir", "capture", "train", "eval", "features"];
         for key in table.keys() {
             if !known.contains(&key.as_str()) && !SHARED_MODEL_KEYS.contains(&key.as_str()) {
