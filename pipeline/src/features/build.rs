@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use capture::Model;
 use indicatif::{ProgressBar, ProgressStyle};
-use store::reader::{Reader, ReaderOptions};
+use store::reader::{Batch, Reader, ReaderOptions};
 use store::{Manifest, StoreOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::sae::Sae;
@@ -184,11 +184,22 @@ fn to_rows<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<Vec<T>>> {
     Ok((0..k as usize).map(|i| flat[i * d as usize..(i + 1) * d as usize].to_vec()).collect())
 }
 
-fn reader_options(hook: &str, chunk_rows: usize, store: &StoreOptions) -> ReaderOptions {
-    let mut opts = ReaderOptions::one_pass_in_order(hook, chunk_rows);
-    opts.with_tokens = true;
-    opts.store = store.clone();
-    opts
+/// The rows both passes read: `hook`'s activations in `data_url`, in stored order, encoded by `sae`.
+struct DatasetRows<'a> {
+    sae: &'a Sae,
+    data_url: &'a str,
+    hook: &'a str,
+    store: &'a StoreOptions,
+    chunk_rows: usize,
+}
+
+impl DatasetRows<'_> {
+    fn open(&self) -> Result<Reader> {
+        let mut opts = ReaderOptions::one_pass_in_order(self.hook, self.chunk_rows);
+        opts.with_tokens = true;
+        opts.store = self.store.clone();
+        Ok(Reader::open(self.data_url, opts)?)
+    }
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {
@@ -208,7 +219,6 @@ pub fn build(
     s: &BuildSettings,
 ) -> Result<Built> {
     let _guard = tch::no_grad_guard();
-    let device = sae.w_dec().device();
     let d_sae = sae.config().d_sae as i64;
     if s.top_k == 0 || s.quantile_bands == 0 || s.samples_per_band == 0 || s.histogram_bins == 0 {
         bail!("--top-k, --quantile-bands, --samples-per-band and --histogram-bins must be at least 1");
@@ -217,13 +227,52 @@ pub fn build(
     // A chunk's latents [n, d_sae] and its random keys stay under 256 MiB each.
     let chunk_rows = s.chunk_rows.min(((1usize << 26) / d_sae as usize).max(64));
     let total_rows = s.max_rows.map_or(manifest.tokens, |m| m.min(manifest.tokens));
-    let samples = (s.quantile_bands * s.samples_per_band) as i64;
+    let dataset = DatasetRows { sae, data_url, hook, store, chunk_rows };
 
-    // Pass 1: statistics, top-K and samples.
+    let totals = statistics_pass(&dataset, total_rows, s)?.totals()?;
+    let rows = totals.rows;
+    if rows == 0 {
+        bail!("dataset `{data_url}` has no rows of hook `{hook}`");
+    }
+    let mut examples = choose_examples(&totals, s);
+    let windows_started = std::time::Instant::now();
+    fill_windows(&dataset, model, rows, s.context, &mut examples)?;
+    tracing::info!(
+        examples = examples.len(),
+        seconds = format!("{:.1}", windows_started.elapsed().as_secs_f64()),
+        "example windows read"
+    );
+    let logits_started = std::time::Instant::now();
+    let (logit_top, logit_bottom) = logit_effects(sae, model, s.logit_tokens)?;
+    let neighbors = all_nearest(&unit_rows(sae.w_dec()), s.neighbors)?;
+    tracing::info!(
+        seconds = format!("{:.1}", logits_started.elapsed().as_secs_f64()),
+        "logit effects and neighbours done"
+    );
+    let features = (0..d_sae as usize)
+        .map(|f| {
+            let mut stats = totals.feature(f, s.histogram_bins);
+            stats.top_logit_tokens = logit_top[f].iter().map(|(t, _)| t.clone()).collect();
+            stats.top_logits = logit_top[f].iter().map(|(_, v)| *v).collect();
+            stats.bottom_logit_tokens = logit_bottom[f].iter().map(|(t, _)| t.clone()).collect();
+            stats.bottom_logits = logit_bottom[f].iter().map(|(_, v)| *v).collect();
+            stats.neighbors = neighbors[f].iter().map(|(n, _)| *n).collect();
+            stats.neighbor_cosines = neighbors[f].iter().map(|(_, c)| *c).collect();
+            stats
+        })
+        .collect();
+    Ok(Built { rows, features, examples: examples.into_iter().map(|(e, _)| e).collect() })
+}
+
+/// Pass 1: firing statistics, top-K and samples over the first `total_rows` rows.
+fn statistics_pass(dataset: &DatasetRows, total_rows: u64, s: &BuildSettings) -> Result<Accumulator> {
+    let sae = dataset.sae;
+    let device = sae.w_dec().device();
+    let samples = (s.quantile_bands * s.samples_per_band) as i64;
     let started = std::time::Instant::now();
-    let mut acc = Accumulator::new(d_sae, s.top_k as i64, samples, device);
+    let mut acc = Accumulator::new(sae.config().d_sae as i64, s.top_k as i64, samples, device);
     let bar = progress(total_rows, "features");
-    for batch in Reader::open(data_url, reader_options(hook, chunk_rows, store))? {
+    for batch in dataset.open()? {
         let batch = batch?;
         let keep = (total_rows - acc.rows).min(batch.rows as u64) as i64;
         let x = Tensor::from_slice(&batch.to_f32())
@@ -243,24 +292,71 @@ pub fn build(
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         "statistics pass done"
     );
-    let rows = acc.rows;
-    if rows == 0 {
-        bail!("dataset `{data_url}` has no rows of hook `{hook}`");
+    Ok(acc)
+}
+
+/// The first pass's results on the CPU: per feature (index `f`), and per slot `j` of the top-K
+/// and sample reservoirs as `[slot][f]`.
+struct Totals {
+    rows: u64,
+    fired: Vec<i64>,
+    sums: Vec<f64>,
+    maxima: Vec<f32>,
+    /// `[d_sae * LOG_BINS]`, feature-major.
+    log_hist: Vec<i64>,
+    top_values: Vec<Vec<f32>>,
+    top_rows: Vec<Vec<i64>>,
+    sample_keys: Vec<Vec<f32>>,
+    sample_values: Vec<Vec<f32>>,
+    sample_rows: Vec<Vec<i64>>,
+}
+
+impl Accumulator {
+    fn totals(&self) -> Result<Totals> {
+        Ok(Totals {
+            rows: self.rows,
+            fired: Vec::<i64>::try_from(self.fired.to_device(Device::Cpu))?,
+            sums: Vec::<f64>::try_from(self.sum.to_device(Device::Cpu))?,
+            maxima: Vec::<f32>::try_from(self.max.to_device(Device::Cpu))?,
+            log_hist: Vec::<i64>::try_from(self.log_hist.to_device(Device::Cpu))?,
+            top_values: to_rows::<f32>(&self.top.value)?,
+            top_rows: to_rows::<i64>(&self.top.row)?,
+            sample_keys: to_rows::<f32>(&self.samples.key)?,
+            sample_values: to_rows::<f32>(&self.samples.value)?,
+            sample_rows: to_rows::<i64>(&self.samples.row)?,
+        })
     }
+}
 
-    let fired = Vec::<i64>::try_from(acc.fired.to_device(Device::Cpu))?;
-    let sums = Vec::<f64>::try_from(acc.sum.to_device(Device::Cpu))?;
-    let maxima = Vec::<f32>::try_from(acc.max.to_device(Device::Cpu))?;
-    let log_hist = Vec::<i64>::try_from(acc.log_hist.to_device(Device::Cpu))?;
-    let top_values = to_rows::<f32>(&acc.top.value)?;
-    let top_rows = to_rows::<i64>(&acc.top.row)?;
-    let sample_keys = to_rows::<f32>(&acc.samples.key)?;
-    let sample_values = to_rows::<f32>(&acc.samples.value)?;
-    let sample_rows = to_rows::<i64>(&acc.samples.row)?;
+impl Totals {
+    /// Feature `f`'s statistics, without its logit effects and neighbours.
+    fn feature(&self, f: usize, histogram_bins: usize) -> FeatureStats {
+        let fired = self.fired[f];
+        let hist = &self.log_hist[f * LOG_BINS as usize..(f + 1) * LOG_BINS as usize];
+        FeatureStats {
+            feature: f as u32,
+            fired: fired as u64,
+            frequency: fired as f64 / self.rows as f64,
+            max_activation: self.maxima[f],
+            mean_activation: if fired > 0 { (self.sums[f] / fired as f64) as f32 } else { 0.0 },
+            dead: fired == 0,
+            histogram: linear_histogram(hist, self.maxima[f], histogram_bins),
+            top_logit_tokens: vec![],
+            top_logits: vec![],
+            bottom_logit_tokens: vec![],
+            bottom_logits: vec![],
+            neighbors: vec![],
+            neighbor_cosines: vec![],
+        }
+    }
+}
 
-    // The examples to look up: top activations, then the quantile samples.
+/// The examples to look up, each with its global row: per feature its top activations, then
+/// its quantile samples (sorted by activation, cut into bands of equal count, highest first).
+fn choose_examples(totals: &Totals, s: &BuildSettings) -> Vec<(Example, u64)> {
+    let samples = s.quantile_bands * s.samples_per_band;
     let mut examples: Vec<(Example, u64)> = Vec::new();
-    for f in 0..d_sae as usize {
+    for f in 0..totals.fired.len() {
         let blank = |kind, rank: usize, band: usize, activation: f32| Example {
             feature: f as u32,
             kind,
@@ -274,14 +370,14 @@ pub fn build(
             tokens: vec![],
             token_activations: vec![],
         };
-        for (rank, (values, rows)) in top_values.iter().zip(&top_rows).enumerate() {
+        for (rank, (values, rows)) in totals.top_values.iter().zip(&totals.top_rows).enumerate() {
             if values[f] > 0.0 {
                 examples.push((blank(ExampleKind::Top, rank, 0, values[f]), rows[f] as u64));
             }
         }
-        let mut sampled: Vec<(f32, u64)> = (0..samples as usize)
-            .filter(|&j| sample_keys[j][f] < EMPTY_KEY as f32)
-            .map(|j| (sample_values[j][f], sample_rows[j][f] as u64))
+        let mut sampled: Vec<(f32, u64)> = (0..samples)
+            .filter(|&j| totals.sample_keys[j][f] < EMPTY_KEY as f32)
+            .map(|j| (totals.sample_values[j][f], totals.sample_rows[j][f] as u64))
             .collect();
         sampled.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let m = sampled.len();
@@ -296,42 +392,7 @@ pub fn build(
             }
         }
     }
-    let windows_started = std::time::Instant::now();
-    fill_windows(sae, model, data_url, hook, store, chunk_rows, rows, s.context, &mut examples)?;
-    tracing::info!(
-        examples = examples.len(),
-        seconds = format!("{:.1}", windows_started.elapsed().as_secs_f64()),
-        "example windows read"
-    );
-    let logits_started = std::time::Instant::now();
-
-    let (logit_top, logit_bottom) = logit_effects(sae, model, s.logit_tokens)?;
-    let neighbors = all_nearest(&unit_rows(sae.w_dec()), s.neighbors)?;
-    tracing::info!(
-        seconds = format!("{:.1}", logits_started.elapsed().as_secs_f64()),
-        "logit effects and neighbours done"
-    );
-    let features = (0..d_sae as usize)
-        .map(|f| {
-            let hist = &log_hist[f * LOG_BINS as usize..(f + 1) * LOG_BINS as usize];
-            FeatureStats {
-                feature: f as u32,
-                fired: fired[f] as u64,
-                frequency: fired[f] as f64 / rows as f64,
-                max_activation: maxima[f],
-                mean_activation: if fired[f] > 0 { (sums[f] / fired[f] as f64) as f32 } else { 0.0 },
-                dead: fired[f] == 0,
-                histogram: linear_histogram(hist, maxima[f], s.histogram_bins),
-                top_logit_tokens: logit_top[f].iter().map(|(t, _)| t.clone()).collect(),
-                top_logits: logit_top[f].iter().map(|(_, v)| *v).collect(),
-                bottom_logit_tokens: logit_bottom[f].iter().map(|(t, _)| t.clone()).collect(),
-                bottom_logits: logit_bottom[f].iter().map(|(_, v)| *v).collect(),
-                neighbors: neighbors[f].iter().map(|(n, _)| *n).collect(),
-                neighbor_cosines: neighbors[f].iter().map(|(_, c)| *c).collect(),
-            }
-        })
-        .collect();
-    Ok(Built { rows, features, examples: examples.into_iter().map(|(e, _)| e).collect() })
+    examples
 }
 
 /// Re-bins a log sketch into `bins` equal bins over (0, max]: each log bin's count goes to the
@@ -390,19 +451,20 @@ struct SlotValue {
 }
 
 /// The second pass: token ids and the feature's activations for every example's window.
-#[allow(clippy::too_many_arguments)]
 fn fill_windows(
-    sae: &Sae,
+    dataset: &DatasetRows,
     model: &Model,
-    data_url: &str,
-    hook: &str,
-    store: &StoreOptions,
-    chunk_rows: usize,
     rows: u64,
     context: usize,
     examples: &mut [(Example, u64)],
 ) -> Result<()> {
-    let device = sae.w_dec().device();
+    let slots = window_slots(examples, rows, context);
+    let found = read_slots(dataset, rows, &slots, examples)?;
+    assemble_windows(model, &slots, found, examples)
+}
+
+/// The rows within `context` of each example's row, sorted by row.
+fn window_slots(examples: &[(Example, u64)], rows: u64, context: usize) -> Vec<Slot> {
     let n = context as i64;
     let mut slots: Vec<Slot> = Vec::with_capacity(examples.len() * (2 * context + 1));
     for (i, (_, row)) in examples.iter().enumerate() {
@@ -414,12 +476,22 @@ fn fill_windows(
         }
     }
     slots.sort_unstable_by_key(|s| s.row);
-    // Per slot: (sequence_id, position, token_id, activation) once its row was read.
+    slots
+}
+
+/// Reads the first `rows` rows again and returns, per slot, its row's identity, token and the
+/// example's feature activation there (`None` for a slot whose row was not reached).
+fn read_slots(
+    dataset: &DatasetRows,
+    rows: u64,
+    slots: &[Slot],
+    examples: &[(Example, u64)],
+) -> Result<Vec<Option<SlotValue>>> {
     let mut found: Vec<Option<SlotValue>> = vec![None; slots.len()];
     let bar = progress(rows, "examples");
     let mut start_row = 0u64;
     let mut next = 0usize;
-    for batch in Reader::open(data_url, reader_options(hook, chunk_rows, store))? {
+    for batch in dataset.open()? {
         if next == slots.len() || start_row >= rows {
             break;
         }
@@ -430,45 +502,70 @@ fn fill_windows(
             next += 1;
         }
         if first < next {
-            let tokens = batch.tokens.as_ref().context("the reader returned no token columns")?;
-            // The distinct rows of this batch that some window needs, re-encoded together.
-            let mut local: Vec<i64> = slots[first..next].iter().map(|s| (s.row - start_row) as i64).collect();
-            local.dedup();
-            let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]);
-            let x = x.index_select(0, &Tensor::from_slice(&local)).to_device(device);
-            let z = sae.encode(&x)?; // [distinct rows, d_sae]
-            let mut which = Vec::with_capacity(next - first);
-            let mut feature = Vec::with_capacity(next - first);
-            let mut at = 0usize;
-            for s in &slots[first..next] {
-                while local[at] != (s.row - start_row) as i64 {
-                    at += 1;
-                }
-                which.push(at as i64);
-                feature.push(examples[s.example].0.feature as i64);
-            }
-            let index = [
-                Some(Tensor::from_slice(&which).to_device(device)),
-                Some(Tensor::from_slice(&feature).to_device(device)),
-            ];
-            let values = Vec::<f32>::try_from(z.index(&index).to_device(Device::Cpu))?;
-            for (j, s) in slots[first..next].iter().enumerate() {
-                let r = (s.row - start_row) as usize;
-                found[first + j] = Some(SlotValue {
-                    sequence_id: tokens.sequence_id[r],
-                    position: tokens.position[r],
-                    token_id: tokens.token_id[r],
-                    activation: values[j],
-                });
+            let values = batch_slot_values(dataset.sae, &batch, start_row, &slots[first..next], examples)?;
+            for (at, value) in found[first..next].iter_mut().zip(values) {
+                *at = Some(value);
             }
         }
         bar.inc(batch.rows as u64);
         start_row = end_row;
     }
     bar.finish_and_clear();
+    Ok(found)
+}
 
-    // Gather each example's slots by offset, then keep the run around the centre that stays in
-    // the example's window (same sequence, consecutive positions).
+/// The values of `slots`, all in `batch` (whose first row is global row `start_row`): the
+/// distinct rows some window needs are re-encoded together.
+fn batch_slot_values(
+    sae: &Sae,
+    batch: &Batch,
+    start_row: u64,
+    slots: &[Slot],
+    examples: &[(Example, u64)],
+) -> Result<Vec<SlotValue>> {
+    let tokens = batch.tokens.as_ref().context("the reader returned no token columns")?;
+    let device = sae.w_dec().device();
+    let mut local: Vec<i64> = slots.iter().map(|s| (s.row - start_row) as i64).collect();
+    local.dedup();
+    let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]);
+    let x = x.index_select(0, &Tensor::from_slice(&local)).to_device(device);
+    let z = sae.encode(&x)?; // [distinct rows, d_sae]
+    let mut which = Vec::with_capacity(slots.len());
+    let mut feature = Vec::with_capacity(slots.len());
+    let mut at = 0usize;
+    for s in slots {
+        while local[at] != (s.row - start_row) as i64 {
+            at += 1;
+        }
+        which.push(at as i64);
+        feature.push(examples[s.example].0.feature as i64);
+    }
+    let index =
+        [Some(Tensor::from_slice(&which).to_device(device)), Some(Tensor::from_slice(&feature).to_device(device))];
+    let values = Vec::<f32>::try_from(z.index(&index).to_device(Device::Cpu))?;
+    Ok(slots
+        .iter()
+        .zip(values)
+        .map(|(s, activation)| {
+            let r = (s.row - start_row) as usize;
+            SlotValue {
+                sequence_id: tokens.sequence_id[r],
+                position: tokens.position[r],
+                token_id: tokens.token_id[r],
+                activation,
+            }
+        })
+        .collect())
+}
+
+/// Gathers each example's slots by offset, then keeps the run around the centre that stays in
+/// the example's window (same sequence, consecutive positions).
+fn assemble_windows(
+    model: &Model,
+    slots: &[Slot],
+    found: Vec<Option<SlotValue>>,
+    examples: &mut [(Example, u64)],
+) -> Result<()> {
     let mut by_example: Vec<Vec<(i64, SlotValue)>> = vec![Vec::new(); examples.len()];
     for (slot, value) in slots.iter().zip(found) {
         if let Some(v) = value {
@@ -594,22 +691,6 @@ mod tests {
         assert_eq!(top.iter().map(|r| r[1]).collect::<Vec<_>>(), vec![2.0, 0.5, -1.0, -1.0]);
         assert!(top.iter().all(|r| r[0] == -1.0 && r[2] == -1.0));
         assert_eq!(to_rows::<i64>(&acc.top.row).unwrap()[0][1], 2);
-    }
-
-    #[test]
-    fn sparse_encode_lists_the_dense_codes_non_zeros() {
-        tch::manual_seed(2);
-        for arch in [trainer::sae::Architecture::TopK { k: 3 }, trainer::sae::Architecture::Relu { l1: 0.0 }] {
-            let sae = Sae::new(trainer::sae::SaeConfig::new(8, 16, arch), Device::Cpu).unwrap();
-            let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
-            let (rows, features, values) = sae.encode_sparse(&x).unwrap();
-            let rebuilt = Tensor::zeros([5, 16], (Kind::Float, Device::Cpu)).index_put(
-                &[Some(rows), Some(features)],
-                &values,
-                false,
-            );
-            assert!(rebuilt.equal(&sae.encode(&x).unwrap()));
-        }
     }
 
     #[test]

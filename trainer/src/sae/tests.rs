@@ -479,3 +479,17 @@ fn bf16_autocast_keeps_f32_parameters_and_close_results() {
         assert_eq!(half.w_enc().kind(), Kind::Float);
     }
 }
+
+#[test]
+fn sparse_encode_lists_the_dense_codes_non_zeros() {
+    let _torch = setup(2);
+    for arch in all_architectures() {
+        let sae = sae(8, 16, arch);
+        let x = Tensor::randn([5, 8], (Kind::Float, Device::Cpu));
+        let (rows, features, values) = sae.encode_sparse(&x).unwrap();
+        assert!(values.gt(0.0).all().int64_value(&[]) == 1, "only firing latents are listed");
+        let rebuilt =
+            Tensor::zeros([5, 16], (Kind::Float, Device::Cpu)).index_put(&[Some(rows), Some(features)], &values, false);
+        assert!(rebuilt.equal(&sae.encode(&x).unwrap()));
+    }
+}
