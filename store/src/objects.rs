@@ -12,7 +12,7 @@ use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use tokio::runtime::Runtime;
 
 use crate::error::{Error, Result};
-use crate::location::{open_store_with, Location, StoreOptions};
+use crate::location::{open_store_with, redact_url, Location, StoreOptions};
 use crate::manifest::Manifest;
 use crate::records::current_manifest;
 use crate::runtime::runtime;
@@ -125,8 +125,10 @@ pub fn shard_tokens(url: &str, opts: &StoreOptions, index: usize) -> Result<crat
     use parquet::arrow::ProjectionMask;
 
     let (manifest, _) = load_manifest(url, opts)?;
-    let shard = manifest.shards.get(index).ok_or_else(|| {
-        Error::invalid(format!("dataset `{url}` has {} shards, no shard {index}", manifest.shards.len()))
+    let shard = manifest.shards.get(index).ok_or_else(|| Error::NoSuchShard {
+        url: redact_url(url),
+        shards: manifest.shards.len(),
+        index,
     })?;
     let dir = ObjectDir::open(url, opts)?;
     let bytes = dir.get(&shard.key)?.ok_or_else(|| Error::NotFound {

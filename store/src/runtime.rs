@@ -12,5 +12,5 @@ pub(crate) fn runtime() -> Result<Runtime> {
         .thread_name("sae-store-io")
         .enable_all()
         .build()
-        .map_err(|e| Error::invalid(format!("cannot start the I/O runtime: {e}")))
+        .map_err(|e| Error::Start { what: "the I/O runtime", cause: e.to_string() })
 }

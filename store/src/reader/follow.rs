@@ -171,13 +171,7 @@ pub(super) async fn produce_follow(
             return;
         }
         if fo.idle_timeout.is_some_and(|t| last_new.elapsed() > t) {
-            let _ = tx
-                .send(Err(Error::invalid(format!(
-                    "follow mode: nothing new was committed to `{}` for {:?} and it is not final",
-                    ctx.loc.url,
-                    fo.idle_timeout.unwrap()
-                ))))
-                .await;
+            let _ = tx.send(Err(Error::FollowIdle { url: ctx.loc.url.clone(), idle: fo.idle_timeout.unwrap() })).await;
             return;
         }
         tokio::time::sleep(fo.poll).await;

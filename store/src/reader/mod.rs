@@ -173,14 +173,17 @@ impl Reader {
                 self.window = Some(self.next_window()?);
                 let w = self.window.as_ref().unwrap();
                 if w.epoch != self.cursor.epoch || self.row < w.start || self.row >= w.end() {
-                    return Err(Error::invalid(format!(
-                        "reader out of step: window of epoch {} rows {}..{}, wanted epoch {} row {}",
-                        w.epoch,
-                        w.start,
-                        w.end(),
-                        self.cursor.epoch,
-                        self.row
-                    )));
+                    return Err(Error::OutOfStep {
+                        url: self.ctx.loc.url.clone(),
+                        detail: format!(
+                            "window of epoch {} rows {}..{}, wanted epoch {} row {}",
+                            w.epoch,
+                            w.start,
+                            w.end(),
+                            self.cursor.epoch,
+                            self.row
+                        ),
+                    });
                 }
             }
             filled += self.copy_from_window(&mut batch, want - filled);

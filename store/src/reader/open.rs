@@ -110,22 +110,17 @@ fn dataset_hooks(
 fn hook_width(loc: &Location, hooks: &[(String, usize)], opts: &ReaderOptions) -> Result<usize> {
     let d = match hooks.iter().find(|(n, _)| n == &opts.hook) {
         None => {
-            let have: Vec<String> = hooks.iter().map(|(n, d)| format!("{n} (d_model {d})")).collect();
-            return Err(Error::invalid(format!(
-                "dataset `{}` has no hook `{}`; it has: {}",
-                loc.url,
-                opts.hook,
-                have.join(", ")
-            )));
+            return Err(Error::NoSuchHook {
+                url: loc.url.clone(),
+                hook: opts.hook.clone(),
+                have: hooks.iter().map(|(n, d)| format!("{n} (d_model {d})")).collect(),
+            });
         }
         Some((_, d)) => *d,
     };
-    if let Some(want) = opts.d_model {
-        if want != d {
-            return Err(Error::invalid(format!(
-                "hook `{}` of dataset `{}` has d_model {d}, not the {want} asked for",
-                opts.hook, loc.url
-            )));
+    if let Some(wanted) = opts.d_model {
+        if wanted != d {
+            return Err(Error::WrongDModel { url: loc.url.clone(), hook: opts.hook.clone(), found: d, wanted });
         }
     }
     Ok(d)
@@ -136,7 +131,7 @@ fn decoding_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .num_threads(threads.max(1))
         .thread_name(|i| format!("sae-store-decode-{i}"))
         .build()
-        .map_err(|e| Error::invalid(format!("cannot start decoding threads: {e}")))
+        .map_err(|e| Error::Start { what: "decoding threads", cause: e.to_string() })
 }
 
 /// The bytes-in-flight budget must hold one window of the largest row groups, or the reader

@@ -61,7 +61,7 @@ async fn check_parts(
         }
         parts.push(part);
     }
-    let refuse = |why: String| Err(Error::invalid(format!("cannot finalize {}: {why}", loc.url)));
+    let refuse = |reason: String| Err(Error::FinalizeRefused { url: loc.url.clone(), reason });
     let finished: BTreeSet<&str> = parts.iter().map(|p| p.worker.as_str()).collect();
     let unfinished: BTreeSet<&str> =
         commits.iter().map(|c| c.worker.as_str()).filter(|w| !finished.contains(w)).collect();

@@ -168,7 +168,7 @@ impl DatasetWriter {
         let thread = std::thread::Builder::new()
             .name("sae-store-encode".into())
             .spawn(move || enc.run(rx))
-            .map_err(|e| Error::invalid(format!("cannot start the encoding thread: {e}")))?;
+            .map_err(|e| Error::Start { what: "the encoding thread", cause: e.to_string() })?;
         Ok(DatasetWriter {
             conditional_create,
             rt,
@@ -231,9 +231,13 @@ impl DatasetWriter {
         Ok(())
     }
 
+    fn failed_earlier(&self, detail: String) -> Error {
+        Error::WriterFailed { url: self.loc.url.clone(), detail }
+    }
+
     fn join_error(&mut self) -> Error {
         if let Some(f) = &self.failed {
-            return Error::WriterFailed(f.clone());
+            return self.failed_earlier(f.clone());
         }
         self.tx = None;
         let msg = match self.thread.take().map(|t| t.join()) {
@@ -243,20 +247,20 @@ impl DatasetWriter {
             None => "the writer was already finished".into(),
         };
         self.failed = Some(msg.clone());
-        Error::WriterFailed(msg)
+        self.failed_earlier(msg)
     }
 
     /// Write the last (partial) shard and commit it; do not write the manifest. Use this when
     /// several workers write one dataset, then call [`finalize`] once. Returns every commit
     /// record of this worker, resumed ones included.
     pub fn finish_worker(mut self) -> Result<Vec<CommitRecord>> {
-        let tx = self.tx.take().ok_or_else(|| Error::WriterFailed("already finished".into()))?;
+        let tx = self.tx.take().ok_or_else(|| self.failed_earlier("already finished".into()))?;
         let _ = tx.send(Msg::Finish);
         drop(tx);
         let new = match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r?,
-            Some(Err(_)) => return Err(Error::WriterFailed("the encoding thread panicked".into())),
-            None => return Err(Error::WriterFailed("already finished".into())),
+            Some(Err(_)) => return Err(self.failed_earlier("the encoding thread panicked".into())),
+            None => return Err(self.failed_earlier("already finished".into())),
         };
         let mut all = std::mem::take(&mut self.resumed);
         all.extend(new);
