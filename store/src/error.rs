@@ -1,6 +1,8 @@
 use std::fmt;
 
-/// Errors of the store. Every variant names the dataset URL or the shard key it concerns.
+/// Errors of the store. Every variant that concerns stored data names the dataset URL or the
+/// object (shard key, record) it concerns; the two that concern none say so: [`Error::Invalid`]
+/// (an argument or option of the caller) and [`Error::Start`] (a thread of this process).
 /// No variant ever carries credentials: URLs are stored without user info or query strings.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -26,10 +28,34 @@ pub enum Error {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    /// An argument or option of the caller is wrong, on its own or for the dataset it is used
+    /// with (a rank beyond the row groups, a cursor past the end of an epoch).
     #[error("{0}")]
     Invalid(String),
-    #[error("writer failed earlier: {0}")]
-    WriterFailed(String),
+    /// A runtime or thread pool of this process could not start.
+    #[error("cannot start {what}: {cause}")]
+    Start { what: &'static str, cause: String },
+    /// The reader was asked for a hook the dataset does not hold (`have` lists those it does).
+    #[error("dataset `{url}` has no hook `{hook}`; it has: {}", .have.join(", "))]
+    NoSuchHook { url: String, hook: String, have: Vec<String> },
+    /// The hook's `d_model` is not the one the reader was asked for.
+    #[error("hook `{hook}` of dataset `{url}` has d_model {found}, not the {wanted} asked for")]
+    WrongDModel { url: String, hook: String, found: usize, wanted: usize },
+    /// [`crate::shard_tokens`] was asked for a shard past the last.
+    #[error("dataset `{url}` has {shards} shards, no shard {index}")]
+    NoSuchShard { url: String, shards: usize, index: usize },
+    /// [`crate::finalize`] refused: not every worker has finished.
+    #[error("cannot finalize {url}: {reason}")]
+    FinalizeRefused { url: String, reason: String },
+    /// A follow-mode reader waited longer than its idle timeout for a new commit.
+    #[error("follow mode: nothing new was committed to `{url}` for {idle:?} and it is not final")]
+    FollowIdle { url: String, idle: std::time::Duration },
+    /// The reader's windows did not arrive in the order its plan made them: a bug, not bad data.
+    #[error("reader of `{url}` out of step: {detail}")]
+    OutOfStep { url: String, detail: String },
+    /// A call on a writer whose encoding thread already failed (or that already finished).
+    #[error("the writer of `{url}` failed earlier: {detail}")]
+    WriterFailed { url: String, detail: String },
     /// The reader's fetch task or a decoding thread died: the data stream is broken, not ended.
     #[error("reading `{url}` failed: {detail}")]
     ReaderFailed { url: String, detail: String },

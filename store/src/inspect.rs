@@ -8,10 +8,11 @@ use crate::error::{Error, Result};
 use crate::format::Dtype;
 use crate::location::{open_store_with, Location, StoreOptions};
 use crate::manifest::{
-    parse_versioned, CorpusIdentity, CreatedInfo, Manifest, ModelIdentity, TokenizerIdentity, MANIFEST_KEY, SHARDS_DIR,
+    CorpusIdentity, CreatedInfo, Manifest, ModelIdentity, TokenizerIdentity, MANIFEST_KEY, SHARDS_DIR,
 };
 use crate::reader::{check_schema, chunk_crcs, parse_footer};
-use crate::writer::{list_commits, read_header, runtime};
+use crate::records::{current_manifest, read_manifest};
+use crate::runtime::runtime;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HookInfo {
@@ -49,25 +50,8 @@ pub fn info(url: &str, store: &StoreOptions) -> Result<DatasetInfo> {
     runtime()?.block_on(info_async(&loc))
 }
 
-pub(crate) async fn read_manifest(loc: &Location) -> Result<Option<Manifest>> {
-    match loc.get_bounded(MANIFEST_KEY, crate::manifest::limits::MAX_METADATA_BYTES).await? {
-        Some(b) => parse_versioned(&b, &loc.display(MANIFEST_KEY), &loc.url).map(Some),
-        None => Ok(None),
-    }
-}
-
 async fn info_async(loc: &Location) -> Result<DatasetInfo> {
-    let (m, is_final) = match read_manifest(loc).await? {
-        Some(m) => (m, true),
-        None => {
-            let h = read_header(loc).await?.ok_or_else(|| Error::NotFound {
-                url: loc.url.clone(),
-                what: "no manifest.json or header.json".into(),
-            })?;
-            let commits = list_commits(loc, None).await?;
-            (crate::manifest::build_manifest(&h, &commits), false)
-        }
-    };
+    let (m, is_final) = current_manifest(loc).await?;
     Ok(DatasetInfo {
         url: loc.url.clone(),
         dataset_id: m.dataset_id.clone(),

@@ -22,7 +22,9 @@ mod location;
 mod manifest;
 mod objects;
 pub mod reader;
+mod records;
 mod rng;
+mod runtime;
 mod writer;
 
 pub use error::{error_chain, panic_message, Error, Result, StoreFailure};

@@ -12,10 +12,10 @@ use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use tokio::runtime::Runtime;
 
 use crate::error::{Error, Result};
-use crate::inspect::read_manifest;
-use crate::location::{open_store_with, Location, StoreOptions};
-use crate::manifest::{build_manifest, Manifest};
-use crate::writer::{list_commits, read_header, runtime};
+use crate::location::{open_store_with, redact_url, Location, StoreOptions};
+use crate::manifest::Manifest;
+use crate::records::current_manifest;
+use crate::runtime::runtime;
 
 /// Puts of more bytes than this are multipart uploads.
 pub const MULTIPART_THRESHOLD: usize = 256 << 20;
@@ -114,29 +114,21 @@ impl ObjectDir {
 /// a follow-mode reader will see first.
 pub fn load_manifest(url: &str, opts: &StoreOptions) -> Result<(Manifest, bool)> {
     let loc = open_store_with(url, opts)?;
-    runtime()?.block_on(async {
-        if let Some(manifest) = read_manifest(&loc).await? {
-            return Ok((manifest, true));
-        }
-        let header = read_header(&loc)
-            .await?
-            .ok_or_else(|| Error::NotFound { url: loc.url.clone(), what: "no manifest.json or header.json".into() })?;
-        let commits = list_commits(&loc, None).await?;
-        Ok((build_manifest(&header, &commits), false))
-    })
+    runtime()?.block_on(current_manifest(&loc))
 }
 
 /// The token columns (`sequence_id`, `position`, `token_id`) of shard `index` of a final dataset,
 /// in stored order. The activations are not decoded. Evaluation rebuilds token windows from
 /// these: rows of one `sequence_id`, in `position` order.
 pub fn shard_tokens(url: &str, opts: &StoreOptions, index: usize) -> Result<crate::reader::TokenColumns> {
-    use arrow_array::{Array, UInt32Array, UInt64Array};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ProjectionMask;
 
     let (manifest, _) = load_manifest(url, opts)?;
-    let shard = manifest.shards.get(index).ok_or_else(|| {
-        Error::invalid(format!("dataset `{url}` has {} shards, no shard {index}", manifest.shards.len()))
+    let shard = manifest.shards.get(index).ok_or_else(|| Error::NoSuchShard {
+        url: redact_url(url),
+        shards: manifest.shards.len(),
+        index,
     })?;
     let dir = ObjectDir::open(url, opts)?;
     let bytes = dir.get(&shard.key)?.ok_or_else(|| Error::NotFound {
@@ -157,16 +149,7 @@ pub fn shard_tokens(url: &str, opts: &StoreOptions, index: usize) -> Result<crat
     let bad = || Error::corrupt(&shard.key, "token columns have unexpected types");
     for batch in reader {
         let batch = batch.map_err(|e| pq(e.into()))?;
-        let column = |name: &str| batch.column_by_name(name).cloned().ok_or_else(bad);
-        let seq = column(crate::format::COL_SEQUENCE_ID)?;
-        let pos = column(crate::format::COL_POSITION)?;
-        let tok = column(crate::format::COL_TOKEN_ID)?;
-        let seq = seq.as_any().downcast_ref::<UInt64Array>().ok_or_else(bad)?;
-        let pos = pos.as_any().downcast_ref::<UInt32Array>().ok_or_else(bad)?;
-        let tok = tok.as_any().downcast_ref::<UInt32Array>().ok_or_else(bad)?;
-        out.sequence_id.extend(seq.values().iter());
-        out.position.extend(pos.values().iter());
-        out.token_id.extend(tok.values().iter());
+        out.extend_from_arrow(&batch).ok_or_else(bad)?;
     }
     if out.token_id.len() as u64 != shard.rows {
         return Err(Error::corrupt(

@@ -25,7 +25,7 @@ fn writer_with_shards_of(b: &Backend, worker: &str, shard_bytes: u64) -> Dataset
 
 fn refused(b: &Backend, workers: Option<usize>) -> String {
     match finalize(&b.url, &b.opts, workers) {
-        Err(Error::Invalid(msg)) => msg,
+        Err(e @ Error::FinalizeRefused { .. }) => e.to_string(),
         other => panic!("{}: finalize should refuse, got {other:?}", b.name),
     }
 }
