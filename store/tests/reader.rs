@@ -169,6 +169,13 @@ fn clear_errors_for_bad_requests() {
     o.rank = 3;
     let e = Reader::open(&url, o).err().unwrap().to_string();
     assert!(e.contains("fewer than the 100 ranks"), "{e}");
+    for (world, rank, follow) in [(0, 0, false), (0, 0, true), (2, 2, true)] {
+        let mut o = ReaderOptions::new("h", 10);
+        (o.world, o.rank) = (world, rank);
+        o.follow = follow.then(FollowOptions::default);
+        let e = Reader::open(&url, o).err().unwrap().to_string();
+        assert!(e.contains(&format!("rank {rank} is not in a world of {world}")), "{e}");
+    }
     let mut o = ReaderOptions::new("h", 10);
     o.max_bytes_in_flight = 1000;
     let e = Reader::open(&url, o).err().unwrap().to_string();

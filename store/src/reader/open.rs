@@ -152,8 +152,9 @@ fn check_window_fits(manifest: Option<&Manifest>, row_bytes: usize, opts: &Reade
 /// A plan of the manifest's row groups when reading a final dataset, follow mode otherwise.
 fn plan_source(is_final: bool, shards: &[ShardEntry], opts: &ReaderOptions) -> Result<Source> {
     if !is_final || opts.follow.is_some() {
-        if opts.world > 1 && opts.rank >= opts.world {
-            return Err(Error::invalid("rank out of range"));
+        // World 0 would divide by zero when row groups are dealt by identity.
+        if opts.world == 0 || opts.rank >= opts.world {
+            return Err(Error::invalid(format!("rank {} is not in a world of {}", opts.rank, opts.world)));
         }
         return Ok(Source::Follow);
     }
