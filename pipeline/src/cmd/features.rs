@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use capture::Hooks;
+use capture::{HookPoint, Hooks, Model};
 use serde::Serialize;
 use store::{ObjectDir, StoreOptions};
 use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
+use trainer::sae::Sae;
 
 use crate::cmd::eval::{
     check_capture_model, load_sae, load_sae_with_sha, sae_fits_model, sae_hook_in_dataset, sae_hook_in_model,
@@ -269,80 +270,11 @@ fn search(a: SearchArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("the prompt has {} token(s); the first position is not encoded, so give at least 2", ids.len());
     }
-    // Forward to the hook (early exit), then encode every position but the first, as capture stores.
     let _guard = tch::no_grad_guard();
-    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
-    let mut hooks = Hooks::new().capture([hook]);
-    let out = model.llama.forward(&tokens, None, &mut hooks, false)?;
-    let acts = out.hooks[&hook].squeeze_dim(0).to_kind(Kind::Float); // [seq, d]
-    let z = sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1))?.to_device(Device::Cpu); // [seq-1, d_sae]
+    let z = encode_prompt(&model, sae, hook, &ids)?;
+    let per_token = token_hits(&z, &ids, a.per_token, &model)?;
+    let prompt_hits = prompt_hits(&z, a.top)?;
 
-    let k = (a.per_token as i64).min(sae.config().d_sae as i64);
-    let (values, indices) = z.topk(k, 1, true, true);
-    let values = Vec::<f32>::try_from(values.flatten(0, -1))?;
-    let indices = Vec::<i64>::try_from(indices.flatten(0, -1))?;
-    let mut per_token = Vec::new();
-    for (row, position) in (1..ids.len()).enumerate() {
-        let hits = (0..k as usize)
-            .map(|j| row * k as usize + j)
-            .filter(|&at| values[at] > 0.0)
-            .map(|at| FeatureHit { feature: indices[at], activation: values[at] as f64 })
-            .collect();
-        per_token.push(TokenHits {
-            position,
-            token_id: ids[position],
-            token: model.tokenizer.decode(&[ids[position]])?,
-            features: hits,
-        });
-    }
-    let (max, argmax) = z.max_dim(0, false);
-    let fired = z.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
-    let top = (a.top as i64).min(sae.config().d_sae as i64);
-    let (best, order) = max.topk(top, 0, true, true);
-    let best = Vec::<f32>::try_from(best)?;
-    let order = Vec::<i64>::try_from(order)?;
-    let argmax = Vec::<i64>::try_from(argmax)?;
-    let fired = Vec::<i64>::try_from(fired)?;
-    let prompt_hits: Vec<PromptHit> = order
-        .iter()
-        .zip(&best)
-        .filter(|(_, &v)| v > 0.0)
-        .map(|(&f, &v)| PromptHit {
-            feature: f,
-            max_activation: v as f64,
-            max_position: argmax[f as usize] as usize + 1,
-            tokens_fired: fired[f as usize] as usize,
-        })
-        .collect();
-
-    let describe = |feature: i64| -> String {
-        let Some(set) = &features else { return String::new() };
-        let stats = &set.features[feature as usize];
-        let fires_on: Vec<String> = set.top_tokens(feature as u32).iter().take(5).map(|t| format!("{t:?}")).collect();
-        let logits: Vec<String> = stats.top_logit_tokens.iter().take(5).map(|t| format!("{t:?}")).collect();
-        let example = set
-            .examples_of(feature as u32)
-            .iter()
-            .find(|e| e.kind == ExampleKind::Top)
-            .map(|e| {
-                let c = e.center as usize;
-                let text: String = e
-                    .tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| if i == c { format!("[[{t}]]") } else { t.clone() })
-                    .collect();
-                format!(" · example {:?}", text.replace('\n', "↵"))
-            })
-            .unwrap_or_default();
-        format!(
-            " · dataset max {:.2} · top tokens {} · logits ↑ {}{}",
-            stats.max_activation,
-            fires_on.join(" "),
-            logits.join(" "),
-            example
-        )
-    };
     println!("{} on {:?} ({} tokens; position 0 is not encoded)", a.sae, a.prompt, ids.len());
     println!("per token (feature:activation):");
     for t in &per_token {
@@ -358,7 +290,7 @@ fn search(a: SearchArgs) -> Result<()> {
             format!("{:?}", per_token[h.max_position - 1].token),
             h.tokens_fired,
             ids.len() - 1,
-            describe(h.feature)
+            features.as_ref().map(|set| describe(set, h.feature)).unwrap_or_default()
         );
     }
     if a.json {
@@ -366,6 +298,84 @@ fn search(a: SearchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&out)?);
     }
     Ok(())
+}
+
+/// The prompt's latents `[seq - 1, d_sae]` on the CPU: the model runs to `hook` (early exit) and
+/// every position but the first is encoded, as capture stores them.
+fn encode_prompt(model: &Model, sae: &Sae, hook: HookPoint, ids: &[u32]) -> Result<Tensor> {
+    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    let mut hooks = Hooks::new().capture([hook]);
+    let out = model.llama.forward(&tokens, None, &mut hooks, false)?;
+    let acts = out.hooks[&hook].squeeze_dim(0).to_kind(Kind::Float); // [seq, d]
+    Ok(sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1))?.to_device(Device::Cpu))
+}
+
+/// Per encoded position, its `per_token` strongest firing features.
+fn token_hits(z: &Tensor, ids: &[u32], per_token: usize, model: &Model) -> Result<Vec<TokenHits>> {
+    let k = (per_token as i64).min(z.size()[1]);
+    let (values, indices) = z.topk(k, 1, true, true);
+    let values = Vec::<f32>::try_from(values.flatten(0, -1))?;
+    let indices = Vec::<i64>::try_from(indices.flatten(0, -1))?;
+    (1..ids.len())
+        .enumerate()
+        .map(|(row, position)| {
+            let features = (0..k as usize)
+                .map(|j| row * k as usize + j)
+                .filter(|&at| values[at] > 0.0)
+                .map(|at| FeatureHit { feature: indices[at], activation: values[at] as f64 })
+                .collect();
+            let token = model.tokenizer.decode(&[ids[position]])?;
+            Ok(TokenHits { position, token_id: ids[position], token, features })
+        })
+        .collect()
+}
+
+/// The `top` features with the highest maximum over the prompt, among those that fire.
+fn prompt_hits(z: &Tensor, top: usize) -> Result<Vec<PromptHit>> {
+    let (max, argmax) = z.max_dim(0, false);
+    let fired = z.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
+    let top = (top as i64).min(z.size()[1]);
+    let (best, order) = max.topk(top, 0, true, true);
+    let best = Vec::<f32>::try_from(best)?;
+    let order = Vec::<i64>::try_from(order)?;
+    let argmax = Vec::<i64>::try_from(argmax)?;
+    let fired = Vec::<i64>::try_from(fired)?;
+    Ok(order
+        .iter()
+        .zip(&best)
+        .filter(|(_, &v)| v > 0.0)
+        .map(|(&f, &v)| PromptHit {
+            feature: f,
+            max_activation: v as f64,
+            max_position: argmax[f as usize] as usize + 1,
+            tokens_fired: fired[f as usize] as usize,
+        })
+        .collect())
+}
+
+/// What the features folder says of `feature`: dataset maximum, top tokens, logits, an example.
+fn describe(set: &FeatureSet, feature: i64) -> String {
+    let stats = &set.features[feature as usize];
+    let fires_on: Vec<String> = set.top_tokens(feature as u32).iter().take(5).map(|t| format!("{t:?}")).collect();
+    let logits: Vec<String> = stats.top_logit_tokens.iter().take(5).map(|t| format!("{t:?}")).collect();
+    let example = set
+        .examples_of(feature as u32)
+        .iter()
+        .find(|e| e.kind == ExampleKind::Top)
+        .map(|e| {
+            let c = e.center as usize;
+            let text: String =
+                e.tokens.iter().enumerate().map(|(i, t)| if i == c { format!("[[{t}]]") } else { t.clone() }).collect();
+            format!(" · example {:?}", text.replace('\n', "↵"))
+        })
+        .unwrap_or_default();
+    format!(
+        " · dataset max {:.2} · top tokens {} · logits ↑ {}{}",
+        stats.max_activation,
+        fires_on.join(" "),
+        logits.join(" "),
+        example
+    )
 }
 
 fn neighbors(a: NeighborArgs) -> Result<()> {

@@ -171,6 +171,17 @@ fn index_page(set: &FeatureSet, width: usize) -> String {
 fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
     let id = f.feature;
     let mut b = String::new();
+    nav_and_title(&mut b, set, f, width);
+    stats_section(&mut b, set, f);
+    logits_section(&mut b, f);
+    neighbors_section(&mut b, set, f, width);
+    examples_sections(&mut b, set, f);
+    page(&format!("Feature {id} · {}", summary_line(set)), "../style.css", &b)
+}
+
+/// The links to the index and the adjacent features, and the title.
+fn nav_and_title(b: &mut String, set: &FeatureSet, f: &FeatureStats, width: usize) {
+    let id = f.feature;
     let _ = write!(b, "<nav><a href=\"../index.html\">↑ all features</a>");
     if id > 0 {
         let _ = write!(b, " · <a href=\"{}\">← {}</a>", page_name(id - 1, width), id - 1);
@@ -184,8 +195,10 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         if f.dead { " <span class=\"dead-mark\">dead</span>" } else { "" },
         html(&summary_line(set))
     );
+}
 
-    // Stats.
+/// Firing counts and the activation histogram.
+fn stats_section(b: &mut String, set: &FeatureSet, f: &FeatureStats) {
     let _ = writeln!(
         b,
         "<section id=\"stats\"><h2>Stats</h2><table>\
@@ -198,8 +211,10 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         num(f.mean_activation)
     );
     let _ = write!(b, "<section><h2>Activation histogram</h2>\n{}</section>\n", histogram_svg(f));
+}
 
-    // Logit effects.
+/// The tokens whose logits the feature's decoder row raises and lowers most.
+fn logits_section(b: &mut String, f: &FeatureStats) {
     let logits = |title: &str, tokens: &[String], values: &[f32], class: &str| {
         let mut t = format!("<table class=\"logit-table\"><tr><th colspan=\"2\">{title}</th></tr>");
         for (token, v) in tokens.iter().zip(values) {
@@ -213,8 +228,10 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         logits("raises", &f.top_logit_tokens, &f.top_logits, "pos"),
         logits("lowers", &f.bottom_logit_tokens, &f.bottom_logits, "neg")
     );
+}
 
-    // Neighbours.
+/// The features with the nearest decoder rows, linked.
+fn neighbors_section(b: &mut String, set: &FeatureSet, f: &FeatureStats, width: usize) {
     b.push_str("<section id=\"neighbors\"><h2>Neighbours</h2><ul>");
     for (&n, cos) in f.neighbors.iter().zip(&f.neighbor_cosines) {
         match set.features.get(n as usize).filter(|g| g.feature == n) {
@@ -233,9 +250,11 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         }
     }
     b.push_str("</ul></section>\n</div>\n");
+}
 
-    // Examples.
-    let examples = set.examples_of(id);
+/// Top activations, then the quantile samples band by band, highest band first.
+fn examples_sections(b: &mut String, set: &FeatureSet, f: &FeatureStats) {
+    let examples = set.examples_of(f.feature);
     let max = f.max_activation;
     b.push_str("<section id=\"top-examples\"><h2>Top activations</h2>\n");
     let top: Vec<&Example> = examples.iter().filter(|e| e.kind == ExampleKind::Top).collect();
@@ -268,7 +287,6 @@ fn feature_page(set: &FeatureSet, f: &FeatureStats, width: usize) -> String {
         }
     }
     b.push_str("</section>\n");
-    page(&format!("Feature {id} · {}", summary_line(set)), "../style.css", &b)
 }
 
 /// One example: its activation, then its tokens coloured by activation / `max`, the centre outlined.
