@@ -282,10 +282,6 @@ impl Sae {
         &self.vs
     }
 
-    pub fn var_store_mut(&mut self) -> &mut VarStore {
-        &mut self.vs
-    }
-
     pub fn w_enc(&self) -> &Tensor {
         &self.w_enc
     }

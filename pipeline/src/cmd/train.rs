@@ -87,10 +87,6 @@ pub struct Args {
     /// Where the SAE goes: a path, file://, s3://bucket/prefix or memory://.
     #[arg(long)]
     out: String,
-    /// Continue the run in --out. A run with the same configuration resumes anyway; this flag
-    /// only documents the intent (with no checkpoint yet, training starts afresh).
-    #[arg(long)]
-    resume: bool,
     /// Train every combination in one pass, e.g. `--sweep latents=2304,4608 k=16,32`.
     /// Keys: latents, k, arch, l1, l0_coeff. Each SAE goes to `--out/<arch>-l<latents>-k<k>/`.
     #[arg(long, num_args = 1.., value_name = "KEY=V1,V2")]
