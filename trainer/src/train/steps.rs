@@ -92,10 +92,10 @@ impl Loop<'_> {
             at.cursor = batch.next;
             progress.set_position(at.tokens);
 
-            if at.step % req.log_every.max(1) == 0 || at.step == total_steps {
+            if at.step.is_multiple_of(req.log_every.max(1)) || at.step == total_steps {
                 self.log(runs, &at, lr, &mut last_log, loader, &progress)?;
             }
-            if req.checkpoint_every > 0 && at.step % req.checkpoint_every == 0 && at.step < total_steps {
+            if req.checkpoint_every > 0 && at.step.is_multiple_of(req.checkpoint_every) && at.step < total_steps {
                 self.checkpoint(runs, &at, loader)?;
                 if self.leader {
                     write_metrics(runs)?;
