@@ -199,8 +199,8 @@ fn sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run_bitwise() {
     let after_term = newest_checkpoint(&dir);
     // SIGKILL: whatever was not checkpointed is lost.
     interrupt(&dir, after_term, "-KILL");
-    // Resume (automatically: same configuration, no --resume needed) to the end.
-    let out = train(dir.to_str().unwrap(), &["--resume"]);
+    // Resume (automatically: same configuration) to the end.
+    let out = train(dir.to_str().unwrap(), &[]);
     assert!(out.status.success(), "resume failed: {}", stderr(&out));
     let summary = last_json(&out);
     assert!(summary["resumed_from_step"].as_u64().unwrap() >= 10, "{summary}");
@@ -218,7 +218,7 @@ fn sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run_bitwise() {
 #[test]
 fn resume_with_no_checkpoint_starts_fresh_and_another_config_is_refused() {
     let dir = scratch("refused");
-    let out = train(dir.to_str().unwrap(), &["--resume", "--max-tokens", "2560"]);
+    let out = train(dir.to_str().unwrap(), &["--max-tokens", "2560"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(last_json(&out)["resumed_from_step"].is_null());
     let out = train(dir.to_str().unwrap(), &["--max-tokens", "2560", "--k", "8"]);

@@ -15,6 +15,7 @@
 //!
 //! The on-store format is specified in `docs/format.md`.
 
+pub mod compare;
 mod error;
 mod format;
 mod inspect;

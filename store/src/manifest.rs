@@ -122,39 +122,17 @@ pub struct DatasetHeader {
 }
 
 impl DatasetHeader {
-    /// What makes `other` a different dataset from `self`, one phrase per field that differs
-    /// (`created` does not count: the same dataset is written again by a resumed command).
-    /// Empty when they describe the same dataset.
+    /// What makes `other` a different dataset from `self`, one `path: there X, here Y` per field
+    /// that differs ([`crate::compare::differences`], `self` being what is stored), in key order
+    /// (`created` does not count: the same dataset is written again by a resumed command). Empty
+    /// when they describe the same dataset.
     pub fn differences(&self, other: &DatasetHeader) -> Vec<String> {
-        let names = |h: &DatasetHeader| {
-            h.hooks.iter().map(|s| format!("{}({})", s.name, s.d_model)).collect::<Vec<_>>().join(", ")
+        let comparable = |h: &DatasetHeader| {
+            let mut json = serde_json::to_value(h).expect("a header serializes");
+            json.as_object_mut().expect("a header is an object").remove("created");
+            json
         };
-        let mut out = Vec::new();
-        if self.model != other.model {
-            out.push(format!(
-                "model {:?} ({}) here, {:?} ({}) asked",
-                self.model.name, self.model.file_sha256, other.model.name, other.model.file_sha256
-            ));
-        }
-        if self.tokenizer != other.tokenizer {
-            out.push(format!("tokenizer {} here, {} asked", self.tokenizer.sha256, other.tokenizer.sha256));
-        }
-        if self.hooks != other.hooks {
-            out.push(format!("hooks [{}] here, [{}] asked", names(self), names(other)));
-        }
-        if self.context_len != other.context_len {
-            out.push(format!("context length {} here, {} asked", self.context_len, other.context_len));
-        }
-        if self.corpus.name != other.corpus.name || self.corpus.sha256 != other.corpus.sha256 {
-            out.push(format!(
-                "corpus {} ({}) here, {} ({}) asked",
-                self.corpus.name, self.corpus.sha256, other.corpus.name, other.corpus.sha256
-            ));
-        }
-        if self.corpus.detail != other.corpus.detail {
-            out.push(format!("settings {} here, {} asked", self.corpus.detail, other.corpus.detail));
-        }
-        out
+        crate::compare::differences(&comparable(self), &comparable(other))
     }
 }
 
@@ -576,11 +554,13 @@ mod tests {
         b.context_len = 128;
         let diff = a.differences(&b);
         assert_eq!(diff.len(), 2, "{diff:?}");
+        assert_eq!(diff[0], "context_len: there 256, here 128", "{diff:?}");
         assert!(
-            diff[0].contains("blocks.15.hook_resid_post") && diff[0].contains("blocks.14.hook_resid_post"),
+            diff[1].starts_with("hooks: there ")
+                && diff[1].contains("blocks.15.hook_resid_post")
+                && diff[1].contains("blocks.14.hook_resid_post"),
             "{diff:?}"
         );
-        assert!(diff[1].contains("256") && diff[1].contains("128"), "{diff:?}");
     }
     use super::*;
 

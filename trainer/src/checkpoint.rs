@@ -44,7 +44,7 @@ pub struct CheckpointState {
     pub config: serde_json::Value,
     /// The random state. Training draws no random numbers after initialization (the data order
     /// is a pure function of the seed and the cursor, and no architecture samples), so the seed
-    /// is all there is; it is recorded so that a future sampling step has its home.
+    /// is all there is; a resumed run refuses a checkpoint whose seeds are not its own.
     pub rng: RngState,
     /// The metrics logged so far, so `metrics.jsonl` can be rebuilt exactly on resume.
     pub metrics: Vec<MetricsRow>,
@@ -68,10 +68,19 @@ pub struct Normalization {
     pub variance: f64,
 }
 
+/// The seeds a run drew its random numbers from: torch's (the weights' initialization) and the
+/// reader's (the data order). A resumed run checks them against its own seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RngState {
     pub torch_seed: u64,
     pub reader_seed: u64,
+}
+
+impl RngState {
+    /// The state of a run seeded with `seed`: both generators start from it.
+    pub fn from_seed(seed: u64) -> Self {
+        RngState { torch_seed: seed, reader_seed: seed }
+    }
 }
 
 pub struct Checkpoint {

@@ -282,10 +282,6 @@ impl Sae {
         &self.vs
     }
 
-    pub fn var_store_mut(&mut self) -> &mut VarStore {
-        &mut self.vs
-    }
-
     pub fn w_enc(&self) -> &Tensor {
         &self.w_enc
     }
@@ -473,7 +469,7 @@ impl Sae {
             (true, Some(dead)) => self.auxk_loss(pre, dead, &(x - &x_hat).detach())?,
             _ => zero(),
         };
-        let total = &mse + &sparsity * self.config.arch.sparsity_coeff() + &auxk * self.config.auxk.coeff;
+        let total = total_loss(&mse, &sparsity, self.config.arch.sparsity_coeff(), &auxk, self.config.auxk.coeff);
         Ok(ForwardOutput { x_hat, latents, mse, sparsity, auxk, total })
     }
 
@@ -601,6 +597,14 @@ impl Sae {
     fn shape_error(&self, what: &'static str, t: &Tensor, expected: String) -> SaeError {
         SaeError::Shape { what, got: t.size(), expected }
     }
+}
+
+/// The training objective, `mse + sparsity_coeff · sparsity + auxk_coeff · auxk`: the one place
+/// it is written, for [`ForwardOutput::total`] and for the loop, which weights the sparsity term
+/// with its warmed-up coefficient. Keep the order of the operations: resumed runs are compared
+/// with uninterrupted ones bit for bit.
+pub fn total_loss(mse: &Tensor, sparsity: &Tensor, sparsity_coeff: f64, auxk: &Tensor, auxk_coeff: f64) -> Tensor {
+    mse + sparsity * sparsity_coeff + auxk * auxk_coeff
 }
 
 /// Keeps each row's k largest entries, ReLU'd; everything else 0. [batch, n] → [batch, n].

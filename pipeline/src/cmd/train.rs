@@ -87,10 +87,6 @@ pub struct Args {
     /// Where the SAE goes: a path, file://, s3://bucket/prefix or memory://.
     #[arg(long)]
     out: String,
-    /// Continue the run in --out. A run with the same configuration resumes anyway; this flag
-    /// only documents the intent (with no checkpoint yet, training starts afresh).
-    #[arg(long)]
-    resume: bool,
     /// Train every combination in one pass, e.g. `--sweep latents=2304,4608 k=16,32`.
     /// Keys: latents, k, arch, l1, l0_coeff. Each SAE goes to `--out/<arch>-l<latents>-k<k>/`.
     #[arg(long, num_args = 1.., value_name = "KEY=V1,V2")]
@@ -197,26 +193,7 @@ pub fn run(args: Args) -> Result<()> {
         tch::set_num_threads(n);
     }
     let device = capture::device::parse_device(args.model.device.as_deref())?;
-    // Under torchrun or srun, join the data-parallel group: NCCL on GPUs (each rank on the GPU
-    // of its LOCAL_RANK), Gloo on CPU.
-    let dist_env = DistEnv::from_env()?;
-    if args.follow && dist_env.as_ref().is_some_and(|env| env.world_size > 1) {
-        // Ranks of a followed dataset could see different numbers of batches, and a rank left
-        // waiting in a collective would only fail at the timeout.
-        bail!("--follow trains in one process only; finish the capture, then train with several ranks");
-    }
-    let (device, group) = match dist_env {
-        None => (device, None),
-        Some(env) => {
-            let device = match device {
-                Device::Cuda(_) => Device::Cuda(env.local_rank),
-                other => other,
-            };
-            let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
-            let group = ProcessGroup::new(&env, backend, Duration::from_secs(args.dist_timeout))?;
-            (device, Some(group))
-        }
-    };
+    let (device, group) = join_group(&args, device)?;
     let leader = group.as_ref().is_none_or(|g| g.rank() == 0);
     let store = StoreOptions::default();
     let (manifest, _) = store::load_manifest(&args.data, &store)
@@ -229,12 +206,64 @@ pub fn run(args: Args) -> Result<()> {
     if args.follow && args.max_tokens.is_none() {
         bail!("--follow needs --max-tokens: the dataset's size is not known while it is being written");
     }
-    let max_tokens = args.max_tokens.unwrap_or(manifest.tokens);
     let world_size = group.as_ref().map_or(1, |g| g.world_size());
+    let settings = run_settings(&args, args.max_tokens.unwrap_or(manifest.tokens), world_size);
+    let request = TrainRequest {
+        data_url: args.data.clone(),
+        out_url: args.out.clone(),
+        hook: args.hook.clone(),
+        settings,
+        members: members(&args, d_model)?,
+        device,
+        store: store.clone(),
+        group,
+        checkpoint_every: args.checkpoint_every,
+        log_every: args.log_every,
+        stop: stop_on_signals()?,
+        progress: !args.quiet && !args.json,
+    };
+    let summaries = match train(&request) {
+        Ok(s) => s,
+        Err(e @ TrainError::Interrupted { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(130);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !leader {
+        return Ok(()); // rank 0 reports (and evaluates) for everyone
+    }
+    report(&args, &summaries, &store)
+}
 
+/// Under torchrun or srun, joins the data-parallel group: NCCL on GPUs (each rank on the GPU of
+/// its LOCAL_RANK), Gloo on CPU. Returns the device this rank trains on, and the group if any.
+fn join_group(args: &Args, device: Device) -> Result<(Device, Option<ProcessGroup>)> {
+    let dist_env = DistEnv::from_env()?;
+    if args.follow && dist_env.as_ref().is_some_and(|env| env.world_size > 1) {
+        // Ranks of a followed dataset could see different numbers of batches, and a rank left
+        // waiting in a collective would only fail at the timeout.
+        bail!("--follow trains in one process only; finish the capture, then train with several ranks");
+    }
+    Ok(match dist_env {
+        None => (device, None),
+        Some(env) => {
+            let device = match device {
+                Device::Cuda(_) => Device::Cuda(env.local_rank),
+                other => other,
+            };
+            let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+            let group = ProcessGroup::new(&env, backend, Duration::from_secs(args.dist_timeout))?;
+            (device, Some(group))
+        }
+    })
+}
+
+/// The run's settings from the flags, with the warm-ups defaulting to 5% of the steps.
+fn run_settings(args: &Args, max_tokens: u64, world_size: usize) -> RunSettings {
     let total_steps = max_tokens.div_ceil((args.batch_size.max(1) * world_size) as u64);
     let five_percent = (total_steps / 20).min(1000);
-    let settings = RunSettings {
+    RunSettings {
         hook: args.hook.clone().unwrap_or_default(),
         max_tokens,
         batch_size: args.batch_size,
@@ -251,46 +280,29 @@ pub fn run(args: Args) -> Result<()> {
         follow: args.follow,
         shuffle: !args.no_shuffle,
         bf16_autocast: args.bf16_autocast,
-    };
+    }
+}
+
+/// The flag that SIGINT and SIGTERM set. A second signal ends the process at once; the first
+/// asks for a checkpoint and a stop.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal ends the process at once; the first asks for a checkpoint and a stop.
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
         signal_hook::flag::register(signal, stop.clone())?;
     }
-    let request = TrainRequest {
-        data_url: args.data.clone(),
-        out_url: args.out.clone(),
-        hook: args.hook.clone(),
-        settings,
-        members: members(&args, d_model)?,
-        device,
-        store: store.clone(),
-        group,
-        checkpoint_every: args.checkpoint_every,
-        log_every: args.log_every,
-        stop,
-        progress: !args.quiet && !args.json,
-    };
-    let summaries = match train(&request) {
-        Ok(s) => s,
-        Err(e @ TrainError::Interrupted { .. }) => {
-            eprintln!("{e}");
-            std::process::exit(130);
-        }
-        Err(e) => return Err(e.into()),
-    };
+    Ok(stop)
+}
 
-    if !leader {
-        return Ok(()); // rank 0 reports (and evaluates) for everyone
-    }
+/// Prints each summary (and, unless --no-eval, its evaluation), then with --json one object.
+fn report(args: &Args, summaries: &[TrainSummary], store: &StoreOptions) -> Result<()> {
     let mut results = Vec::new();
-    for summary in &summaries {
+    for summary in summaries {
         print_summary(summary);
         let eval = if args.no_eval {
             None
         } else {
-            let report = evaluate(&summary.out_url, &args.data, &args.eval, &args.model, &store)
+            let report = evaluate(&summary.out_url, &args.data, &args.eval, &args.model, store)
                 .with_context(|| format!("evaluating {}", summary.out_url))?;
             print_report(&report);
             Some(report)

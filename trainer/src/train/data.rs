@@ -1,0 +1,88 @@
+//! The training data: the trained hook's statistics (the inputs' normalization) and the reader
+//! that streams its rows.
+
+use std::time::{Duration, Instant};
+
+use store::reader::{Cursor, FollowOptions, OutputDtype, ReaderOptions};
+use store::{HookSummary, Manifest};
+
+use super::{RunSettings, TrainError, TrainRequest};
+
+/// The statistics of the trained hook, and what follows from them.
+pub(super) struct DataStats {
+    pub(super) hook: HookSummary,
+    pub(super) manifest: Manifest,
+    /// Inputs are multiplied by this so that E‖x‖² = d_in.
+    pub(super) scale: f64,
+    /// Per-feature variance of the scaled inputs: the FVU's denominator.
+    pub(super) variance: f64,
+}
+
+pub(super) fn data_stats(req: &TrainRequest) -> Result<DataStats, TrainError> {
+    let url = &req.data_url;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (manifest, is_final) = loop {
+        let (manifest, is_final) = store::load_manifest(url, &req.store)?;
+        if is_final || !req.settings.follow || manifest.tokens > 0 || Instant::now() > deadline {
+            break (manifest, is_final);
+        }
+        tracing::info!("waiting for the first shard of {url}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    if !is_final && !req.settings.follow {
+        return Err(TrainError::NotFinal { url: url.clone() });
+    }
+    let hook_names = |hooks: &[HookSummary]| hooks.iter().map(|h| h.name.clone()).collect::<Vec<_>>().join(", ");
+    let hook = match &req.hook {
+        Some(name) => manifest.hook(name).cloned().ok_or_else(|| TrainError::NoSuchHook {
+            url: url.clone(),
+            hook: name.clone(),
+            have: hook_names(&manifest.hooks),
+        })?,
+        None => match manifest.hooks.as_slice() {
+            [only] => only.clone(),
+            hooks => return Err(TrainError::SeveralHooks { url: url.clone(), have: hook_names(hooks) }),
+        },
+    };
+    if manifest.tokens == 0 {
+        return Err(TrainError::NoTokens { url: url.clone() });
+    }
+    let d = hook.d_model as f64;
+    let mean_norm_sq: f64 = hook.mean.iter().map(|m| m * m).sum();
+    if !(hook.mean_sq_norm.is_finite() && hook.mean_sq_norm > 0.0) {
+        return Err(TrainError::CannotNormalize {
+            url: url.clone(),
+            hook: hook.name.clone(),
+            mean_sq_norm: hook.mean_sq_norm,
+        });
+    }
+    let scale = (d / hook.mean_sq_norm).sqrt();
+    let variance = ((hook.mean_sq_norm - mean_norm_sq) * scale * scale / d).max(f64::MIN_POSITIVE);
+    Ok(DataStats { hook, manifest, scale, variance })
+}
+
+/// How this rank reads the data: its share of each batch, from `start`, in f32; in follow mode
+/// replaying the shard order `replay` that a resumed run had discovered.
+pub(super) fn reader_options(
+    req: &TrainRequest,
+    settings: &RunSettings,
+    d_in: usize,
+    rank: usize,
+    start: Cursor,
+    replay: Vec<String>,
+) -> ReaderOptions {
+    let mut opts = ReaderOptions::new(&settings.hook, settings.batch_size);
+    opts.d_model = Some(d_in);
+    opts.seed = settings.seed;
+    opts.rank = rank;
+    opts.shuffle = settings.shuffle;
+    opts.world = settings.world_size;
+    opts.start = start;
+    opts.output = OutputDtype::F32;
+    opts.store = req.store.clone();
+    if settings.follow {
+        opts.follow =
+            Some(FollowOptions { poll: Duration::from_secs(2), idle_timeout: Some(Duration::from_secs(600)), replay });
+    }
+    opts
+}
