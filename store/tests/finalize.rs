@@ -112,3 +112,22 @@ fn a_store_that_ignores_conditional_create_is_named_at_start_up() {
     let keys = list_keys(&url, &moto().options(3));
     assert!(keys.iter().all(|k| !k.contains("probes/")), "{keys:?}");
 }
+
+#[test]
+fn a_worker_asking_for_another_dataset_is_refused_naming_each_difference() {
+    for b in backends("join") {
+        let mut w0 = writer(&b, "w0");
+        w0.append(synth(0, 2, 20, &HOOKS)).unwrap();
+        let opts =
+            WriterOptions { worker: "w1".into(), row_group_rows: 10, store: b.opts.clone(), ..Default::default() };
+        let err = match DatasetWriter::create(&b.url, header(&HOOKS, 30), opts) {
+            Err(e @ Error::AlreadyExists { .. }) => e.to_string(),
+            Err(other) => panic!("{}: another error: {other}", b.name),
+            Ok(_) => panic!("{}: a worker joined a different dataset", b.name),
+        };
+        assert!(err.contains("context_len: there 20, here 30"), "{}: {err}", b.name);
+        assert!(err.contains("encoding.row_group_rows: there 20, here 10"), "{}: {err}", b.name);
+        w0.finish().unwrap();
+        assert_eq!(info(&b.url, &b.opts).unwrap().tokens, 2 * 20, "{}", b.name);
+    }
+}

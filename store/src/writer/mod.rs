@@ -354,9 +354,8 @@ async fn create_or_join(loc: &Location, header: DatasetHeader, encoding: Encodin
         detail: "exists but cannot be read".into(),
     })?;
     let mut differences = existing.header.differences(&fresh.header);
-    if existing.encoding != fresh.encoding {
-        differences.push(format!("encoding {:?} here, {:?} asked", existing.encoding, fresh.encoding));
-    }
+    let encoding = |e: &Encoding| serde_json::json!({ "encoding": e });
+    differences.extend(crate::compare::differences(&encoding(&existing.encoding), &encoding(&fresh.encoding)));
     if !differences.is_empty() {
         return Err(Error::AlreadyExists {
             location: loc.display(HEADER_KEY),
