@@ -29,17 +29,17 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use arrow_array::cast::AsArray;
-use arrow_array::Array;
-use arrow_schema::DataType;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
-use parquet::file::reader::ChunkReader;
 use sha2::{Digest, Sha256};
+
+use parquet_text::{ParquetRecords, PARQUET_BATCH_ROWS};
+use ranged_object::RangedObject;
+
+mod parquet_text;
+mod ranged_object;
 
 /// Debian's fortunes folder (packages `fortunes`, `fortunes-de`, `fortunes-es`, `fortunes-zh`).
 pub const FORTUNES_DIR: &str = "/usr/share/games/fortunes";
@@ -321,7 +321,9 @@ impl Corpus {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// The documents, file after file, read lazily (one file in memory at a time).
+    /// The documents, file after file, read lazily: a file's records are read as they are
+    /// needed (Parquet a record batch at a time, by ranged GETs on an object store), so memory
+    /// holds a few records, not a file; only a `text` file, being one document, is held whole.
     pub fn documents(&self) -> Documents {
         Documents {
             corpus: self.clone(),
@@ -388,14 +390,6 @@ impl Corpus {
         }
     }
 
-    /// The bytes of an object-store file, whole: for Parquet, whose reader needs random access.
-    fn fetch(&self, file: &CorpusFile) -> Result<Bytes> {
-        let Source::Object { store, path } = &file.source else { unreachable!("fetch is for object-store files") };
-        let rt = self.runtime.as_ref().expect("a corpus with object-store files has a runtime");
-        let (store, path) = (store.clone(), path.clone());
-        block_on(rt, async move { store.get(&path).await?.bytes().await }).map_err(redacted_store_error)
-    }
-
     /// A reader over a file's bytes that holds at most a buffer of them: corpus files may be
     /// larger than memory.
     fn open_file(&self, file: &CorpusFile) -> std::io::Result<Box<dyn BufRead + Send>> {
@@ -425,23 +419,27 @@ impl Corpus {
         let format = self.spec.format;
         let unreadable = |e: std::io::Error| FileError::Unreadable(redacted_io_error(&e));
         if format == CorpusFormat::Parquet {
+            let (location, column) = (&file.location, &self.spec.text_field);
             let records = match &file.source {
                 Source::Local(path) => {
                     let f = std::fs::File::open(path).map_err(unreadable)?;
-                    parquet_documents(f, &file.location, &self.spec.text_field)?
+                    ParquetRecords::open(f, location, column, PARQUET_BATCH_ROWS)?
                 }
-                Source::Object { .. } => {
-                    let bytes = self.fetch(file).map_err(|e| FileError::Unreadable(format!("{e:#}")))?;
-                    parquet_documents(bytes, &file.location, &self.spec.text_field)?
+                Source::Object { store, path } => {
+                    let runtime = self.runtime.clone().expect("a corpus with object-store files has a runtime");
+                    let object = RangedObject::new(store.clone(), path.clone(), runtime, file.size);
+                    ParquetRecords::open(object, location, column, PARQUET_BATCH_ROWS)?
                 }
             };
-            return Ok(FileRecords::Collected(records.into_iter()));
+            return Ok(FileRecords::Parquet(Box::new(records)));
         }
         check_utf8(self.open_file(file).map_err(unreadable)?)?;
         let reader = self.open_file(file).map_err(unreadable)?;
         Ok(match format {
             CorpusFormat::Text => {
-                // A text file is one document, so it is held whole.
+                // A text file is one document, so it is held whole: it is tokenized by one `encode`
+                // call, and a model's tokenizer (any `tokenizer.json`: normalizers, a prefix space
+                // added to the text's start) may give other tokens for pieces of it.
                 let mut text = String::new();
                 let mut reader = reader;
                 reader.read_to_string(&mut text).map_err(unreadable)?;
@@ -563,6 +561,7 @@ enum FileRecords {
     Collected(std::vec::IntoIter<(u32, String)>),
     Fortunes(FortuneRecords),
     Jsonl(JsonlRecords),
+    Parquet(Box<ParquetRecords>),
 }
 
 impl Iterator for FileRecords {
@@ -575,6 +574,7 @@ impl Iterator for FileRecords {
                 FileRecords::Collected(records) => records.next().map(Ok),
                 FileRecords::Fortunes(records) => records.next(),
                 FileRecords::Jsonl(records) => records.next(),
+                FileRecords::Parquet(records) => records.next(),
             }?;
             match record {
                 Ok((_, text)) if text.trim().is_empty() => continue,
@@ -802,59 +802,6 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
     }
-}
-
-/// The text column of a Parquet file, as (row index, text). Nulls and blank strings give no
-/// document. A file that is not Parquet is unreadable; a missing or non-string column is an error.
-fn parquet_documents<R: ChunkReader + 'static>(
-    reader: R,
-    location: &str,
-    column: &str,
-) -> Result<Vec<(u32, String)>, FileError> {
-    let unreadable =
-        |e: parquet::errors::ParquetError| FileError::Unreadable(format!("not a readable Parquet file ({e})"));
-    let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(unreadable)?;
-    let fields = builder.schema().fields().clone();
-    let Some(index) = fields.iter().position(|f| f.name() == column) else {
-        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
-        return Err(FileError::Bad(anyhow!(
-            "{location}: no column `{column}` (columns: {}); choose one with --text-field",
-            names.join(", ")
-        )));
-    };
-    let data_type = fields[index].data_type().clone();
-    if !matches!(data_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-        return Err(FileError::Bad(anyhow!("{location}: column `{column}` holds {data_type}, not strings")));
-    }
-    // Top-level fields of an Arrow-written file map one to one onto the Parquet root columns.
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);
-    let batches = builder.with_projection(mask).build().map_err(unreadable)?;
-    let mut out = Vec::new();
-    let mut row = 0u64;
-    for batch in batches {
-        let batch = batch.map_err(|e| FileError::Unreadable(format!("cannot decode Parquet ({e})")))?;
-        let array = batch.column(0);
-        let mut push = |i: usize, text: Option<&str>| {
-            if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
-                out.push(((row + i as u64) as u32, text.to_string()));
-            }
-        };
-        if let Some(a) = array.as_string_opt::<i32>() {
-            (0..a.len()).for_each(|i| push(i, a.is_valid(i).then(|| a.value(i))));
-        } else if let Some(a) = array.as_string_opt::<i64>() {
-            (0..a.len()).for_each(|i| push(i, a.is_valid(i).then(|| a.value(i))));
-        } else if let Some(a) = array.as_string_view_opt() {
-            (0..a.len()).for_each(|i| push(i, a.is_valid(i).then(|| a.value(i))));
-        }
-        row += array.len() as u64;
-    }
-    if row > u64::from(u32::MAX) {
-        return Err(FileError::Bad(anyhow!(
-            "{location}: {row} rows; document ids allow at most {} per file",
-            u32::MAX
-        )));
-    }
-    Ok(out)
 }
 
 /// Lists a local input: the file itself, or the files under the folder (sorted, symlinks and
