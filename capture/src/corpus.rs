@@ -232,10 +232,11 @@ enum Source {
     Object { store: Arc<dyn ObjectStore>, path: ObjectPath },
 }
 
-/// Identifies a corpus's content, for a dataset manifest: equal for two copies of the same files
-/// wherever they are, different as soon as one byte, a name, the format or the text field differs.
+/// A hash of a corpus's content, for the corpus identity of a dataset manifest: equal for two
+/// copies of the same files wherever they are, different as soon as one byte, a name, the format
+/// or the text field differs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CorpusIdentity {
+pub struct CorpusFingerprint {
     /// Hex sha256 over the format, the text field (JSONL and Parquet only), and for each file in
     /// order: its input index, relative path, size and the sha256 of its bytes.
     pub sha256: String,
@@ -243,8 +244,9 @@ pub struct CorpusIdentity {
     pub bytes: u64,
 }
 
-impl CorpusIdentity {
-    /// The identity as a dataset manifest records it; `detail` says how windows were cut.
+impl CorpusFingerprint {
+    /// The corpus identity a dataset manifest records (the fingerprint's hash, the spec's
+    /// name); `detail` says how windows were cut.
     pub fn to_manifest(&self, spec: &CorpusSpec, detail: impl Into<String>) -> store::CorpusIdentity {
         store::CorpusIdentity { name: spec.name.clone(), sha256: self.sha256.clone(), detail: detail.into() }
     }
@@ -341,8 +343,8 @@ impl Corpus {
     }
 
     /// Hashes every file's bytes (one read of the whole corpus). Files that cannot be read enter
-    /// the hash as unreadable, so the identity is defined whenever the corpus can be listed.
-    pub fn identity(&self) -> Result<CorpusIdentity> {
+    /// the hash as unreadable, so the fingerprint is defined whenever the corpus can be listed.
+    pub fn fingerprint(&self) -> Result<CorpusFingerprint> {
         let mut hasher = Sha256::new();
         hasher.update(b"sae-pipeline corpus v1\n");
         hasher.update(format!("format={}\n", self.spec.format));
@@ -361,7 +363,7 @@ impl Corpus {
             // Length-prefixed, so that no two listings hash the same bytes.
             hasher.update(format!("{}\t{}:{}\t{}\n", file.input, file.rel_path.len(), file.rel_path, content_hash));
         }
-        Ok(CorpusIdentity { sha256: hex(&hasher.finalize()), files: self.files.len(), bytes })
+        Ok(CorpusFingerprint { sha256: hex(&hasher.finalize()), files: self.files.len(), bytes })
     }
 
     fn hash_file(&self, file: &CorpusFile) -> Result<(String, u64)> {
