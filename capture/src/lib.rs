@@ -6,7 +6,11 @@
 //!   when no logits are needed.
 //! - [`generate::generate`] decodes with a KV cache.
 //!
-//! This crate knows nothing of SAEs or of how activations are stored.
+//! - [`corpus`] reads text corpora and [`windows`] packs them into token windows.
+//!
+//! This crate knows nothing of SAEs or of how activations are stored. It uses the `store` crate
+//! only to open corpus inputs given as object-store URLs (and to print them without credentials)
+//! and to describe a corpus as a dataset manifest records it ([`corpus::CorpusFingerprint`]).
 
 pub mod config;
 pub mod corpus;

@@ -70,8 +70,9 @@ pub struct WindowOptions {
     pub context_len: usize,
     /// First window to deliver (to resume); the ones before are packed but not delivered.
     pub start_window: u64,
-    /// Stop after window `max_windows - 1` (`None`: at the end of the corpus).
-    pub max_windows: Option<u64>,
+    /// Index of the window to stop before: windows `start_window..end_window` are delivered
+    /// (`None`: to the end of the corpus). An index in the window order, not a count.
+    pub end_window: Option<u64>,
     /// Documents read and tokenized together, in parallel. Does not change the windows.
     pub chunk_documents: usize,
     /// Windows held ready ahead of the consumer.
@@ -85,7 +86,7 @@ impl Default for WindowOptions {
         WindowOptions {
             context_len: DEFAULT_CONTEXT_LEN,
             start_window: 0,
-            max_windows: None,
+            end_window: None,
             chunk_documents: 1024,
             queue_windows: 256,
             threads: None,
@@ -100,7 +101,7 @@ impl WindowOptions {
 
     /// Stops once the stored positions cover `max_tokens` (see [`windows_for_tokens`]).
     pub fn max_tokens(mut self, max_tokens: u64, keep_first_position: bool) -> Self {
-        self.max_windows = Some(windows_for_tokens(max_tokens, self.context_len, keep_first_position));
+        self.end_window = Some(windows_for_tokens(max_tokens, self.context_len, keep_first_position));
         self
     }
 
@@ -122,20 +123,21 @@ pub struct WindowStats {
     pub windows: u64,
     /// Windows packed, delivered or not: the sequence id after the last one.
     pub windows_packed: u64,
-    /// The `max_windows` asked for.
+    /// The `end_window` asked for (so the windows asked for, counted from window 0, the ones
+    /// before `start_window` included).
     pub windows_requested: Option<u64>,
-    /// Whether the corpus ended before `max_windows` (always true without `max_windows`).
+    /// Whether the corpus ended before `end_window` (always true without `end_window`).
     pub corpus_exhausted: bool,
     /// Documents tokenized.
     pub documents: u64,
     /// Stream tokens produced by those documents, EOS separators included.
     pub stream_tokens: u64,
-    /// Files read and skipped. With `max_windows`, only the files needed were read.
+    /// Files read and skipped. With `end_window`, only the files needed were read.
     pub read: ReadStats,
 }
 
 impl WindowStats {
-    /// How many requested windows the corpus could not fill (0 without `max_windows`), so the
+    /// How many requested windows the corpus could not fill (0 without `end_window`), so the
     /// caller can warn.
     pub fn windows_missing(&self) -> u64 {
         self.windows_requested.map_or(0, |n| n.saturating_sub(self.windows_packed))
@@ -244,9 +246,9 @@ impl Producer {
     /// `Ok(None)` when the consumer dropped the stream.
     fn pack_all(&mut self) -> Result<Option<WindowStats>> {
         let mut documents = self.corpus.documents();
-        let mut stats = WindowStats { windows_requested: self.options.max_windows, ..WindowStats::default() };
+        let mut stats = WindowStats { windows_requested: self.options.end_window, ..WindowStats::default() };
         let chunk_len = self.options.chunk_documents.max(1);
-        let done = |packed: u64| self.options.max_windows.is_some_and(|max| packed >= max);
+        let done = |packed: u64| self.options.end_window.is_some_and(|max| packed >= max);
         let mut finished_early = done(0);
         while !finished_early {
             let chunk: Vec<Document> = documents.by_ref().take(chunk_len).collect::<Result<_>>()?;
@@ -293,7 +295,7 @@ impl Producer {
         stats.windows_packed = self.packer.windows_packed;
         stats.corpus_exhausted = !finished_early;
         stats.read = documents.stats().clone();
-        // Only a corpus read to its end can be too small (`max_windows: Some(0)` reads nothing).
+        // Only a corpus read to its end can be too small (`end_window: Some(0)` reads nothing).
         if stats.corpus_exhausted && stats.documents == 0 {
             let read = &stats.read;
             bail!(

@@ -424,7 +424,7 @@ fn windows_do_not_depend_on_threads_or_chunks() {
 #[test]
 fn resume_from_window_w_equals_the_tail_of_a_full_run() {
     let corpus = default_corpus();
-    let options = WindowOptions { max_windows: Some(300), ..WindowOptions::new(128) };
+    let options = WindowOptions { end_window: Some(300), ..WindowOptions::new(128) };
     let (full, _) = collect(&corpus, options.clone());
     assert_eq!(full.len(), 300);
     for start in [0, 1, 123, 299] {
@@ -435,7 +435,7 @@ fn resume_from_window_w_equals_the_tail_of_a_full_run() {
     }
     let (none, stats) = collect(&corpus, options.start_window(300));
     assert!(none.is_empty() && stats.windows == 0);
-    let (none, stats) = collect(&corpus, WindowOptions { max_windows: Some(0), ..WindowOptions::default() });
+    let (none, stats) = collect(&corpus, WindowOptions { end_window: Some(0), ..WindowOptions::default() });
     assert!(none.is_empty() && !stats.corpus_exhausted && stats.documents == 0, "{stats:?}");
 }
 
@@ -482,12 +482,12 @@ fn url_inputs_read_like_the_local_folder() {
     let local = Corpus::open(spec(dir.path(), CorpusFormat::Fortune)).unwrap();
     assert_eq!(local.files().len(), 3);
     let (local_docs, _) = local.read_all().unwrap();
-    let local_id = local.identity().unwrap();
+    let local_fingerprint = local.fingerprint().unwrap();
 
     let file_url = format!("file://{}", dir.path().display());
     let by_file_url = Corpus::open(CorpusSpec::new([file_url], CorpusFormat::Fortune)).unwrap();
     assert_eq!(by_file_url.read_all().unwrap().0, local_docs);
-    assert_eq!(by_file_url.identity().unwrap(), local_id);
+    assert_eq!(by_file_url.fingerprint().unwrap(), local_fingerprint);
 
     // The in-memory store holds no links; the `.dat` files are skipped there too.
     upload(dir.path(), "memory://corpus-tests/fortunes");
@@ -499,7 +499,7 @@ fn url_inputs_read_like_the_local_folder() {
     let (remote_docs, remote_stats) = remote.read_all().unwrap();
     assert_eq!(remote_docs, local_docs);
     assert!(remote_stats.skipped.is_empty());
-    assert_eq!(remote.identity().unwrap(), local_id);
+    assert_eq!(remote.fingerprint().unwrap(), local_fingerprint);
     assert_eq!(remote.files()[0].location, "memory://corpus-tests/fortunes/computers");
     // Windows are the same too.
     let options = WindowOptions::new(64);
@@ -518,24 +518,24 @@ fn url_inputs_read_like_the_local_folder() {
 }
 
 #[test]
-fn identity_follows_content_names_and_format() {
+fn fingerprint_follows_content_names_and_format() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a", "one\n%\ntwo\n");
     write(dir.path(), "b", "three\n");
-    let identity = |format| Corpus::open(spec(dir.path(), format)).unwrap().identity().unwrap();
-    let base = identity(CorpusFormat::Fortune);
+    let fingerprint = |format| Corpus::open(spec(dir.path(), format)).unwrap().fingerprint().unwrap();
+    let base = fingerprint(CorpusFormat::Fortune);
     assert_eq!(base.sha256.len(), 64);
     assert_eq!((base.files, base.bytes), (2, 16));
-    assert_eq!(identity(CorpusFormat::Fortune), base, "deterministic");
-    assert_ne!(identity(CorpusFormat::Text).sha256, base.sha256, "format");
+    assert_eq!(fingerprint(CorpusFormat::Fortune), base, "deterministic");
+    assert_ne!(fingerprint(CorpusFormat::Text).sha256, base.sha256, "format");
     write(dir.path(), "b", "threE\n");
-    assert_ne!(identity(CorpusFormat::Fortune).sha256, base.sha256, "one byte");
+    assert_ne!(fingerprint(CorpusFormat::Fortune).sha256, base.sha256, "one byte");
     write(dir.path(), "b", "three\n");
-    assert_eq!(identity(CorpusFormat::Fortune), base);
+    assert_eq!(fingerprint(CorpusFormat::Fortune), base);
     std::fs::rename(dir.path().join("b"), dir.path().join("c")).unwrap();
-    assert_ne!(identity(CorpusFormat::Fortune).sha256, base.sha256, "name");
+    assert_ne!(fingerprint(CorpusFormat::Fortune).sha256, base.sha256, "name");
     let jsonl = |field: &str| {
-        Corpus::open(spec(dir.path(), CorpusFormat::Text).with_text_field(field)).unwrap().identity().unwrap()
+        Corpus::open(spec(dir.path(), CorpusFormat::Text).with_text_field(field)).unwrap().fingerprint().unwrap()
     };
     assert_eq!(jsonl("x"), jsonl("y"), "the text field does not matter for text files");
     let manifest = base.to_manifest(&CorpusSpec::default_fortunes().unwrap(), "windows of 256 tokens");

@@ -10,8 +10,9 @@ use capture::windows::{WindowOptions, WindowStream};
 #[derive(clap::Args, Debug, Clone)]
 pub struct CorpusArgs {
     /// Text inputs: files, folders (read recursively, in sorted order) or object-store URLs.
+    /// Several may follow one --corpus, or --corpus may be repeated; they are read in order.
     /// Default: the English fortune files of /usr/share/games/fortunes (fortune format).
-    #[arg(long = "corpus", value_name = "PATH_OR_URL")]
+    #[arg(long = "corpus", value_name = "PATH_OR_URL", num_args = 1..)]
     pub inputs: Vec<String>,
     /// text (a file is a document), fortune (documents separated by `%` lines), jsonl or parquet.
     /// Default: fortune for the default corpus, else text.
@@ -50,9 +51,9 @@ impl WindowSource {
     pub fn open(args: &CorpusArgs, tokenizer: &TextTokenizer, context_len: usize) -> Result<Self> {
         let spec = args.spec()?;
         let corpus = Corpus::open(spec.clone())?;
-        let identity = corpus.identity().with_context(|| format!("cannot read the corpus {}", spec.name))?;
-        tracing::info!(corpus = %spec.name, files = identity.files, bytes = identity.bytes, "corpus");
-        let identity = identity.to_manifest(&spec, String::new());
+        let fingerprint = corpus.fingerprint().with_context(|| format!("cannot read the corpus {}", spec.name))?;
+        tracing::info!(corpus = %spec.name, files = fingerprint.files, bytes = fingerprint.bytes, "corpus");
+        let identity = fingerprint.to_manifest(&spec, String::new());
         Ok(WindowSource { corpus, identity, tokenizer: Arc::new(tokenizer.clone()), context_len })
     }
 
@@ -67,7 +68,7 @@ impl WindowSource {
     /// Windows `start..end` of the global window order (fewer if the corpus ends first).
     pub fn windows(&self, start: u64, end: u64) -> Result<WindowStream> {
         let options =
-            WindowOptions { start_window: start, max_windows: Some(end), ..WindowOptions::new(self.context_len) };
+            WindowOptions { start_window: start, end_window: Some(end), ..WindowOptions::new(self.context_len) };
         WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)
     }
 }

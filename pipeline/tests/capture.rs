@@ -59,7 +59,7 @@ fn captured_rows_equal_the_models_own_hooks_bitwise() {
     // The same windows, batched the same way (batch b = windows [4b, 4b+4)), through the model.
     let model = model();
     let corpus = Corpus::open(CorpusSpec::default_fortunes().unwrap()).unwrap();
-    let opts = WindowOptions { max_windows: Some(10), ..WindowOptions::new(64) };
+    let opts = WindowOptions { end_window: Some(10), ..WindowOptions::new(64) };
     let windows: Vec<_> = WindowStream::start(corpus, std::sync::Arc::new(model.tokenizer.clone()), opts)
         .unwrap()
         .map(Result::unwrap)
@@ -251,6 +251,25 @@ fn bad_inputs_are_clear_errors() {
     let out = capture(&out_url, &["--max-tokens", "200"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("\"max_tokens\":200"), "{}", stderr(&out));
+}
+
+#[test]
+fn several_corpus_inputs_follow_one_flag_or_repeat_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let out_url = dir.path().join("out").display().to_string();
+    // Both folders are empty: the corpus error names both inputs, so both were taken.
+    let expected = format!("no text files found in {a}, {b}");
+    for flags in [vec!["--corpus", a, b], vec!["--corpus", a, "--corpus", b]] {
+        let mut args = flags.clone();
+        args.extend(["--max-tokens", "100"]);
+        let out = capture(&out_url, &args);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(&expected), "{flags:?}: {}", stderr(&out));
+    }
 }
 
 #[test]
