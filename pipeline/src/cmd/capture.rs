@@ -88,6 +88,31 @@ struct CaptureConfig {
     compute_dtype: String,
 }
 
+/// Which global rows and batches this worker captures. Batch `b` is always windows
+/// `[b·B, (b+1)·B)`, so the plan depends on the configuration and the worker slot alone.
+struct RowPlan {
+    first_position: usize,
+    rows_per_window: u64,
+    rows_per_batch: u64,
+    /// This worker's batches.
+    my_batches: std::ops::Range<u64>,
+    /// Global rows this worker owns: `[first_row, end_row)`.
+    first_row: u64,
+    end_row: u64,
+}
+
+impl RowPlan {
+    fn new(args: &Args, slot: &WorkerSlot) -> RowPlan {
+        let first_position = usize::from(!args.keep_first_position);
+        let rows_per_window = (args.context_len - first_position) as u64;
+        let rows_per_batch = rows_per_window * args.batch_size as u64;
+        let my_batches = slot.batch_range(args.max_tokens.div_ceil(rows_per_batch));
+        let first_row = my_batches.start * rows_per_batch;
+        let end_row = (my_batches.end * rows_per_batch).min(args.max_tokens);
+        RowPlan { first_position, rows_per_window, rows_per_batch, my_batches, first_row, end_row }
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let slot = WorkerSlot::resolve(args.worker, args.workers)?;
@@ -103,36 +128,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut hooks = args.hooks.iter().map(|h| HookPoint::parse(h, n_layers)).collect::<Result<Vec<_>, _>>()?;
     hooks.sort();
     hooks.dedup();
-
-    let first_position = usize::from(!args.keep_first_position);
-    let rows_per_window = (args.context_len - first_position) as u64;
-    let rows_per_batch = rows_per_window * args.batch_size as u64;
-    let total_batches = args.max_tokens.div_ceil(rows_per_batch);
-    let my_batches = slot.batch_range(total_batches);
-    // Global rows this worker owns: [first_row, end_row).
-    let first_row = my_batches.start * rows_per_batch;
-    let end_row = (my_batches.end * rows_per_batch).min(args.max_tokens);
-
+    let plan = RowPlan::new(&args, &slot);
     let source = WindowSource::open(&args.corpus, &model.tokenizer, args.context_len)?;
-    let config = CaptureConfig {
-        corpus: source.identity().name.clone(),
-        corpus_format: source.format().to_string(),
-        max_tokens: args.max_tokens,
-        batch_size: args.batch_size,
-        first_position,
-        compute_dtype: format!("{:?}", model.llama.kind()),
-    };
-    let header = DatasetHeader {
-        model: ModelIdentity { name: model.name.clone(), file_sha256: model.file_sha256()? },
-        tokenizer: TokenizerIdentity { name: model.name.clone(), sha256: model.tokenizer.digest()? },
-        hooks: hooks
-            .iter()
-            .map(|h| HookSpec { name: h.to_string(), d_model: model.llama.config().d_model() })
-            .collect(),
-        context_len: args.context_len,
-        corpus: CorpusIdentity { detail: serde_json::to_string(&config)?, ..source.identity().clone() },
-        created: CreatedInfo::from_process(),
-    };
+    let header = dataset_header(&args, &model, &hooks, &source, plan.first_position)?;
     if let Some(done) = already_finished_or_different(&args.out, &header)? {
         return report(&args, &done, started, None);
     }
@@ -146,51 +144,104 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut writer = DatasetWriter::create(&args.out, header, opts)
         .with_context(|| format!("cannot write the dataset at {}", args.out))?;
-    let resume_row = first_row + writer.committed_rows();
+    let resume_row = plan.first_row + writer.committed_rows();
     if writer.committed_rows() > 0 {
         tracing::info!(rows = writer.committed_rows(), "resuming after the rows this worker already committed");
     }
+    let loop_started = Instant::now();
+    let (written, model_tokens) = capture_rows(&args, &plan, &model, &hooks, &source, &mut writer, resume_row)?;
+    if written < plan.end_row {
+        tracing::warn!(
+            rows = written - plan.first_row,
+            wanted = plan.end_row - plan.first_row,
+            "the corpus ended before --max-tokens: the dataset holds what there was"
+        );
+    }
+    if slot.count > 1 {
+        let records = writer.finish_part(slot.count)?;
+        eprintln!(
+            "worker {} of {} done: {} shards; run `sae dataset finalize {}` once every worker is done",
+            slot.index,
+            slot.count,
+            records.len(),
+            args.out
+        );
+        return Ok(());
+    }
+    let manifest = writer.finish()?;
+    let capture_seconds = loop_started.elapsed().as_secs_f64();
+    tracing::debug!(seconds = capture_seconds, shards = manifest.shards.len(), "manifest committed");
+    let info = store::info(&args.out, &store::StoreOptions::default())?;
+    let captured = written.saturating_sub(resume_row);
+    report(&args, &info, started, Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds }))
+}
 
-    // Windows from the start of the batch that holds the first row still to write.
-    let first_batch = resume_row / rows_per_batch;
-    let (tx, rx) = bounded::<Result<Vec<Window>>>(4);
-    let batch_size = args.batch_size;
-    let producer = {
-        // The last batch holds only the windows that reach --max-tokens. That depends on the
-        // configuration alone, so every run (resumed or split) still computes the same batches.
-        let windows_needed = args.max_tokens.div_ceil(rows_per_window);
-        let end_window = (my_batches.end * batch_size as u64).min(windows_needed);
-        let mut windows = source.windows(first_batch * batch_size as u64, end_window)?;
-        std::thread::Builder::new().name("sae-tokenize".into()).spawn(move || {
-            loop {
-                let batch: Result<Vec<Window>> = windows.by_ref().take(batch_size).collect();
-                // A short batch or an error is the last thing this stream has to send.
-                let last = !matches!(&batch, Ok(b) if b.len() == batch_size);
-                if matches!(&batch, Ok(b) if b.is_empty()) || tx.send(batch).is_err() || last {
-                    return;
-                }
-            }
-        })?
+/// The header that names this capture: model, tokenizer, hooks, corpus and the settings that
+/// make two captures the same dataset.
+fn dataset_header(
+    args: &Args,
+    model: &capture::Model,
+    hooks: &[HookPoint],
+    source: &WindowSource,
+    first_position: usize,
+) -> Result<DatasetHeader> {
+    let config = CaptureConfig {
+        corpus: source.identity().name.clone(),
+        corpus_format: source.format().to_string(),
+        max_tokens: args.max_tokens,
+        batch_size: args.batch_size,
+        first_position,
+        compute_dtype: format!("{:?}", model.llama.kind()),
     };
+    Ok(DatasetHeader {
+        model: ModelIdentity { name: model.name.clone(), file_sha256: model.file_sha256()? },
+        tokenizer: TokenizerIdentity { name: model.name.clone(), sha256: model.tokenizer.digest()? },
+        hooks: hooks
+            .iter()
+            .map(|h| HookSpec { name: h.to_string(), d_model: model.llama.config().d_model() })
+            .collect(),
+        context_len: args.context_len,
+        corpus: CorpusIdentity { detail: serde_json::to_string(&config)?, ..source.identity().clone() },
+        created: CreatedInfo::from_process(),
+    })
+}
 
-    let bar = ProgressBar::new(end_row.saturating_sub(resume_row)).with_style(
+/// Runs the model over this worker's batches from the one holding `resume_row` and appends
+/// rows `[resume_row, end_row)` to `writer`. Returns the global row reached (below `end_row`
+/// when the corpus ended first) and the tokens the model ran.
+fn capture_rows(
+    args: &Args,
+    plan: &RowPlan,
+    model: &capture::Model,
+    hooks: &[HookPoint],
+    source: &WindowSource,
+    writer: &mut DatasetWriter,
+    resume_row: u64,
+) -> Result<(u64, u64)> {
+    let batch_size = args.batch_size;
+    let first_batch = resume_row / plan.rows_per_batch;
+    // The last batch holds only the windows that reach --max-tokens. That depends on the
+    // configuration alone, so every run (resumed or split) still computes the same batches.
+    let end_window = (plan.my_batches.end * batch_size as u64).min(args.max_tokens.div_ceil(plan.rows_per_window));
+    let windows = source.windows(first_batch * batch_size as u64, end_window)?;
+    let (rx, producer) = spawn_tokenizer(windows, batch_size)?;
+    let bar = ProgressBar::new(plan.end_row.saturating_sub(resume_row)).with_style(
         ProgressStyle::with_template(
             "{spinner} capture [{bar:30}] {human_pos}/{human_len} tokens {per_sec} eta {eta} {msg}",
         )
         .expect("valid template"),
     );
-    let loop_started = Instant::now();
-    let mut row = first_batch * rows_per_batch;
+    let mut row = first_batch * plan.rows_per_batch;
     let mut model_tokens = 0u64;
-    while row < end_row {
+    while row < plan.end_row {
         let Ok(windows) = rx.recv() else { break };
         let windows = windows?;
-        let mut rows = rows_of_batch(&model, &hooks, &windows, first_position)?;
+        let mut rows = rows_of_batch(model, hooks, &windows, plan.first_position)?;
         model_tokens += (windows.len() * args.context_len) as u64;
         let batch_rows = rows.rows() as u64;
         // Keep only [resume_row, end_row) of this batch's global rows.
         let keep_from = resume_row.saturating_sub(row) as usize;
-        let keep_to = (end_row - row).min(batch_rows) as usize;
+        let keep_to = (plan.end_row - row).min(batch_rows) as usize;
         keep_rows(&mut rows, keep_from..keep_to);
         bar.inc(rows.rows() as u64);
         writer.append(rows)?;
@@ -202,38 +253,41 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     drop(rx);
-    let _ = producer.join();
     bar.finish_and_clear();
-    let written = row.min(end_row);
-    if written < end_row {
-        tracing::warn!(
-            rows = written - first_row,
-            wanted = end_row - first_row,
-            "the corpus ended before --max-tokens: the dataset holds what there was"
-        );
+    // A closed channel ends the loop; only a tokenizer thread that returned means the corpus ended.
+    if let Err(panic) = producer.join() {
+        bail!("the tokenizer thread panicked: {}", panic_message(&panic));
     }
-    if slot.count == 1 {
-        let manifest = writer.finish()?;
-        let capture_seconds = loop_started.elapsed().as_secs_f64();
-        tracing::debug!(seconds = capture_seconds, shards = manifest.shards.len(), "manifest committed");
-        let info = store::info(&args.out, &store::StoreOptions::default())?;
-        let captured = written.saturating_sub(resume_row);
-        report(&args, &info, started, Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds }))
-    } else {
-        let records = writer.finish_part(slot.count)?;
-        eprintln!(
-            "worker {} of {} done: {} shards; run `sae dataset finalize {}` once every worker is done",
-            slot.index,
-            slot.count,
-            records.len(),
-            args.out
-        );
-        Ok(())
-    }
+    Ok((row.min(plan.end_row), model_tokens))
 }
 
-/// `Some(info)` when `out` already holds this dataset, finished; an error when it holds a
-/// different one (naming what differs); `None` when capture should (re)start.
+type WindowBatches = crossbeam_channel::Receiver<Result<Vec<Window>>>;
+
+/// Packs `windows` into batches of `batch_size` on a thread of its own; a short batch or an
+/// error is the last thing it sends.
+fn spawn_tokenizer(
+    mut windows: impl Iterator<Item = Result<Window>> + Send + 'static,
+    batch_size: usize,
+) -> Result<(WindowBatches, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = bounded::<Result<Vec<Window>>>(4);
+    let producer = std::thread::Builder::new().name("sae-tokenize".into()).spawn(move || loop {
+        let batch: Result<Vec<Window>> = windows.by_ref().take(batch_size).collect();
+        let last = !matches!(&batch, Ok(b) if b.len() == batch_size);
+        if matches!(&batch, Ok(b) if b.is_empty()) || tx.send(batch).is_err() || last {
+            return;
+        }
+    })?;
+    Ok((rx, producer))
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 fn already_finished_or_different(out: &str, header: &DatasetHeader) -> Result<Option<store::DatasetInfo>> {
     let info = match store::info(out, &store::StoreOptions::default()) {
         Ok(info) => info,
