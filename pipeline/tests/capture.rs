@@ -12,7 +12,7 @@ use store::reader::{Reader, ReaderOptions};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{model, spawn_sae, start_moto, stderr, wait_while_running};
+use common::{model, spawn_sae, stderr, wait_while_running, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
@@ -187,7 +187,7 @@ fn two_workers_and_finalize_equal_one_worker() {
 
 #[test]
 fn capture_to_a_real_s3_server() {
-    let server = start_moto("acts");
+    let server = S3Server::moto("acts");
     let url = "s3://acts/smollm2/l15";
     let mut args = vec!["capture", "--out", url, "--max-tokens", "500"];
     args.extend_from_slice(SMALL);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{newest_checkpoint, stderr, venv_bin};
+use common::{free_port, newest_checkpoint, stderr, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 
@@ -35,10 +35,6 @@ fn dataset() -> &'static str {
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         dir
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn train_args<'a>(out: &'a str, arch: &'a str, batch: &'a str, tokens: &'a str) -> Vec<&'a str> {

@@ -15,7 +15,8 @@ use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
 
 mod common;
-use common::{last_json, model, start_moto, stderr, stdout};
+use common::{last_json, model, stderr, stdout, S3Server};
+use testkit::chromium_dom;
 
 const SAE_BIN: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -527,28 +528,6 @@ fn body_tag(dom: &str) -> &str {
     &dom[start..start + dom[start..].find('>').unwrap()]
 }
 
-fn chromium_dom(page: &Path) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .expect("chromium is not installed: run `make setup-test`");
-    assert!(out.status.success(), "chromium failed: {}", stderr(&out));
-    stdout(&out)
-}
-
 /// `sae run` on a corpus holding script and onerror payloads: the stages run, a second run reuses
 /// them, and the browser's pages render real examples in Chromium without running the payloads.
 #[test]
@@ -588,7 +567,7 @@ fn sae_run_end_to_end_and_the_browser_keeps_corpus_payloads_inert() {
     let again = stdout(&sae_ok(&["run", "--config", config.to_str().unwrap()]));
     assert!(again.contains("already evaluated") && again.contains("already built"), "{again}");
 
-    let dom = chromium_dom(&index);
+    let dom = chromium_dom(&format!("file://{}", index.display()));
     assert!(dom.contains("id=\"search\"") && dom.contains("feature-row"), "index lacks its search box or rows");
     assert!(!body_tag(&dom).contains("data-pwned"), "a payload ran on the index");
     // The page of the feature with the most top examples holding a payload token.
@@ -609,7 +588,7 @@ fn sae_run_end_to_end_and_the_browser_keeps_corpus_payloads_inert() {
         .map(|e| e.unwrap().path())
         .find(|p| p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u32>().ok()) == Some(feature))
         .expect("a page for the feature");
-    let dom = chromium_dom(&page);
+    let dom = chromium_dom(&format!("file://{}", page.display()));
     assert!(!body_tag(&dom).contains("data-pwned"), "a payload ran on {}", page.display());
     assert!(!dom.contains("<img src=\"x\""), "a payload became an element on {}", page.display());
     for id in ["id=\"histogram\"", "id=\"top-examples\"", "id=\"logits\"", "id=\"neighbors\"", "class=\"tok"] {
@@ -623,7 +602,7 @@ fn sae_run_end_to_end_and_the_browser_keeps_corpus_payloads_inert() {
 #[test]
 fn features_live_on_s3() {
     let f = fixture();
-    let server = start_moto("feats");
+    let server = S3Server::moto("feats");
     let url = "s3://feats/runs/features";
     let run = |args: &[&str]| {
         let mut cmd = Command::new(SAE_BIN);

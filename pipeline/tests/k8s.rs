@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 mod common;
-use common::{dataset_rows, free_port, start_moto, stderr, stdout, venv_bin};
+use common::{dataset_rows, free_port, stderr, stdout, venv_bin, S3Objects, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// The Kubernetes version the manifests are checked against (Debian 12's era of clusters up to
@@ -195,7 +195,7 @@ fn run_job(job: &JobSpec, replace: &[(&str, String)]) -> Vec<Output> {
 
 #[test]
 fn the_manifests_commands_run_as_their_pods_would() {
-    let s3 = start_moto("k8s");
+    let s3 = S3Server::moto("k8s");
     let (data, sae, features) = ("s3://k8s/acts", "s3://k8s/run/sae", "s3://k8s/run/features");
     let capture_tokens = 2048;
 

@@ -11,7 +11,7 @@ use store::reader::{OutputDtype, Reader, ReaderOptions};
 use tch::{Device, Tensor};
 
 mod common;
-use common::{last_json, newest_checkpoint, spawn_sae, start_moto, stderr, venv_bin, wait_while_running};
+use common::{last_json, newest_checkpoint, spawn_sae, stderr, venv_bin, wait_while_running, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -301,7 +301,7 @@ fn eval_scores_a_trained_sae_above_an_untrained_one() {
 
 #[test]
 fn training_writes_checkpoints_and_the_sae_to_a_real_s3_server() {
-    let server = start_moto("saes");
+    let server = S3Server::moto("saes");
     let url = "s3://saes/runs/topk";
     let run = |args: &[&str]| {
         let mut cmd = Command::new(SAE);

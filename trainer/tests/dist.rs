@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -15,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
+use testkit::free_port;
 use trainer::dist::{has_nccl, Backend, DistEnv, DistError, ProcessGroup};
 
 const WORKER_VAR: &str = "SAE_DIST_WORKER";
@@ -143,10 +143,6 @@ fn collectives(pg: &ProcessGroup) -> Result<(), DistError> {
 // ---------------------------------------------------------------------------------------------
 // The test side.
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A child process whose stdout lines arrive on a channel and whose stderr is collected; killed
 /// if the test ends early.
 struct Proc {
@@ -271,19 +267,9 @@ fn two_processes_all_reduce_broadcast_barrier() {
     eprintln!("two ranks: sum, mean, broadcast, barrier in {:.2?}", t0.elapsed());
 }
 
+/// The venv's torchrun, if it is installed.
 fn torchrun() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(python) = std::env::var("SAE_PYTHON") {
-        candidates.push(PathBuf::from(python).with_file_name("torchrun"));
-    }
-    let cache = std::env::var("SAE_CACHE")
-        .map(PathBuf::from)
-        .ok()
-        .or_else(|| std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/sae-pipeline")));
-    if let Some(cache) = cache {
-        candidates.push(cache.join("venv/bin/torchrun"));
-    }
-    candidates.into_iter().find(|p| p.exists())
+    Some(testkit::venv_bin("torchrun")).filter(|p| p.exists())
 }
 
 /// Under torchrun the agent hosts the TCPStore on MASTER_PORT and sets
@@ -407,7 +393,7 @@ fn missing_store_is_reported_within_the_timeout() {
 fn taken_port_is_reported() {
     // Rank 0 hosting the store on a port that is in use: what torchrun's workers would hit
     // without the agent store.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let env = DistEnv {
         rank: 0,
