@@ -12,15 +12,11 @@ use store::reader::{Reader, ReaderOptions};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{model, spawn_sae, stderr, wait_while_running, S3Server};
+use common::{model, sae, spawn_sae, stderr, wait_while_running, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
 const SMALL: &[&str] = &["--context-len", "64", "--batch-size", "4", "--threads", "2", "--row-group-rows", "128"];
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
 
 fn capture(out: &str, extra: &[&str]) -> Output {
     let mut args = vec!["capture", "--out", out];

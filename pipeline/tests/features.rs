@@ -3,7 +3,7 @@
 //! computation done here with the library crates directly.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
@@ -15,22 +15,11 @@ use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
 
 mod common;
-use common::{last_json, model, stderr, stdout, S3Server};
+use common::{last_json, model, sae, sae_with, scratch, stderr, stdout, S3Server};
 use testkit::chromium_dom;
 
 const SAE_BIN: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(SAE_BIN).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("features-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
 
 struct Fixture {
     data: String,
@@ -44,58 +33,22 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let data = scratch("data").display().to_string();
-        let out = sae(&[
-            "capture",
-            "--out",
-            &data,
-            "--max-tokens",
-            "8000",
-            "--context-len",
-            "64",
-            "--batch-size",
-            "4",
-            "--row-group-rows",
-            "512",
-        ]);
+        let out = sae_with(
+            &["capture", "--out", &data],
+            "--max-tokens 8000 --context-len 64 --batch-size 4 --row-group-rows 512",
+        );
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         let sae_dir = scratch("sae").display().to_string();
-        let out = sae(&[
-            "train",
-            "--data",
-            &data,
-            "--out",
-            &sae_dir,
-            "--latents",
-            "1152",
-            "--k",
-            "16",
-            "--batch-size",
-            "256",
-            "--max-tokens",
-            "16384",
-            "--lr",
-            "1e-3",
-            "--no-eval",
-            "--quiet",
-        ]);
+        let out = sae_with(
+            &["train", "--data", &data, "--out", &sae_dir],
+            "--latents 1152 --k 16 --batch-size 256 --max-tokens 16384 --lr 1e-3 --no-eval --quiet",
+        );
         assert!(out.status.success(), "train failed: {}", stderr(&out));
         let features = scratch("features").display().to_string();
-        let out = sae(&[
-            "features",
-            "build",
-            "--sae",
-            &sae_dir,
-            "--data",
-            &data,
-            "--out",
-            &features,
-            "--top-k",
-            "5",
-            "--context",
-            "4",
-            "--chunk-rows",
-            "1000",
-        ]);
+        let out = sae_with(
+            &["features", "build", "--sae", &sae_dir, "--data", &data, "--out", &features],
+            "--top-k 5 --context 4 --chunk-rows 1000",
+        );
         assert!(out.status.success(), "features build failed: {}", stderr(&out));
         Fixture { data, sae: sae_dir, features }
     })
@@ -481,25 +434,10 @@ fn bad_inputs_are_clear_errors() {
     );
     // A features folder built from another SAE.
     let other = scratch("sae-other").display().to_string();
-    let out = sae(&[
-        "train",
-        "--data",
-        &f.data,
-        "--out",
-        &other,
-        "--latents",
-        "1152",
-        "--k",
-        "16",
-        "--batch-size",
-        "256",
-        "--max-tokens",
-        "1024",
-        "--seed",
-        "9",
-        "--no-eval",
-        "--quiet",
-    ]);
+    let out = sae_with(
+        &["train", "--data", &f.data, "--out", &other],
+        "--latents 1152 --k 16 --batch-size 256 --max-tokens 1024 --seed 9 --no-eval --quiet",
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = sae(&[
         "steer",

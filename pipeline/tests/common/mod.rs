@@ -1,7 +1,7 @@
 //! Helpers shared by the pipeline's integration tests.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,26 @@ pub fn model() -> std::sync::MutexGuard<'static, capture::Model> {
         })
         .lock()
         .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the `sae` program with `args` (logging warnings only) and waits for its output.
+pub fn sae(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sae")).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
+}
+
+/// Runs `sae` with `args` followed by the whitespace-separated `flags` (flag values without
+/// spaces), and waits for its output.
+pub fn sae_with(args: &[&str], flags: &str) -> Output {
+    sae(&[args, &flags.split_whitespace().collect::<Vec<_>>()].concat())
+}
+
+/// A fresh path `name` under this test binary's scratch folder (`<binary>-tests` in cargo's
+/// folder for test files): its parent exists, it does not.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-tests", env!("CARGO_CRATE_NAME"))).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    dir
 }
 
 /// Starts the `sae` program with `args`, its output discarded.

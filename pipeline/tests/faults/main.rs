@@ -32,12 +32,15 @@ mod training;
 
 use campaign::{faults_per_scenario, Rng, Tally};
 use common::newest_checkpoint;
-use process::{alive, descendants, run, send_signal, start};
+use process::{run, start};
 use reference::{base, capture_args, commits_of, small, verify};
 use s3::{drops, nothing_torn, run_with_fault, s3_env, storm, with_env, RestartableS3, S3S_BUCKET};
 use s3::{S3S_ACCESS_KEY, S3S_SECRET_KEY};
 use store_common::{moto, Fault, Proxy, TestStoreOptions};
-use training::{checkpoint_step, launch, metrics_without_timing, same_run, Launch};
+use training::CHECKPOINT_EVERY;
+use training::{
+    checkpoint_step, kill_launcher_and_ranks, launch, metrics_without_timing, same_run, train_args, Launch,
+};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -114,29 +117,8 @@ fn train_with_kills(scenario: &'static str, how: Launch, settings: &[&str], tota
     let mut rng = Rng::for_scenario(scenario);
     let dir = scratch(scenario);
     let logs = dir.join("logs");
-    let every = 5;
-    let args_for = |out: &Path| {
-        let mut args = strings(&["train", "--data", &base().url, "--out", out.to_str().unwrap()]);
-        args.extend(strings(&[
-            "--latents",
-            "1152",
-            "--k",
-            "16",
-            "--lr",
-            "1e-3",
-            "--threads",
-            "1",
-            "--log-every",
-            "5",
-            "--no-eval",
-            "--quiet",
-            "--json",
-            "--checkpoint-every",
-            &every.to_string(),
-        ]));
-        args.extend(strings(settings));
-        args
-    };
+    let every = CHECKPOINT_EVERY;
+    let args_for = |out: &Path| train_args(&base().url, out.to_str().unwrap(), settings);
     let whole = dir.join("whole");
     let f = run(launch(how, &args_for(&whole)), &logs, "whole");
     tally.saw(&f);
@@ -172,20 +154,7 @@ fn train_with_kills(scenario: &'static str, how: Launch, settings: &[&str], tota
         }
         let newest_before = newest_checkpoint(&out).map(|n| checkpoint_step(&n)).unwrap_or(0);
         if how == Launch::Torchrun && signal == "-KILL" {
-            // A lost node or a batch system's hard kill: the launcher and both ranks at once
-            // (the ranks run in their own session, so killing torchrun alone would orphan them).
-            let ranks = descendants(p.child.id());
-            p.signal(signal);
-            for pid in &ranks {
-                send_signal(*pid, signal);
-            }
-            let f = p.wait();
-            tally.saw(&f);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while ranks.iter().any(|&pid| alive(pid)) {
-                assert!(Instant::now() < deadline, "ranks outlived SIGKILL");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            tally.saw(&kill_launcher_and_ranks(p));
         } else {
             // torchrun passes SIGTERM on to its ranks, which checkpoint and stop.
             p.signal(signal);
@@ -357,34 +326,8 @@ fn s3_training_data() -> &'static str {
     })
 }
 
-fn s3_train_args(data: &str, out: &str) -> Vec<String> {
-    strings(&[
-        "train",
-        "--data",
-        data,
-        "--out",
-        out,
-        "--latents",
-        "1152",
-        "--k",
-        "16",
-        "--batch-size",
-        "256",
-        "--max-tokens",
-        "10240",
-        "--lr",
-        "1e-3",
-        "--threads",
-        "1",
-        "--log-every",
-        "5",
-        "--no-eval",
-        "--quiet",
-        "--json",
-        "--checkpoint-every",
-        "5",
-    ])
-}
+/// 40 steps of 256 rows.
+const S3_TRAIN: &[&str] = &["--batch-size", "256", "--max-tokens", "10240"];
 
 fn s3_training_faults(scenario: &'static str, fault_for: fn(usize, &mut Rng) -> (Fault, Option<&'static str>)) {
     let mut tally = Tally::new(scenario);
@@ -394,7 +337,8 @@ fn s3_training_faults(scenario: &'static str, fault_for: fn(usize, &mut Rng) -> 
     let logs = dir.join("logs");
     let whole = dir.join("whole");
     let direct_env = s3_env(&moto().endpoint, "test", "test");
-    let f = run(with_env(sae_command(&s3_train_args(data, whole.to_str().unwrap())), &direct_env), &logs, "whole");
+    let f =
+        run(with_env(sae_command(&train_args(data, whole.to_str().unwrap(), S3_TRAIN)), &direct_env), &logs, "whole");
     tally.saw(&f);
     assert!(f.success(), "{}", f.stderr);
     let took = f.took;
@@ -404,7 +348,7 @@ fn s3_training_faults(scenario: &'static str, fault_for: fn(usize, &mut Rng) -> 
     let direct = moto().options(3);
     for i in 0..tally.planned {
         let out = moto().url("faults-train");
-        let args = s3_train_args(data, &out);
+        let args = train_args(data, &out, S3_TRAIN);
         let p = start(with_env(sae_command(&args), &env), &logs, &format!("train-{i}"));
         let (f, hit) = run_with_fault(p, &proxy, took.mul_f64(rng.uniform(0.0, 0.8)), fault_for(i, &mut rng));
         tally.saw(&f);

@@ -2,9 +2,44 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use crate::common::{free_port, venv_bin};
-use crate::{sae_command, SAE};
+use crate::process::{alive, descendants, send_signal, Finished, Process};
+use crate::{sae_command, strings, SAE};
+
+/// Steps between checkpoints in every training scenario.
+pub const CHECKPOINT_EVERY: u64 = 5;
+/// The SAE every training scenario trains: small, on one thread (so that two runs agree bit for
+/// bit), without evaluation, printing its result as JSON.
+const SMALL_SAE: &str = "--latents 1152 --k 16 --lr 1e-3 --threads 1 --log-every 5 --no-eval --quiet --json";
+
+/// The `sae train` arguments for training on `data` into `out`, with a scenario's `settings`.
+pub fn train_args(data: &str, out: &str, settings: &[&str]) -> Vec<String> {
+    let mut args = strings(&["train", "--data", data, "--out", out]);
+    args.extend(SMALL_SAE.split_whitespace().map(String::from));
+    args.extend(strings(&["--checkpoint-every", &CHECKPOINT_EVERY.to_string()]));
+    args.extend(strings(settings));
+    args
+}
+
+/// SIGKILLs a torchrun launcher and its ranks at once, as a lost node or a batch system's hard
+/// kill would (the ranks run in their own session, so killing torchrun alone would orphan
+/// them), and waits until every rank is gone.
+pub fn kill_launcher_and_ranks(p: Process) -> Finished {
+    let ranks = descendants(p.child.id());
+    p.signal("-KILL");
+    for pid in &ranks {
+        send_signal(*pid, "-KILL");
+    }
+    let f = p.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ranks.iter().any(|&pid| alive(pid)) {
+        assert!(Instant::now() < deadline, "ranks outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f
+}
 
 /// How a training run is started.
 #[derive(Clone, Copy, PartialEq)]
