@@ -15,6 +15,6 @@ pub mod venv;
 pub use alloc::CountingAllocator;
 pub use chromium::chromium_dom;
 pub use net::{free_port, http_response, http_status, wait_listening};
-pub use s3::{s3s_fs_binary, spawn_watched, S3Server};
+pub use s3::{s3s_fs_args, s3s_fs_binary, spawn_watched, S3Server};
 pub use temp::{unique, TempDir};
 pub use venv::{python, venv, venv_bin};

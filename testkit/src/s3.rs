@@ -52,19 +52,7 @@ impl S3Server {
             let dir = TempDir::new("s3s-fs");
             std::fs::create_dir_all(dir.path().join(bucket)).unwrap();
             let port = free_port();
-            let args: Vec<String> = [
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--access-key",
-                S3S_ACCESS_KEY,
-                "--secret-key",
-                S3S_SECRET_KEY,
-                dir.path().to_str().unwrap(),
-            ]
-            .map(String::from)
-            .into();
+            let args = s3s_fs_args(port, (S3S_ACCESS_KEY, S3S_SECRET_KEY), dir.path());
             let mut watchdog = spawn_watched(bin.to_str().unwrap(), &args, Some(dir.path()));
             if !wait_listening(port, &mut watchdog, "s3s-fs") {
                 continue;
@@ -164,6 +152,13 @@ fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> 
         }
     }
     panic!("{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)");
+}
+
+/// s3s-fs's arguments: serve the folder `dir` on loopback `port` with the given keys.
+pub fn s3s_fs_args(port: u16, (access_key, secret_key): (&str, &str), dir: &Path) -> Vec<String> {
+    let port = port.to_string();
+    let args = ["--host", "127.0.0.1", "--port", &port, "--access-key", access_key, "--secret-key", secret_key];
+    args.iter().map(|a| a.to_string()).chain([dir.display().to_string()]).collect()
 }
 
 /// The s3s-fs binary (`SAE_S3S_FS`, else cargo's bin folder, else PATH).

@@ -343,16 +343,21 @@ fn stuck_peer_times_out() {
 // ---------------------------------------------------------------------------------------------
 // In-process checks: a group of one, and set-up errors.
 
-#[test]
-fn group_of_one_is_the_identity() {
-    let env = DistEnv {
+/// Rank 0 of 1, hosting its own store on a free loopback port.
+fn group_of_one() -> DistEnv {
+    DistEnv {
         rank: 0,
         world_size: 1,
         local_rank: 0,
         master_addr: "127.0.0.1".into(),
         master_port: free_port(),
         agent_store: false,
-    };
+    }
+}
+
+#[test]
+fn group_of_one_is_the_identity() {
+    let env = group_of_one();
     let pg = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(5)).unwrap();
     let t = Tensor::from_slice(&[1.5f32, -2.0]);
     let i = Tensor::from_slice(&[3i64, -3]);
@@ -426,14 +431,7 @@ fn nccl_is_compiled_in() {
 /// the build) asking for NCCL must fail cleanly, through the NCCL code path when it is linked.
 #[test]
 fn nccl_group_on_a_gpu() {
-    let env = DistEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-        agent_store: false,
-    };
+    let env = group_of_one();
     if !has_nccl() {
         let e = ProcessGroup::new(&env, Backend::Nccl, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, DistError::NoNccl), "{e}");

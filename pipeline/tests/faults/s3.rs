@@ -9,7 +9,6 @@ use crate::campaign::Rng;
 use crate::process::{descendants, send_signal, Finished, Process};
 use crate::reference::verify;
 use crate::store_common::{s3_options, Fault, Proxy};
-use crate::strings;
 
 pub const S3S_ACCESS_KEY: &str = "SAEFAULTSACCESSKEY";
 pub const S3S_SECRET_KEY: &str = "sae-faults-secret-key-0123456789";
@@ -26,17 +25,7 @@ pub struct RestartableS3 {
 impl RestartableS3 {
     pub fn start(dir: &Path, port: u16) -> RestartableS3 {
         std::fs::create_dir_all(dir.join(S3S_BUCKET)).unwrap();
-        let args = strings(&[
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--access-key",
-            S3S_ACCESS_KEY,
-            "--secret-key",
-            S3S_SECRET_KEY,
-            dir.to_str().unwrap(),
-        ]);
+        let args = testkit::s3s_fs_args(port, (S3S_ACCESS_KEY, S3S_SECRET_KEY), dir);
         let bin = testkit::s3s_fs_binary();
         // A restart right after a crash may find the port still held for a moment.
         for _ in 0..20 {
