@@ -5,42 +5,14 @@
 //! tokenizer vocabulary and tensors of each supported type) and then does what loading a model
 //! does with it: parse, read the configuration and tokenizer keys, dequantize every tensor.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use capture::gguf::{GgmlType, GgufBuilder, GgufFile, Value};
 use proptest::prelude::*;
+use testkit::CountingAllocator;
 
 /// No single allocation made while parsing a damaged file may exceed this. The valid file is a
 /// few KB; dequantizing can legitimately take 8x the file (Q4 to f32), but nothing near this.
 const ALLOCATION_LIMIT: usize = 16 << 20;
-/// Above this an allocation is refused outright (the process aborts and the test fails).
-const ALLOCATION_REFUSED: usize = 1 << 30;
-
-struct CountingAllocator;
-
-static LARGEST_ALLOCATION: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOCATION.fetch_max(layout.size(), Ordering::Relaxed);
-        if layout.size() > ALLOCATION_REFUSED {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST_ALLOCATION.fetch_max(new_size, Ordering::Relaxed);
-        if new_size > ALLOCATION_REFUSED {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Records the largest allocation, and refuses any over 1 GiB (see `testkit::alloc`).
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
@@ -173,12 +145,12 @@ proptest! {
     #[test]
     fn damaged_gguf_is_an_error_or_a_usable_file(mutations in prop::collection::vec(mutation(), 1..4)) {
         let image = mutations.iter().fold(valid_gguf(), apply);
-        LARGEST_ALLOCATION.store(0, Ordering::Relaxed);
+        CountingAllocator::reset();
         match GgufFile::from_bytes("damaged.gguf", image) {
             Ok(file) => use_every_part(&file),
             Err(err) => prop_assert!(err.to_string().contains("damaged.gguf"), "the error names no file: {}", err),
         }
-        let largest = LARGEST_ALLOCATION.load(Ordering::Relaxed);
+        let largest = CountingAllocator::largest();
         prop_assert!(largest <= ALLOCATION_LIMIT, "an allocation of {} bytes for a damaged file", largest);
     }
 }

@@ -12,15 +12,11 @@ use store::reader::{Reader, ReaderOptions};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{model, spawn_sae, start_moto, stderr, wait_while_running};
+use common::{model, sae, spawn_sae, stderr, wait_while_running, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
 const SMALL: &[&str] = &["--context-len", "64", "--batch-size", "4", "--threads", "2", "--row-group-rows", "128"];
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
 
 fn capture(out: &str, extra: &[&str]) -> Output {
     let mut args = vec!["capture", "--out", out];
@@ -187,7 +183,7 @@ fn two_workers_and_finalize_equal_one_worker() {
 
 #[test]
 fn capture_to_a_real_s3_server() {
-    let server = start_moto("acts");
+    let server = S3Server::moto("acts");
     let url = "s3://acts/smollm2/l15";
     let mut args = vec!["capture", "--out", url, "--max-tokens", "500"];
     args.extend_from_slice(SMALL);

@@ -1,14 +1,17 @@
 //! The `sae` binary as a user runs it: output on stdout, clear errors and non-zero exits.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use capture::gguf::{GgmlType, GgufBuilder, Value};
 
 mod common;
-use common::stderr;
+use common::{sae, stderr};
 
-fn sae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sae")).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
+/// Runs `sae` with `args`, which must fail, and returns its stderr.
+fn sae_error(args: &[&str]) -> String {
+    let out = sae(args);
+    assert!(!out.status.success(), "sae {args:?} succeeded");
+    stderr(&out)
 }
 
 #[test]
@@ -27,9 +30,7 @@ fn generate_from_a_clean_environment_continues_with_paris() {
 
 #[test]
 fn missing_model_file_is_a_clear_error() {
-    let out = sae(&["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = sae_error(&["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"]);
     assert!(err.contains("/nonexistent/model.gguf") && err.contains("does not exist"), "{err}");
 }
 
@@ -38,9 +39,7 @@ fn a_file_that_is_not_gguf_is_refused_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("not-a-model.gguf");
     std::fs::write(&path, b"this is not a model at all").unwrap();
-    let out = sae(&["generate", "--prompt", "hi", "--model", path.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = sae_error(&["generate", "--prompt", "hi", "--model", path.to_str().unwrap()]);
     assert!(err.contains("not-a-model.gguf") && err.contains("not a GGUF file"), "{err}");
 }
 
@@ -63,17 +62,13 @@ fn unsupported_gguf_type_names_the_tensor_and_type() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q4k.gguf");
     std::fs::write(&path, image).unwrap();
-    let out = sae(&["generate", "--prompt", "ab", "--model", path.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = sae_error(&["generate", "--prompt", "ab", "--model", path.to_str().unwrap()]);
     assert!(err.contains("token_embd.weight") && err.contains("Q4_K") && err.contains("not supported"), "{err}");
 }
 
 #[test]
 fn unknown_hook_names_the_hook_and_the_valid_range() {
-    let out = sae(&["activations", "--hook", "blocks.99.hook_resid_post", "--prompt", "hello"]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = sae_error(&["activations", "--hook", "blocks.99.hook_resid_post", "--prompt", "hello"]);
     assert!(err.contains("blocks.99.hook_resid_post") && err.contains("0..=29"), "{err}");
 }
 

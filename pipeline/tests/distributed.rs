@@ -2,7 +2,7 @@
 //! equal one process on the concatenated batches, torchrun runs resume exactly, and a dead peer
 //! is a clear error instead of a hang.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -10,16 +10,9 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{newest_checkpoint, stderr, venv_bin};
+use common::{free_port, newest_checkpoint, scratch, stderr, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distributed-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
 
 /// 8,000 real layer-15 rows in row groups of 512, captured once.
 fn dataset() -> &'static str {
@@ -35,10 +28,6 @@ fn dataset() -> &'static str {
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         dir
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn train_args<'a>(out: &'a str, arch: &'a str, batch: &'a str, tokens: &'a str) -> Vec<&'a str> {

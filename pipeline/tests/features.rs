@@ -3,7 +3,7 @@
 //! computation done here with the library crates directly.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
@@ -15,21 +15,11 @@ use tch::{Device, Kind, Tensor};
 use trainer::export::LoadedSae;
 
 mod common;
-use common::{last_json, model, start_moto, stderr, stdout};
+use common::{last_json, model, sae, sae_with, scratch, stderr, stdout, S3Server};
+use testkit::chromium_dom;
 
 const SAE_BIN: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
-
-fn sae(args: &[&str]) -> Output {
-    Command::new(SAE_BIN).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("features-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
 
 struct Fixture {
     data: String,
@@ -43,58 +33,22 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let data = scratch("data").display().to_string();
-        let out = sae(&[
-            "capture",
-            "--out",
-            &data,
-            "--max-tokens",
-            "8000",
-            "--context-len",
-            "64",
-            "--batch-size",
-            "4",
-            "--row-group-rows",
-            "512",
-        ]);
+        let out = sae_with(
+            &["capture", "--out", &data],
+            "--max-tokens 8000 --context-len 64 --batch-size 4 --row-group-rows 512",
+        );
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         let sae_dir = scratch("sae").display().to_string();
-        let out = sae(&[
-            "train",
-            "--data",
-            &data,
-            "--out",
-            &sae_dir,
-            "--latents",
-            "1152",
-            "--k",
-            "16",
-            "--batch-size",
-            "256",
-            "--max-tokens",
-            "16384",
-            "--lr",
-            "1e-3",
-            "--no-eval",
-            "--quiet",
-        ]);
+        let out = sae_with(
+            &["train", "--data", &data, "--out", &sae_dir],
+            "--latents 1152 --k 16 --batch-size 256 --max-tokens 16384 --lr 1e-3 --no-eval --quiet",
+        );
         assert!(out.status.success(), "train failed: {}", stderr(&out));
         let features = scratch("features").display().to_string();
-        let out = sae(&[
-            "features",
-            "build",
-            "--sae",
-            &sae_dir,
-            "--data",
-            &data,
-            "--out",
-            &features,
-            "--top-k",
-            "5",
-            "--context",
-            "4",
-            "--chunk-rows",
-            "1000",
-        ]);
+        let out = sae_with(
+            &["features", "build", "--sae", &sae_dir, "--data", &data, "--out", &features],
+            "--top-k 5 --context 4 --chunk-rows 1000",
+        );
         assert!(out.status.success(), "features build failed: {}", stderr(&out));
         Fixture { data, sae: sae_dir, features }
     })
@@ -480,25 +434,10 @@ fn bad_inputs_are_clear_errors() {
     );
     // A features folder built from another SAE.
     let other = scratch("sae-other").display().to_string();
-    let out = sae(&[
-        "train",
-        "--data",
-        &f.data,
-        "--out",
-        &other,
-        "--latents",
-        "1152",
-        "--k",
-        "16",
-        "--batch-size",
-        "256",
-        "--max-tokens",
-        "1024",
-        "--seed",
-        "9",
-        "--no-eval",
-        "--quiet",
-    ]);
+    let out = sae_with(
+        &["train", "--data", &f.data, "--out", &other],
+        "--latents 1152 --k 16 --batch-size 256 --max-tokens 1024 --seed 9 --no-eval --quiet",
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = sae(&[
         "steer",
@@ -525,28 +464,6 @@ fn bad_inputs_are_clear_errors() {
 fn body_tag(dom: &str) -> &str {
     let start = dom.find("<body").expect("a body element");
     &dom[start..start + dom[start..].find('>').unwrap()]
-}
-
-fn chromium_dom(page: &Path) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .expect("chromium is not installed: run `make setup-test`");
-    assert!(out.status.success(), "chromium failed: {}", stderr(&out));
-    stdout(&out)
 }
 
 /// `sae run` on a corpus holding script and onerror payloads: the stages run, a second run reuses
@@ -588,7 +505,7 @@ fn sae_run_end_to_end_and_the_browser_keeps_corpus_payloads_inert() {
     let again = stdout(&sae_ok(&["run", "--config", config.to_str().unwrap()]));
     assert!(again.contains("already evaluated") && again.contains("already built"), "{again}");
 
-    let dom = chromium_dom(&index);
+    let dom = chromium_dom(&format!("file://{}", index.display()));
     assert!(dom.contains("id=\"search\"") && dom.contains("feature-row"), "index lacks its search box or rows");
     assert!(!body_tag(&dom).contains("data-pwned"), "a payload ran on the index");
     // The page of the feature with the most top examples holding a payload token.
@@ -609,7 +526,7 @@ fn sae_run_end_to_end_and_the_browser_keeps_corpus_payloads_inert() {
         .map(|e| e.unwrap().path())
         .find(|p| p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u32>().ok()) == Some(feature))
         .expect("a page for the feature");
-    let dom = chromium_dom(&page);
+    let dom = chromium_dom(&format!("file://{}", page.display()));
     assert!(!body_tag(&dom).contains("data-pwned"), "a payload ran on {}", page.display());
     assert!(!dom.contains("<img src=\"x\""), "a payload became an element on {}", page.display());
     for id in ["id=\"histogram\"", "id=\"top-examples\"", "id=\"logits\"", "id=\"neighbors\"", "class=\"tok"] {
@@ -623,7 +540,7 @@ fn sae_run_end_to_end_and_the_browser_keeps_corpus_payloads_inert() {
 #[test]
 fn features_live_on_s3() {
     let f = fixture();
-    let server = start_moto("feats");
+    let server = S3Server::moto("feats");
     let url = "s3://feats/runs/features";
     let run = |args: &[&str]| {
         let mut cmd = Command::new(SAE_BIN);

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 mod common;
-use common::{dataset_rows, free_port, start_moto, stderr, stdout, venv_bin};
+use common::{dataset_rows, free_port, stderr, stdout, venv_bin, S3Objects, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// The Kubernetes version the manifests are checked against (Debian 12's era of clusters up to
@@ -193,13 +193,9 @@ fn run_job(job: &JobSpec, replace: &[(&str, String)]) -> Vec<Output> {
     outputs
 }
 
-#[test]
-fn the_manifests_commands_run_as_their_pods_would() {
-    let s3 = start_moto("k8s");
-    let (data, sae, features) = ("s3://k8s/acts", "s3://k8s/run/sae", "s3://k8s/run/features");
-    let capture_tokens = 2048;
-
-    // The ConfigMap as a user would edit it: the URLs, the S3 endpoint, and (for 2 cores) small sizes.
+/// The ConfigMap as a user would edit it: the URLs (`[dataset, sae, features]`), the S3
+/// endpoint, and (for 2 cores) small sizes; the Secret with moto's keys.
+fn edited_cluster(s3: &S3Server, [data, sae, features]: [&str; 3], capture_tokens: usize) -> Cluster {
     let mut config: BTreeMap<String, String> = BTreeMap::new();
     let config_docs = documents(&k8s_dir().join("config.yaml"));
     for (k, v) in find(&config_docs, "ConfigMap")["data"].as_object().unwrap() {
@@ -233,7 +229,16 @@ fn the_manifests_commands_run_as_their_pods_would() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let cluster = Cluster { config, secret };
+    Cluster { config, secret }
+}
+
+#[test]
+fn the_manifests_commands_run_as_their_pods_would() {
+    let s3 = S3Server::moto("k8s");
+    let (data, sae, features) = ("s3://k8s/acts", "s3://k8s/run/sae", "s3://k8s/run/features");
+    let capture_tokens = 2048;
+
+    let cluster = edited_cluster(&s3, [data, sae, features], capture_tokens);
 
     // Capture: one worker per index; the worker count the pods are told is the Job's size.
     let (capture, _) = cluster.job("capture-job.yaml");

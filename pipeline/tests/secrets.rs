@@ -91,7 +91,7 @@ fn credentials_in_urls_are_refused_without_being_echoed() {
 fn failing_requests_with_planted_credentials_print_none() {
     // A real S3 server that answers at once (a missing bucket is not retried), where the HTTP
     // client quotes request URLs holding the endpoint's user info.
-    let server = common::start_moto("present-bucket");
+    let server = common::S3Server::moto("present-bucket");
     let env = planted_aws_env(&server.endpoint);
     let work = tempfile::tempdir().unwrap();
     let sae_out = work.path().join("sae");

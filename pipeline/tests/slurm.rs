@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{dataset_rows, start_moto, S3Server};
+use common::{dataset_rows, S3Objects, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -189,7 +189,7 @@ fn timed<T>(name: &str, scenario: impl FnOnce() -> T) -> T {
 #[test]
 fn slurm_job_files_capture_train_survive_a_requeue_and_chain() {
     let dir = scratch();
-    let s3 = start_moto("sae");
+    let s3 = S3Server::moto("sae");
     let cluster = SlurmCluster::start(&dir.join("cluster"));
     let logs = dir.join("logs");
 

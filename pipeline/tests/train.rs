@@ -11,7 +11,9 @@ use store::reader::{OutputDtype, Reader, ReaderOptions};
 use tch::{Device, Tensor};
 
 mod common;
-use common::{last_json, newest_checkpoint, spawn_sae, start_moto, stderr, venv_bin, wait_while_running};
+use common::{
+    last_json, newest_checkpoint, sae, sae_with, scratch, spawn_sae, stderr, venv_bin, wait_while_running, S3Server,
+};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -36,37 +38,15 @@ const RUN: &[&str] = &[
     "--quiet",
 ];
 
-fn sae(args: &[&str]) -> Output {
-    Command::new(SAE).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-tests").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
-
 /// 16,000 rows of real layer-15 activations of SmolLM2 over the English fortunes, captured once.
 fn dataset() -> &'static str {
     static DATA: OnceLock<String> = OnceLock::new();
     DATA.get_or_init(|| {
         let dir = scratch("dataset").display().to_string();
-        let out = sae(&[
-            "capture",
-            "--out",
-            &dir,
-            "--max-tokens",
-            "16000",
-            "--context-len",
-            "64",
-            "--batch-size",
-            "4",
-            "--threads",
-            "2",
-            "--row-group-rows",
-            "512",
-        ]);
+        let out = sae_with(
+            &["capture", "--out", &dir],
+            "--max-tokens 16000 --context-len 64 --batch-size 4 --threads 2 --row-group-rows 512",
+        );
         assert!(out.status.success(), "capture failed: {}", stderr(&out));
         dir
     })
@@ -269,20 +249,10 @@ fn eval_scores_a_trained_sae_above_an_untrained_one() {
     let out = train(untrained.to_str().unwrap(), &["--lr", "0", "--max-tokens", "256"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let eval = |dir: &Path| {
-        let out = sae(&[
-            "eval",
-            "--sae",
-            dir.to_str().unwrap(),
-            "--data",
-            dataset(),
-            "--eval-tokens",
-            "1024",
-            "--density-tokens",
-            "4096",
-            "--threads",
-            "1",
-            "--json",
-        ]);
+        let out = sae_with(
+            &["eval", "--sae", dir.to_str().unwrap(), "--data", dataset()],
+            "--eval-tokens 1024 --density-tokens 4096 --threads 1 --json",
+        );
         assert!(out.status.success(), "{}", stderr(&out));
         last_json(&out)
     };
@@ -301,7 +271,7 @@ fn eval_scores_a_trained_sae_above_an_untrained_one() {
 
 #[test]
 fn training_writes_checkpoints_and_the_sae_to_a_real_s3_server() {
-    let server = start_moto("saes");
+    let server = S3Server::moto("saes");
     let url = "s3://saes/runs/topk";
     let run = |args: &[&str]| {
         let mut cmd = Command::new(SAE);
@@ -428,25 +398,10 @@ fn a_resumed_follow_run_keeps_the_normalization_it_started_with() {
     let data = scratch("follow-growing");
     let data_url = data.to_str().unwrap();
     let capture = |worker: &str| {
-        let out = sae(&[
-            "capture",
-            "--out",
-            data_url,
-            "--max-tokens",
-            "6000",
-            "--context-len",
-            "64",
-            "--batch-size",
-            "4",
-            "--threads",
-            "2",
-            "--row-group-rows",
-            "256",
-            "--worker",
-            worker,
-            "--workers",
-            "2",
-        ]);
+        let out = sae_with(
+            &["capture", "--out", data_url, "--worker", worker],
+            "--max-tokens 6000 --context-len 64 --batch-size 4 --threads 2 --row-group-rows 256 --workers 2",
+        );
         assert!(out.status.success(), "capture worker {worker}: {}", stderr(&out));
     };
     capture("0");
@@ -577,19 +532,8 @@ fn feature_neighbors_are_sorted_exclude_the_feature_and_find_it_in_a_copy() {
     assert!(cosines.windows(2).all(|w| w[0] >= w[1]), "{cosines:?}");
     assert!(found.iter().all(|n| n["feature"] != 3));
     // In another SAE that is a copy, the feature's nearest neighbour is itself, at cosine 1.
-    let out = sae(&[
-        "features",
-        "neighbors",
-        "--sae",
-        sae_dir,
-        "--feature",
-        "3",
-        "--top",
-        "1",
-        "--other-sae",
-        sae_dir,
-        "--json",
-    ]);
+    let out =
+        sae_with(&["features", "neighbors", "--sae", sae_dir, "--other-sae", sae_dir], "--feature 3 --top 1 --json");
     let best = &last_json(&out)["neighbors"][0];
     assert_eq!(best["feature"], 3);
     assert!((best["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-5, "{best}");

@@ -88,7 +88,7 @@ fn killed_writer_leaves_nothing_incomplete_referenced() {
                 file.set_modified(long_ago).unwrap();
             }
         } else {
-            let uploads = http_body(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
+            let uploads = http_response(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
             let prefix = url.rsplit('/').next().unwrap();
             assert!(uploads.contains(&format!("<Key>{prefix}/shards/w0-00000001-")), "{uploads}");
         }

@@ -8,48 +8,19 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use common::*;
 use proptest::prelude::*;
 use store::reader::{Reader, ReaderOptions};
 use store::{DatasetWriter, Error, StoreOptions, WriterOptions};
+use testkit::CountingAllocator;
 
 /// No single allocation made while reading a damaged dataset may exceed this: the dataset is a
 /// few hundred KB, so anything near it was sized from a forged field.
 const ALLOCATION_LIMIT: usize = 64 << 20;
-/// Above this an allocation is refused outright (the process aborts and the test fails), since
-/// serving it could exhaust the machine.
-const ALLOCATION_REFUSED: usize = 1 << 30;
-
-/// The system allocator, remembering the largest single request.
-struct CountingAllocator;
-
-static LARGEST_ALLOCATION: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOCATION.fetch_max(layout.size(), Ordering::Relaxed);
-        if layout.size() > ALLOCATION_REFUSED {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST_ALLOCATION.fetch_max(new_size, Ordering::Relaxed);
-        if new_size > ALLOCATION_REFUSED {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Records the largest allocation, and refuses any over 1 GiB (see `testkit::alloc`).
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
@@ -145,13 +116,13 @@ struct Outcome {
 /// the limit meanwhile.
 fn read_every_way(dir: &Path) -> Outcome {
     let url = dir.to_str().unwrap();
-    LARGEST_ALLOCATION.store(0, Ordering::Relaxed);
+    CountingAllocator::reset();
     let outcome = Outcome {
         info: store::info(url, &StoreOptions::default()),
         verified: store::verify(url, &StoreOptions::default(), 2),
         read: read_all(url),
     };
-    let largest = LARGEST_ALLOCATION.load(Ordering::Relaxed);
+    let largest = CountingAllocator::largest();
     assert!(largest <= ALLOCATION_LIMIT, "an allocation of {largest} bytes while reading a damaged dataset");
     outcome
 }
@@ -398,8 +369,8 @@ fn oversized_metadata_is_refused() {
         .unwrap()
         .set_len(store::limits::MAX_METADATA_BYTES + 1)
         .unwrap();
-    LARGEST_ALLOCATION.store(0, Ordering::Relaxed);
+    CountingAllocator::reset();
     let err = store::info(dir.path().to_str().unwrap(), &StoreOptions::default()).unwrap_err();
-    assert!(LARGEST_ALLOCATION.load(Ordering::Relaxed) <= ALLOCATION_LIMIT, "the oversized manifest was read");
+    assert!(CountingAllocator::largest() <= ALLOCATION_LIMIT, "the oversized manifest was read");
     assert!(err.to_string().contains("manifest.json") && err.to_string().contains("bytes"), "{err}");
 }

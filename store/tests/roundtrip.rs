@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use store::reader::{OutputDtype, Reader, ReaderOptions};
-use store::{finalize, info, verify, DatasetWriter, Dtype, Error, WriterOptions};
+use store::{finalize, info, verify, DatasetWriter, Dtype, Error, Manifest, WriterOptions};
 
 const HOOKS: [(&str, usize); 2] = [("blocks.3.hook_resid_post", 16), ("blocks.5.hook_resid_post", 24)];
 const CTX: usize = 32;
@@ -19,121 +19,144 @@ fn list_parquet(url: &str, opts: &store::StoreOptions) -> BTreeSet<String> {
 fn roundtrip_on_every_backend() {
     for b in backends("roundtrip") {
         eprintln!("backend {}", b.name);
-        let opts = WriterOptions {
-            row_group_rows: 100, // does not divide the context length: row groups straddle sequences
-            shard_bytes: Some(6_000),
-            store: b.opts.clone(),
-            ..Default::default()
-        };
-        let mut w = DatasetWriter::create(&b.url, header(&HOOKS, CTX), opts).unwrap();
-        let nseq = 40;
-        for s in (0..nseq).step_by(3) {
-            w.append(synth(s as u64, 3.min(nseq - s), CTX, &HOOKS)).unwrap();
-        }
-        let m = w.finish().unwrap();
-        let rows = (nseq * CTX) as u64;
-        assert_eq!(m.tokens, rows, "{}", b.name);
-        assert!(m.shards.len() >= 3, "{}: {} shards", b.name, m.shards.len());
-        let mut first = 0;
-        for s in &m.shards {
-            assert_eq!(s.first_row, first);
-            assert_eq!(s.row_groups.iter().sum::<u64>(), s.rows);
-            first += s.rows;
-        }
-        // The .parquet objects are exactly the listed shards.
-        let listed: BTreeSet<String> = m.shards.iter().map(|s| s.key.clone()).collect();
-        assert_eq!(list_parquet(&b.url, &b.opts), listed, "{}", b.name);
-
-        // Mean and mean squared norm over the stored (bf16) values.
-        for (hi, (name, d)) in HOOKS.iter().enumerate() {
-            let mut sum = vec![0f64; *d];
-            let mut sq = 0f64;
-            for s in 0..nseq as u64 {
-                for p in 0..CTX as u32 {
-                    let v = stored_values(Dtype::Bf16, hi, s, p, *d);
-                    for (a, x) in sum.iter_mut().zip(&v) {
-                        *a += *x as f64;
-                    }
-                    sq += v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
-                }
-            }
-            let h = m.hook(name).unwrap();
-            assert_eq!(h.d_model, *d);
-            for (a, b) in h.mean.iter().zip(&sum) {
-                assert!((a - b / rows as f64).abs() < 1e-9, "mean {a} vs {}", b / rows as f64);
-            }
-            assert!((h.mean_sq_norm - sq / rows as f64).abs() < 1e-6 * sq / rows as f64);
-        }
-
-        // Read back in stored order, f32, with tokens; a batch size that divides nothing.
-        let mut ro = ReaderOptions::new(HOOKS[1].0, 77);
-        ro.shuffle = false;
-        ro.drop_last = false;
-        ro.epochs = Some(1);
-        ro.output = OutputDtype::F32;
-        ro.with_tokens = true;
-        ro.store = b.opts.clone();
-        let reader = Reader::open(&b.url, ro).unwrap();
-        assert_eq!(reader.d_model(), 24);
-        let mut n = 0u64;
-        for batch in reader {
-            let batch = batch.unwrap();
-            assert_eq!(batch.d, 24);
-            assert_eq!(batch.dtype, Dtype::F32);
-            let vals = f32s(&batch.bytes);
-            let t = batch.tokens.as_ref().unwrap();
-            for r in 0..batch.rows {
-                let (seq, pos) = ((n / CTX as u64), (n % CTX as u64) as u32);
-                assert_eq!((t.sequence_id[r], t.position[r]), (seq, pos), "row {n}");
-                assert_eq!(t.token_id[r], ((seq * 31 + pos as u64 * 7) % 49152) as u32);
-                assert_eq!(&vals[r * 24..(r + 1) * 24], &stored_values(Dtype::Bf16, 1, seq, pos, 24)[..], "row {n}");
-                n += 1;
-            }
-        }
-        assert_eq!(n, rows, "{}", b.name);
-
-        // Stored dtype: the raw bf16 bytes.
-        let mut ro = ReaderOptions::new(HOOKS[0].0, 640);
-        ro.shuffle = false;
-        ro.epochs = Some(1);
-        ro.store = b.opts.clone();
-        let first = Reader::open(&b.url, ro).unwrap().next().unwrap().unwrap();
-        assert_eq!((first.rows, first.d, first.dtype), (640, 16, Dtype::Bf16));
-        let mut want = Vec::new();
-        for r in 0..640u64 {
-            Dtype::Bf16.encode_f32(&row_values(0, r / CTX as u64, (r % CTX as u64) as u32, 16), &mut want);
-        }
-        assert_eq!(first.bytes, want);
-
-        let i = info(&b.url, &b.opts).unwrap();
-        assert!(i.is_final);
-        assert_eq!((i.tokens, i.shards, i.bytes, i.dtype), (rows, m.shards.len(), m.bytes, Dtype::Bf16));
-        assert_eq!(i.hooks.iter().map(|h| (h.name.as_str(), h.d_model)).collect::<Vec<_>>(), HOOKS.to_vec());
-        let json = serde_json::to_value(&i).unwrap();
-        for k in ["tokens", "hooks", "dtype", "shards", "bytes"] {
-            assert!(json.get(k).is_some(), "info JSON lacks {k}");
-        }
-        let v = verify(&b.url, &b.opts, 4).unwrap();
-        assert!(v.ok, "{v:?}");
-        assert_eq!(v.shards_checked, m.shards.len());
-
-        // The manifest is created once: a second finalize is refused.
-        match finalize(&b.url, &b.opts, None) {
-            Err(Error::AlreadyExists { location, .. }) => {
-                assert!(location.ends_with("manifest.json"))
-            }
-            other => panic!("{}: second finalize: {other:?}", b.name),
-        }
-        // ... and so is writing into a final dataset.
-        let e = DatasetWriter::create(
-            &b.url,
-            header(&HOOKS, CTX),
-            WriterOptions { store: b.opts.clone(), ..Default::default() },
-        )
-        .err()
-        .unwrap();
-        assert!(e.to_string().contains("already final"), "{e}");
+        let m = write_dataset(&b);
+        check_hook_statistics(&m);
+        read_back_f32_with_tokens(&b);
+        read_back_stored_dtype(&b);
+        check_info_verify_and_finality(&b, &m);
     }
+}
+
+/// Rows in the round-trip dataset: `NSEQ` sequences of `CTX` tokens.
+const NSEQ: usize = 40;
+const ROWS: u64 = (NSEQ * CTX) as u64;
+
+/// Writes the round-trip dataset in appends of 3 sequences; its shards tile the rows and are
+/// exactly the `.parquet` objects.
+fn write_dataset(b: &Backend) -> Manifest {
+    let opts = WriterOptions {
+        row_group_rows: 100, // does not divide the context length: row groups straddle sequences
+        shard_bytes: Some(6_000),
+        store: b.opts.clone(),
+        ..Default::default()
+    };
+    let mut w = DatasetWriter::create(&b.url, header(&HOOKS, CTX), opts).unwrap();
+    for s in (0..NSEQ).step_by(3) {
+        w.append(synth(s as u64, 3.min(NSEQ - s), CTX, &HOOKS)).unwrap();
+    }
+    let m = w.finish().unwrap();
+    assert_eq!(m.tokens, ROWS, "{}", b.name);
+    assert!(m.shards.len() >= 3, "{}: {} shards", b.name, m.shards.len());
+    let mut first = 0;
+    for s in &m.shards {
+        assert_eq!(s.first_row, first);
+        assert_eq!(s.row_groups.iter().sum::<u64>(), s.rows);
+        first += s.rows;
+    }
+    // The .parquet objects are exactly the listed shards.
+    let listed: BTreeSet<String> = m.shards.iter().map(|s| s.key.clone()).collect();
+    assert_eq!(list_parquet(&b.url, &b.opts), listed, "{}", b.name);
+    m
+}
+
+/// The manifest's per-hook mean and mean squared norm, over the stored (bf16) values.
+fn check_hook_statistics(m: &Manifest) {
+    for (hi, (name, d)) in HOOKS.iter().enumerate() {
+        let mut sum = vec![0f64; *d];
+        let mut sq = 0f64;
+        for s in 0..NSEQ as u64 {
+            for p in 0..CTX as u32 {
+                let v = stored_values(Dtype::Bf16, hi, s, p, *d);
+                for (a, x) in sum.iter_mut().zip(&v) {
+                    *a += *x as f64;
+                }
+                sq += v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
+            }
+        }
+        let h = m.hook(name).unwrap();
+        assert_eq!(h.d_model, *d);
+        for (a, b) in h.mean.iter().zip(&sum) {
+            assert!((a - b / ROWS as f64).abs() < 1e-9, "mean {a} vs {}", b / ROWS as f64);
+        }
+        assert!((h.mean_sq_norm - sq / ROWS as f64).abs() < 1e-6 * sq / ROWS as f64);
+    }
+}
+
+/// Reads back in stored order, f32, with tokens; a batch size that divides nothing.
+fn read_back_f32_with_tokens(b: &Backend) {
+    let mut ro = ReaderOptions::new(HOOKS[1].0, 77);
+    ro.shuffle = false;
+    ro.drop_last = false;
+    ro.epochs = Some(1);
+    ro.output = OutputDtype::F32;
+    ro.with_tokens = true;
+    ro.store = b.opts.clone();
+    let reader = Reader::open(&b.url, ro).unwrap();
+    assert_eq!(reader.d_model(), 24);
+    let mut n = 0u64;
+    for batch in reader {
+        let batch = batch.unwrap();
+        assert_eq!(batch.d, 24);
+        assert_eq!(batch.dtype, Dtype::F32);
+        let vals = f32s(&batch.bytes);
+        let t = batch.tokens.as_ref().unwrap();
+        for r in 0..batch.rows {
+            let (seq, pos) = ((n / CTX as u64), (n % CTX as u64) as u32);
+            assert_eq!((t.sequence_id[r], t.position[r]), (seq, pos), "row {n}");
+            assert_eq!(t.token_id[r], ((seq * 31 + pos as u64 * 7) % 49152) as u32);
+            assert_eq!(&vals[r * 24..(r + 1) * 24], &stored_values(Dtype::Bf16, 1, seq, pos, 24)[..], "row {n}");
+            n += 1;
+        }
+    }
+    assert_eq!(n, ROWS, "{}", b.name);
+}
+
+/// Reads back in the stored dtype: the raw bf16 bytes.
+fn read_back_stored_dtype(b: &Backend) {
+    let mut ro = ReaderOptions::new(HOOKS[0].0, 640);
+    ro.shuffle = false;
+    ro.epochs = Some(1);
+    ro.store = b.opts.clone();
+    let first = Reader::open(&b.url, ro).unwrap().next().unwrap().unwrap();
+    assert_eq!((first.rows, first.d, first.dtype), (640, 16, Dtype::Bf16));
+    let mut want = Vec::new();
+    for r in 0..640u64 {
+        Dtype::Bf16.encode_f32(&row_values(0, r / CTX as u64, (r % CTX as u64) as u32, 16), &mut want);
+    }
+    assert_eq!(first.bytes, want);
+}
+
+/// `info` and `verify` agree with the manifest; a final dataset is neither finalized nor
+/// written again.
+fn check_info_verify_and_finality(b: &Backend, m: &Manifest) {
+    let i = info(&b.url, &b.opts).unwrap();
+    assert!(i.is_final);
+    assert_eq!((i.tokens, i.shards, i.bytes, i.dtype), (ROWS, m.shards.len(), m.bytes, Dtype::Bf16));
+    assert_eq!(i.hooks.iter().map(|h| (h.name.as_str(), h.d_model)).collect::<Vec<_>>(), HOOKS.to_vec());
+    let json = serde_json::to_value(&i).unwrap();
+    for k in ["tokens", "hooks", "dtype", "shards", "bytes"] {
+        assert!(json.get(k).is_some(), "info JSON lacks {k}");
+    }
+    let v = verify(&b.url, &b.opts, 4).unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.shards_checked, m.shards.len());
+
+    // The manifest is created once: a second finalize is refused.
+    match finalize(&b.url, &b.opts, None) {
+        Err(Error::AlreadyExists { location, .. }) => {
+            assert!(location.ends_with("manifest.json"))
+        }
+        other => panic!("{}: second finalize: {other:?}", b.name),
+    }
+    // ... and so is writing into a final dataset.
+    let e = DatasetWriter::create(
+        &b.url,
+        header(&HOOKS, CTX),
+        WriterOptions { store: b.opts.clone(), ..Default::default() },
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("already final"), "{e}");
 }
 
 #[test]

@@ -91,7 +91,7 @@ fn giving_up_is_reported_clearly() {
     assert!(e.contains("503") && e.contains("shards/w0-00000000"), "{e}");
     // The failed shard's multipart upload was aborted: none is left open on the server.
     let prefix = url2.rsplit('/').next().unwrap();
-    let uploads = http_body(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
+    let uploads = http_response(moto().port, "GET", &format!("/{}?uploads", moto().bucket));
     assert!(uploads.contains("ListMultipartUploadsResult"), "{uploads}");
     assert!(!uploads.contains(&format!("<Key>{prefix}/")), "an upload was left open: {uploads}");
 }
@@ -107,7 +107,7 @@ fn s3s_fs_with_sigv4_roundtrip_and_wrong_credentials() {
     assert!(verify(&url, &good, 2).unwrap().ok);
 
     let secret = "definitely-the-wrong-secret";
-    let bad = s3_options(&srv.endpoint, srv.access_key.as_deref().unwrap(), secret, 1);
+    let bad = s3_options(&srv.endpoint, &srv.access_key, secret, 1);
     let e = info(&url, &bad).unwrap_err().to_string();
     eprintln!("wrong secret: {e}");
     assert!(e.contains("403") || e.contains("SignatureDoesNotMatch"), "{e}");

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -15,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
+use testkit::free_port;
 use trainer::dist::{has_nccl, Backend, DistEnv, DistError, ProcessGroup};
 
 const WORKER_VAR: &str = "SAE_DIST_WORKER";
@@ -143,10 +143,6 @@ fn collectives(pg: &ProcessGroup) -> Result<(), DistError> {
 // ---------------------------------------------------------------------------------------------
 // The test side.
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A child process whose stdout lines arrive on a channel and whose stderr is collected; killed
 /// if the test ends early.
 struct Proc {
@@ -271,19 +267,9 @@ fn two_processes_all_reduce_broadcast_barrier() {
     eprintln!("two ranks: sum, mean, broadcast, barrier in {:.2?}", t0.elapsed());
 }
 
+/// The venv's torchrun, if it is installed.
 fn torchrun() -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(python) = std::env::var("SAE_PYTHON") {
-        candidates.push(PathBuf::from(python).with_file_name("torchrun"));
-    }
-    let cache = std::env::var("SAE_CACHE")
-        .map(PathBuf::from)
-        .ok()
-        .or_else(|| std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/sae-pipeline")));
-    if let Some(cache) = cache {
-        candidates.push(cache.join("venv/bin/torchrun"));
-    }
-    candidates.into_iter().find(|p| p.exists())
+    Some(testkit::venv_bin("torchrun")).filter(|p| p.exists())
 }
 
 /// Under torchrun the agent hosts the TCPStore on MASTER_PORT and sets
@@ -357,16 +343,21 @@ fn stuck_peer_times_out() {
 // ---------------------------------------------------------------------------------------------
 // In-process checks: a group of one, and set-up errors.
 
-#[test]
-fn group_of_one_is_the_identity() {
-    let env = DistEnv {
+/// Rank 0 of 1, hosting its own store on a free loopback port.
+fn group_of_one() -> DistEnv {
+    DistEnv {
         rank: 0,
         world_size: 1,
         local_rank: 0,
         master_addr: "127.0.0.1".into(),
         master_port: free_port(),
         agent_store: false,
-    };
+    }
+}
+
+#[test]
+fn group_of_one_is_the_identity() {
+    let env = group_of_one();
     let pg = ProcessGroup::new(&env, Backend::Gloo, Duration::from_secs(5)).unwrap();
     let t = Tensor::from_slice(&[1.5f32, -2.0]);
     let i = Tensor::from_slice(&[3i64, -3]);
@@ -407,7 +398,7 @@ fn missing_store_is_reported_within_the_timeout() {
 fn taken_port_is_reported() {
     // Rank 0 hosting the store on a port that is in use: what torchrun's workers would hit
     // without the agent store.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let env = DistEnv {
         rank: 0,
@@ -440,14 +431,7 @@ fn nccl_is_compiled_in() {
 /// the build) asking for NCCL must fail cleanly, through the NCCL code path when it is linked.
 #[test]
 fn nccl_group_on_a_gpu() {
-    let env = DistEnv {
-        rank: 0,
-        world_size: 1,
-        local_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: free_port(),
-        agent_store: false,
-    };
+    let env = group_of_one();
     if !has_nccl() {
         let e = ProcessGroup::new(&env, Backend::Nccl, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, DistError::NoNccl), "{e}");

@@ -1,36 +1,17 @@
 //! Damaged checkpoint files: a mutated checkpoint loads as exactly what was saved or fails with
 //! an error naming it, never a panic, an abort or an allocation beyond [`ALLOCATION_LIMIT`].
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use proptest::prelude::*;
 use store::reader::Cursor;
 use store::{ObjectDir, StoreOptions};
 use tch::Tensor;
+use testkit::CountingAllocator;
 use trainer::checkpoint::{self, CheckpointState, Normalization, RngState};
 
 /// The checkpoint is a few KB, so an allocation near this was sized from a forged field.
 const ALLOCATION_LIMIT: usize = 64 << 20;
 
-/// The system allocator, remembering the largest single request and refusing absurd ones.
-struct CountingAllocator;
-
-static LARGEST_ALLOCATION: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOCATION.fetch_max(layout.size(), Ordering::Relaxed);
-        if layout.size() > 1 << 30 {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
+/// Records the largest allocation, and refuses any over 1 GiB (see `testkit::alloc`).
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
@@ -107,9 +88,9 @@ proptest! {
         let key = format!("checkpoints/step-{STEP:09}.safetensors");
         let damaged = apply(original.clone(), &d);
         dir.put(&key, damaged.clone()).unwrap();
-        LARGEST_ALLOCATION.store(0, Ordering::Relaxed);
+        CountingAllocator::reset();
         let loaded = checkpoint::load(&dir, STEP);
-        let largest = LARGEST_ALLOCATION.load(Ordering::Relaxed);
+        let largest = CountingAllocator::largest();
         prop_assert!(largest < ALLOCATION_LIMIT, "an allocation of {largest} bytes");
         match loaded {
             Err(e) => {

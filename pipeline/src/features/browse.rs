@@ -430,13 +430,10 @@ const INDEX_JS: &str = r#"(function () {
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use testkit::chromium_dom;
 
     use super::*;
     use crate::features::set::tests::sample_set;
-
-    const CHROMIUM: &str = "/usr/bin/chromium";
 
     #[test]
     fn escapes_hostile_strings() {
@@ -482,46 +479,6 @@ mod tests {
         }
     }
 
-    /// The DOM after Chromium loaded `url` and ran its scripts.
-    fn dump_dom(url: &str) -> String {
-        assert!(
-            Path::new(CHROMIUM).exists(),
-            "{CHROMIUM} is not installed: the feature-browser test needs it; run `make setup-test`"
-        );
-        let profile = tempfile::tempdir().unwrap();
-        let mut child = Command::new(CHROMIUM)
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
-            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(["--timeout=10000", "--dump-dom", url])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start chromium");
-        let mut stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut stdout, &mut s).map(|_| s)
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("chromium did not finish on {url} within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let dom = reader.join().unwrap().unwrap();
-        assert!(status.success(), "chromium failed on {url}: {status}");
-        assert!(dom.contains("</html>"), "chromium dumped no DOM for {url}: {dom:?}");
-        dom
-    }
-
     /// The opening tag of the index row of `feature`.
     fn row_tag(dom: &str, feature: u32) -> &str {
         let at = dom.find(&format!("data-id=\"{feature}\"")).unwrap_or_else(|| panic!("no row for feature {feature}"));
@@ -545,7 +502,7 @@ mod tests {
         let index = write_site(&set, dir.path()).unwrap();
         let url = format!("file://{}", index.canonicalize().unwrap().display());
 
-        let dom = dump_dom(&url);
+        let dom = chromium_dom(&url);
         assert_not_pwned(&dom, 1);
         assert!(dom.contains("id=\"search\""));
         assert!(dom.contains("id=\"features\""));
@@ -561,18 +518,18 @@ mod tests {
         );
 
         // Search by token (case-insensitive), then by id, prefilled from the URL.
-        let dom = dump_dom(&format!("{url}#q=PWNED"));
+        let dom = chromium_dom(&format!("{url}#q=PWNED"));
         assert_not_pwned(&dom, 1);
         assert!(!row_tag(&dom, 0).contains("hidden"));
         assert!(row_tag(&dom, 1).contains("hidden"));
         assert!(dom.contains("1 of 2 features"));
-        let dom = dump_dom(&format!("{url}#q=1"));
+        let dom = chromium_dom(&format!("{url}#q=1"));
         assert!(row_tag(&dom, 0).contains("hidden"));
         assert!(!row_tag(&dom, 1).contains("hidden"));
 
         // Feature 0's page.
         let page = dir.path().join("features/00000.html").canonicalize().unwrap();
-        let dom = dump_dom(&format!("file://{}", page.display()));
+        let dom = chromium_dom(&format!("file://{}", page.display()));
         assert_not_pwned(&dom, 0);
         for id in ["histogram", "top-examples", "quantiles", "logits", "neighbors", "stats"] {
             assert!(dom.contains(&format!("id=\"{id}\"")), "no #{id}");

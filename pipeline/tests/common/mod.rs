@@ -5,18 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// moto's S3 server on a free loopback port, with a bucket; stopped when dropped.
-pub struct S3Server {
-    child: Child,
-    pub endpoint: String,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+#[allow(unused_imports)] // each test binary uses a part of these
+pub use testkit::{free_port, venv_bin, S3Server};
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -46,47 +36,24 @@ pub fn model() -> std::sync::MutexGuard<'static, capture::Model> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-pub fn venv_bin(name: &str) -> PathBuf {
-    let python = std::env::var_os("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/sae-pipeline/venv/bin/python3")
-    });
-    python.with_file_name(name)
+/// Runs the `sae` program with `args` (logging warnings only) and waits for its output.
+pub fn sae(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sae")).args(args).env("RUST_LOG", "warn").output().expect("cannot run sae")
 }
 
-pub fn start_moto(bucket: &str) -> S3Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(venv_bin("moto_server"))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server not found: run `make setup-test`");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // moto does not check signatures, so a plain PUT creates the bucket.
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(conn, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "bucket creation failed: {reply}");
-    S3Server { child, endpoint }
+/// Runs `sae` with `args` followed by the whitespace-separated `flags` (flag values without
+/// spaces), and waits for its output.
+pub fn sae_with(args: &[&str], flags: &str) -> Output {
+    sae(&[args, &flags.split_whitespace().collect::<Vec<_>>()].concat())
 }
 
-impl S3Server {
-    /// The environment that points `sae` at this server.
-    pub fn env(&self, cmd: &mut Command) {
-        cmd.env("AWS_ENDPOINT", &self.endpoint)
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test");
-    }
+/// A fresh path `name` under this test binary's scratch folder (`<binary>-tests` in cargo's
+/// folder for test files): its parent exists, it does not.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-tests", env!("CARGO_CRATE_NAME"))).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    dir
 }
 
 /// Starts the `sae` program with `args`, its output discarded.
@@ -125,30 +92,21 @@ pub fn newest_checkpoint(dir: &Path) -> Option<String> {
     names.pop()
 }
 
-/// A free TCP port on loopback (free when asked; a test binds it soon after).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Reading a test S3 server from inside the test process.
+pub trait S3Objects {
+    /// Store options that reach this server (the `sae` processes get the same settings through
+    /// [`S3Server::env`]).
+    fn store_options(&self) -> store::StoreOptions;
+    /// The object `key` under the folder URL `folder` on this server, if it exists.
+    fn object(&self, folder: &str, key: &str) -> Option<Vec<u8>>;
 }
 
-impl S3Server {
-    /// Store options that reach this server from inside the test process (the `sae` processes
-    /// get the same settings through [`S3Server::env`]).
-    pub fn store_options(&self) -> store::StoreOptions {
-        let settings = [
-            ("aws_endpoint", self.endpoint.as_str()),
-            ("aws_allow_http", "true"),
-            ("aws_region", "us-east-1"),
-            ("aws_access_key_id", "test"),
-            ("aws_secret_access_key", "test"),
-        ];
-        store::StoreOptions {
-            s3_config: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            ..Default::default()
-        }
+impl S3Objects for S3Server {
+    fn store_options(&self) -> store::StoreOptions {
+        store::StoreOptions { s3_config: self.s3_config(), ..Default::default() }
     }
 
-    /// The object `key` under the folder URL `folder` on this server, if it exists.
-    pub fn object(&self, folder: &str, key: &str) -> Option<Vec<u8>> {
+    fn object(&self, folder: &str, key: &str) -> Option<Vec<u8>> {
         store::ObjectDir::open(folder, &self.store_options()).unwrap().get(key).unwrap().map(|b| b.to_vec())
     }
 }

@@ -1,14 +1,11 @@
-//! Shared test fixtures: real S3-compatible servers on loopback (moto_server, s3s-fs), a
-//! fault-injecting HTTP proxy, temporary directories and synthetic activations.
+//! Shared test fixtures: the S3-compatible servers (from testkit) shared by a test binary and
+//! store options for them, a fault-injecting HTTP proxy, and synthetic activations.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use store::{
     BackoffConfig, ClientOptions, CorpusIdentity, CreatedInfo, DatasetHeader, Dtype, HookSpec, ModelIdentity,
@@ -26,223 +23,19 @@ pub fn list_keys(url: &str, opts: &StoreOptions) -> std::collections::BTreeSet<S
     })
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-pub fn unique(name: &str) -> String {
-    format!("{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
-}
-
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(unique(&format!("sae-store-{name}")));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-}
-
-/// The venv that scripts/setup.sh --test fills (SAE_VENV, default ~/.cache/sae-pipeline/venv).
-pub fn venv() -> PathBuf {
-    std::env::var("SAE_VENV").map(PathBuf::from).unwrap_or_else(|_| home().join(".cache/sae-pipeline/venv"))
-}
-
-pub fn python() -> PathBuf {
-    std::env::var("SAE_PYTHON").map(PathBuf::from).unwrap_or_else(|_| venv().join("bin/python3"))
-}
-
-fn find_binary(env: &str, candidates: &[PathBuf], name: &str, install: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    for c in candidates {
-        if c.is_file() {
-            return c.clone();
-        }
-    }
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in path.split(':') {
-            let c = Path::new(dir).join(name);
-            if c.is_file() {
-                return c;
-            }
-        }
-    }
-    panic!("{name} not found (set {env}, or install it: {install}; scripts/setup.sh --test does this)");
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-pub fn wait_listening(port: u16, child: &mut Child, what: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            eprintln!("{what} exited early: {status}");
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what} did not listen on port {port} within 30 s");
-}
-
-/// A server process that dies with the test process: a small shell watchdog kills it once this
-/// process is gone (statics are never dropped, so Drop alone would leak it).
-pub struct Server {
-    pub endpoint: String,
-    pub port: u16,
-    pub bucket: String,
-    child: Mutex<Child>,
-    pub dir: Option<TempDir>,
-    pub access_key: Option<String>,
-    pub secret_key: Option<String>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.lock().unwrap().kill();
-    }
-}
-
-/// Start `cmd args` under a shell watchdog that kills it once this test process is gone, then
-/// removes `cleanup` (a server's data directory), if given.
-pub fn spawn_watched(cmd: &str, args: &[String], cleanup: Option<&Path>) -> Child {
-    let script = r#"p=$1; dir=$2; shift 2; "$@" & c=$!; trap 'kill $c 2>/dev/null; wait $c 2>/dev/null; [ -n "$dir" ] && rm -rf "$dir"' EXIT INT TERM; while kill -0 "$p" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.3; done"#;
-    let mut full = vec![
-        "-c".to_string(),
-        script.to_string(),
-        "sh".into(),
-        std::process::id().to_string(),
-        cleanup.map(|d| d.display().to_string()).unwrap_or_default(),
-        cmd.to_string(),
-    ];
-    full.extend(args.iter().cloned());
-    Command::new("sh").args(&full).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn server")
-}
-
-/// Send a bare HTTP request (for moto, which does not check signatures) and return the status.
-pub fn http(port: u16, method: &str, path: &str) -> u16 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-}
-
-/// Send a bare HTTP request and return the whole response.
-pub fn http_body(port: u16, method: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp
-}
+#[allow(unused_imports)] // each test binary uses a part of these
+pub use testkit::{http_response, python, unique, S3Server, TempDir};
 
 /// moto_server (in memory, no signature checks), shared by the tests of one test binary.
-pub fn moto() -> &'static Server {
-    static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        let bin = find_binary(
-            "SAE_MOTO_SERVER",
-            &[venv().join("bin/moto_server")],
-            "moto_server",
-            "pip install 'moto[server]'",
-        );
-        for _ in 0..3 {
-            let port = free_port();
-            let mut child = spawn_watched(
-                bin.to_str().unwrap(),
-                &["-H".into(), "127.0.0.1".into(), "-p".into(), port.to_string()],
-                None,
-            );
-            if !wait_listening(port, &mut child, "moto_server") {
-                continue;
-            }
-            let bucket = "sae-test".to_string();
-            assert_eq!(http(port, "PUT", &format!("/{bucket}")), 200, "create bucket on moto");
-            return Server {
-                endpoint: format!("http://127.0.0.1:{port}"),
-                port,
-                bucket,
-                child: Mutex::new(child),
-                dir: None,
-                access_key: None,
-                secret_key: None,
-            };
-        }
-        panic!("moto_server would not start");
-    })
+pub fn moto() -> &'static S3Server {
+    static S: OnceLock<S3Server> = OnceLock::new();
+    S.get_or_init(|| S3Server::moto("sae-test"))
 }
 
-/// The s3s-fs binary (SAE_S3S_FS, else cargo's bin folder, else PATH).
-pub fn s3s_fs_binary() -> PathBuf {
-    find_binary(
-        "SAE_S3S_FS",
-        &[
-            std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home().join(".cargo")).join("bin/s3s-fs"),
-            home().join(".cargo/bin/s3s-fs"),
-        ],
-        "s3s-fs",
-        "cargo install s3s-fs --version 0.14.1 --features binary",
-    )
-}
-
-/// s3s-fs (file-backed, checks SigV4) with the given keys.
-pub fn s3s_fs() -> &'static Server {
-    static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        let bin = s3s_fs_binary();
-        for _ in 0..3 {
-            let dir = TempDir::new("s3s-fs");
-            let bucket = "sae-test".to_string();
-            std::fs::create_dir_all(dir.path().join(&bucket)).unwrap();
-            let port = free_port();
-            let (ak, sk) = ("SAETESTACCESSKEY".to_string(), "sae-test-secret-key-0123456789".to_string());
-            let args: Vec<String> = vec![
-                "--host".into(),
-                "127.0.0.1".into(),
-                "--port".into(),
-                port.to_string(),
-                "--access-key".into(),
-                ak.clone(),
-                "--secret-key".into(),
-                sk.clone(),
-                dir.path().to_str().unwrap().into(),
-            ];
-            let mut child = spawn_watched(bin.to_str().unwrap(), &args, Some(dir.path()));
-            if !wait_listening(port, &mut child, "s3s-fs") {
-                continue;
-            }
-            return Server {
-                endpoint: format!("http://127.0.0.1:{port}"),
-                port,
-                bucket,
-                child: Mutex::new(child),
-                dir: Some(dir),
-                access_key: Some(ak),
-                secret_key: Some(sk),
-            };
-        }
-        panic!("s3s-fs would not start");
-    })
+/// s3s-fs (file-backed, checks SigV4), shared by the tests of one test binary.
+pub fn s3s_fs() -> &'static S3Server {
+    static S: OnceLock<S3Server> = OnceLock::new();
+    S.get_or_init(|| S3Server::s3s_fs("sae-test"))
 }
 
 /// Test retry policy: few, fast retries.
@@ -275,17 +68,14 @@ pub fn s3_options(endpoint: &str, access_key: &str, secret_key: &str, max_retrie
     }
 }
 
-impl Server {
-    pub fn options(&self, max_retries: usize) -> StoreOptions {
-        s3_options(
-            &self.endpoint,
-            self.access_key.as_deref().unwrap_or("test"),
-            self.secret_key.as_deref().unwrap_or("test"),
-            max_retries,
-        )
-    }
-    pub fn url(&self, name: &str) -> String {
-        format!("s3://{}/{}", self.bucket, unique(name))
+/// Store options for one of the test servers, with `max_retries` fast retries.
+pub trait TestStoreOptions {
+    fn options(&self, max_retries: usize) -> StoreOptions;
+}
+
+impl TestStoreOptions for S3Server {
+    fn options(&self, max_retries: usize) -> StoreOptions {
+        s3_options(&self.endpoint, &self.access_key, &self.secret_key, max_retries)
     }
 }
 

@@ -1,0 +1,88 @@
+//! Launching a training run (one process or torchrun) and comparing two runs' results.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::{free_port, venv_bin};
+use crate::process::{alive, descendants, send_signal, Finished, Process};
+use crate::{sae_command, strings, SAE};
+
+/// Steps between checkpoints in every training scenario.
+pub const CHECKPOINT_EVERY: u64 = 5;
+/// The SAE every training scenario trains: small, on one thread (so that two runs agree bit for
+/// bit), without evaluation, printing its result as JSON.
+const SMALL_SAE: &str = "--latents 1152 --k 16 --lr 1e-3 --threads 1 --log-every 5 --no-eval --quiet --json";
+
+/// The `sae train` arguments for training on `data` into `out`, with a scenario's `settings`.
+pub fn train_args(data: &str, out: &str, settings: &[&str]) -> Vec<String> {
+    let mut args = strings(&["train", "--data", data, "--out", out]);
+    args.extend(SMALL_SAE.split_whitespace().map(String::from));
+    args.extend(strings(&["--checkpoint-every", &CHECKPOINT_EVERY.to_string()]));
+    args.extend(strings(settings));
+    args
+}
+
+/// SIGKILLs a torchrun launcher and its ranks at once, as a lost node or a batch system's hard
+/// kill would (the ranks run in their own session, so killing torchrun alone would orphan
+/// them), and waits until every rank is gone.
+pub fn kill_launcher_and_ranks(p: Process) -> Finished {
+    let ranks = descendants(p.child.id());
+    p.signal("-KILL");
+    for pid in &ranks {
+        send_signal(*pid, "-KILL");
+    }
+    let f = p.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ranks.iter().any(|&pid| alive(pid)) {
+        assert!(Instant::now() < deadline, "ranks outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f
+}
+
+/// How a training run is started.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Launch {
+    OneProcess,
+    /// torchrun with 2 ranks (Gloo on CPU).
+    Torchrun,
+}
+
+pub fn launch(how: Launch, args: &[String]) -> Command {
+    match how {
+        Launch::OneProcess => sae_command(args),
+        Launch::Torchrun => {
+            let mut cmd = Command::new(venv_bin("torchrun"));
+            cmd.args(["--no-python", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), SAE])
+                .args(args)
+                .env("RUST_LOG", "warn");
+            cmd
+        }
+    }
+}
+
+pub fn checkpoint_step(name: &str) -> u64 {
+    name.trim_start_matches("step-").trim_end_matches(".safetensors").parse().unwrap()
+}
+
+/// Metrics rows without the fields that measure time, which differ between any two runs.
+pub fn metrics_without_timing(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            for key in ["data_wait_fraction", "tokens_per_s"] {
+                row[key] = serde_json::Value::Null;
+            }
+            row
+        })
+        .collect()
+}
+
+/// Same weights file, byte for byte, and the same metrics but for timing.
+pub fn same_run(a: &Path, b: &Path) -> bool {
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    read(a, "sae_weights.safetensors") == read(b, "sae_weights.safetensors")
+        && metrics_without_timing(&String::from_utf8(read(a, "metrics.jsonl")).unwrap())
+            == metrics_without_timing(&String::from_utf8(read(b, "metrics.jsonl")).unwrap())
+}
