@@ -48,7 +48,7 @@ use listing::{list_local, list_object_store};
 use object_reader::ObjectReader;
 use parquet_text::{ParquetRecords, PARQUET_BATCH_ROWS};
 use ranged_object::RangedObject;
-use records::{check_utf8, FileError, FileRecords, FortuneRecords, JsonlRecords};
+use records::{check_utf8, FileError, FileRecords, FortuneRecords, JsonlRecords, TextPieces};
 
 /// Debian's fortunes folder (packages `fortunes`, `fortunes-de`, `fortunes-es`, `fortunes-zh`).
 pub const FORTUNES_DIR: &str = "/usr/share/games/fortunes";
@@ -62,7 +62,8 @@ pub const DEFAULT_TEXT_FIELD: &str = "text";
 /// How the files of a corpus are split into documents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CorpusFormat {
-    /// A file is one document.
+    /// A file is one document (a file over [`TEXT_PIECE_BYTES`]: one per piece of about that
+    /// size, cut at paragraph breaks).
     #[default]
     Text,
     /// Documents separated by lines holding only `%` (the `fortune` program's format).
@@ -334,7 +335,7 @@ impl Corpus {
 
     /// The documents, file after file, read lazily: a file's records are read as they are
     /// needed (Parquet a record batch at a time, by ranged GETs on an object store), so memory
-    /// holds a few records, not a file; only a `text` file, being one document, is held whole.
+    /// holds a few records, not a file; only a `text` file, being one document, is held whole (up to [`TEXT_PIECE_BYTES`]).
     pub fn documents(&self) -> Documents {
         Documents {
             corpus: self.clone(),
@@ -447,6 +448,20 @@ impl Corpus {
         check_utf8(self.open_file(file).map_err(unreadable)?)?;
         let reader = self.open_file(file).map_err(unreadable)?;
         Ok(match format {
+            CorpusFormat::Text if file.size > TEXT_PIECE_BYTES as u64 => {
+                tracing::info!(
+                    file = %file.location,
+                    bytes = file.size,
+                    "a text file over {} MiB is read as documents cut at paragraph breaks",
+                    TEXT_PIECE_BYTES >> 20
+                );
+                FileRecords::TextPieces(TextPieces {
+                    lines: reader,
+                    piece_bytes: TEXT_PIECE_BYTES,
+                    next_record: 0,
+                    done: false,
+                })
+            }
             CorpusFormat::Text => {
                 // A text file is one document, so it is held whole: it is tokenized by one `encode`
                 // call, and a model's tokenizer (any `tokenizer.json`: normalizers, a prefix space
@@ -469,6 +484,11 @@ impl Corpus {
         })
     }
 }
+
+/// A `text` file larger than this is not one document but pieces of about this size cut at
+/// paragraph breaks, so that a file larger than memory can be read. A smaller one is one
+/// document, tokenized by one `encode` call (a tokenizer may give other tokens for pieces).
+pub const TEXT_PIECE_BYTES: usize = 64 << 20;
 
 /// Bytes read at a time from a corpus file (local reads and object-store range requests).
 const STREAM_BUFFER_BYTES: usize = 8 << 20;

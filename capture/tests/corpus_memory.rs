@@ -1,47 +1,20 @@
 //! Corpus files larger than memory: a Parquet corpus is read a record batch at a time, from a
-//! local file or an object store, and never held whole. A counting allocator measures the peak of
+//! local file or an object store, and a large text file a piece at a time; neither is held whole. A counting allocator measures the peak of
 //! live allocations while the documents are read.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
-use capture::corpus::{Corpus, CorpusFormat, CorpusSpec};
+use capture::corpus::{Corpus, CorpusFormat, CorpusSpec, TEXT_PIECE_BYTES};
+use testkit::CountingAllocator;
 
-struct CountingAllocator;
-
-/// Bytes allocated and not yet freed.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-/// The most `LIVE` has been since it was last reset.
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(by: usize) {
-    let live = LIVE.fetch_add(by, Ordering::Relaxed) + by;
-    PEAK.fetch_max(live, Ordering::Relaxed);
-}
-
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grew(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size >= layout.size() {
-            grew(new_size - layout.size());
-        } else {
-            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+/// Counts live bytes and their peak (see `testkit::alloc`).
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// The allocator's counts are process-wide and tests run on parallel threads: each test holds
+/// this lock so that it measures only its own reading.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Rows of the generated file, about 2 KB of text each: 250 MiB of text in all.
 const ROWS: usize = 128 * 1024;
@@ -82,8 +55,7 @@ fn write_big_parquet(path: &std::path::Path) -> u64 {
 /// Reads every document of `input` (one Parquet file) and checks each; returns the peak of live
 /// allocations above what was live when reading started.
 fn read_and_measure(input: &str) -> usize {
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
+    let before = CountingAllocator::reset_peak();
     let corpus = Corpus::open(CorpusSpec::new([input], CorpusFormat::Parquet)).unwrap();
     let mut documents = corpus.documents();
     let mut count = 0usize;
@@ -99,11 +71,12 @@ fn read_and_measure(input: &str) -> usize {
     assert_eq!(documents.stats().documents, ROWS as u64);
     drop(documents);
     drop(corpus);
-    PEAK.load(Ordering::Relaxed).saturating_sub(before)
+    CountingAllocator::peak().saturating_sub(before)
 }
 
 #[test]
 fn parquet_corpora_are_streamed_in_bounded_memory() {
+    let _measuring = MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.parquet");
     let size = write_big_parquet(&path);
@@ -125,4 +98,41 @@ fn parquet_corpora_are_streamed_in_bounded_memory() {
     let peak = read_and_measure("memory://corpus-memory/big.parquet");
     eprintln!("object of {} MiB: peak {} MiB above the start", size >> 20, peak >> 20);
     assert!(peak < PEAK_LIMIT, "reading a {size}-byte object held {peak} bytes at its peak");
+}
+
+#[test]
+fn text_files_over_the_piece_size_are_read_a_piece_at_a_time() {
+    let _measuring = MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.txt");
+    // Paragraphs of about 2 KB: 4 pieces' worth of text.
+    let paragraph = format!("{}\n\n", "All work and no play makes Jack a dull boy. ".repeat(45).trim_end());
+    let paragraphs = 4 * TEXT_PIECE_BYTES / paragraph.len() + 1;
+    {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for _ in 0..paragraphs {
+            file.write_all(paragraph.as_bytes()).unwrap();
+        }
+    }
+    let size = std::fs::metadata(&path).unwrap().len() as usize;
+    let before = CountingAllocator::reset_peak();
+    let corpus = Corpus::open(CorpusSpec::new([path.display().to_string()], CorpusFormat::Text)).unwrap();
+    let mut lengths = Vec::new();
+    for doc in corpus.documents() {
+        let doc = doc.unwrap();
+        assert_eq!(doc.id.record as usize, lengths.len());
+        assert!(doc.text.ends_with("\n\n") && doc.text.starts_with("All work"), "pieces are cut at paragraph breaks");
+        lengths.push(doc.text.len());
+    }
+    drop(corpus);
+    let peak = CountingAllocator::peak().saturating_sub(before);
+    eprintln!("text file of {} MiB: pieces {lengths:?}, peak {} MiB above the start", size >> 20, peak >> 20);
+    assert_eq!(lengths.iter().sum::<usize>(), size, "the pieces are the whole file");
+    assert!(lengths.len() >= 4);
+    let whole_pieces = &lengths[..lengths.len() - 1];
+    assert!(whole_pieces.iter().all(|&n| n >= TEXT_PIECE_BYTES && n < TEXT_PIECE_BYTES + paragraph.len()));
+    // A piece is built in a String that doubles as it grows: at most 4 pieces' size at once,
+    // and the file is 4 pieces and a bit; held whole it would need the file and a copy.
+    assert!(peak < 3 * TEXT_PIECE_BYTES, "reading a {size}-byte text file held {peak} bytes at its peak");
 }

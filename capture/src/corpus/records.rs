@@ -53,6 +53,7 @@ pub(super) enum FileRecords {
     Fortunes(FortuneRecords),
     Jsonl(JsonlRecords),
     Parquet(Box<ParquetRecords>),
+    TextPieces(TextPieces),
 }
 
 impl Iterator for FileRecords {
@@ -66,6 +67,7 @@ impl Iterator for FileRecords {
                 FileRecords::Fortunes(records) => records.next(),
                 FileRecords::Jsonl(records) => records.next(),
                 FileRecords::Parquet(records) => records.next(),
+                FileRecords::TextPieces(records) => records.next(),
             }?;
             match record {
                 Ok((_, text)) if text.trim().is_empty() => continue,
@@ -114,6 +116,49 @@ impl FortuneRecords {
         let index = self.next_record;
         self.next_record = self.next_record.wrapping_add(1);
         Some(Ok((index, record.trim_start_matches(['\n', '\r']).trim_end().to_string())))
+    }
+}
+
+/// A `text` file too large to be one document, read a piece at a time: a piece ends at the first
+/// blank line (a paragraph break) after it holds `piece_bytes`, or at the first line break after
+/// it holds twice that, so memory holds a piece of at most about `2 · piece_bytes`, not the file.
+/// The pieces, concatenated, are the file.
+pub(super) struct TextPieces {
+    pub(super) lines: Box<dyn BufRead + Send>,
+    pub(super) piece_bytes: usize,
+    pub(super) next_record: u32,
+    pub(super) done: bool,
+}
+
+impl TextPieces {
+    fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
+        if self.done {
+            return None;
+        }
+        let mut piece = String::new();
+        let mut line = String::new();
+        loop {
+            match read_line(&mut *self.lines, &mut line) {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(false) => {
+                    self.done = true;
+                    break;
+                }
+                Ok(true) => {
+                    piece.push_str(&line);
+                    let paragraph_break = line.trim().is_empty();
+                    if (paragraph_break && piece.len() >= self.piece_bytes) || piece.len() >= 2 * self.piece_bytes {
+                        break;
+                    }
+                }
+            }
+        }
+        let index = self.next_record;
+        self.next_record = self.next_record.wrapping_add(1);
+        Some(Ok((index, piece)))
     }
 }
 
@@ -304,5 +349,34 @@ mod tests {
                 _ => panic!("{bad:?} passed"),
             }
         }
+    }
+
+    #[test]
+    fn large_text_is_cut_into_pieces_at_paragraph_breaks_that_concatenate_to_the_file() {
+        let text = "one two\nthree\n\nfour five six\n\n\nseven\neight nine ten eleven\ntwelve\n\nend";
+        let pieces = |piece_bytes| {
+            let lines = tiny_reads(text.as_bytes());
+            let mut records = TextPieces { lines, piece_bytes, next_record: 0, done: false };
+            std::iter::from_fn(|| records.next())
+                .map(|r| match r {
+                    Ok(record) => record,
+                    Err(FileError::Bad(e)) => panic!("{e:#}"),
+                    Err(FileError::Unreadable(e)) => panic!("{e}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        for piece_bytes in [1, 5, 10, 20, 1000] {
+            let got = pieces(piece_bytes);
+            assert_eq!(got.iter().map(|(_, p)| p.as_str()).collect::<String>(), text, "{piece_bytes}");
+            assert!(got.iter().enumerate().all(|(i, (index, _))| *index == i as u32));
+            for (_, piece) in &got[..got.len() - 1] {
+                let longest_line = piece.lines().map(|l| l.len() + 1).max().unwrap();
+                assert!(piece.len() >= piece_bytes && piece.len() < 2 * piece_bytes + longest_line, "{piece:?}");
+                let ends_at_a_blank_line = piece.lines().last().is_some_and(|l| l.trim().is_empty());
+                assert!(ends_at_a_blank_line || piece.len() >= 2 * piece_bytes, "{piece:?}");
+            }
+        }
+        assert_eq!(pieces(1000).len(), 1, "a text under the piece size stays one document");
+        assert_eq!(pieces(10)[0].1, "one two\nthree\n\n");
     }
 }
