@@ -246,7 +246,7 @@ fn bad_inputs_are_clear_errors() {
     assert!(err.contains("different capture") && err.contains("blocks.14.hook_resid_post"), "{err}");
     let out = capture(&out_url, &["--max-tokens", "200"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("\"max_tokens\":200"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("corpus.detail.max_tokens: there 100, here 200"), "{}", stderr(&out));
 }
 
 #[test]

@@ -44,6 +44,14 @@ fn planted_aws_env(endpoint: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `output` is a refusal of credentials in `s3://…@bucket/data` that names the URL without them.
+fn assert_refused_naming_the_redacted_url(output: &Output, what: &str) {
+    assert!(!output.status.success(), "{what}: exit 0 with credentials in a URL");
+    assert_no_secret(output, what);
+    let err = stderr(output);
+    assert!(err.contains("s3://bucket/data") && err.contains("credentials"), "{what}: the error names no URL: {err}");
+}
+
 #[test]
 fn credentials_in_urls_are_refused_without_being_echoed() {
     let out_dir = tempfile::tempdir().unwrap();
@@ -77,13 +85,7 @@ fn credentials_in_urls_are_refused_without_being_echoed() {
     for (what, args) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let output = sae(&args, &[]);
-        assert!(!output.status.success(), "{what}: exit 0 with credentials in a URL");
-        assert_no_secret(&output, what);
-        let err = stderr(&output);
-        assert!(
-            err.contains("s3://bucket/data") && err.contains("credentials"),
-            "{what}: the error names no URL: {err}"
-        );
+        assert_refused_naming_the_redacted_url(&output, what);
     }
 }
 
@@ -139,13 +141,7 @@ fn credentials_in_config_files_are_refused_without_being_echoed() {
         let config = work.path().join(format!("config-{i}.toml"));
         std::fs::write(&config, text).unwrap();
         let output = sae(&[command, "--config", config.to_str().unwrap()], &[]);
-        assert!(!output.status.success(), "{what}: exit 0 with credentials in a URL");
-        assert_no_secret(&output, what);
-        let err = stderr(&output);
-        assert!(
-            err.contains("s3://bucket/data") && err.contains("credentials"),
-            "{what}: the error names no URL: {err}"
-        );
+        assert_refused_naming_the_redacted_url(&output, what);
         assert!(!work.path().join("data").exists(), "{what}: a stage ran");
     }
 }

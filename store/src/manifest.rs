@@ -124,12 +124,16 @@ pub struct DatasetHeader {
 impl DatasetHeader {
     /// What makes `other` a different dataset from `self`, one `path: there X, here Y` per field
     /// that differs ([`crate::compare::differences`], `self` being what is stored), in key order
-    /// (`created` does not count: the same dataset is written again by a resumed command). Empty
-    /// when they describe the same dataset.
+    /// (`created` does not count: the same dataset is written again by a resumed command). A
+    /// corpus `detail` that holds a JSON object is compared field by field. Empty when they
+    /// describe the same dataset.
     pub fn differences(&self, other: &DatasetHeader) -> Vec<String> {
         let comparable = |h: &DatasetHeader| {
             let mut json = serde_json::to_value(h).expect("a header serializes");
             json.as_object_mut().expect("a header is an object").remove("created");
+            if let Ok(detail @ serde_json::Value::Object(_)) = serde_json::from_str(&h.corpus.detail) {
+                json["corpus"]["detail"] = detail;
+            }
             json
         };
         crate::compare::differences(&comparable(self), &comparable(other))
@@ -561,6 +565,14 @@ mod tests {
                 && diff[1].contains("blocks.14.hook_resid_post"),
             "{diff:?}"
         );
+
+        // A JSON detail is compared field by field; any other detail whole.
+        let (mut c, mut d) = (a.clone(), a.clone());
+        c.corpus.detail = r#"{"max_tokens":100,"batch_size":4}"#.into();
+        d.corpus.detail = r#"{"max_tokens":200,"batch_size":4}"#.into();
+        assert_eq!(c.differences(&d), ["corpus.detail.max_tokens: there 100, here 200"]);
+        d.corpus.detail = "plain".into();
+        assert_eq!(c.differences(&d), [format!("corpus.detail: there {:?}, here \"plain\"", c.corpus.detail)]);
     }
     use super::*;
 

@@ -97,25 +97,43 @@ impl FortuneRecords {
         if self.done {
             return None;
         }
-        let mut record = String::new();
-        let mut line = String::new();
-        loop {
-            match read_line(&mut *self.lines, &mut line) {
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
-                Ok(false) => {
-                    self.done = true;
-                    break;
-                }
-                Ok(true) if line.trim_end_matches(['\n', '\r']) == "%" => break,
-                Ok(true) => record.push_str(&line),
+        let ends_record = |line: &str, record: &mut String| {
+            let separator = line.trim_end_matches(['\n', '\r']) == "%";
+            if !separator {
+                record.push_str(line);
             }
-        }
+            separator
+        };
+        let record = read_record(&mut *self.lines, &mut self.done, ends_record);
         let index = self.next_record;
         self.next_record = self.next_record.wrapping_add(1);
-        Some(Ok((index, record.trim_start_matches(['\n', '\r']).trim_end().to_string())))
+        Some(record.map(|r| (index, r.trim_start_matches(['\n', '\r']).trim_end().to_string())))
+    }
+}
+
+/// Lines of `lines` handed to `take` (which appends what belongs to the record and says whether
+/// the record ends there) until it ends or the file does; `done` is set at the file's end or an
+/// error.
+fn read_record(
+    lines: &mut dyn BufRead,
+    done: &mut bool,
+    mut take: impl FnMut(&str, &mut String) -> bool,
+) -> Result<String, FileError> {
+    let mut record = String::new();
+    let mut line = String::new();
+    loop {
+        match read_line(lines, &mut line) {
+            Err(e) => {
+                *done = true;
+                return Err(e);
+            }
+            Ok(false) => {
+                *done = true;
+                return Ok(record);
+            }
+            Ok(true) if take(&line, &mut record) => return Ok(record),
+            Ok(true) => {}
+        }
     }
 }
 
@@ -135,30 +153,16 @@ impl TextPieces {
         if self.done {
             return None;
         }
-        let mut piece = String::new();
-        let mut line = String::new();
-        loop {
-            match read_line(&mut *self.lines, &mut line) {
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
-                Ok(false) => {
-                    self.done = true;
-                    break;
-                }
-                Ok(true) => {
-                    piece.push_str(&line);
-                    let paragraph_break = line.trim().is_empty();
-                    if (paragraph_break && piece.len() >= self.piece_bytes) || piece.len() >= 2 * self.piece_bytes {
-                        break;
-                    }
-                }
-            }
-        }
+        let piece_bytes = self.piece_bytes;
+        let ends_piece = |line: &str, piece: &mut String| {
+            piece.push_str(line);
+            let paragraph_break = line.trim().is_empty();
+            (paragraph_break && piece.len() >= piece_bytes) || piece.len() >= 2 * piece_bytes
+        };
+        let piece = read_record(&mut *self.lines, &mut self.done, ends_piece);
         let index = self.next_record;
         self.next_record = self.next_record.wrapping_add(1);
-        Some(Ok((index, piece)))
+        Some(piece.map(|p| (index, p)))
     }
 }
 
