@@ -572,7 +572,7 @@ mod tests {
         d.corpus.detail = r#"{"max_tokens":200,"batch_size":4}"#.into();
         assert_eq!(c.differences(&d), ["corpus.detail.max_tokens: there 100, here 200"]);
         d.corpus.detail = "plain".into();
-        assert_eq!(c.differences(&d), [format!("corpus.detail: there {:?}, here \"plain\"", c.corpus.detail)]);
+        assert_eq!(c.differences(&d), [r#"corpus.detail: there {"batch_size":4,"max_tokens":100}, here "plain""#]);
     }
     use super::*;
 
