@@ -256,7 +256,7 @@ fn capture_rows(
     bar.finish_and_clear();
     // A closed channel ends the loop; only a tokenizer thread that returned means the corpus ended.
     if let Err(panic) = producer.join() {
-        bail!("the tokenizer thread panicked: {}", panic_message(&panic));
+        bail!("the tokenizer thread panicked: {}", store::panic_message(&*panic));
     }
     Ok((row.min(plan.end_row), model_tokens))
 }
@@ -278,14 +278,6 @@ fn spawn_tokenizer(
         }
     })?;
     Ok((rx, producer))
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn already_finished_or_different(out: &str, header: &DatasetHeader) -> Result<Option<store::DatasetInfo>> {
