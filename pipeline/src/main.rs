@@ -81,15 +81,20 @@ fn main() {
     }
 }
 
+/// Why `text`, which holds a URL with user info, is refused; the URL is quoted without it.
+pub fn credentials_refusal(text: &str) -> String {
+    format!(
+        "`{}`: credentials are not accepted in URLs; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead",
+        store::redact_urls_in(text)
+    )
+}
+
 /// Exits with a clear error, before any command runs, when an argument holds a URL with user
 /// info (`s3://KEY:SECRET@bucket/...`): no store takes credentials in URLs, and refusing here
 /// keeps every later message, log line and JSON output from quoting them.
 fn refuse_credentials_in_urls(argv: &[String]) {
     if let Some(arg) = argv.iter().find(|a| store::has_user_info(a)) {
-        eprintln!(
-            "error: `{}`: credentials are not accepted in URLs; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead",
-            store::redact_urls_in(arg)
-        );
+        eprintln!("error: {}", credentials_refusal(arg));
         std::process::exit(2);
     }
 }

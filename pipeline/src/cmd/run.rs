@@ -82,10 +82,9 @@ struct Plan {
 /// anything prints it, as `main` does for command-line arguments; the message is redacted.
 fn refuse_credentials(value: &toml::Value, source: &str) -> Result<()> {
     match value {
-        toml::Value::String(text) if store::has_user_info(text) => bail!(
-            "`{}` in {source}: credentials are not accepted in URLs; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) instead",
-            store::redact_urls_in(text)
-        ),
+        toml::Value::String(text) if store::has_user_info(text) => {
+            bail!("in {source}: {}", crate::credentials_refusal(text))
+        }
         toml::Value::Table(table) => table.values().try_for_each(|v| refuse_credentials(v, source)),
         toml::Value::Array(items) => items.iter().try_for_each(|v| refuse_credentials(v, source)),
         _ => Ok(()),
