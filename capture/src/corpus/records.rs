@@ -3,10 +3,9 @@
 
 use std::io::BufRead;
 
-use anyhow::{anyhow, bail, Context, Result};
-
 use super::parquet_text::ParquetRecords;
 use super::redacted_io_error;
+use crate::error::{Error, Result};
 
 /// Reads `reader` to its end, failing as `std::str::from_utf8` would on the whole file (the
 /// same message, with the index counted from the start of the file).
@@ -200,7 +199,7 @@ impl JsonlRecords {
 /// malformed (always an error).
 pub(super) enum FileError {
     Unreadable(String),
-    Bad(anyhow::Error),
+    Bad(Error),
 }
 
 /// The fortunes of `text`, as (record index, text): records are separated by lines holding only
@@ -244,20 +243,23 @@ fn jsonl_record(line: &str, index: usize, location: &str, field: &str) -> Result
     if line.trim().is_empty() {
         return Ok(None);
     }
-    let line_no = index + 1;
-    let value: serde_json::Value =
-        serde_json::from_str(line).with_context(|| format!("{location}:{line_no}: not a JSON line"))?;
-    let object = value.as_object().ok_or_else(|| anyhow!("{location}:{line_no}: not a JSON object"))?;
+    let (location, line_no) = (location.to_string(), index + 1);
+    let value: serde_json::Value = match serde_json::from_str(line) {
+        Ok(value) => value,
+        Err(source) => return Err(Error::NotAJsonLine { location, line: line_no, source }),
+    };
+    let Some(object) = value.as_object() else {
+        return Err(Error::NotAJsonObject { location, line: line_no });
+    };
     match object.get(field) {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Null) => Ok(None),
-        Some(other) => bail!("{location}:{line_no}: text field `{field}` holds {}, not a string", json_kind(other)),
+        Some(other) => {
+            Err(Error::TextFieldNotAString { location, line: line_no, field: field.into(), kind: json_kind(other) })
+        }
         None => {
-            let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-            bail!(
-                "{location}:{line_no}: no text field `{field}` (fields: {}); choose one with --text-field",
-                keys.join(", ")
-            )
+            let fields = object.keys().cloned().collect();
+            Err(Error::NoTextField { location, line: line_no, field: field.into(), fields })
         }
     }
 }
