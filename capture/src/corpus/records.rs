@@ -93,9 +93,6 @@ pub(super) struct FortuneRecords {
 
 impl FortuneRecords {
     fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
-        if self.done {
-            return None;
-        }
         let ends_record = |line: &str, record: &mut String| {
             let separator = line.trim_end_matches(['\n', '\r']) == "%";
             if !separator {
@@ -103,11 +100,26 @@ impl FortuneRecords {
             }
             separator
         };
-        let record = read_record(&mut *self.lines, &mut self.done, ends_record);
-        let index = self.next_record;
-        self.next_record = self.next_record.wrapping_add(1);
-        Some(record.map(|r| (index, r.trim_start_matches(['\n', '\r']).trim_end().to_string())))
+        let record = numbered_record(&mut *self.lines, &mut self.done, &mut self.next_record, ends_record)?;
+        Some(record.map(|(index, r)| (index, r.trim_start_matches(['\n', '\r']).trim_end().to_string())))
     }
+}
+
+/// The next record of `lines` as [`read_record`] cuts it, with its index (`next_record`, then
+/// counted on); `None` once `done`.
+fn numbered_record(
+    lines: &mut dyn BufRead,
+    done: &mut bool,
+    next_record: &mut u32,
+    take: impl FnMut(&str, &mut String) -> bool,
+) -> Option<Result<(u32, String), FileError>> {
+    if *done {
+        return None;
+    }
+    let record = read_record(lines, done, take);
+    let index = *next_record;
+    *next_record = next_record.wrapping_add(1);
+    Some(record.map(|r| (index, r)))
 }
 
 /// Lines of `lines` handed to `take` (which appends what belongs to the record and says whether
@@ -149,19 +161,13 @@ pub(super) struct TextPieces {
 
 impl TextPieces {
     fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
-        if self.done {
-            return None;
-        }
         let piece_bytes = self.piece_bytes;
         let ends_piece = |line: &str, piece: &mut String| {
             piece.push_str(line);
             let paragraph_break = line.trim().is_empty();
             (paragraph_break && piece.len() >= piece_bytes) || piece.len() >= 2 * piece_bytes
         };
-        let piece = read_record(&mut *self.lines, &mut self.done, ends_piece);
-        let index = self.next_record;
-        self.next_record = self.next_record.wrapping_add(1);
-        Some(piece.map(|p| (index, p)))
+        numbered_record(&mut *self.lines, &mut self.done, &mut self.next_record, ends_piece)
     }
 }
 
