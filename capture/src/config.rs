@@ -88,8 +88,8 @@ impl LlamaConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        let cfg: LlamaConfig = serde_json::from_str(&text)
-            .map_err(|source| Error::NotLlamaConfig { path: path.to_path_buf(), source })?;
+        let cfg: LlamaConfig =
+            serde_json::from_str(&text).map_err(|source| Error::NotLlamaConfig { path: path.to_path_buf(), source })?;
         cfg.validate().map_err(|source| Error::InvalidModelConfig { path: path.to_path_buf(), source })?;
         Ok(cfg)
     }

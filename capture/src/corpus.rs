@@ -494,10 +494,7 @@ fn redacted_io_error(e: &std::io::Error) -> String {
 }
 
 fn new_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::StartRuntime { source })
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|source| Error::StartRuntime { source })
 }
 
 /// `error: cause: cause...`, every cause of the chain in turn. A file's fingerprint holds this

@@ -101,8 +101,8 @@ impl Model {
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
         let mut weights = HashMap::new();
         for file in safetensors_files(dir)? {
-            let tensors =
-                Tensor::read_safetensors(&file).map_err(|source| Error::ReadSafetensors { path: file.clone(), source })?;
+            let tensors = Tensor::read_safetensors(&file)
+                .map_err(|source| Error::ReadSafetensors { path: file.clone(), source })?;
             for (name, tensor) in tensors {
                 weights.insert(name, tensor.to_kind(Kind::Float));
             }
@@ -174,7 +174,8 @@ fn shard_files_of_index(dir: &Path, index_path: &Path, text: &str) -> Result<Vec
     let index = || index_path.to_path_buf();
     let json: serde_json::Value =
         serde_json::from_str(text).map_err(|source| Error::NotJson { path: index(), source })?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::NoWeightMap { index: index() })?;
+    let map =
+        json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::NoWeightMap { index: index() })?;
     let mut names = Vec::new();
     for (tensor, file) in map {
         let name = file.as_str().ok_or_else(|| Error::ShardNotAString {

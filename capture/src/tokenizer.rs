@@ -40,10 +40,13 @@ impl TextTokenizer {
             return Err(Error::UnsupportedTokenizer { path: path(), model: model.to_string() });
         }
         let strings = |key: &str| -> Result<Vec<String>> {
-            let items = file.require(key)?.as_array().ok_or_else(|| Error::NotAnArray { path: path(), key: key.into() })?;
+            let items =
+                file.require(key)?.as_array().ok_or_else(|| Error::NotAnArray { path: path(), key: key.into() })?;
             items
                 .iter()
-                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| Error::NonStringItem { path: path(), key: key.into() }))
+                .map(|v| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| Error::NonStringItem { path: path(), key: key.into() })
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
@@ -70,9 +73,8 @@ impl TextTokenizer {
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         match (add_bos, bos_id) {
             (true, Some(bos)) => {
-                let bos_text = tokens
-                    .get(bos as usize)
-                    .ok_or_else(|| Error::BosOutsideVocabulary { path: path(), bos })?;
+                let bos_text =
+                    tokens.get(bos as usize).ok_or_else(|| Error::BosOutsideVocabulary { path: path(), bos })?;
                 let template = TemplateProcessing::builder()
                     .try_single(format!("{bos_text}:0 $A:0"))
                     .and_then(|b| b.try_pair(format!("{bos_text}:0 $A:0 $B:1")))

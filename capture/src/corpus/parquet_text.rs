@@ -42,7 +42,11 @@ impl ParquetRecords {
         let fields = builder.schema().fields().clone();
         let Some(index) = fields.iter().position(|f| f.name() == column) else {
             let columns = fields.iter().map(|f| f.name().clone()).collect();
-            return Err(FileError::Bad(Error::NoTextColumn { location: location.into(), column: column.into(), columns }));
+            return Err(FileError::Bad(Error::NoTextColumn {
+                location: location.into(),
+                column: column.into(),
+                columns,
+            }));
         };
         let data_type = fields[index].data_type().clone();
         if !matches!(data_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {

@@ -30,6 +30,7 @@ pub fn model() -> MutexGuard<'static, Model> {
 }
 
 /// The venv's Python, where `make test` installed transformers (found as every test finds it).
+#[allow(unused_imports)] // only the reference tests run Python
 pub use testkit::python;
 
 pub fn ids(tokens: &[u32]) -> tch::Tensor {
