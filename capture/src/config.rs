@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 
 /// Model hyper-parameters. Field names follow Hugging Face's `LlamaConfig`, so a
@@ -56,7 +56,7 @@ impl LlamaConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.require("general.architecture")?.as_str().unwrap_or_default().to_string();
         if arch != "llama" {
-            bail!("{}: architecture {arch:?} is not supported (only \"llama\")", file.path().display());
+            return Err(Error::UnsupportedArchitecture { path: file.path().to_path_buf(), arch });
         }
         let key = |k: &str| format!("{arch}.{k}");
         let vocab_size = match file.get(&key("vocab_size")).and_then(Value::as_u64) {
@@ -81,37 +81,42 @@ impl LlamaConfig {
                 .map_or(default_max_positions(), |n| n as usize),
             tie_word_embeddings: file.tensor_info("output.weight").is_none(),
         };
-        cfg.validate().with_context(|| format!("invalid model header in {}", file.path().display()))?;
+        cfg.validate().map_err(|source| Error::InvalidModelHeader { path: file.path().to_path_buf(), source })?;
         Ok(cfg)
     }
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         let cfg: LlamaConfig =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a Llama config.json", path.display()))?;
-        cfg.validate().with_context(|| format!("invalid model config in {}", path.display()))?;
+            serde_json::from_str(&text).map_err(|source| Error::NotLlamaConfig { path: path.to_path_buf(), source })?;
+        cfg.validate().map_err(|source| Error::InvalidModelConfig { path: path.to_path_buf(), source })?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            bail!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size,
-                self.num_attention_heads
-            );
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (hidden_size, heads, kv_heads) = (self.hidden_size, self.num_attention_heads, self.n_kv_heads());
+        if heads == 0 || !hidden_size.is_multiple_of(heads) {
+            return Err(ConfigError::HeadsDoNotDivide { hidden_size, heads });
         }
-        if self.n_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
-            bail!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads,
-                self.n_kv_heads()
-            );
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(ConfigError::KvHeadsDoNotDivide { heads, kv_heads });
         }
         if !self.head_dim().is_multiple_of(2) {
-            bail!("head dimension {} must be even for rotary embeddings", self.head_dim());
+            return Err(ConfigError::OddHeadDim { head_dim: self.head_dim() });
         }
         Ok(())
     }
+}
+
+/// Hyper-parameters that do not fit together (the header or `config.json` they came from is
+/// named by the [`Error`] that carries this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("hidden_size {hidden_size} is not a multiple of num_attention_heads {heads}")]
+    HeadsDoNotDivide { hidden_size: usize, heads: usize },
+    #[error("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")]
+    KvHeadsDoNotDivide { heads: usize, kv_heads: usize },
+    #[error("head dimension {head_dim} must be even for rotary embeddings")]
+    OddHeadDim { head_dim: usize },
 }

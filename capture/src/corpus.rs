@@ -28,11 +28,12 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
 
 mod documents;
 mod listing;
@@ -107,14 +108,14 @@ impl fmt::Display for CorpusFormat {
 }
 
 impl FromStr for CorpusFormat {
-    type Err = anyhow::Error;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "text" => Ok(CorpusFormat::Text),
             "fortune" => Ok(CorpusFormat::Fortune),
             "jsonl" => Ok(CorpusFormat::Jsonl),
             "parquet" => Ok(CorpusFormat::Parquet),
-            _ => bail!("unknown corpus format `{s}` (expected text, fortune, jsonl or parquet)"),
+            _ => Err(Error::UnknownCorpusFormat { name: s.to_string() }),
         }
     }
 }
@@ -153,13 +154,12 @@ impl CorpusSpec {
     /// sub-folders (`de/`, `es/`, `off/`) are not entered, the Chinese files (`chinese`,
     /// `tang300`, `song100`), the `.dat` indexes and the `.u8` symlinks are left out.
     pub fn english_fortunes_in(dir: &Path) -> Result<Self> {
-        let entries = std::fs::read_dir(dir).with_context(|| {
-            format!("cannot list the fortunes folder {} (install Debian's `fortunes` package)", dir.display())
-        })?;
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| Error::NoFortunesFolder { dir: dir.to_path_buf(), source })?;
         let mut files = Vec::new();
         for entry in entries {
-            let entry = entry.with_context(|| format!("cannot list the fortunes folder {}", dir.display()))?;
-            let file_type = entry.file_type().with_context(|| format!("cannot stat {}", entry.path().display()))?;
+            let entry = entry.map_err(|source| Error::ListFortunes { dir: dir.to_path_buf(), source })?;
+            let file_type = entry.file_type().map_err(|source| Error::Stat { path: entry.path(), source })?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if file_type.is_file() && !name.ends_with(".dat") && !NON_ENGLISH_FORTUNE_FILES.contains(&name) {
@@ -167,10 +167,7 @@ impl CorpusSpec {
             }
         }
         if files.is_empty() {
-            bail!(
-                "the fortunes folder {} holds no English fortune files (install Debian's `fortunes` package)",
-                dir.display()
-            );
+            return Err(Error::NoEnglishFortunes { dir: dir.to_path_buf() });
         }
         files.sort();
         let name = format!("English fortunes of {} ({} files)", dir.display(), files.len());
@@ -282,14 +279,14 @@ impl Corpus {
     /// reads no file content.
     pub fn open(spec: CorpusSpec) -> Result<Self> {
         if spec.inputs.is_empty() {
-            bail!("no corpus input given");
+            return Err(Error::NoCorpusInput);
         }
         let mut files = Vec::new();
         let mut skipped = Vec::new();
         let mut runtime: Option<Arc<tokio::runtime::Runtime>> = None;
         for (input, url) in spec.inputs.iter().enumerate() {
-            let location =
-                store::open_store(url).with_context(|| format!("bad corpus input `{}`", store::redact_urls_in(url)))?;
+            let location = store::open_store(url)
+                .map_err(|source| Error::BadCorpusInput { input: store::redact_urls_in(url), source })?;
             let found_before = files.len();
             match &location.local_dir {
                 Some(path) => list_local(input, path, spec.format, &mut files, &mut skipped)?,
@@ -306,15 +303,14 @@ impl Corpus {
             }
         }
         if files.is_empty() {
-            let skipped_note = if skipped.is_empty() { String::new() } else { format!(" ({} skipped)", skipped.len()) };
-            bail!(
-                "empty corpus: no {} files found in {}{skipped_note}",
-                spec.format,
-                store::redact_urls_in(&spec.inputs.join(", "))
-            );
+            return Err(Error::NoCorpusFiles {
+                format: spec.format,
+                inputs: store::redact_urls_in(&spec.inputs.join(", ")),
+                skipped: skipped.len(),
+            });
         }
         if files.len() > u32::MAX as usize {
-            bail!("corpus has {} files; document ids allow at most {}", files.len(), u32::MAX);
+            return Err(Error::TooManyFiles { files: files.len() });
         }
         Ok(Corpus { spec: Arc::new(spec), files: files.into(), listing_skipped: skipped.into(), runtime })
     }
@@ -368,7 +364,7 @@ impl Corpus {
                     bytes += size;
                     format!("{size} {hash}")
                 }
-                Err(e) => format!("unreadable ({e:#})"),
+                Err(e) => format!("unreadable ({})", error_with_causes(&e)),
             };
             // Length-prefixed, so that no two listings hash the same bytes.
             hasher.update(format!("{}\t{}:{}\t{}\n", file.input, file.rel_path.len(), file.rel_path, content_hash));
@@ -376,7 +372,7 @@ impl Corpus {
         Ok(CorpusFingerprint { sha256: hex(&hasher.finalize()), files: self.files.len(), bytes })
     }
 
-    fn hash_file(&self, file: &CorpusFile) -> Result<(String, u64)> {
+    fn hash_file(&self, file: &CorpusFile) -> std::io::Result<(String, u64)> {
         match &file.source {
             Source::Local(path) => {
                 let mut f = std::fs::File::open(path)?;
@@ -493,20 +489,24 @@ pub const TEXT_PIECE_BYTES: usize = 64 << 20;
 /// Bytes read at a time from a corpus file (local reads and object-store range requests).
 const STREAM_BUFFER_BYTES: usize = 8 << 20;
 
-/// An object store's error as a message, with any credential in the URLs it quotes removed.
-fn redacted_store_error(e: object_store::Error) -> anyhow::Error {
-    anyhow!(store::redact_urls_in(&store::error_chain(&e)))
-}
-
 fn redacted_io_error(e: &std::io::Error) -> String {
     store::redact_urls_in(&e.to_string())
 }
 
 fn new_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the I/O runtime for object-store corpus inputs")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|source| Error::StartRuntime { source })
+}
+
+/// `error: cause: cause...`, every cause of the chain in turn. A file's fingerprint holds this
+/// text when the file cannot be read, so it must not change: fingerprints are compared.
+fn error_with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Runs `fut` on `rt`; from inside another tokio runtime (where `block_on` would panic), on a

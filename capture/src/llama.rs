@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::LlamaConfig;
@@ -50,6 +49,16 @@ pub enum TokenInputError {
     OutOfVocabulary { id: i64, vocab: i64 },
 }
 
+/// A checkpoint that lacks a weight the configuration needs, or holds one of the wrong shape.
+/// The [`crate::Error`] that carries it names the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    #[error("weight {name} is missing from the checkpoint")]
+    Missing { name: String },
+    #[error("weight {name} has shape {shape:?}, expected {expected:?}")]
+    WrongShape { name: String, shape: Vec<i64>, expected: Vec<i64> },
+}
+
 /// What a forward pass returns.
 pub struct ForwardOutput {
     /// `[batch, seq, vocab]` in f32, when logits were asked for.
@@ -77,17 +86,17 @@ impl Llama {
         mut weights: HashMap<String, Tensor>,
         device: Device,
         kind: Kind,
-    ) -> Result<Self> {
+    ) -> Result<Self, WeightError> {
         let d = cfg.d_model() as i64;
         let hd = cfg.head_dim() as i64;
         let q_rows = cfg.num_attention_heads as i64 * hd;
         let kv_rows = cfg.n_kv_heads() as i64 * hd;
         let ff = cfg.intermediate_size as i64;
         let vocab = cfg.vocab_size as i64;
-        let mut take = |name: &str, shape: &[i64]| -> Result<Tensor> {
-            let t = weights.remove(name).with_context(|| format!("weight {name} is missing from the checkpoint"))?;
+        let mut take = |name: &str, shape: &[i64]| -> Result<Tensor, WeightError> {
+            let t = weights.remove(name).ok_or_else(|| WeightError::Missing { name: name.into() })?;
             if t.size() != shape {
-                bail!("weight {name} has shape {:?}, expected {shape:?}", t.size());
+                return Err(WeightError::WrongShape { name: name.into(), shape: t.size(), expected: shape.to_vec() });
             }
             Ok(t.to_kind(kind).to_device(device))
         };
@@ -109,7 +118,7 @@ impl Llama {
                     down_proj: take(&format!("{p}.mlp.down_proj.weight"), &[d, ff])?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, WeightError>>()?;
         let final_norm = take("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight", &[vocab, d])?) };
         // Hugging Face's default rotary init, computed in f32 as it does:

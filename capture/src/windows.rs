@@ -23,10 +23,10 @@ use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 
 use crate::corpus::{Corpus, Document, ReadStats};
+use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::TextTokenizer;
 
@@ -147,7 +147,7 @@ impl WindowStats {
 enum Message {
     Window(Window),
     Done(WindowStats),
-    Failed(anyhow::Error),
+    Failed(Error),
 }
 
 /// Windows of a corpus, in order, produced by a background thread (see the module docs).
@@ -164,12 +164,12 @@ impl WindowStream {
     /// empty corpus (no documents, or fewer tokens than one window) is the stream's first error.
     pub fn start(corpus: Corpus, tokenizer: Arc<TextTokenizer>, options: WindowOptions) -> Result<Self> {
         if options.context_len < 2 {
-            bail!("context length must be at least 2 tokens, not {}", options.context_len);
+            return Err(Error::ContextTooShort { context_len: options.context_len });
         }
-        let eos = tokenizer.eos_id.ok_or_else(|| anyhow!("the tokenizer has no EOS token to separate documents"))?;
+        let eos = tokenizer.eos_id.ok_or(Error::NoEos)?;
         let bos = match (tokenizer.add_bos, tokenizer.bos_id) {
             (true, Some(bos)) => Some(bos),
-            (true, None) => bail!("the tokenizer adds BOS but has no BOS id"),
+            (true, None) => return Err(Error::NoBosId),
             (false, _) => None,
         };
         let pool = match options.threads {
@@ -187,7 +187,7 @@ impl WindowStream {
         std::thread::Builder::new()
             .name("corpus-windows".into())
             .spawn(move || producer.run())
-            .context("cannot start the tokenizer thread")?;
+            .map_err(|source| Error::StartTokenizerThread { source })?;
         Ok(WindowStream { receiver, stats: None, finished: false })
     }
 
@@ -217,7 +217,7 @@ impl Iterator for WindowStream {
             }
             Err(_) => {
                 self.finished = true;
-                Some(Err(anyhow!("the tokenizer thread stopped without finishing (it panicked)")))
+                Some(Err(Error::TokenizerThreadDied))
             }
         }
     }
@@ -260,9 +260,10 @@ impl Producer {
                 chunk
                     .par_iter()
                     .map(|doc| {
-                        tokenizer.encode(&doc.text).with_context(|| {
-                            let file = &documents_file_location(&self.corpus, doc);
-                            format!("cannot tokenize document {} of {file}", doc.id.record)
+                        tokenizer.encode(&doc.text).map_err(|e| Error::Tokenize {
+                            record: doc.id.record,
+                            file: documents_file_location(&self.corpus, doc),
+                            source: Box::new(e),
                         })
                     })
                     .collect()
@@ -298,20 +299,18 @@ impl Producer {
         // Only a corpus read to its end can be too small (`end_window: Some(0)` reads nothing).
         if stats.corpus_exhausted && stats.documents == 0 {
             let read = &stats.read;
-            bail!(
-                "empty corpus: no documents in {} ({} files read, {} skipped)",
-                self.corpus.spec().inputs.join(", "),
-                read.files_read,
-                read.skipped.len()
-            );
+            return Err(Error::NoDocuments {
+                inputs: self.corpus.spec().inputs.join(", "),
+                files_read: read.files_read,
+                skipped: read.skipped.len(),
+            });
         }
         if stats.corpus_exhausted && stats.windows_packed == 0 {
-            bail!(
-                "the corpus is shorter than one window: {} documents give {} tokens, fewer than the context length {}",
-                stats.documents,
-                stats.stream_tokens,
-                self.options.context_len
-            );
+            return Err(Error::ShorterThanOneWindow {
+                documents: stats.documents,
+                tokens: stats.stream_tokens,
+                context_len: self.options.context_len,
+            });
         }
         if stats.corpus_exhausted && stats.windows_missing() > 0 {
             tracing::warn!(
@@ -376,7 +375,8 @@ pub fn load_tokenizer(model_path: &Path) -> Result<TextTokenizer> {
     if model_path.is_dir() {
         TextTokenizer::from_hf_dir(model_path)
     } else {
-        let file = GgufFile::open(model_path).with_context(|| format!("cannot open model {}", model_path.display()))?;
+        let file =
+            GgufFile::open(model_path).map_err(|source| Error::OpenModel { path: model_path.to_path_buf(), source })?;
         TextTokenizer::from_gguf(&file)
     }
 }

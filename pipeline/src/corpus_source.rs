@@ -69,6 +69,6 @@ impl WindowSource {
     pub fn windows(&self, start: u64, end: u64) -> Result<WindowStream> {
         let options =
             WindowOptions { start_window: start, end_window: Some(end), ..WindowOptions::new(self.context_len) };
-        WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)
+        Ok(WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)?)
     }
 }

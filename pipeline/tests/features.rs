@@ -264,6 +264,13 @@ fn sae_ok(args: &[&str]) -> Output {
 
 const PROMPT: &str = "The stock market crashed, and the old sailor went back to the sea.";
 
+/// [`PROMPT`]'s token ids, the same ids as a `[1, seq]` tensor, and [`HOOK`] in the model.
+fn prompt_on_model(model: &capture::Model) -> (Vec<u32>, Tensor, HookPoint) {
+    let ids = model.tokenizer.encode(PROMPT).unwrap();
+    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    (ids, tokens, HookPoint::parse(HOOK, 30).unwrap())
+}
+
 #[test]
 fn search_reports_what_a_direct_encode_gives() {
     let f = fixture();
@@ -286,9 +293,7 @@ fn search_reports_what_a_direct_encode_gives() {
     // Direct: tokenize, run to the hook, encode every position but the first.
     let sae = load_sae(&f.sae);
     let model = model();
-    let ids = model.tokenizer.encode(PROMPT).unwrap();
-    let hook = HookPoint::parse(HOOK, 30).unwrap();
-    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    let (ids, tokens, hook) = prompt_on_model(&model);
     let mut hooks = Hooks::new().capture([hook]);
     let acts = model.llama.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
     let z = sae.sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1)).unwrap();
@@ -320,9 +325,7 @@ fn clamping_a_feature_to_its_own_activation_leaves_the_logits_and_a_large_clamp_
     let f = fixture();
     let sae = load_sae(&f.sae);
     let model = model();
-    let ids = model.tokenizer.encode(PROMPT).unwrap();
-    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
-    let hook = HookPoint::parse(HOOK, 30).unwrap();
+    let (_, tokens, hook) = prompt_on_model(&model);
     let clean = model.llama.forward(&tokens, None, &mut Hooks::new(), true).unwrap().logits.unwrap();
     let feature = 5i64;
     let run = |edit: &dyn Fn(&mut Tensor)| -> Tensor {

@@ -37,6 +37,7 @@ pub use manifest::{
     ModelIdentity, ShardEntry, TokenizerIdentity, Validate, FORMAT_VERSION,
 };
 pub use objects::{load_manifest, shard_tokens, ObjectDir};
+pub use rng::SplitMix64;
 pub use writer::{
     finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress, STALE_STAGING_AGE,
 };

@@ -1,10 +1,9 @@
 //! The documents of a corpus, file after file: which files are skipped, which end the corpus
 //! with an error, and the read counts.
 
-use anyhow::{anyhow, Result};
-
 use super::records::{FileError, FileRecords};
 use super::{Corpus, DocId, Document, ReadStats, SkippedFile};
+use crate::error::{Error, Result};
 
 /// The documents of a corpus, in order. After the last one, [`Documents::stats`] holds the
 /// counts. Yields an error for a malformed file or an unreadable named file, then stops.
@@ -45,7 +44,7 @@ impl Iterator for Documents {
                         self.next_file = self.corpus.files.len();
                         return Some(Err(match e {
                             FileError::Bad(e) => e,
-                            FileError::Unreadable(reason) => anyhow!("cannot read corpus file {location}: {reason}"),
+                            FileError::Unreadable(reason) => Error::ReadCorpusFile { location, reason },
                         }));
                     }
                     None => self.pending = None,
@@ -66,7 +65,7 @@ impl Iterator for Documents {
                 }
                 Err(FileError::Unreadable(reason)) => {
                     self.next_file = self.corpus.files.len();
-                    return Some(Err(anyhow!("cannot read corpus file {}: {reason}", file.location)));
+                    return Some(Err(Error::ReadCorpusFile { location: file.location, reason }));
                 }
                 Err(FileError::Bad(e)) => {
                     self.next_file = self.corpus.files.len();

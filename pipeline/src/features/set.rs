@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder, UInt32Builder};
+use arrow_array::builder::{ListBuilder, PrimitiveBuilder, StringBuilder};
+use arrow_array::types::{ArrowPrimitiveType, Float32Type, UInt32Type};
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float32Array, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
     UInt64Array,
@@ -281,17 +282,9 @@ fn strings<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> ArrayRef {
     Arc::new(b.finish())
 }
 
-fn floats<'a>(rows: impl Iterator<Item = &'a Vec<f32>>) -> ArrayRef {
-    let mut b = ListBuilder::new(Float32Builder::new());
-    for row in rows {
-        b.values().append_slice(row);
-        b.append(true);
-    }
-    Arc::new(b.finish())
-}
-
-fn uints<'a>(rows: impl Iterator<Item = &'a Vec<u32>>) -> ArrayRef {
-    let mut b = ListBuilder::new(UInt32Builder::new());
+/// A list column of numbers of Arrow type `T` (`Float32Type`, `UInt32Type`), a list per row.
+fn numbers<'a, T: ArrowPrimitiveType>(rows: impl Iterator<Item = &'a Vec<T::Native>>) -> ArrayRef {
+    let mut b = ListBuilder::new(PrimitiveBuilder::<T>::new());
     for row in rows {
         b.values().append_slice(row);
         b.append(true);
@@ -322,13 +315,13 @@ fn features_batch(f: &[FeatureStats]) -> Result<RecordBatch> {
         Arc::new(Float32Array::from_iter_values(f.iter().map(|x| x.max_activation))),
         Arc::new(Float32Array::from_iter_values(f.iter().map(|x| x.mean_activation))),
         Arc::new(BooleanArray::from(f.iter().map(|x| x.dead).collect::<Vec<_>>())),
-        uints(f.iter().map(|x| &x.histogram)),
+        numbers::<UInt32Type>(f.iter().map(|x| &x.histogram)),
         strings(f.iter().map(|x| &x.top_logit_tokens)),
-        floats(f.iter().map(|x| &x.top_logits)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.top_logits)),
         strings(f.iter().map(|x| &x.bottom_logit_tokens)),
-        floats(f.iter().map(|x| &x.bottom_logits)),
-        uints(f.iter().map(|x| &x.neighbors)),
-        floats(f.iter().map(|x| &x.neighbor_cosines)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.bottom_logits)),
+        numbers::<UInt32Type>(f.iter().map(|x| &x.neighbors)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.neighbor_cosines)),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
 }
@@ -356,9 +349,9 @@ fn examples_batch(e: &[Example]) -> Result<RecordBatch> {
         Arc::new(UInt64Array::from_iter_values(e.iter().map(|x| x.sequence_id))),
         Arc::new(UInt32Array::from_iter_values(e.iter().map(|x| x.position))),
         Arc::new(UInt32Array::from_iter_values(e.iter().map(|x| x.center))),
-        uints(e.iter().map(|x| &x.token_ids)),
+        numbers::<UInt32Type>(e.iter().map(|x| &x.token_ids)),
         strings(e.iter().map(|x| &x.tokens)),
-        floats(e.iter().map(|x| &x.token_activations)),
+        numbers::<Float32Type>(e.iter().map(|x| &x.token_activations)),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
 }
