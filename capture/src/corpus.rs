@@ -37,14 +37,17 @@ use crate::error::{Error, Result};
 
 mod documents;
 mod listing;
+mod mix;
 mod object_reader;
 mod parquet_text;
 mod ranged_object;
 mod records;
 
 pub use documents::Documents;
+pub use mix::{Mix, MixError, MixGroup, CHINESE_FORTUNE_FILES, FORTUNE_CYCLE};
 pub use records::split_fortunes;
 
+use documents::Cursor;
 use listing::{list_local, list_object_store};
 use object_reader::ObjectReader;
 use parquet_text::{ParquetRecords, PARQUET_BATCH_ROWS};
@@ -130,6 +133,9 @@ pub struct CorpusSpec {
     pub text_field: String,
     /// A short description for messages and the dataset manifest (the inputs, by default).
     pub name: String,
+    /// Interleave the documents of groups of inputs in a fixed cycle (see [`Mix`]); `None`
+    /// reads the inputs one after the other.
+    pub mix: Option<Mix>,
 }
 
 impl CorpusSpec {
@@ -137,7 +143,7 @@ impl CorpusSpec {
         let inputs: Vec<String> = inputs.into_iter().map(Into::into).collect();
         // The name goes into messages and the dataset manifest: never with credentials.
         let name = store::redact_urls_in(&inputs.join(" "));
-        CorpusSpec { inputs, format, text_field: DEFAULT_TEXT_FIELD.to_string(), name }
+        CorpusSpec { inputs, format, text_field: DEFAULT_TEXT_FIELD.to_string(), name, mix: None }
     }
 
     pub fn with_text_field(mut self, field: impl Into<String>) -> Self {
@@ -244,7 +250,8 @@ enum Source {
 /// or the text field differs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorpusFingerprint {
-    /// Hex sha256 over the format, the text field (JSONL and Parquet only), and for each file in
+    /// Hex sha256 over the format, the text field (JSONL and Parquet only), the mix (mixed
+    /// corpora only), and for each file in
     /// order: its input index, relative path, size and the sha256 of its bytes.
     pub sha256: String,
     pub files: usize,
@@ -280,6 +287,9 @@ impl Corpus {
     pub fn open(spec: CorpusSpec) -> Result<Self> {
         if spec.inputs.is_empty() {
             return Err(Error::NoCorpusInput);
+        }
+        if let Some(mix) = &spec.mix {
+            mix.check(spec.inputs.len())?;
         }
         let mut files = Vec::new();
         let mut skipped = Vec::new();
@@ -329,14 +339,28 @@ impl Corpus {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// The documents, file after file, read lazily: a file's records are read as they are
+    /// The documents, file after file (group after group in cycles for a mixed corpus), read lazily: a file's records are read as they are
     /// needed (Parquet a record batch at a time, by ranged GETs on an object store), so memory
     /// holds a few records, not a file; only a `text` file, being one document, is held whole (up to [`TEXT_PIECE_BYTES`]).
     pub fn documents(&self) -> Documents {
+        let (cursors, per_cycle) = match &self.spec.mix {
+            None => (vec![Cursor::new((0..self.files.len()).collect())], vec![u32::MAX]),
+            Some(mix) => mix
+                .groups
+                .iter()
+                .map(|g| {
+                    let files = (0..self.files.len()).filter(|&i| g.inputs.contains(&self.files[i].input)).collect();
+                    (Cursor::new(files), g.documents_per_cycle)
+                })
+                .unzip(),
+        };
         Documents {
             corpus: self.clone(),
-            next_file: 0,
-            pending: None,
+            cursors,
+            per_cycle,
+            turn: 0,
+            taken: 0,
+            failed: false,
             stats: ReadStats { skipped: self.listing_skipped.to_vec(), ..ReadStats::default() },
         }
     }
@@ -356,6 +380,9 @@ impl Corpus {
         hasher.update(format!("format={}\n", self.spec.format));
         if self.spec.format.uses_text_field() {
             hasher.update(format!("text_field={}\n", self.spec.text_field));
+        }
+        if let Some(mix) = &self.spec.mix {
+            hasher.update(mix.fingerprint_line());
         }
         let mut bytes = 0;
         for file in self.files.iter() {

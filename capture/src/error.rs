@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
-use crate::corpus::CorpusFormat;
+use crate::corpus::{CorpusFormat, MixError};
 use crate::gguf::GgufError;
 use crate::llama::{TokenInputError, WeightError};
 use crate::model::RotaryShapeError;
@@ -33,6 +33,8 @@ pub enum Error {
     // --- The model: its files, configuration and weights.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Mix(#[from] MixError),
     #[error("model {path} does not exist (run `make setup` to install the default model, or pass --model PATH)")]
     ModelMissing { path: PathBuf },
     #[error("cannot open model {path}")]
