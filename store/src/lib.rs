@@ -17,6 +17,8 @@
 
 pub mod compare;
 mod error;
+#[cfg(test)]
+mod failpoints;
 mod format;
 mod inspect;
 mod location;
@@ -39,7 +41,8 @@ pub use manifest::{
 pub use objects::{load_manifest, shard_tokens, ObjectDir};
 pub use rng::SplitMix64;
 pub use writer::{
-    finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress, STALE_STAGING_AGE,
+    default_encode_threads, finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress,
+    STALE_STAGING_AGE,
 };
 
 /// Re-exported so callers can tune retries without depending on `object_store` themselves.
