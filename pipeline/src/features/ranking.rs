@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn dense_features_come_after_specific_ones_and_unseen_ones_last_in_their_group() {
-        let mut keys = vec![
+        let mut keys = [
             (true, Some(0.9), 0),
             (false, Some(0.2), 1),
             (false, None, 2),
