@@ -617,7 +617,10 @@ fn features_of_a_multilingual_capture_show_the_languages_of_their_top_examples()
         }
     }
     assert_eq!(languages_in_data, [true; 4], "some language is missing from the captured windows");
-    assert!(languages_seen.iter().filter(|&&s| s).count() >= 2, "top examples in one language only: {languages_seen:?}");
+    assert!(
+        languages_seen.iter().filter(|&&s| s).count() >= 2,
+        "top examples in one language only: {languages_seen:?}"
+    );
     // The browser shows them.
     let site = scratch("multilingual-site");
     sae_ok(&["features", "browse", "--features", &features, "--out", site.to_str().unwrap()]);
