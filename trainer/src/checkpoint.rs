@@ -232,3 +232,61 @@ pub fn load_state(dir: &ObjectDir, step: u64) -> Result<CheckpointState, Checkpo
     let (bytes, location) = fetch(dir, step)?;
     parse_state(&tensors::metadata_of(&bytes, &location)?, &location)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn state_with(values: &[f64]) -> CheckpointState {
+        let row = |v: f64| MetricsRow {
+            step: 1,
+            tokens: 2,
+            loss: v,
+            mse: v / 3.0,
+            fvu: v * 0.7,
+            l0: v + 1.0,
+            auxk: v.sqrt(),
+            sparsity: v / 7.0,
+            lr: v * 1e-4,
+            dead_fraction: v / 11.0,
+            data_wait_fraction: v / 13.0,
+            tokens_per_s: v * 1e5,
+        };
+        CheckpointState {
+            format_version: FORMAT_VERSION,
+            step: 3,
+            tokens: 4,
+            cursor: Cursor::default(),
+            adam_steps: 3,
+            config: serde_json::json!({ "lr": values[0] }),
+            rng: RngState::from_seed(0),
+            metrics: values.iter().map(|&v| row(v)).collect(),
+            pending_metric_steps: 0,
+            normalization: Some(Normalization { scale: values[0], variance: values[values.len() - 1] }),
+            follow_shards: vec![],
+        }
+    }
+
+    proptest! {
+        /// A resumed run computes its FVU with the variance it reads back, and rebuilds
+        /// `metrics.jsonl` from the rows it reads back: both must be the stored bits, not the
+        /// nearest decimal parse.
+        #[test]
+        fn state_survives_its_json_bit_for_bit(values in prop::collection::vec(1e-6f64..1e3, 1..40)) {
+            let state = state_with(&values);
+            let json = serde_json::to_string(&state).unwrap();
+            let back: CheckpointState = serde_json::from_str(&json).unwrap();
+            let bits = |s: &CheckpointState| -> Vec<u64> {
+                let n = s.normalization.unwrap();
+                let mut v = vec![n.scale.to_bits(), n.variance.to_bits()];
+                for r in &s.metrics {
+                    v.extend([r.loss, r.mse, r.fvu, r.l0, r.auxk, r.sparsity, r.lr, r.tokens_per_s].map(f64::to_bits));
+                }
+                v
+            };
+            prop_assert_eq!(bits(&back), bits(&state));
+        }
+    }
+}

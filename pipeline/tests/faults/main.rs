@@ -32,7 +32,7 @@ mod training;
 
 use campaign::{faults_per_scenario, Rng, Tally};
 use common::newest_checkpoint;
-use process::{run, start};
+use process::{assert_clear_failure, run, start};
 use reference::{base, capture_args, commits_of, small, verify};
 use s3::{drops, nothing_torn, run_with_fault, s3_env, storm, with_env, RestartableS3, S3S_BUCKET};
 use s3::{S3S_ACCESS_KEY, S3S_SECRET_KEY};
@@ -379,6 +379,57 @@ fn training_through_503_storms_finishes_identically_or_fails_clearly() {
 #[test]
 fn training_through_dropped_connections_finishes_identically_or_fails_clearly() {
     s3_training_faults("s3 train: dropped connections", drops);
+}
+
+/// A run whose checkpoint upload of `failing_step` fails for good must fail clearly, and the
+/// rerun resumes from the checkpoint before it and must end equal to an uninterrupted run, bit
+/// for bit: weights and every metrics row. With `log_every` not dividing the resumed step, the
+/// resumed run starts between two metrics rows, from the sums the checkpoint kept.
+fn training_after_a_failed_checkpoint_upload(log_every: &str, failing_step: u64) {
+    let scenario = format!("failed checkpoint upload, log-every {log_every}, step {failing_step}");
+    let settings = [S3_TRAIN, &["--log-every", log_every]].concat();
+    let data = s3_training_data();
+    let dir = scratch(&scenario);
+    let logs = dir.join("logs");
+    let whole = dir.join("whole");
+    let direct_env = s3_env(&moto().endpoint, "test", "test");
+    let f =
+        run(with_env(sae_command(&train_args(data, whole.to_str().unwrap(), &settings)), &direct_env), &logs, "whole");
+    assert!(f.success(), "{}", f.stderr);
+
+    let proxy = Proxy::start(moto().port);
+    let key = format!("checkpoints/step-{failing_step:09}.safetensors");
+    proxy.set_for_path(Fault::Http503(usize::MAX), Some("PUT"), &key);
+    let env = s3_env(&proxy.endpoint(), "test", "test");
+    let out = moto().url("faults-failed-checkpoint");
+    let args = train_args(data, &out, &settings);
+    let failed = run(with_env(sae_command(&args), &env), &logs, "failed");
+    assert!(proxy.injected() > 0, "{scenario}: the fault never hit");
+    assert_clear_failure(&failed, &[&key]);
+    let objects = store::ObjectDir::open(&out, &moto().options(3)).unwrap();
+    assert!(objects.get("result.json").unwrap().is_none(), "a failed run wrote result.json");
+
+    proxy.set(Fault::Pass, None);
+    let again = run(with_env(sae_command(&args), &env), &logs, "rerun");
+    assert!(again.success(), "the rerun failed: {}", again.stderr);
+    let resumed_from = failing_step - CHECKPOINT_EVERY;
+    let summary: serde_json::Value = serde_json::from_str(again.stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(summary["resumed_from_step"], resumed_from, "{scenario}: {summary}");
+    let get = |name: &str| objects.get(name).unwrap().unwrap_or_else(|| panic!("{out}: no {name}"));
+    let read = |name: &str| std::fs::read(whole.join(name)).unwrap();
+    assert!(get("sae_weights.safetensors")[..] == read("sae_weights.safetensors")[..], "{scenario}: weights differ");
+    let text = |bytes: &[u8]| metrics_without_timing(std::str::from_utf8(bytes).unwrap());
+    assert_eq!(text(&get("metrics.jsonl")), text(&read("metrics.jsonl")), "{scenario}: metrics differ");
+}
+
+#[test]
+fn a_failed_checkpoint_upload_resumes_identically_on_a_metrics_row() {
+    training_after_a_failed_checkpoint_upload("5", 25);
+}
+
+#[test]
+fn a_failed_checkpoint_upload_resumes_identically_between_metrics_rows() {
+    training_after_a_failed_checkpoint_upload("4", 15);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,12 +12,18 @@ use crate::{sae_command, strings, SAE};
 pub const CHECKPOINT_EVERY: u64 = 5;
 /// The SAE every training scenario trains: small, on one thread (so that two runs agree bit for
 /// bit), without evaluation, printing its result as JSON.
-const SMALL_SAE: &str = "--latents 1152 --k 16 --lr 1e-3 --threads 1 --log-every 5 --no-eval --quiet --json";
+const SMALL_SAE: &str = "--latents 1152 --k 16 --lr 1e-3 --threads 1 --no-eval --quiet --json";
+/// Steps between metrics rows, unless a scenario's settings choose (checkpoints then fall on
+/// row boundaries; a scenario resuming between rows sets its own).
+const LOG_EVERY: &str = "5";
 
 /// The `sae train` arguments for training on `data` into `out`, with a scenario's `settings`.
 pub fn train_args(data: &str, out: &str, settings: &[&str]) -> Vec<String> {
     let mut args = strings(&["train", "--data", data, "--out", out]);
     args.extend(SMALL_SAE.split_whitespace().map(String::from));
+    if !settings.contains(&"--log-every") {
+        args.extend(strings(&["--log-every", LOG_EVERY]));
+    }
     args.extend(strings(&["--checkpoint-every", &CHECKPOINT_EVERY.to_string()]));
     args.extend(strings(settings));
     args

@@ -179,6 +179,8 @@ struct ProxyState {
     fault: Fault,
     /// Only requests with this method are faulted (None: all).
     method: Option<String>,
+    /// Only requests whose target contains this text are faulted (None: all).
+    path: Option<String>,
     injected: usize,
     requests: usize,
     /// Request headers (lower case) removed before forwarding, to play a server that ignores them.
@@ -199,6 +201,7 @@ impl Proxy {
         let state = Arc::new(Mutex::new(ProxyState {
             fault: Fault::Pass,
             method: None,
+            path: None,
             injected: 0,
             requests: 0,
             stripped: Vec::new(),
@@ -222,6 +225,12 @@ impl Proxy {
         let mut s = self.state.lock().unwrap();
         s.fault = fault;
         s.method = method.map(String::from);
+        s.path = None;
+    }
+    /// Like [`Proxy::set`], but only for requests whose target (path and query) contains `path`.
+    pub fn set_for_path(&self, fault: Fault, method: Option<&str>, path: &str) {
+        self.set(fault, method);
+        self.state.lock().unwrap().path = Some(path.to_string());
     }
     /// Remove the request header `name` from every forwarded request.
     pub fn strip_header(&self, name: &str) {
@@ -253,7 +262,9 @@ fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>)
     {
         let head = read_head(&mut client)?;
         let text = String::from_utf8_lossy(&head).to_string();
-        let method = text.split_whitespace().next().unwrap_or("").to_string();
+        let mut request_line = text.split_whitespace();
+        let method = request_line.next().unwrap_or("").to_string();
+        let target = request_line.next().unwrap_or("").to_string();
         let len: usize = text
             .lines()
             .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
@@ -262,7 +273,8 @@ fn handle(mut client: TcpStream, upstream_port: u16, st: Arc<Mutex<ProxyState>>)
         let action = {
             let mut s = st.lock().unwrap();
             s.requests += 1;
-            let matches = s.method.as_deref().is_none_or(|m| m == method);
+            let matches =
+                s.method.as_deref().is_none_or(|m| m == method) && s.path.as_deref().is_none_or(|p| target.contains(p));
             match s.fault.clone() {
                 Fault::Http503(n) if n > 0 && matches => {
                     s.fault = Fault::Http503(n - 1);
