@@ -1,10 +1,12 @@
-//! The Llama-family configuration, read from a GGUF header or a Hugging Face `config.json`.
+//! The Llama-family configuration (Llama, Mistral, Qwen 2), read from a GGUF header or a Hugging
+//! Face `config.json`.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::architecture::{llama_variant, LlamaFamily, LlamaVariant};
 use crate::gguf::{GgufFile, Value};
 
 /// Model hyper-parameters. Field names follow Hugging Face's `LlamaConfig`, so a
@@ -29,6 +31,13 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Width of each attention head; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// The family's own settings (biases, rotary scaling, sliding windows), read and checked by
+    /// [`crate::architecture`].
+    #[serde(skip)]
+    pub variant: LlamaVariant,
 }
 
 fn default_rope_theta() -> f64 {
@@ -49,7 +58,11 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+    /// The sliding attention window of `layer`, if it has one.
+    pub fn sliding_window(&self, layer: usize) -> Option<usize> {
+        self.variant.sliding_windows.get(layer).copied().flatten()
     }
 
     /// Reads `{arch}.*` keys from a GGUF header. `tied` says whether the file lacks `output.weight`.
@@ -64,6 +77,17 @@ impl LlamaConfig {
             None => file.require("tokenizer.ggml.tokens")?.as_array().map_or(0, |a| a.len()),
         };
         let heads = file.require_u64(&key("attention.head_count"))? as usize;
+        // Llama 3.1 files carry their rotary scaling as a tensor of factors; running without it
+        // would be slightly wrong everywhere, so such files are refused.
+        let scaling = file.get(&key("rope.scaling.type")).and_then(Value::as_str).unwrap_or("none");
+        if scaling != "none" || file.tensor_info("rope_freqs.weight").is_some() {
+            bail!(
+                "{}: rotary scaling ({}.rope.scaling.type = {scaling:?} or a rope_freqs.weight tensor) is not \
+                 implemented for GGUF files; load the model's Hugging Face folder instead",
+                file.path().display(),
+                arch
+            );
+        }
         let cfg = LlamaConfig {
             vocab_size,
             hidden_size: file.require_u64(&key("embedding_length"))? as usize,
@@ -80,22 +104,27 @@ impl LlamaConfig {
                 .and_then(Value::as_u64)
                 .map_or(default_max_positions(), |n| n as usize),
             tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+            head_dim: None,
+            variant: LlamaVariant::default(),
         };
         cfg.validate().with_context(|| format!("invalid model header in {}", file.path().display()))?;
         Ok(cfg)
     }
 
-    /// Reads a Hugging Face `config.json`.
-    pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let cfg: LlamaConfig =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a Llama config.json", path.display()))?;
+    /// Reads the `config.json` (at `path`, parsed as `json`) of a member of the Llama family,
+    /// refusing settings we do not implement.
+    pub fn from_hf_json(family: LlamaFamily, json: &serde_json::Value, path: &Path) -> Result<Self> {
+        let mut cfg: LlamaConfig = serde_json::from_value(json.clone())
+            .with_context(|| format!("{} is not a valid {family:?} config.json", path.display()))?;
+        cfg.variant = llama_variant(family, json, cfg.num_hidden_layers, path)?;
         cfg.validate().with_context(|| format!("invalid model config in {}", path.display()))?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || (self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads))
+        {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size,
@@ -109,7 +138,7 @@ impl LlamaConfig {
                 self.n_kv_heads()
             );
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             bail!("head dimension {} must be even for rotary embeddings", self.head_dim());
         }
         Ok(())

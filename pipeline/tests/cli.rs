@@ -106,3 +106,16 @@ fn bad_device_and_dtype_are_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown dtype \"f8\""), "{}", stderr(&out));
 }
+
+#[test]
+fn capture_list_hooks_prints_every_hook_of_the_loaded_model_in_order() {
+    let out = sae(&["capture", "--list-hooks", "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let hooks: Vec<&str> = stdout.lines().collect();
+    // SmolLM2-135M: 30 blocks of six hooks, between the embedding and the final norm.
+    assert_eq!(hooks.len(), 2 + 6 * 30, "{stdout}");
+    assert_eq!(hooks[..4], ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out"]);
+    assert!(hooks.contains(&"blocks.15.hook_resid_mid"));
+    assert_eq!(hooks.last(), Some(&"ln_final.hook_normalized"));
+}

@@ -290,7 +290,7 @@ fn search_reports_what_a_direct_encode_gives() {
     let hook = HookPoint::parse(HOOK, 30).unwrap();
     let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mut hooks = Hooks::new().capture([hook]);
-    let acts = model.llama.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
+    let acts = model.network.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
     let z = sae.sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1)).unwrap();
 
     let per_token = report["tokens"].as_array().unwrap();
@@ -323,14 +323,14 @@ fn clamping_a_feature_to_its_own_activation_leaves_the_logits_and_a_large_clamp_
     let ids = model.tokenizer.encode(PROMPT).unwrap();
     let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let hook = HookPoint::parse(HOOK, 30).unwrap();
-    let clean = model.llama.forward(&tokens, None, &mut Hooks::new(), true).unwrap().logits.unwrap();
+    let clean = model.network.forward(&tokens, None, &mut Hooks::new(), true).unwrap().logits.unwrap();
     let feature = 5i64;
     let run = |edit: &dyn Fn(&mut Tensor)| -> Tensor {
         let mut hooks = Hooks::new().intervene(hook, |x: &Tensor| {
             let (b, t, d) = x.size3().unwrap();
             Some(trainer::steer::splice(&sae.sae, &x.reshape([b * t, d]), |z| edit(z)).unwrap().reshape([b, t, d]))
         });
-        model.llama.forward(&tokens, None, &mut hooks, true).unwrap().logits.unwrap()
+        model.network.forward(&tokens, None, &mut hooks, true).unwrap().logits.unwrap()
     };
     // Clamp to its own current activation at every position.
     let same = run(&|z: &mut Tensor| {

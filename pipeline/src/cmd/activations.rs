@@ -40,8 +40,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
-    let n_layers = model.llama.config().num_hidden_layers;
-    let hook = HookPoint::parse(&args.hook, n_layers)?;
+    let hook = model.network.parse_hook(&args.hook)?;
     if args.context_len < 2 {
         bail!("--context-len must be at least 2 (the first position of each window is not counted)");
     }
@@ -88,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
         let flat: Vec<i64> = batch.concat();
         let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, len]);
         let mut hooks = Hooks::new().capture([hook]);
-        let out = model.llama.forward(&tokens, None, &mut hooks, args.full_forward)?;
+        let out = model.network.forward(&tokens, None, &mut hooks, args.full_forward)?;
         let acts = &out.hooks[&hook]; // [batch, seq, d]
                                       // Position 0 of every window is an attention sink with an outlier norm: leave it out.
         if len > 1 {

@@ -262,7 +262,7 @@ struct PromptHit {
 fn search(a: SearchArgs) -> Result<()> {
     let store = StoreOptions::default();
     let model = a.model.load()?;
-    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.llama.device())?;
+    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.network.device())?;
     let hook = sae_fits_model(&loaded, &a.sae, &model)?;
     let sae = &loaded.sae;
     let features = a.features.as_deref().map(|url| load_features_for(url, &store, &a.sae, &sae_sha)).transpose()?;
@@ -305,7 +305,7 @@ fn search(a: SearchArgs) -> Result<()> {
 fn encode_prompt(model: &Model, sae: &Sae, hook: HookPoint, ids: &[u32]) -> Result<Tensor> {
     let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mut hooks = Hooks::new().capture([hook]);
-    let out = model.llama.forward(&tokens, None, &mut hooks, false)?;
+    let out = model.network.forward(&tokens, None, &mut hooks, false)?;
     let acts = out.hooks[&hook].squeeze_dim(0).to_kind(Kind::Float); // [seq, d]
     Ok(sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1))?.to_device(Device::Cpu))
 }
