@@ -114,7 +114,7 @@ impl Gemma2Config {
         if heads == 0 || cfg.num_key_value_heads == 0 || !heads.is_multiple_of(cfg.num_key_value_heads) {
             bail!("{}: {heads} attention heads do not share {} K/V heads", path.display(), cfg.num_key_value_heads);
         }
-        if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+        if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
             bail!("{}: head_dim {} must be even for rotary embeddings", path.display(), cfg.head_dim);
         }
         Ok(cfg)
@@ -125,7 +125,7 @@ impl Gemma2Config {
     fn window(&self, layer: usize) -> Option<usize> {
         let sliding = match &self.layer_types {
             Some(types) => types[layer] == "sliding_attention",
-            None => layer % 2 == 0,
+            None => layer.is_multiple_of(2),
         };
         if sliding {
             self.sliding_window

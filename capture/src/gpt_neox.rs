@@ -92,7 +92,7 @@ impl GptNeoXConfig {
                 cfg.num_attention_heads
             );
         }
-        if cfg.rotary_dim() == 0 || cfg.rotary_dim() % 2 != 0 {
+        if cfg.rotary_dim() == 0 || !cfg.rotary_dim().is_multiple_of(2) {
             let why = "the rotated part of each head must have an even, positive width";
             return Err(refuse("rotary_pct", &cfg.rotary_pct.into(), why).into());
         }

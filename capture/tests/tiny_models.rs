@@ -230,17 +230,12 @@ fn gemma2_with_soft_capping_and_sliding_windows_matches_transformers() {
 }
 
 #[test]
-fn families_not_implemented_are_refused_by_name() {
-    for (family, model_type) in [("gemma", "gemma")] {
-        let dir = run_script(family, None);
-        let err = format!("{:#}", Model::load(&dir, Device::Cpu, Kind::Float).err().expect("must be refused"));
-        assert!(err.contains(&format!("{model_type:?}")), "{family}: {err}");
-        assert!(
-            err.contains("llama (LlamaForCausalLM)") && err.contains("gemma2 (Gemma2ForCausalLM)"),
-            "{family}: {err}"
-        );
-        assert!(err.contains("config.json"), "{family}: {err}");
-    }
+fn a_family_not_implemented_is_refused_by_name() {
+    // Gemma (1) has Llama's tensor names and shapes: loaded as Llama it would run, wrongly.
+    let dir = run_script("gemma", None);
+    let err = format!("{:#}", Model::load(&dir, Device::Cpu, Kind::Float).err().expect("must be refused"));
+    assert!(err.contains("\"gemma\"") && err.contains("config.json"), "{err}");
+    assert!(err.contains("llama (LlamaForCausalLM)") && err.contains("gemma2 (Gemma2ForCausalLM)"), "{err}");
 }
 
 /// A copy of the family's folder whose config.json has `edit` applied.
@@ -260,7 +255,8 @@ fn edited_copy(family: &str, edit: impl FnOnce(&mut Value)) -> tempfile::TempDir
 
 #[test]
 fn settings_we_do_not_compute_are_refused_by_field() {
-    let cases: [(&str, &str, Box<dyn FnOnce(&mut Value)>); 4] = [
+    type ConfigEdit = Box<dyn FnOnce(&mut Value)>;
+    let cases: [(&str, &str, ConfigEdit); 4] = [
         ("llama3", "rope_scaling", Box::new(|c| c["rope_scaling"]["rope_type"] = json!("yarn"))),
         ("llama", "hidden_act", Box::new(|c| c["hidden_act"] = json!("gelu"))),
         ("qwen2", "layer_types", Box::new(|c| c["layer_types"] = json!(["full_attention"]))),

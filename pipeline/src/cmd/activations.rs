@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use capture::{HookPoint, Hooks};
+use capture::Hooks;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Kind, Tensor};
 
