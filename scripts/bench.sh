@@ -42,6 +42,10 @@ echo "== store: bytes per element, and our reader vs pyarrow into a (rows, d) f3
 "$SAE_PYTHON" scripts/bench_store.py --rounds "${BENCH_STORE_ROUNDS:-5}"
 
 echo
+echo "== store encoding: MB/s of bf16 per core and 1 -> 2 encoding threads (the store benchmark's activations, memory://, $ROUNDS rounds) =="
+"$SAE_PYTHON" scripts/bench_encode.py --rounds "$ROUNDS" --passes "${BENCH_ENCODE_PASSES:-4}"
+
+echo
 TRAIN_TOKENS=${BENCH_TRAIN_TOKENS:-200000}
 echo "== training: sae train vs a plain-PyTorch eager TopK SAE (4608 latents, k 32, batch 4096, $TRAIN_TOKENS tokens, CPU, $THREADS threads, $ROUNDS rounds) =="
 # Both sides read the same shards: ours through the store reader, theirs with pyarrow.

@@ -10,11 +10,12 @@
 # start their own servers; this script is for manual runs, demos and benchmarks.
 #
 # Environment: SAE_S3_STATE (default ${TMPDIR:-/tmp}/sae-s3-server), SAE_VENV (default
-# ~/.cache/sae-pipeline/venv, for moto_server), SAE_S3S_FS (default ~/.cargo/bin/s3s-fs).
+# $SAE_CACHE/venv, SAE_CACHE defaulting to ~/.cache/sae-pipeline; for moto_server), SAE_S3S_FS
+# (default ~/.cargo/bin/s3s-fs).
 set -euo pipefail
 
 STATE=${SAE_S3_STATE:-${TMPDIR:-/tmp}/sae-s3-server}
-VENV=${SAE_VENV:-$HOME/.cache/sae-pipeline/venv}
+VENV=${SAE_VENV:-${SAE_CACHE:-$HOME/.cache/sae-pipeline}/venv}
 BUCKET=sae
 PY=$VENV/bin/python3
 [ -x "$PY" ] || PY=python3

@@ -10,7 +10,8 @@
 #   - the headers trainer's c10d shim (multi-process training) compiles against: Gloo's (Debian's
 #     libgloo-dev) and, next to the venv's torch, CUDA's and NCCL's (cuda-toolkit[nvcc,cccl]).
 # With --test it also installs what the tests and benchmarks use: transformers, gguf, accelerate,
-# numpy, pyarrow, moto's S3 server, sae-lens and kubernetes-validate into the venv, the s3s-fs S3
+# numpy, pyarrow, moto's S3 server, sae-lens, kubernetes-validate, sae-dashboard and neuronpedia
+# (for the Neuronpedia export's check) into the venv, the s3s-fs S3
 # server with cargo, and Debian's slurm-wlm and munge (a real Slurm for the workflows' tests,
 # started and stopped by the tests themselves through scripts/slurm-local.sh).
 #
@@ -25,6 +26,8 @@ MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 TORCH_VERSION=2.11.0
 SAE_LENS_VERSION=6.54.12
 K8S_VALIDATE_VERSION=1.37.0
+SAE_DASHBOARD_VERSION=0.8.0
+NEURONPEDIA_VERSION=1.2.1
 WITH_TEST=0
 for arg in "$@"; do
   case "$arg" in
@@ -70,6 +73,14 @@ if [ "$WITH_TEST" = 1 ]; then
   if ! pip_has sae-lens "$SAE_LENS_VERSION"; then
     log "installing sae-lens==$SAE_LENS_VERSION"
     "$VENV/bin/pip" install -q "sae-lens==$SAE_LENS_VERSION" "torch==$TORCH_VERSION" "transformers>=4.46,<5"
+  fi
+  # The Neuronpedia export is checked against SAEDashboard's and neuronpedia's own classes
+  # (scripts/neuronpedia_check.py). Without their dependencies: the modules it loads need only
+  # numpy, requests and python-dotenv, and SAEDashboard's full set would move transformers.
+  if ! pip_has sae-dashboard "$SAE_DASHBOARD_VERSION" || ! pip_has neuronpedia "$NEURONPEDIA_VERSION"; then
+    log "installing sae-dashboard==$SAE_DASHBOARD_VERSION and neuronpedia==$NEURONPEDIA_VERSION (without dependencies)"
+    "$VENV/bin/pip" install -q --no-deps "sae-dashboard==$SAE_DASHBOARD_VERSION" "neuronpedia==$NEURONPEDIA_VERSION"
+    "$VENV/bin/pip" install -q "requests>=2.32.3,<3" "python-dotenv>=1.0.1,<2"
   fi
   # Offline schema validation of workflows/k8s/ (the tests pin the Kubernetes version).
   if ! pip_has kubernetes-validate "$K8S_VALIDATE_VERSION"; then

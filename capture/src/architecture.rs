@@ -7,10 +7,11 @@
 //! refused with the field named: running a model approximately would give activations that look
 //! plausible and are wrong.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
+use crate::error::{Error, Result};
 use crate::rope::RopeScaling;
 
 /// A model family we run, as transformers' `model_type` names it.
@@ -47,22 +48,6 @@ const SUPPORTED: &[(&str, &str, Architecture)] = &[
     ("gemma2", "Gemma2ForCausalLM", Architecture::Gemma2),
 ];
 
-/// Why a `config.json` is refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigRefusal {
-    #[error("{path}: architecture {found:?} is not supported (supported: {})", supported_list())]
-    Unsupported { path: PathBuf, found: String },
-    #[error("{path}: model_type {model_type:?} disagrees with architectures entry {class:?}")]
-    Disagreeing { path: PathBuf, model_type: String, class: String },
-    #[error(
-        "{path}: names neither model_type nor architectures, so its architecture is unknown (supported: {})",
-        supported_list()
-    )]
-    Unnamed { path: PathBuf },
-    #[error("{path}: field {field} = {value} changes the computation in a way that is not implemented ({why})")]
-    UnsupportedField { path: PathBuf, field: String, value: String, why: String },
-}
-
 /// `llama (LlamaForCausalLM), mistral (...), ...`: what error messages list as supported.
 pub fn supported_list() -> String {
     SUPPORTED.iter().map(|(t, c, _)| format!("{t} ({c})")).collect::<Vec<_>>().join(", ")
@@ -70,24 +55,27 @@ pub fn supported_list() -> String {
 
 impl Architecture {
     /// The family named by `config`'s `model_type` and `architectures`, which must agree.
-    pub fn of_config(config: &Value, path: &Path) -> Result<Self, ConfigRefusal> {
+    pub fn of_config(config: &Value, path: &Path) -> Result<Self> {
         let model_type = config.get("model_type").and_then(Value::as_str);
         let classes: Vec<&str> = config
             .get("architectures")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        let unsupported =
-            |found: &str| ConfigRefusal::Unsupported { path: path.to_path_buf(), found: found.to_string() };
         let by_type = match model_type {
-            Some(t) => Some(SUPPORTED.iter().find(|(name, _, _)| *name == t).ok_or_else(|| unsupported(t))?),
+            Some(t) => Some(SUPPORTED.iter().find(|(name, _, _)| *name == t).ok_or_else(|| {
+                Error::UnsupportedModelType { path: path.to_path_buf(), model_type: t.to_string() }
+            })?),
             None => None,
         };
         for class in &classes {
-            let entry = SUPPORTED.iter().find(|(_, c, _)| c == class).ok_or_else(|| unsupported(class))?;
+            let entry = SUPPORTED.iter().find(|(_, c, _)| c == class).ok_or_else(|| Error::UnsupportedModelClass {
+                path: path.to_path_buf(),
+                class: class.to_string(),
+            })?;
             if let Some(by_type) = by_type {
                 if by_type.2 != entry.2 {
-                    return Err(ConfigRefusal::Disagreeing {
+                    return Err(Error::DisagreeingArchitecture {
                         path: path.to_path_buf(),
                         model_type: by_type.0.to_string(),
                         class: class.to_string(),
@@ -98,7 +86,7 @@ impl Architecture {
         match (by_type, classes.first()) {
             (Some(entry), _) => Ok(entry.2),
             (None, Some(class)) => Ok(SUPPORTED.iter().find(|(_, c, _)| c == class).expect("checked above").2),
-            (None, None) => Err(ConfigRefusal::Unnamed { path: path.to_path_buf() }),
+            (None, None) => Err(Error::UnnamedArchitecture { path: path.to_path_buf() }),
         }
     }
 }
@@ -117,48 +105,40 @@ pub struct LlamaVariant {
 }
 
 /// Reads and checks the fields of a Llama-family config that change the computation.
-pub fn llama_variant(
-    family: LlamaFamily,
-    config: &Value,
-    n_layers: usize,
-    path: &Path,
-) -> Result<LlamaVariant, ConfigRefusal> {
-    let refuse = |field: &str, value: &Value, why: &str| ConfigRefusal::UnsupportedField {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        value: value.to_string(),
-        why: why.to_string(),
-    };
+pub fn llama_variant(family: LlamaFamily, config: &Value, n_layers: usize, path: &Path) -> Result<LlamaVariant> {
     let present = |field: &str| config.get(field).filter(|v| !v.is_null());
 
     if let Some(act) = present("hidden_act") {
         if act.as_str() != Some("silu") {
-            return Err(refuse("hidden_act", act, "only \"silu\" (SwiGLU) is implemented for this family"));
+            let name = act.as_str().map_or_else(|| act.to_string(), str::to_owned);
+            let supported = "\"silu\" (SwiGLU) for this family";
+            return Err(Error::UnsupportedActivation { path: path.to_path_buf(), field: "hidden_act", name, supported });
         }
     }
     if let Some(bias) = present("mlp_bias") {
         if bias.as_bool() != Some(false) {
-            return Err(refuse("mlp_bias", bias, "MLP biases are not implemented"));
+            return Err(unsupported_field(path, "mlp_bias", bias, "MLP biases are not implemented"));
         }
     }
     if let Some(factor) = present("partial_rotary_factor") {
         if factor.as_f64() != Some(1.0) {
-            return Err(refuse("partial_rotary_factor", factor, "only full rotary embeddings are implemented"));
+            let why = "only full rotary embeddings are implemented";
+            return Err(unsupported_field(path, "partial_rotary_factor", factor, why));
         }
     }
     for field in ["attn_logit_softcapping", "final_logit_softcapping", "quantization_config"] {
         if let Some(value) = present(field) {
-            return Err(refuse(field, value, "not part of this family as implemented"));
+            return Err(unsupported_field(path, field, value, "not part of this family as implemented"));
         }
     }
     let rope_scaling = match present("rope_scaling") {
         None => None,
-        Some(value) => RopeScaling::from_config(value).map_err(|why| refuse("rope_scaling", value, &why))?,
+        Some(value) => RopeScaling::from_config(value, path)?,
     };
 
     let attention_bias = match present("attention_bias") {
         None => false,
-        Some(v) => v.as_bool().ok_or_else(|| refuse("attention_bias", v, "must be true or false"))?,
+        Some(v) => v.as_bool().ok_or_else(|| invalid_field(path, "attention_bias", v, "true or false"))?,
     };
     let (qkv_bias, o_bias) = match family {
         LlamaFamily::Llama => (attention_bias, attention_bias),
@@ -172,11 +152,11 @@ pub fn llama_variant(
             let window = match config.get("sliding_window") {
                 None => Some(4096),
                 Some(Value::Null) => None,
-                Some(v) => Some(positive(v).ok_or_else(|| refuse("sliding_window", v, "must be a positive integer"))?),
+                Some(v) => Some(positive_field(path, "sliding_window", v)?),
             };
             vec![window; n_layers]
         }
-        LlamaFamily::Qwen2 => qwen2_windows(config, n_layers, &refuse)?,
+        LlamaFamily::Qwen2 => qwen2_windows(config, n_layers, path)?,
     };
     Ok(LlamaVariant { qkv_bias, o_bias, rope_scaling, sliding_windows })
 }
@@ -184,20 +164,16 @@ pub fn llama_variant(
 /// Qwen 2's windows, as `Qwen2Config` derives them: `sliding_window` applies only when
 /// `use_sliding_window`, and only on layers whose `layer_types` entry is `sliding_attention`
 /// (by default, layers from `max_window_layers` on).
-fn qwen2_windows(
-    config: &Value,
-    n_layers: usize,
-    refuse: &dyn Fn(&str, &Value, &str) -> ConfigRefusal,
-) -> Result<Vec<Option<usize>>, ConfigRefusal> {
+fn qwen2_windows(config: &Value, n_layers: usize, path: &Path) -> Result<Vec<Option<usize>>> {
     let use_window = config.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(false);
     let window = match (use_window, config.get("sliding_window")) {
         (false, _) | (true, Some(Value::Null)) => None,
         (true, None) => Some(4096),
-        (true, Some(v)) => Some(positive(v).ok_or_else(|| refuse("sliding_window", v, "must be a positive integer"))?),
+        (true, Some(v)) => Some(positive_field(path, "sliding_window", v)?),
     };
     let max_window_layers = match config.get("max_window_layers") {
         None | Some(Value::Null) => 28,
-        Some(v) => positive(v).ok_or_else(|| refuse("max_window_layers", v, "must be an integer"))?,
+        Some(v) => positive_field(path, "max_window_layers", v)?,
     };
     let layer_types: Vec<String> = match config.get("layer_types") {
         None | Some(Value::Null) => (0..n_layers)
@@ -211,7 +187,7 @@ fn qwen2_windows(
                 v.as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect());
             match types {
                 Some(types) if types.len() == n_layers => types,
-                _ => return Err(refuse("layer_types", v, "must list one attention type per layer")),
+                _ => return Err(invalid_field(path, "layer_types", v, "a list of one attention type per layer")),
             }
         }
     };
@@ -220,9 +196,27 @@ fn qwen2_windows(
         .map(|t| match t.as_str() {
             "full_attention" => Ok(None),
             "sliding_attention" => Ok(window),
-            other => Err(refuse("layer_types", &Value::from(other), "only full_attention and sliding_attention exist")),
+            other => {
+                let why = "only full_attention and sliding_attention exist";
+                Err(unsupported_field(path, "layer_types", &Value::from(other), why))
+            }
         })
         .collect()
+}
+
+/// A field of `path` (whose JSON is `value`) asks for a computation that is not implemented.
+pub(crate) fn unsupported_field(path: &Path, field: &str, value: &Value, why: &'static str) -> Error {
+    Error::UnsupportedField { path: path.to_path_buf(), field: field.to_string(), value: value.to_string(), why }
+}
+
+/// A field of `path` (whose JSON is `value`) is not what it must be (`expected`).
+pub(crate) fn invalid_field(path: &Path, field: &str, value: &Value, expected: &'static str) -> Error {
+    Error::InvalidField { path: path.to_path_buf(), field: field.to_string(), value: value.to_string(), expected }
+}
+
+/// `value` as a positive integer, else an [`Error::InvalidField`] naming `field`.
+fn positive_field(path: &Path, field: &str, value: &Value) -> Result<usize> {
+    positive(value).ok_or_else(|| invalid_field(path, field, value, "a positive integer"))
 }
 
 fn positive(v: &Value) -> Option<usize> {

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::architecture::{llama_variant, LlamaFamily, LlamaVariant};
+use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 
 /// Model hyper-parameters. Field names follow Hugging Face's `LlamaConfig`, so a
@@ -69,7 +69,7 @@ impl LlamaConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = file.require("general.architecture")?.as_str().unwrap_or_default().to_string();
         if arch != "llama" {
-            bail!("{}: architecture {arch:?} is not supported (only \"llama\")", file.path().display());
+            return Err(Error::UnsupportedArchitecture { path: file.path().to_path_buf(), arch });
         }
         let key = |k: &str| format!("{arch}.{k}");
         let vocab_size = match file.get(&key("vocab_size")).and_then(Value::as_u64) {
@@ -81,12 +81,7 @@ impl LlamaConfig {
         // would be slightly wrong everywhere, so such files are refused.
         let scaling = file.get(&key("rope.scaling.type")).and_then(Value::as_str).unwrap_or("none");
         if scaling != "none" || file.tensor_info("rope_freqs.weight").is_some() {
-            bail!(
-                "{}: rotary scaling ({}.rope.scaling.type = {scaling:?} or a rope_freqs.weight tensor) is not \
-                 implemented for GGUF files; load the model's Hugging Face folder instead",
-                file.path().display(),
-                arch
-            );
+            return Err(Error::GgufRopeScaling { path: file.path().to_path_buf(), arch, scaling: scaling.to_string() });
         }
         let cfg = LlamaConfig {
             vocab_size,
@@ -107,7 +102,7 @@ impl LlamaConfig {
             head_dim: None,
             variant: LlamaVariant::default(),
         };
-        cfg.validate().with_context(|| format!("invalid model header in {}", file.path().display()))?;
+        cfg.validate().map_err(|source| Error::InvalidModelHeader { path: file.path().to_path_buf(), source })?;
         Ok(cfg)
     }
 
@@ -115,32 +110,43 @@ impl LlamaConfig {
     /// refusing settings we do not implement.
     pub fn from_hf_json(family: LlamaFamily, json: &serde_json::Value, path: &Path) -> Result<Self> {
         let mut cfg: LlamaConfig = serde_json::from_value(json.clone())
-            .with_context(|| format!("{} is not a valid {family:?} config.json", path.display()))?;
+            .map_err(|source| Error::NotLlamaConfig { path: path.to_path_buf(), source })?;
         cfg.variant = llama_variant(family, json, cfg.num_hidden_layers, path)?;
-        cfg.validate().with_context(|| format!("invalid model config in {}", path.display()))?;
+        cfg.validate().map_err(|source| Error::InvalidModelConfig { path: path.to_path_buf(), source })?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0
-            || (self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads))
-        {
-            bail!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size,
-                self.num_attention_heads
-            );
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (hidden_size, heads, kv_heads) = (self.hidden_size, self.num_attention_heads, self.n_kv_heads());
+        // With an explicit head_dim, hidden_size need not be heads × head_dim.
+        if heads == 0 || (self.head_dim.is_none() && !hidden_size.is_multiple_of(heads)) {
+            return Err(ConfigError::HeadsDoNotDivide { hidden_size, heads });
         }
-        if self.n_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
-            bail!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads,
-                self.n_kv_heads()
-            );
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(ConfigError::KvHeadsDoNotDivide { heads, kv_heads });
         }
-        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
-            bail!("head dimension {} must be even for rotary embeddings", self.head_dim());
+        if self.head_dim() == 0 {
+            return Err(ConfigError::ZeroHeadDim);
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(ConfigError::OddHeadDim { head_dim: self.head_dim() });
         }
         Ok(())
     }
+}
+
+/// Hyper-parameters that do not fit together (the header or `config.json` they came from is
+/// named by the [`Error`] that carries this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("hidden_size {hidden_size} is not a multiple of num_attention_heads {heads}")]
+    HeadsDoNotDivide { hidden_size: usize, heads: usize },
+    #[error("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")]
+    KvHeadsDoNotDivide { heads: usize, kv_heads: usize },
+    #[error("head dimension {head_dim} must be even for rotary embeddings")]
+    OddHeadDim { head_dim: usize },
+    #[error("head dimension is 0")]
+    ZeroHeadDim,
+    #[error("n_embd {n_embd} is not a multiple of n_head {n_head}")]
+    EmbdDoNotDivide { n_embd: usize, n_head: usize },
 }

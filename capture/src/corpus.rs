@@ -28,22 +28,26 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
+use crate::error::{Error, Result};
+
 mod documents;
 mod listing;
+mod mix;
 mod object_reader;
 mod parquet_text;
 mod ranged_object;
 mod records;
 
 pub use documents::Documents;
+pub use mix::{Mix, MixError, MixGroup, CHINESE_FORTUNE_FILES, FORTUNE_CYCLE};
 pub use records::split_fortunes;
 
+use documents::Cursor;
 use listing::{list_local, list_object_store};
 use object_reader::ObjectReader;
 use parquet_text::{ParquetRecords, PARQUET_BATCH_ROWS};
@@ -107,14 +111,14 @@ impl fmt::Display for CorpusFormat {
 }
 
 impl FromStr for CorpusFormat {
-    type Err = anyhow::Error;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "text" => Ok(CorpusFormat::Text),
             "fortune" => Ok(CorpusFormat::Fortune),
             "jsonl" => Ok(CorpusFormat::Jsonl),
             "parquet" => Ok(CorpusFormat::Parquet),
-            _ => bail!("unknown corpus format `{s}` (expected text, fortune, jsonl or parquet)"),
+            _ => Err(Error::UnknownCorpusFormat { name: s.to_string() }),
         }
     }
 }
@@ -129,6 +133,9 @@ pub struct CorpusSpec {
     pub text_field: String,
     /// A short description for messages and the dataset manifest (the inputs, by default).
     pub name: String,
+    /// Interleave the documents of groups of inputs in a fixed cycle (see [`Mix`]); `None`
+    /// reads the inputs one after the other.
+    pub mix: Option<Mix>,
 }
 
 impl CorpusSpec {
@@ -136,7 +143,7 @@ impl CorpusSpec {
         let inputs: Vec<String> = inputs.into_iter().map(Into::into).collect();
         // The name goes into messages and the dataset manifest: never with credentials.
         let name = store::redact_urls_in(&inputs.join(" "));
-        CorpusSpec { inputs, format, text_field: DEFAULT_TEXT_FIELD.to_string(), name }
+        CorpusSpec { inputs, format, text_field: DEFAULT_TEXT_FIELD.to_string(), name, mix: None }
     }
 
     pub fn with_text_field(mut self, field: impl Into<String>) -> Self {
@@ -153,13 +160,12 @@ impl CorpusSpec {
     /// sub-folders (`de/`, `es/`, `off/`) are not entered, the Chinese files (`chinese`,
     /// `tang300`, `song100`), the `.dat` indexes and the `.u8` symlinks are left out.
     pub fn english_fortunes_in(dir: &Path) -> Result<Self> {
-        let entries = std::fs::read_dir(dir).with_context(|| {
-            format!("cannot list the fortunes folder {} (install Debian's `fortunes` package)", dir.display())
-        })?;
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| Error::NoFortunesFolder { dir: dir.to_path_buf(), source })?;
         let mut files = Vec::new();
         for entry in entries {
-            let entry = entry.with_context(|| format!("cannot list the fortunes folder {}", dir.display()))?;
-            let file_type = entry.file_type().with_context(|| format!("cannot stat {}", entry.path().display()))?;
+            let entry = entry.map_err(|source| Error::ListFortunes { dir: dir.to_path_buf(), source })?;
+            let file_type = entry.file_type().map_err(|source| Error::Stat { path: entry.path(), source })?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if file_type.is_file() && !name.ends_with(".dat") && !NON_ENGLISH_FORTUNE_FILES.contains(&name) {
@@ -167,10 +173,7 @@ impl CorpusSpec {
             }
         }
         if files.is_empty() {
-            bail!(
-                "the fortunes folder {} holds no English fortune files (install Debian's `fortunes` package)",
-                dir.display()
-            );
+            return Err(Error::NoEnglishFortunes { dir: dir.to_path_buf() });
         }
         files.sort();
         let name = format!("English fortunes of {} ({} files)", dir.display(), files.len());
@@ -247,7 +250,8 @@ enum Source {
 /// or the text field differs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorpusFingerprint {
-    /// Hex sha256 over the format, the text field (JSONL and Parquet only), and for each file in
+    /// Hex sha256 over the format, the text field (JSONL and Parquet only), the mix (mixed
+    /// corpora only), and for each file in
     /// order: its input index, relative path, size and the sha256 of its bytes.
     pub sha256: String,
     pub files: usize,
@@ -282,14 +286,17 @@ impl Corpus {
     /// reads no file content.
     pub fn open(spec: CorpusSpec) -> Result<Self> {
         if spec.inputs.is_empty() {
-            bail!("no corpus input given");
+            return Err(Error::NoCorpusInput);
+        }
+        if let Some(mix) = &spec.mix {
+            mix.check(spec.inputs.len())?;
         }
         let mut files = Vec::new();
         let mut skipped = Vec::new();
         let mut runtime: Option<Arc<tokio::runtime::Runtime>> = None;
         for (input, url) in spec.inputs.iter().enumerate() {
-            let location =
-                store::open_store(url).with_context(|| format!("bad corpus input `{}`", store::redact_urls_in(url)))?;
+            let location = store::open_store(url)
+                .map_err(|source| Error::BadCorpusInput { input: store::redact_urls_in(url), source })?;
             let found_before = files.len();
             match &location.local_dir {
                 Some(path) => list_local(input, path, spec.format, &mut files, &mut skipped)?,
@@ -306,15 +313,14 @@ impl Corpus {
             }
         }
         if files.is_empty() {
-            let skipped_note = if skipped.is_empty() { String::new() } else { format!(" ({} skipped)", skipped.len()) };
-            bail!(
-                "empty corpus: no {} files found in {}{skipped_note}",
-                spec.format,
-                store::redact_urls_in(&spec.inputs.join(", "))
-            );
+            return Err(Error::NoCorpusFiles {
+                format: spec.format,
+                inputs: store::redact_urls_in(&spec.inputs.join(", ")),
+                skipped: skipped.len(),
+            });
         }
         if files.len() > u32::MAX as usize {
-            bail!("corpus has {} files; document ids allow at most {}", files.len(), u32::MAX);
+            return Err(Error::TooManyFiles { files: files.len() });
         }
         Ok(Corpus { spec: Arc::new(spec), files: files.into(), listing_skipped: skipped.into(), runtime })
     }
@@ -333,14 +339,28 @@ impl Corpus {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// The documents, file after file, read lazily: a file's records are read as they are
+    /// The documents, file after file (group after group in cycles for a mixed corpus), read lazily: a file's records are read as they are
     /// needed (Parquet a record batch at a time, by ranged GETs on an object store), so memory
     /// holds a few records, not a file; only a `text` file, being one document, is held whole (up to [`TEXT_PIECE_BYTES`]).
     pub fn documents(&self) -> Documents {
+        let (cursors, per_cycle) = match &self.spec.mix {
+            None => (vec![Cursor::new((0..self.files.len()).collect())], vec![u32::MAX]),
+            Some(mix) => mix
+                .groups
+                .iter()
+                .map(|g| {
+                    let files = (0..self.files.len()).filter(|&i| g.inputs.contains(&self.files[i].input)).collect();
+                    (Cursor::new(files), g.documents_per_cycle)
+                })
+                .unzip(),
+        };
         Documents {
             corpus: self.clone(),
-            next_file: 0,
-            pending: None,
+            cursors,
+            per_cycle,
+            turn: 0,
+            taken: 0,
+            failed: false,
             stats: ReadStats { skipped: self.listing_skipped.to_vec(), ..ReadStats::default() },
         }
     }
@@ -361,6 +381,9 @@ impl Corpus {
         if self.spec.format.uses_text_field() {
             hasher.update(format!("text_field={}\n", self.spec.text_field));
         }
+        if let Some(mix) = &self.spec.mix {
+            hasher.update(mix.fingerprint_line());
+        }
         let mut bytes = 0;
         for file in self.files.iter() {
             let content_hash = match self.hash_file(file) {
@@ -368,7 +391,7 @@ impl Corpus {
                     bytes += size;
                     format!("{size} {hash}")
                 }
-                Err(e) => format!("unreadable ({e:#})"),
+                Err(e) => format!("unreadable ({})", error_with_causes(&e)),
             };
             // Length-prefixed, so that no two listings hash the same bytes.
             hasher.update(format!("{}\t{}:{}\t{}\n", file.input, file.rel_path.len(), file.rel_path, content_hash));
@@ -376,7 +399,7 @@ impl Corpus {
         Ok(CorpusFingerprint { sha256: hex(&hasher.finalize()), files: self.files.len(), bytes })
     }
 
-    fn hash_file(&self, file: &CorpusFile) -> Result<(String, u64)> {
+    fn hash_file(&self, file: &CorpusFile) -> std::io::Result<(String, u64)> {
         match &file.source {
             Source::Local(path) => {
                 let mut f = std::fs::File::open(path)?;
@@ -493,20 +516,24 @@ pub const TEXT_PIECE_BYTES: usize = 64 << 20;
 /// Bytes read at a time from a corpus file (local reads and object-store range requests).
 const STREAM_BUFFER_BYTES: usize = 8 << 20;
 
-/// An object store's error as a message, with any credential in the URLs it quotes removed.
-fn redacted_store_error(e: object_store::Error) -> anyhow::Error {
-    anyhow!(store::redact_urls_in(&store::error_chain(&e)))
-}
-
 fn redacted_io_error(e: &std::io::Error) -> String {
     store::redact_urls_in(&e.to_string())
 }
 
 fn new_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the I/O runtime for object-store corpus inputs")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|source| Error::StartRuntime { source })
+}
+
+/// `error: cause: cause...`, every cause of the chain in turn. A file's fingerprint holds this
+/// text when the file cannot be read, so it must not change: fingerprints are compared.
+fn error_with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Runs `fut` on `rt`; from inside another tokio runtime (where `block_on` would panic), on a

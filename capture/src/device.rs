@@ -1,7 +1,8 @@
 //! `--device` and `--dtype`, parsed the same way by every command that runs the model.
 
-use anyhow::{bail, Result};
 use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
 
 /// `cpu`, `cuda` or `cuda:N`; `None` means CUDA when a GPU is visible, else CPU.
 pub fn parse_device(spec: Option<&str>) -> Result<Device> {
@@ -11,13 +12,13 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device> {
         Some("cuda") => Device::Cuda(0),
         Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => Device::Cuda(n),
-            None => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
+            None => return Err(Error::UnknownDevice { spec: s.to_string() }),
         },
     };
     if let Device::Cuda(n) = device {
         let count = tch::Cuda::device_count() as usize;
         if n >= count {
-            bail!("device cuda:{n} was asked for, but {count} CUDA device(s) are visible");
+            return Err(Error::NoSuchCudaDevice { index: n, visible: count });
         }
     }
     Ok(device)
@@ -31,7 +32,7 @@ pub fn parse_dtype(spec: Option<&str>, device: Device) -> Result<Kind> {
         Some("f32" | "float32") => Kind::Float,
         Some("bf16" | "bfloat16") => Kind::BFloat16,
         Some("f16" | "float16") => Kind::Half,
-        Some(s) => bail!("unknown dtype {s:?}: use f32, bf16 or f16"),
+        Some(s) => return Err(Error::UnknownDtype { spec: s.to_string() }),
     })
 }
 

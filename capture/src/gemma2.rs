@@ -6,18 +6,19 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::activation::gelu_approximation;
-use crate::architecture::ConfigRefusal;
+use crate::architecture::invalid_field;
+use crate::config::ConfigError;
 use crate::attention::{causal_attention, extend_cache, softcapped_causal_attention, LayerCache};
 use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::rms_norm_one_plus;
 use crate::rope::{apply_rotary, RopeScaling, Rotary};
-use crate::weights::Weights;
+use crate::weights::{WeightError, Weights};
 
 /// `Gemma2Config` fields that shape the computation; defaults are transformers'.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -88,34 +89,37 @@ mod defaults {
 impl Gemma2Config {
     /// Reads a Gemma 2 `config.json`, refusing settings we do not compute.
     pub fn from_config(config: &serde_json::Value, path: &Path) -> Result<Self> {
-        let mut cfg: Gemma2Config = serde_json::from_value(config.clone())
-            .with_context(|| format!("{} is not a valid Gemma 2 config.json", path.display()))?;
-        let refuse = |field: &str, value: &serde_json::Value, why: &str| ConfigRefusal::UnsupportedField {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            value: value.to_string(),
-            why: why.to_string(),
-        };
+        let mut cfg: Gemma2Config = serde_json::from_value(config.clone()).map_err(|source| {
+            Error::NotFamilyConfig { path: path.to_path_buf(), family: "Gemma 2", source }
+        })?;
         if gelu_approximation(&cfg.hidden_activation).is_none() {
-            let why = "only gelu_pytorch_tanh, gelu_new and gelu are implemented";
-            return Err(refuse("hidden_activation", &cfg.hidden_activation.clone().into(), why).into());
+            return Err(Error::UnsupportedActivation {
+                path: path.to_path_buf(),
+                field: "hidden_activation",
+                name: cfg.hidden_activation.clone(),
+                supported: "gelu_pytorch_tanh, gelu_new and gelu",
+            });
         }
         if let Some(value) = config.get("rope_scaling").filter(|v| !v.is_null()) {
-            cfg.rope_scaling = RopeScaling::from_config(value).map_err(|why| refuse("rope_scaling", value, &why))?;
+            cfg.rope_scaling = RopeScaling::from_config(value, path)?;
         }
         if let Some(types) = &cfg.layer_types {
             let known = types.iter().all(|t| t == "sliding_attention" || t == "full_attention");
             if types.len() != cfg.num_hidden_layers || !known {
-                let why = "must list full_attention or sliding_attention for each layer";
-                return Err(refuse("layer_types", &config["layer_types"], why).into());
+                let expected = "a list of full_attention or sliding_attention, one per layer";
+                return Err(invalid_field(path, "layer_types", &config["layer_types"], expected));
             }
         }
-        let heads = cfg.num_attention_heads;
-        if heads == 0 || cfg.num_key_value_heads == 0 || !heads.is_multiple_of(cfg.num_key_value_heads) {
-            bail!("{}: {heads} attention heads do not share {} K/V heads", path.display(), cfg.num_key_value_heads);
+        let invalid = |source| Error::InvalidModelConfig { path: path.to_path_buf(), source };
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(invalid(ConfigError::KvHeadsDoNotDivide { heads, kv_heads }));
         }
-        if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
-            bail!("{}: head_dim {} must be even for rotary embeddings", path.display(), cfg.head_dim);
+        if cfg.head_dim == 0 {
+            return Err(invalid(ConfigError::ZeroHeadDim));
+        }
+        if !cfg.head_dim.is_multiple_of(2) {
+            return Err(invalid(ConfigError::OddHeadDim { head_dim: cfg.head_dim }));
         }
         Ok(cfg)
     }
@@ -169,7 +173,7 @@ impl Gemma2 {
         weights: HashMap<String, Tensor>,
         device: Device,
         kind: Kind,
-    ) -> Result<Self> {
+    ) -> Result<Self, WeightError> {
         let mut w = Weights::new(weights, device, kind);
         let (d, vocab, ff, hd) =
             (cfg.hidden_size as i64, cfg.vocab_size as i64, cfg.intermediate_size as i64, cfg.head_dim as i64);

@@ -1,8 +1,8 @@
 //! Autoregressive generation with a KV cache: greedy by default, or sampling at a temperature.
 
-use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+use crate::error::Error;
 use crate::hooks::Hooks;
 use crate::model::Model;
 
@@ -23,19 +23,21 @@ impl Default for GenerateOptions {
 }
 
 /// Generates up to `max_new_tokens` after `prompt`, calling `on_token` with each new id.
-/// `hooks` is applied at every step (steering passes its interventions here).
-pub fn generate(
+/// `hooks` is applied at every step (steering passes its interventions here). An error of
+/// `on_token` stops generation and is returned as it is; the crate's own errors are converted
+/// into the caller's error type `E`.
+pub fn generate<E: From<Error>>(
     model: &Model,
     prompt: &[u32],
     opts: &GenerateOptions,
     hooks: &mut Hooks,
-    mut on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<Vec<u32>> {
+    mut on_token: impl FnMut(u32) -> Result<(), E>,
+) -> Result<Vec<u32>, E> {
     if prompt.is_empty() {
-        bail!("the prompt is empty after tokenization");
+        return Err(Error::EmptyPrompt.into());
     }
     if opts.temperature < 0.0 || !opts.temperature.is_finite() {
-        bail!("temperature must be a finite number >= 0, got {}", opts.temperature);
+        return Err(Error::BadTemperature { temperature: opts.temperature }.into());
     }
     tch::manual_seed(opts.seed as i64);
     let network = &model.network;
@@ -43,7 +45,7 @@ pub fn generate(
     let mut input = Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mut generated = Vec::with_capacity(opts.max_new_tokens);
     for _ in 0..opts.max_new_tokens {
-        let out = network.forward(&input, Some(&mut cache), hooks, true)?;
+        let out = network.forward(&input, Some(&mut cache), hooks, true).map_err(Error::from)?;
         let logits = out.logits.expect("logits were asked for").select(1, -1).squeeze_dim(0); // [vocab]
         let next = if opts.temperature == 0.0 {
             logits.argmax(0, false)

@@ -8,17 +8,18 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::activation::gelu_approximation;
-use crate::architecture::ConfigRefusal;
+use crate::architecture::unsupported_field;
+use crate::config::ConfigError;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::LayerNorm;
-use crate::weights::Weights;
+use crate::weights::{WeightError, Weights};
 
 /// `GPT2Config` fields that shape the computation; defaults are transformers' (save_pretrained
 /// leaves fields at their defaults out of config.json).
@@ -80,27 +81,30 @@ mod defaults {
 impl Gpt2Config {
     /// Reads a GPT-2 `config.json`, refusing settings we do not compute.
     pub fn from_config(config: &serde_json::Value, path: &Path) -> Result<Self> {
-        let cfg: Gpt2Config = serde_json::from_value(config.clone())
-            .with_context(|| format!("{} is not a valid GPT-2 config.json", path.display()))?;
-        let refuse = |field: &str, value: serde_json::Value, why: &str| ConfigRefusal::UnsupportedField {
+        let cfg: Gpt2Config = serde_json::from_value(config.clone()).map_err(|source| Error::NotFamilyConfig {
             path: path.to_path_buf(),
-            field: field.to_string(),
-            value: value.to_string(),
-            why: why.to_string(),
-        };
+            family: "GPT-2",
+            source,
+        })?;
         if cfg.gelu_approximation().is_none() {
-            let why = "only gelu_new, gelu_pytorch_tanh and gelu are implemented";
-            return Err(refuse("activation_function", cfg.activation_function.clone().into(), why).into());
+            return Err(Error::UnsupportedActivation {
+                path: path.to_path_buf(),
+                field: "activation_function",
+                name: cfg.activation_function.clone(),
+                supported: "gelu_new, gelu_pytorch_tanh and gelu",
+            });
         }
         if !cfg.scale_attn_weights {
-            return Err(refuse("scale_attn_weights", false.into(), "unscaled attention is not implemented").into());
+            let why = "unscaled attention is not implemented";
+            return Err(unsupported_field(path, "scale_attn_weights", &false.into(), why));
         }
         if cfg.scale_attn_by_inverse_layer_idx {
             let why = "scaling attention by the layer index is not implemented";
-            return Err(refuse("scale_attn_by_inverse_layer_idx", true.into(), why).into());
+            return Err(unsupported_field(path, "scale_attn_by_inverse_layer_idx", &true.into(), why));
         }
         if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
-            bail!("{}: n_embd {} is not a multiple of n_head {}", path.display(), cfg.n_embd, cfg.n_head);
+            let source = ConfigError::EmbdDoNotDivide { n_embd: cfg.n_embd, n_head: cfg.n_head };
+            return Err(Error::InvalidModelConfig { path: path.to_path_buf(), source });
         }
         Ok(cfg)
     }
@@ -143,7 +147,7 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Builds the model from CPU tensors named as in transformers' checkpoints (any float
     /// dtype), converting each to `kind` on `device` as it is taken.
-    pub fn from_weights(cfg: Gpt2Config, weights: HashMap<String, Tensor>, device: Device, kind: Kind) -> Result<Self> {
+    pub fn from_weights(cfg: Gpt2Config, weights: HashMap<String, Tensor>, device: Device, kind: Kind) -> Result<Self, WeightError> {
         let weights = weights
             .into_iter()
             .map(|(name, t)| (name.strip_prefix("transformer.").map(str::to_owned).unwrap_or(name), t))

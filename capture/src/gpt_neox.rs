@@ -6,18 +6,19 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::activation::gelu_approximation;
-use crate::architecture::ConfigRefusal;
+use crate::architecture::unsupported_field;
+use crate::config::ConfigError;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::LayerNorm;
 use crate::rope::{apply_rotary, RopeScaling, Rotary};
-use crate::weights::Weights;
+use crate::weights::{WeightError, Weights};
 
 /// `GPTNeoXConfig` fields that shape the computation; defaults are transformers'.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -69,32 +70,28 @@ mod defaults {
 impl GptNeoXConfig {
     /// Reads a GPT-NeoX `config.json`, refusing settings we do not compute.
     pub fn from_config(config: &serde_json::Value, path: &Path) -> Result<Self> {
-        let mut cfg: GptNeoXConfig = serde_json::from_value(config.clone())
-            .with_context(|| format!("{} is not a valid GPT-NeoX config.json", path.display()))?;
-        let refuse = |field: &str, value: &serde_json::Value, why: &str| ConfigRefusal::UnsupportedField {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            value: value.to_string(),
-            why: why.to_string(),
-        };
+        let mut cfg: GptNeoXConfig = serde_json::from_value(config.clone()).map_err(|source| {
+            Error::NotFamilyConfig { path: path.to_path_buf(), family: "GPT-NeoX", source }
+        })?;
         if gelu_approximation(&cfg.hidden_act).is_none() {
-            let why = "only gelu, gelu_new and gelu_pytorch_tanh are implemented";
-            return Err(refuse("hidden_act", &cfg.hidden_act.clone().into(), why).into());
+            return Err(Error::UnsupportedActivation {
+                path: path.to_path_buf(),
+                field: "hidden_act",
+                name: cfg.hidden_act.clone(),
+                supported: "gelu, gelu_new and gelu_pytorch_tanh",
+            });
         }
         if let Some(value) = config.get("rope_scaling").filter(|v| !v.is_null()) {
-            cfg.rope_scaling = RopeScaling::from_config(value).map_err(|why| refuse("rope_scaling", value, &why))?;
+            cfg.rope_scaling = RopeScaling::from_config(value, path)?;
         }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-            bail!(
-                "{}: hidden_size {} is not a multiple of num_attention_heads {}",
-                path.display(),
-                cfg.hidden_size,
-                cfg.num_attention_heads
-            );
+        let (hidden_size, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        if heads == 0 || !hidden_size.is_multiple_of(heads) {
+            let source = ConfigError::HeadsDoNotDivide { hidden_size, heads };
+            return Err(Error::InvalidModelConfig { path: path.to_path_buf(), source });
         }
         if cfg.rotary_dim() == 0 || !cfg.rotary_dim().is_multiple_of(2) {
             let why = "the rotated part of each head must have an even, positive width";
-            return Err(refuse("rotary_pct", &cfg.rotary_pct.into(), why).into());
+            return Err(unsupported_field(path, "rotary_pct", &cfg.rotary_pct.into(), why));
         }
         Ok(cfg)
     }
@@ -142,7 +139,7 @@ impl GptNeoX {
         weights: HashMap<String, Tensor>,
         device: Device,
         kind: Kind,
-    ) -> Result<Self> {
+    ) -> Result<Self, WeightError> {
         let mut w = Weights::new(weights, device, kind);
         let (d, vocab, ff) = (cfg.hidden_size as i64, cfg.vocab_size as i64, cfg.intermediate_size as i64);
         let eps = cfg.layer_norm_eps;

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 
-use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::{causal_attention, extend_cache, LayerCache};
@@ -18,7 +17,7 @@ use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::rms_norm;
 use crate::rope::{apply_rotary, Rotary};
-use crate::weights::Weights;
+use crate::weights::{WeightError, Weights};
 
 /// One transformer block. Q, K and V share one matmul, and so do the MLP's gate and up
 /// projections: fewer, larger GEMMs run faster than three or two small ones.
@@ -53,7 +52,7 @@ impl Llama {
         weights: HashMap<String, Tensor>,
         device: Device,
         kind: Kind,
-    ) -> Result<Self> {
+    ) -> Result<Self, WeightError> {
         let d = cfg.d_model() as i64;
         let hd = cfg.head_dim() as i64;
         let q_rows = cfg.num_attention_heads as i64 * hd;
@@ -93,7 +92,7 @@ impl Llama {
                     window: cfg.sliding_window(i),
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, WeightError>>()?;
         let final_norm = w.take("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.take("lm_head.weight", &[vocab, d])?) };
         let rotary = Rotary::new(hd, cfg.rope_theta, cfg.variant.rope_scaling.as_ref(), device);

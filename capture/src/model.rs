@@ -3,18 +3,19 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::architecture::Architecture;
 use crate::config::LlamaConfig;
 use crate::decoder::Decoder;
+use crate::error::{Error, Result};
 use crate::gemma2::{Gemma2, Gemma2Config};
 use crate::gguf::{GgufFile, Value};
 use crate::gpt2::{Gpt2, Gpt2Config};
 use crate::gpt_neox::{GptNeoX, GptNeoXConfig};
 use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
+use crate::weights::WeightError;
 
 /// The default model: SmolLM2-135M-Instruct, as `make` installs it.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -55,10 +56,7 @@ impl Model {
     /// sharded index, `tokenizer.json`), computing in `kind` on `device`.
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         if !path.exists() {
-            bail!(
-                "model {} does not exist (run `make setup` to install the default model, or pass --model PATH)",
-                path.display()
-            );
+            return Err(Error::ModelMissing { path: path.to_path_buf() });
         }
         if path.is_dir() {
             Self::load_hf(path, device, kind)
@@ -90,12 +88,16 @@ impl Model {
             };
             if let Some(n_head) = rotary_heads {
                 tensor = unpermute_rotary_rows(&tensor, n_head as i64, cfg.head_dim() as i64, cfg.d_model() as i64)
-                    .with_context(|| format!("{}: tensor {}", path.display(), info.name))?;
+                    .map_err(|source| Error::RotaryWeight {
+                        path: path.to_path_buf(),
+                        tensor: info.name.clone(),
+                        source,
+                    })?;
             }
             weights.insert(name, tensor);
         }
         let llama = Llama::from_weights(cfg, weights, device, kind)
-            .with_context(|| format!("cannot build the model from {}", path.display()))?;
+            .map_err(|source| Error::BuildModel { path: path.to_path_buf(), source })?;
         let name =
             file.get("general.name").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| file_stem(path));
         Ok(Model { network: Box::new(llama), tokenizer, name, path: path.to_path_buf(), format: ModelFormat::Gguf })
@@ -104,7 +106,7 @@ impl Model {
     fn load_hf(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: serde_json::Value = serde_json::from_str(&read_small_file(&config_path, MAX_CONFIG_BYTES)?)
-            .with_context(|| format!("{} is not JSON", config_path.display()))?;
+            .map_err(|source| Error::NotJson { path: config_path.clone(), source })?;
         let arch = Architecture::of_config(&config, &config_path)?;
         tracing::debug!(?arch, dir = %dir.display(), "model family");
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
@@ -112,10 +114,11 @@ impl Model {
         for file in safetensors_files(dir)? {
             // Kept in their stored dtype (bf16 or f16 weights are not widened to f32 here); each
             // tensor is converted to the compute dtype as the model takes it.
-            let tensors = Tensor::read_safetensors(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let tensors = Tensor::read_safetensors(&file)
+                .map_err(|source| Error::ReadSafetensors { path: file.clone(), source })?;
             weights.extend(tensors);
         }
-        let built: Result<Box<dyn Decoder>> = match arch {
+        let built: Result<Box<dyn Decoder>, WeightError> = match arch {
             Architecture::Llama(family) => {
                 let cfg = LlamaConfig::from_hf_json(family, &config, &config_path)?;
                 Llama::from_weights(cfg, weights, device, kind).map(|m| Box::new(m) as Box<dyn Decoder>)
@@ -133,7 +136,7 @@ impl Model {
                 GptNeoX::from_weights(cfg, weights, device, kind).map(|m| Box::new(m) as Box<dyn Decoder>)
             }
         };
-        let network = built.with_context(|| format!("cannot build the model from {}", dir.display()))?;
+        let network = built.map_err(|source| Error::BuildModel { path: dir.to_path_buf(), source })?;
         Ok(Model {
             network,
             tokenizer,
@@ -158,8 +161,9 @@ impl Model {
         };
         let mut hasher = Sha256::new();
         for file in files {
-            let mut reader = std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            std::io::copy(&mut reader, &mut hasher).with_context(|| format!("cannot read {}", file.display()))?;
+            let read_error = |source| Error::Read { path: file.clone(), source };
+            let mut reader = std::fs::File::open(&file).map_err(read_error)?;
+            std::io::copy(&mut reader, &mut hasher).map_err(read_error)?;
         }
         Ok(format!("{:x}", hasher.finalize()))
     }
@@ -177,7 +181,7 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index_path = dir.join("model.safetensors.index.json");
     if !index_path.exists() {
-        bail!("{} holds neither model.safetensors nor model.safetensors.index.json", dir.display());
+        return Err(Error::NoSafetensors { dir: dir.to_path_buf() });
     }
     let text = read_small_file(&index_path, MAX_INDEX_BYTES)?;
     shard_files_of_index(dir, &index_path, &text)
@@ -192,43 +196,53 @@ const MAX_INDEX_BYTES: u64 = 64 << 20;
 
 /// The whole of a file that must be small, refused unread when it is larger than `max_bytes`.
 fn read_small_file(path: &Path, max_bytes: u64) -> Result<String> {
-    let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    let read_error = |source| Error::Read { path: path.to_path_buf(), source };
+    let size = std::fs::metadata(path).map_err(read_error)?.len();
     if size > max_bytes {
-        bail!("{} is {size} bytes, more than the {max_bytes} such a file can be", path.display());
+        return Err(Error::FileTooLarge { path: path.to_path_buf(), size, max_bytes });
     }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    std::fs::read_to_string(path).map_err(read_error)
 }
 
 /// The shard files an index names, sorted and without repeats. Each must be a plain file name
 /// inside `dir` (no `..`, no absolute path, no sub-folder), so an index cannot point the loader
 /// at files elsewhere.
 fn shard_files_of_index(dir: &Path, index_path: &Path, text: &str) -> Result<Vec<PathBuf>> {
-    let index: serde_json::Value =
-        serde_json::from_str(text).with_context(|| format!("{} is not JSON", index_path.display()))?;
-    let map = index
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{} has no weight_map", index_path.display()))?;
+    let index = || index_path.to_path_buf();
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|source| Error::NotJson { path: index(), source })?;
+    let map =
+        json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::NoWeightMap { index: index() })?;
     let mut names = Vec::new();
     for (tensor, file) in map {
-        let name = file
-            .as_str()
-            .with_context(|| format!("{}: tensor {tensor:?} maps to {file}, not a file name", index_path.display()))?;
+        let name = file.as_str().ok_or_else(|| Error::ShardNotAString {
+            index: index(),
+            tensor: tensor.clone(),
+            value: file.to_string(),
+        })?;
         let plain = Path::new(name).file_name().is_some_and(|n| n == name) && name != "." && name != "..";
         if !plain {
-            bail!(
-                "{}: tensor {tensor:?} maps to {name:?}, which is not a file name in the folder",
-                index_path.display()
-            );
+            return Err(Error::ShardOutsideFolder { index: index(), tensor: tensor.clone(), name: name.to_string() });
         }
         names.push(name);
     }
     if names.is_empty() {
-        bail!("{}: weight_map is empty", index_path.display());
+        return Err(Error::EmptyWeightMap { index: index() });
     }
     names.sort_unstable();
     names.dedup();
     Ok(names.into_iter().map(|name| dir.join(name)).collect())
+}
+
+/// A Q or K weight of a GGUF file whose shape does not fit its heads (a damaged file): it cannot
+/// be un-permuted. The [`Error`] that carries it names the file and the tensor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("shape {shape:?}, expected {expected:?} ({n_head} heads of {head_dim})")]
+pub struct RotaryShapeError {
+    pub shape: Vec<i64>,
+    pub expected: [i64; 2],
+    pub n_head: i64,
+    pub head_dim: i64,
 }
 
 /// Maps llama.cpp tensor names to Hugging Face names.
@@ -262,10 +276,10 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// Undoes llama.cpp's `permute(w, n_head)`: within each head the converter interleaved the two
 /// rotary halves (rows `[r0, r_half, r1, r_half+1, ...]`); this restores `[first half, second half]`.
 /// `w` must be `[n_head * head_dim, d]`; any other shape (a damaged file) is an error.
-fn unpermute_rotary_rows(w: &Tensor, n_head: i64, head_dim: i64, d: i64) -> Result<Tensor> {
+fn unpermute_rotary_rows(w: &Tensor, n_head: i64, head_dim: i64, d: i64) -> Result<Tensor, RotaryShapeError> {
     let expected = [n_head * head_dim, d];
     if w.size() != expected || head_dim % 2 != 0 {
-        bail!("shape {:?}, expected {expected:?} ({n_head} heads of {head_dim})", w.size());
+        return Err(RotaryShapeError { shape: w.size(), expected, n_head, head_dim });
     }
     Ok(w.view([n_head, head_dim / 2, 2, d]).transpose(1, 2).contiguous().view(expected))
 }

@@ -1,8 +1,12 @@
 //! Rotary position embeddings in Hugging Face's layout (two halves of each head, `rotate_half`),
 //! with the frequency scalings we implement.
 
+use std::path::Path;
+
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
 
 /// A `rope_scaling` that changes the rotary frequencies.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,15 +17,19 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
-    /// Reads a `rope_scaling` object: `None` for the default (unscaled) type, an error saying
-    /// why for any type or parameter we do not implement.
-    pub fn from_config(value: &Value) -> Result<Option<Self>, String> {
+    /// Reads the `rope_scaling` object of the config.json at `path`: `None` for the default
+    /// (unscaled) type, an error naming the type or parameter for anything we do not implement.
+    pub fn from_config(value: &Value, path: &Path) -> Result<Option<Self>> {
         let kind = value.get("rope_type").or_else(|| value.get("type")).and_then(Value::as_str);
         match kind {
             Some("default") => Ok(None),
             Some("llama3") => {
-                let number = |key: &str| {
-                    value.get(key).and_then(Value::as_f64).ok_or_else(|| format!("llama3 scaling needs a number {key}"))
+                let number = |key: &'static str| {
+                    value.get(key).and_then(Value::as_f64).ok_or_else(|| Error::RopeScalingParameter {
+                        path: path.to_path_buf(),
+                        rope_type: "llama3",
+                        key,
+                    })
                 };
                 let scaling = RopeScaling::Llama3 {
                     factor: number("factor")?,
@@ -31,8 +39,10 @@ impl RopeScaling {
                 };
                 Ok(Some(scaling))
             }
-            Some(other) => Err(format!("rope type {other:?} is not implemented; only \"default\" and \"llama3\" are")),
-            None => Err("names no rope_type".to_string()),
+            Some(other) => {
+                Err(Error::UnsupportedRopeScaling { path: path.to_path_buf(), rope_type: other.to_string() })
+            }
+            None => Err(Error::UnnamedRopeScaling { path: path.to_path_buf(), value: value.to_string() }),
         }
     }
 }
@@ -103,12 +113,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn path() -> &'static Path {
+        Path::new("/m/config.json")
+    }
+
     #[test]
     fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
-        let scaling = RopeScaling::from_config(&json!({
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192
-        }))
+        let scaling = RopeScaling::from_config(
+            &json!({
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192
+            }),
+            path(),
+        )
         .unwrap();
         let plain = Rotary::new(128, 500_000.0, None, Device::Cpu).inv_freq;
         let scaled = Rotary::new(128, 500_000.0, scaling.as_ref(), Device::Cpu).inv_freq;
@@ -120,10 +137,12 @@ mod tests {
 
     #[test]
     fn unknown_rope_types_are_refused_and_default_is_no_scaling() {
-        assert_eq!(RopeScaling::from_config(&json!({"rope_type": "default"})).unwrap(), None);
-        let err = RopeScaling::from_config(&json!({"type": "dynamic", "factor": 2.0})).unwrap_err();
-        assert!(err.contains("dynamic"), "{err}");
-        let err = RopeScaling::from_config(&json!({"rope_type": "llama3", "factor": 8.0})).unwrap_err();
-        assert!(err.contains("low_freq_factor"), "{err}");
+        assert_eq!(RopeScaling::from_config(&json!({"rope_type": "default"}), path()).unwrap(), None);
+        let err = RopeScaling::from_config(&json!({"type": "dynamic", "factor": 2.0}), path()).unwrap_err();
+        assert!(matches!(&err, Error::UnsupportedRopeScaling { rope_type, .. } if rope_type == "dynamic"), "{err}");
+        let err = RopeScaling::from_config(&json!({"rope_type": "llama3", "factor": 8.0}), path()).unwrap_err();
+        assert!(err.to_string().contains("low_freq_factor") && err.to_string().contains("/m/config.json"), "{err}");
+        let err = RopeScaling::from_config(&json!({"factor": 8.0}), path()).unwrap_err();
+        assert!(matches!(err, Error::UnnamedRopeScaling { .. }), "{err}");
     }
 }

@@ -13,7 +13,6 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -21,6 +20,7 @@ use tokenizers::processors::byte_level::ByteLevel as ByteLevelProcessor;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 
 #[derive(Clone)]
@@ -34,16 +34,19 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let path = file.path().display().to_string();
+        let path = || file.path().to_path_buf();
         let model = file.require("tokenizer.ggml.model")?.as_str().unwrap_or_default();
         if model != "gpt2" {
-            bail!("{path}: tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")");
+            return Err(Error::UnsupportedTokenizer { path: path(), model: model.to_string() });
         }
         let strings = |key: &str| -> Result<Vec<String>> {
-            let items = file.require(key)?.as_array().ok_or_else(|| anyhow!("{path}: {key} is not an array"))?;
+            let items =
+                file.require(key)?.as_array().ok_or_else(|| Error::NotAnArray { path: path(), key: key.into() })?;
             items
                 .iter()
-                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{path}: {key} holds a non-string")))
+                .map(|v| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| Error::NonStringItem { path: path(), key: key.into() })
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
@@ -52,7 +55,7 @@ impl TextTokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| anyhow!("{path}: malformed merge {m:?}"))
+                    .ok_or_else(|| Error::MalformedMerge { path: path(), merge: m.clone() })
             })
             .collect::<Result<Vec<_>>>()?;
         let vocab: tokenizers::models::bpe::Vocab =
@@ -60,7 +63,7 @@ impl TextTokenizer {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| anyhow!("{path}: cannot build the BPE tokenizer: {e}"))?;
+            .map_err(|cause| Error::BuildBpe { path: path(), cause })?;
         let id = |key: &str| file.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let (bos_id, eos_id) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
         let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
@@ -70,15 +73,15 @@ impl TextTokenizer {
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         match (add_bos, bos_id) {
             (true, Some(bos)) => {
-                let bos_text = tokens
-                    .get(bos as usize)
-                    .ok_or_else(|| anyhow!("{path}: BOS id {bos} is outside the vocabulary"))?;
+                let bos_text =
+                    tokens.get(bos as usize).ok_or_else(|| Error::BosOutsideVocabulary { path: path(), bos })?;
                 let template = TemplateProcessing::builder()
                     .try_single(format!("{bos_text}:0 $A:0"))
                     .and_then(|b| b.try_pair(format!("{bos_text}:0 $A:0 $B:1")))
-                    .map_err(|e| anyhow!("{e}"))?
+                    .map_err(|detail| Error::BosTemplate { detail })?
                     .special_tokens(vec![(bos_text.clone(), bos)])
-                    .build()?;
+                    .build()
+                    .map_err(|e| Error::BosTemplate { detail: e.to_string() })?;
                 inner.with_post_processor(Some(template));
             }
             _ => {
@@ -107,13 +110,10 @@ impl TextTokenizer {
 
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let file = dir.join("tokenizer.json");
-        let inner =
-            Tokenizer::from_file(&file).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+        let inner = Tokenizer::from_file(&file).map_err(|cause| Error::LoadTokenizer { path: file.clone(), cause })?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => {
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", config_path.display()))?
-            }
+            Ok(text) => serde_json::from_str(&text).map_err(|source| Error::NotJson { path: config_path, source })?,
             Err(_) => serde_json::Value::Null,
         };
         let token_id = |key: &str| {
@@ -131,12 +131,12 @@ impl TextTokenizer {
 
     /// Token ids of `text`, with BOS first when the model adds it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, true).map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        let encoding = self.inner.encode(text, true).map_err(|cause| Error::Encode { cause })?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("cannot decode tokens: {e}"))
+        self.inner.decode(ids, false).map_err(|cause| Error::Decode { cause })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -152,7 +152,7 @@ impl TextTokenizer {
     /// digest give the same ids.
     pub fn digest(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let json = self.inner.to_string(false).map_err(|e| anyhow!("cannot serialize the tokenizer: {e}"))?;
+        let json = self.inner.to_string(false).map_err(|cause| Error::SerializeTokenizer { cause })?;
         let mut hasher = Sha256::new();
         hasher.update(json.as_bytes());
         hasher.update([self.add_bos as u8]);

@@ -23,10 +23,10 @@ use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 
-use crate::corpus::{Corpus, Document, ReadStats};
+use crate::corpus::{Corpus, DocId, Document, ReadStats};
+use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::TextTokenizer;
 
@@ -40,6 +40,10 @@ pub struct Window {
     /// stream started at.
     pub sequence_id: u64,
     pub tokens: Vec<u32>,
+    /// The documents the window's tokens come from, in order: (index in `tokens` of the first
+    /// of the document's tokens in this window, the document). A document's EOS separator
+    /// belongs to it; the BOS a window starts with (`add_bos_token`) belongs to none.
+    pub documents: Vec<(u32, DocId)>,
 }
 
 impl Window {
@@ -52,6 +56,12 @@ impl Window {
     /// The tokens whose activations are stored, from [`Window::first_stored_position`] on.
     pub fn stored_tokens(&self, keep_first_position: bool) -> &[u32] {
         &self.tokens[Self::first_stored_position(keep_first_position)..]
+    }
+
+    /// The document token `index` of the window comes from (the first one for a leading BOS).
+    pub fn document_at(&self, index: usize) -> Option<DocId> {
+        let at = self.documents.partition_point(|(start, _)| *start as usize <= index);
+        self.documents.get(at.saturating_sub(1)).map(|(_, id)| *id)
     }
 }
 
@@ -147,7 +157,7 @@ impl WindowStats {
 enum Message {
     Window(Window),
     Done(WindowStats),
-    Failed(anyhow::Error),
+    Failed(Error),
 }
 
 /// Windows of a corpus, in order, produced by a background thread (see the module docs).
@@ -164,12 +174,12 @@ impl WindowStream {
     /// empty corpus (no documents, or fewer tokens than one window) is the stream's first error.
     pub fn start(corpus: Corpus, tokenizer: Arc<TextTokenizer>, options: WindowOptions) -> Result<Self> {
         if options.context_len < 2 {
-            bail!("context length must be at least 2 tokens, not {}", options.context_len);
+            return Err(Error::ContextTooShort { context_len: options.context_len });
         }
-        let eos = tokenizer.eos_id.ok_or_else(|| anyhow!("the tokenizer has no EOS token to separate documents"))?;
+        let eos = tokenizer.eos_id.ok_or(Error::NoEos)?;
         let bos = match (tokenizer.add_bos, tokenizer.bos_id) {
             (true, Some(bos)) => Some(bos),
-            (true, None) => bail!("the tokenizer adds BOS but has no BOS id"),
+            (true, None) => return Err(Error::NoBosId),
             (false, _) => None,
         };
         let pool = match options.threads {
@@ -187,7 +197,7 @@ impl WindowStream {
         std::thread::Builder::new()
             .name("corpus-windows".into())
             .spawn(move || producer.run())
-            .context("cannot start the tokenizer thread")?;
+            .map_err(|source| Error::StartTokenizerThread { source })?;
         Ok(WindowStream { receiver, stats: None, finished: false })
     }
 
@@ -217,7 +227,7 @@ impl Iterator for WindowStream {
             }
             Err(_) => {
                 self.finished = true;
-                Some(Err(anyhow!("the tokenizer thread stopped without finishing (it panicked)")))
+                Some(Err(Error::TokenizerThreadDied))
             }
         }
     }
@@ -260,9 +270,10 @@ impl Producer {
                 chunk
                     .par_iter()
                     .map(|doc| {
-                        tokenizer.encode(&doc.text).with_context(|| {
-                            let file = &documents_file_location(&self.corpus, doc);
-                            format!("cannot tokenize document {} of {file}", doc.id.record)
+                        tokenizer.encode(&doc.text).map_err(|e| Error::Tokenize {
+                            record: doc.id.record,
+                            file: documents_file_location(&self.corpus, doc),
+                            source: Box::new(e),
                         })
                     })
                     .collect()
@@ -272,9 +283,9 @@ impl Producer {
                 Some(pool) => pool.install(encode)?,
                 None => encode()?,
             };
-            for ids in encoded {
+            for (ids, doc) in encoded.into_iter().zip(&chunk) {
                 stats.documents += 1;
-                stats.stream_tokens += self.packer.push_document(&ids) as u64;
+                stats.stream_tokens += self.packer.push_document(&ids, doc.id) as u64;
                 while let Some(window) = self.packer.next_window() {
                     if window.sequence_id >= self.options.start_window {
                         stats.windows += 1;
@@ -298,20 +309,18 @@ impl Producer {
         // Only a corpus read to its end can be too small (`end_window: Some(0)` reads nothing).
         if stats.corpus_exhausted && stats.documents == 0 {
             let read = &stats.read;
-            bail!(
-                "empty corpus: no documents in {} ({} files read, {} skipped)",
-                self.corpus.spec().inputs.join(", "),
-                read.files_read,
-                read.skipped.len()
-            );
+            return Err(Error::NoDocuments {
+                inputs: self.corpus.spec().inputs.join(", "),
+                files_read: read.files_read,
+                skipped: read.skipped.len(),
+            });
         }
         if stats.corpus_exhausted && stats.windows_packed == 0 {
-            bail!(
-                "the corpus is shorter than one window: {} documents give {} tokens, fewer than the context length {}",
-                stats.documents,
-                stats.stream_tokens,
-                self.options.context_len
-            );
+            return Err(Error::ShorterThanOneWindow {
+                documents: stats.documents,
+                tokens: stats.stream_tokens,
+                context_len: self.options.context_len,
+            });
         }
         if stats.corpus_exhausted && stats.windows_missing() > 0 {
             tracing::warn!(
@@ -336,21 +345,35 @@ struct Packer {
     eos: u32,
     /// Stream tokens not yet in a window.
     pending: std::collections::VecDeque<u32>,
+    /// Where documents start in the stream (stream index, document), from the one the pending
+    /// tokens start in.
+    starts: std::collections::VecDeque<(u64, DocId)>,
+    /// Stream tokens already in windows.
+    taken: u64,
     windows_packed: u64,
 }
 
 impl Packer {
     fn new(context_len: usize, bos: Option<u32>, eos: u32) -> Self {
-        Packer { context_len, bos, eos, pending: Default::default(), windows_packed: 0 }
+        Packer {
+            context_len,
+            bos,
+            eos,
+            pending: Default::default(),
+            starts: Default::default(),
+            taken: 0,
+            windows_packed: 0,
+        }
     }
 
     /// Appends a document's tokens and its EOS; returns how many stream tokens that added.
-    fn push_document(&mut self, ids: &[u32]) -> usize {
+    fn push_document(&mut self, ids: &[u32], id: DocId) -> usize {
         // `encode` starts documents with BOS when the model adds it; windows get theirs instead.
         let ids = match (self.bos, ids.first()) {
             (Some(bos), Some(&first)) if first == bos => &ids[1..],
             _ => ids,
         };
+        self.starts.push_back((self.taken + self.pending.len() as u64, id));
         self.pending.extend(ids);
         self.pending.push_back(self.eos);
         ids.len() + 1
@@ -364,7 +387,20 @@ impl Packer {
         let mut tokens = Vec::with_capacity(self.context_len);
         tokens.extend(self.bos);
         tokens.extend(self.pending.drain(..from_stream));
-        let window = Window { sequence_id: self.windows_packed, tokens };
+        let (start, end) = (self.taken, self.taken + from_stream as u64);
+        let lead = u64::from(self.bos.is_some());
+        let documents = self
+            .starts
+            .iter()
+            .take_while(|(at, _)| *at < end)
+            .map(|&(at, id)| ((at.max(start) - start + lead) as u32, id))
+            .collect();
+        // Keep the last document that started by `end`: it may go on in the next window.
+        while self.starts.len() > 1 && self.starts[1].0 <= end {
+            self.starts.pop_front();
+        }
+        self.taken = end;
+        let window = Window { sequence_id: self.windows_packed, tokens, documents };
         self.windows_packed += 1;
         Some(window)
     }
@@ -376,7 +412,8 @@ pub fn load_tokenizer(model_path: &Path) -> Result<TextTokenizer> {
     if model_path.is_dir() {
         TextTokenizer::from_hf_dir(model_path)
     } else {
-        let file = GgufFile::open(model_path).with_context(|| format!("cannot open model {}", model_path.display()))?;
+        let file =
+            GgufFile::open(model_path).map_err(|source| Error::OpenModel { path: model_path.to_path_buf(), source })?;
         TextTokenizer::from_gguf(&file)
     }
 }
@@ -385,6 +422,10 @@ pub fn load_tokenizer(model_path: &Path) -> Result<TextTokenizer> {
 mod tests {
     use super::*;
 
+    fn doc(record: u32) -> DocId {
+        DocId { file: 0, record }
+    }
+
     fn drain(p: &mut Packer) -> Vec<Vec<u32>> {
         std::iter::from_fn(|| p.next_window()).map(|w| w.tokens).collect()
     }
@@ -392,10 +433,10 @@ mod tests {
     #[test]
     fn packs_documents_with_eos_and_no_bos() {
         let mut p = Packer::new(4, None, 0);
-        p.push_document(&[1, 2, 3]);
-        p.push_document(&[4, 5]);
+        p.push_document(&[1, 2, 3], doc(0));
+        p.push_document(&[4, 5], doc(1));
         assert_eq!(drain(&mut p), vec![vec![1, 2, 3, 0]]);
-        p.push_document(&[6]);
+        p.push_document(&[6], doc(2));
         assert_eq!(drain(&mut p), vec![vec![4, 5, 0, 6]]);
         assert_eq!(p.pending.len(), 1, "the trailing EOS waits for the next window");
     }
@@ -403,10 +444,33 @@ mod tests {
     #[test]
     fn bos_starts_every_window_and_is_not_repeated() {
         let mut p = Packer::new(4, Some(9), 0);
-        p.push_document(&[9, 1, 2]);
-        p.push_document(&[9, 3, 4, 5, 6]);
+        p.push_document(&[9, 1, 2], doc(0));
+        p.push_document(&[9, 3, 4, 5, 6], doc(1));
         assert_eq!(drain(&mut p), vec![vec![9, 1, 2, 0], vec![9, 3, 4, 5]]);
         assert_eq!(p.windows_packed, 2);
+    }
+
+    #[test]
+    fn windows_know_which_document_each_token_comes_from() {
+        // Windows of the stream: 1 2 3 E | 4 5 E 6 | E 7 7 7 | 7 7 7 E (E = EOS 0).
+        let mut p = Packer::new(4, None, 0);
+        for (i, ids) in [vec![1, 2, 3], vec![4, 5], vec![6], vec![7; 6]].iter().enumerate() {
+            p.push_document(ids, doc(i as u32));
+        }
+        let windows: Vec<Window> = std::iter::from_fn(|| p.next_window()).collect();
+        let docs: Vec<Vec<(u32, u32)>> =
+            windows.iter().map(|w| w.documents.iter().map(|(at, d)| (*at, d.record)).collect()).collect();
+        assert_eq!(docs, vec![vec![(0, 0)], vec![(0, 1), (3, 2)], vec![(0, 2), (1, 3)], vec![(0, 3)]]);
+        let at: Vec<u32> = (0..4).map(|i| windows[1].document_at(i).unwrap().record).collect();
+        assert_eq!(at, vec![1, 1, 1, 2]);
+        // With BOS, index 0 is the window's own BOS: counted with the first document.
+        let mut p = Packer::new(4, Some(9), 0);
+        p.push_document(&[9, 1, 2], doc(0));
+        p.push_document(&[9, 3, 4, 5, 6], doc(1));
+        let windows: Vec<Window> = std::iter::from_fn(|| p.next_window()).collect();
+        assert_eq!(windows[0].documents, vec![(1, doc(0))]);
+        assert_eq!(windows[1].documents, vec![(1, doc(1))]);
+        assert_eq!(windows[0].document_at(0), Some(doc(0)));
     }
 
     #[test]

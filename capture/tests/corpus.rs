@@ -37,7 +37,7 @@ fn default_corpus() -> Corpus {
 /// Every window of `corpus` with `options`, and the stream's counts.
 fn collect(corpus: &Corpus, options: WindowOptions) -> (Vec<Window>, WindowStats) {
     let mut stream = WindowStream::start(corpus.clone(), tokenizer(), options).unwrap();
-    let windows = stream.by_ref().collect::<anyhow::Result<Vec<_>>>().unwrap();
+    let windows = stream.by_ref().collect::<capture::Result<Vec<_>>>().unwrap();
     (windows, stream.stats().expect("stats after the end").clone())
 }
 

@@ -152,7 +152,7 @@ fn greedy_tokens_match_where_the_margin_is_clear() {
 
         // Our own KV-cached decoding follows theirs until a step whose margin is too thin to call.
         let opts = GenerateOptions { max_new_tokens: GENERATE_TOKENS, temperature: 0.0, seed: 0, stop_at_eos: false };
-        let ours = generate(&model, &prompt_ids, &opts, &mut Hooks::new(), |_| Ok(())).unwrap();
+        let ours = generate(&model, &prompt_ids, &opts, &mut Hooks::new(), |_| Ok::<_, capture::Error>(())).unwrap();
         for (step, ((&a, &b), &margin)) in ours.iter().zip(&theirs).zip(&margins).enumerate() {
             if margin <= 0.05 {
                 break;

@@ -174,7 +174,7 @@ fn check_greedy(family: &str, model: &Model, reference: &Reference) {
         assert_eq!(prompt_ids, ids_of(&theirs["prompt_ids"]), "{family}: token ids of {prompt:?}");
         let tokens = ids_of(&theirs["tokens"]);
         let opts = GenerateOptions { max_new_tokens: GENERATE_TOKENS, temperature: 0.0, seed: 0, stop_at_eos: false };
-        let ours = generate(model, &prompt_ids, &opts, &mut Hooks::new(), |_| Ok(())).unwrap();
+        let ours = generate(model, &prompt_ids, &opts, &mut Hooks::new(), |_| Ok::<_, capture::Error>(())).unwrap();
         for (step, ((a, b), margin)) in ours.iter().zip(&tokens).zip(theirs["margins"].as_array().unwrap()).enumerate()
         {
             if margin.as_f64().unwrap() < MIN_MARGIN {

@@ -11,7 +11,8 @@ use capture::windows::{WindowOptions, WindowStream};
 pub struct CorpusArgs {
     /// Text inputs: files, folders (read recursively, in sorted order) or object-store URLs.
     /// Several may follow one --corpus, or --corpus may be repeated; they are read in order.
-    /// Default: the English fortune files of /usr/share/games/fortunes (fortune format).
+    /// Default: the English fortune files of /usr/share/games/fortunes (fortune format), or the
+    /// mixed languages of --fortune-languages.
     #[arg(long = "corpus", value_name = "PATH_OR_URL", num_args = 1..)]
     pub inputs: Vec<String>,
     /// text (a file is a document), fortune (documents separated by `%` lines), jsonl or parquet.
@@ -21,11 +22,18 @@ pub struct CorpusArgs {
     /// The JSONL key or Parquet column that holds the text.
     #[arg(long, default_value = capture::corpus::DEFAULT_TEXT_FIELD)]
     pub text_field: String,
+    /// Instead of the English fortunes, Debian's fortunes in these languages (en, de, es, zh),
+    /// interleaved in a fixed cycle of documents per language (en 16, de 8, es 12, zh 1), so any
+    /// prefix holds the same mix.
+    #[arg(long, value_delimiter = ',', value_name = "LANGS", conflicts_with_all = ["inputs", "corpus_format"])]
+    pub fortune_languages: Vec<String>,
 }
 
 impl CorpusArgs {
     pub fn spec(&self) -> Result<CorpusSpec> {
-        let spec = if self.inputs.is_empty() {
+        let spec = if !self.fortune_languages.is_empty() {
+            CorpusSpec::multilingual_fortunes(&self.fortune_languages)?
+        } else if self.inputs.is_empty() {
             let mut spec = CorpusSpec::default_fortunes()?;
             if let Some(format) = self.corpus_format {
                 spec.format = format;
@@ -69,6 +77,6 @@ impl WindowSource {
     pub fn windows(&self, start: u64, end: u64) -> Result<WindowStream> {
         let options =
             WindowOptions { start_window: start, end_window: Some(end), ..WindowOptions::new(self.context_len) };
-        WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)
+        Ok(WindowStream::start(self.corpus.clone(), self.tokenizer.clone(), options)?)
     }
 }

@@ -343,3 +343,60 @@ fn finalize_refuses_a_worker_killed_after_its_first_commit() {
     assert!(!Path::new(&split).join("manifest.json").exists());
     assert!(std::fs::read_dir(&commits).unwrap().next().is_some(), "the committed shard must stay");
 }
+
+/// `sae capture --fortune-languages en,de,es,zh`: the dataset's rows, read back and traced to
+/// their documents by packing the corpus again, hold every language, in the cycle's order
+/// (16 English, 8 German, 12 Spanish, 1 Chinese documents per cycle); a second capture gives
+/// the same tokens. Prints the per-language token counts.
+#[test]
+fn multilingual_capture_mixes_the_languages_in_a_fixed_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let languages = ["en", "de", "es", "zh"].map(String::from);
+    let hook = "blocks.0.hook_resid_post";
+    let urls: Vec<String> = ["a", "b"].iter().map(|n| dir.path().join(n).display().to_string()).collect();
+    for url in &urls {
+        let out = capture(url, &["--fortune-languages", "en,de,es,zh", "--max-tokens", "20000", "--hook", hook]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (rows, _) = read_all(&urls[0], hook);
+    assert_eq!(rows.len(), 20000);
+    assert_eq!(rows, read_all(&urls[1], hook).0, "two captures of the mix differ");
+
+    let spec = CorpusSpec::multilingual_fortunes(&languages).unwrap();
+    let corpus = Corpus::open(spec.clone()).unwrap();
+    let (manifest, _) = store::load_manifest(&urls[0], &Default::default()).unwrap();
+    assert_eq!(manifest.corpus.sha256, corpus.fingerprint().unwrap().sha256);
+    assert!(manifest.corpus.name.contains("en 16, de 8, es 12, zh 1"), "{}", manifest.corpus.name);
+    let mix = spec.mix.as_ref().unwrap();
+    let group_of_file: Vec<usize> =
+        corpus.files().iter().map(|f| mix.groups.iter().position(|g| g.inputs.contains(&f.input)).unwrap()).collect();
+    let last = rows.iter().map(|r| r.0).max().unwrap();
+    let opts = WindowOptions { end_window: Some(last + 1), ..WindowOptions::new(64) };
+    let windows: Vec<_> = WindowStream::start(corpus, std::sync::Arc::new(model().tokenizer.clone()), opts)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut tokens = [0u64; 4];
+    let mut documents: Vec<(u32, u32)> = Vec::new();
+    for &(sequence, position, token) in &rows {
+        let window = &windows[sequence as usize];
+        assert_eq!(window.tokens[position as usize], token, "window {sequence} position {position}");
+        let doc = window.document_at(position as usize).unwrap();
+        tokens[group_of_file[doc.file as usize]] += 1;
+        if documents.last() != Some(&(doc.file, doc.record)) {
+            documents.push((doc.file, doc.record));
+        }
+    }
+    let total: u64 = tokens.iter().sum();
+    let shares: Vec<String> = languages
+        .iter()
+        .zip(tokens)
+        .map(|(l, n)| format!("{l} {n} ({:.1}%)", 100.0 * n as f64 / total as f64))
+        .collect();
+    println!("per-language tokens of the first {total} rows: {}", shares.join(", "));
+    assert!(tokens.iter().all(|&n| n > 0), "a language is missing: {shares:?}");
+    // The first cycle: 16 English documents, then 8 German, 12 Spanish, 1 Chinese.
+    let first_cycle: Vec<usize> = documents.iter().take(37).map(|&(file, _)| group_of_file[file as usize]).collect();
+    let want: Vec<usize> = [(0, 16), (1, 8), (2, 12), (3, 1)].iter().flat_map(|&(g, n)| vec![g; n]).collect();
+    assert_eq!(first_cycle, want);
+}

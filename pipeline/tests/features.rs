@@ -264,8 +264,41 @@ fn sae_ok(args: &[&str]) -> Output {
 
 const PROMPT: &str = "The stock market crashed, and the old sailor went back to the sea.";
 
+/// `prompt`'s token ids, the same ids as a `[1, seq]` tensor, and [`HOOK`] in the model.
+fn prompt_on_model(model: &capture::Model, prompt: &str) -> (Vec<u32>, Tensor, HookPoint) {
+    let ids = model.tokenizer.encode(prompt).unwrap();
+    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
+    (ids, tokens, HookPoint::parse(HOOK, 30).unwrap())
+}
+
+/// Latents of `prompt` encoded directly: tokenize, run to the hook, encode every position but the first.
+fn encode_directly(sae: &LoadedSae, prompt: &str) -> (Vec<u32>, Tensor) {
+    let model = model();
+    let (ids, tokens, hook) = prompt_on_model(&model, prompt);
+    let mut hooks = Hooks::new().capture([hook]);
+    let acts = model.network.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
+    let z = sae.sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1)).unwrap();
+    (ids, z)
+}
+
+/// Every feature's dataset maximum and density, from the features folder's `features.parquet`.
+fn dataset_scales(f: &Fixture) -> (Vec<f32>, Vec<f64>) {
+    let (mut max, mut density) = (Vec::new(), Vec::new());
+    for b in read_parquet(&Path::new(&f.features).join("features.parquet")) {
+        max.extend(col::<Float32Array>(&b, "max_activation").values().iter());
+        density.extend(col::<arrow_array::Float64Array>(&b, "frequency").values().iter());
+    }
+    (max, density)
+}
+
+fn search_json(f: &Fixture, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["features", "search", "--sae", &f.sae, "--prompt", PROMPT, "--features", &f.features, "--json"];
+    args.extend(extra);
+    last_json(&sae_ok(&args))
+}
+
 #[test]
-fn search_reports_what_a_direct_encode_gives() {
+fn search_ranks_by_activation_relative_to_the_dataset_maximum_as_a_direct_encode_gives() {
     let f = fixture();
     let out = sae_ok(&[
         "features",
@@ -282,20 +315,77 @@ fn search_reports_what_a_direct_encode_gives() {
     ]);
     let report = last_json(&out);
     assert!(stdout(&out).contains("logits ↑"), "with --features, features show their logit tokens:\n{}", stdout(&out));
-
-    // Direct: tokenize, run to the hook, encode every position but the first.
+    assert_eq!(report["ranked_by"], "relative");
     let sae = load_sae(&f.sae);
-    let model = model();
-    let ids = model.tokenizer.encode(PROMPT).unwrap();
-    let hook = HookPoint::parse(HOOK, 30).unwrap();
-    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
-    let mut hooks = Hooks::new().capture([hook]);
-    let acts = model.network.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
-    let z = sae.sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1)).unwrap();
+    let (ids, z) = encode_directly(&sae, PROMPT);
+    let (dataset_max, density) = dataset_scales(f);
+    let max_density = report["max_density"].as_f64().unwrap();
+    assert_eq!(max_density, 0.02, "the default --max-density");
+    // The rank key computed here: dense last, then relative activation descending, then id.
+    let key =
+        |feature: usize, v: f32| (density[feature] > max_density, -(v as f64 / dataset_max[feature] as f64), feature);
 
     let per_token = report["tokens"].as_array().unwrap();
     assert_eq!(per_token.len(), ids.len() - 1);
     for t in per_token {
+        let position = t["position"].as_i64().unwrap();
+        let row = Vec::<f32>::try_from(z.get(position - 1)).unwrap();
+        let mut want: Vec<usize> = (0..row.len()).filter(|&i| row[i] > 0.0).collect();
+        want.sort_by(|&a, &b| key(a, row[a]).partial_cmp(&key(b, row[b])).unwrap());
+        want.truncate(4);
+        let got: Vec<usize> =
+            t["features"].as_array().unwrap().iter().map(|h| h["feature"].as_u64().unwrap() as usize).collect();
+        assert_eq!(got, want, "position {position}");
+        for hit in t["features"].as_array().unwrap() {
+            let feature = hit["feature"].as_u64().unwrap() as usize;
+            assert!(close(hit["activation"].as_f64().unwrap(), row[feature] as f64));
+            let relative = row[feature] as f64 / dataset_max[feature] as f64;
+            assert!(close(hit["relative_activation"].as_f64().unwrap(), relative), "position {position}");
+        }
+    }
+
+    // Whole prompt: every firing feature, by the same key, the top 10 specific then the top 10 dense.
+    let (max, _) = z.max_dim(0, false);
+    let max = Vec::<f32>::try_from(max).unwrap();
+    let mut firing: Vec<usize> = (0..max.len()).filter(|&i| max[i] > 0.0).collect();
+    firing.sort_by(|&a, &b| key(a, max[a]).partial_cmp(&key(b, max[b])).unwrap());
+    let (dense, specific): (Vec<usize>, Vec<usize>) = firing.iter().partition(|&&i| density[i] > max_density);
+    let want: Vec<usize> = specific.iter().take(10).chain(dense.iter().take(10)).copied().collect();
+    let hits = report["prompt_features"].as_array().unwrap();
+    let got: Vec<usize> = hits.iter().map(|h| h["feature"].as_u64().unwrap() as usize).collect();
+    assert_eq!(got, want);
+    assert!(!dense.is_empty(), "no dense feature fires on the prompt, so the marking is not exercised");
+    for hit in hits {
+        let feature = hit["feature"].as_u64().unwrap() as usize;
+        let column = z.select(1, feature as i64);
+        assert!(close(hit["max_activation"].as_f64().unwrap(), max[feature] as f64));
+        assert!(close(hit["relative_activation"].as_f64().unwrap(), max[feature] as f64 / dataset_max[feature] as f64));
+        assert!(close(hit["dataset_max"].as_f64().unwrap(), dataset_max[feature] as f64));
+        assert_eq!(hit["dense"].as_bool(), Some(density[feature] > max_density));
+        assert_eq!(hit["tokens_fired"].as_i64(), Some(column.gt(0.0).sum(Kind::Int64).int64_value(&[])));
+    }
+    assert!(stdout(&out).contains("DENSE"), "{}", stdout(&out));
+
+    // The threshold edge: at exactly a dense feature's density it is specific; just below, dense.
+    let edge = dense[0];
+    let at = density[edge].to_string();
+    let report = search_json(f, &["--max-density", &at, "--top", "1000"]);
+    let hit = report["prompt_features"].as_array().unwrap().iter().find(|h| h["feature"] == edge).cloned();
+    assert_eq!(hit.map(|h| h["dense"].clone()), Some(serde_json::Value::Bool(false)), "at --max-density {at}");
+    let below = (density[edge] * (1.0 - 1e-9)).to_string();
+    let report = search_json(f, &["--max-density", &below, "--top", "1000"]);
+    let hit = report["prompt_features"].as_array().unwrap().iter().find(|h| h["feature"] == edge).cloned().unwrap();
+    assert_eq!(hit["dense"], true, "at --max-density {below}");
+}
+
+#[test]
+fn search_without_features_ranks_by_raw_activation() {
+    let f = fixture();
+    let report =
+        last_json(&sae_ok(&["features", "search", "--sae", &f.sae, "--prompt", PROMPT, "--per-token", "4", "--json"]));
+    assert_eq!(report["ranked_by"], "raw");
+    let (_, z) = encode_directly(&load_sae(&f.sae), PROMPT);
+    for t in report["tokens"].as_array().unwrap() {
         let position = t["position"].as_i64().unwrap();
         let (want_values, want_ids) = z.get(position - 1).topk(4, 0, true, true);
         let want_ids = Vec::<i64>::try_from(want_ids).unwrap();
@@ -305,14 +395,240 @@ fn search_reports_what_a_direct_encode_gives() {
         for (j, hit) in got.iter().enumerate() {
             assert_eq!(hit["feature"].as_i64(), Some(want_ids[j]), "position {position}");
             assert!(close(hit["activation"].as_f64().unwrap(), want_values[j] as f64));
+            assert!(hit["relative_activation"].is_null());
         }
     }
-    for hit in report["prompt_features"].as_array().unwrap() {
-        let feature = hit["feature"].as_i64().unwrap();
-        let column = z.select(1, feature);
-        assert!(close(hit["max_activation"].as_f64().unwrap(), column.max().double_value(&[])));
-        assert_eq!(hit["tokens_fired"].as_i64(), Some(column.gt(0.0).sum(Kind::Int64).int64_value(&[])));
+    let (max, _) = z.max_dim(0, false);
+    let (best, order) = max.topk(10, 0, true, true);
+    let want: Vec<i64> = Vec::<i64>::try_from(order)
+        .unwrap()
+        .into_iter()
+        .zip(Vec::<f32>::try_from(best).unwrap())
+        .filter(|(_, v)| *v > 0.0)
+        .map(|(f, _)| f)
+        .collect();
+    let got: Vec<i64> =
+        report["prompt_features"].as_array().unwrap().iter().map(|h| h["feature"].as_i64().unwrap()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn compare_lists_the_features_of_every_prompt_as_a_brute_force_encode_of_each_gives() {
+    let f = fixture();
+    let prompts =
+        ["I love to eat bread and cheese.", "The old sailor ate bread and cheese at sea.", "Bread and cheese, please!"];
+    let mut args = vec!["features", "compare", "--sae", &f.sae, "--features", &f.features, "--top", "1000", "--json"];
+    for p in &prompts {
+        args.extend(["--prompt", p]);
     }
+    let out = sae_ok(&args);
+    let report = last_json(&out);
+    let loaded = load_sae(&f.sae);
+    let (dataset_max, density) = dataset_scales(f);
+    let encoded: Vec<(Vec<u32>, Tensor)> = prompts.iter().map(|p| encode_directly(&loaded, p)).collect();
+    let maxima: Vec<Vec<f32>> =
+        encoded.iter().map(|(_, z)| Vec::<f32>::try_from(z.max_dim(0, false).0).unwrap()).collect();
+    let d_sae = dataset_max.len();
+    let in_all: Vec<usize> = (0..d_sae).filter(|&i| maxima.iter().all(|m| m[i] > 0.0)).collect();
+    assert!(!in_all.is_empty(), "no feature fires on all three prompts");
+    let weakest = |i: usize| maxima.iter().map(|m| m[i]).fold(f32::INFINITY, f32::min) as f64 / dataset_max[i] as f64;
+    let dense = |i: usize| density[i] > 0.02;
+    let mut want = in_all.clone();
+    want.sort_by(|&a, &b| (dense(a), -weakest(a), a).partial_cmp(&(dense(b), -weakest(b), b)).unwrap());
+    let shared = report["shared_features"].as_array().unwrap();
+    let got: Vec<usize> = shared.iter().map(|s| s["feature"].as_u64().unwrap() as usize).collect();
+    assert_eq!(got, want);
+    assert_eq!(report["overlap"]["in_all"].as_u64(), Some(in_all.len() as u64));
+    let active: Vec<u64> = maxima.iter().map(|m| m.iter().filter(|&&v| v > 0.0).count() as u64).collect();
+    assert_eq!(report["overlap"]["active"], serde_json::json!(active));
+    for s in shared {
+        let feature = s["feature"].as_u64().unwrap() as usize;
+        assert!(close(s["min_relative_activation"].as_f64().unwrap(), weakest(feature)), "feature {feature}");
+        assert_eq!(s["dense"].as_bool(), Some(dense(feature)));
+        for (p, (ids, z)) in encoded.iter().enumerate() {
+            let column = Vec::<f32>::try_from(z.select(1, feature as i64)).unwrap();
+            let fires = s["prompts"][p]["fires"].as_array().unwrap();
+            let want: Vec<usize> = (0..column.len()).filter(|&r| column[r] > 0.0).map(|r| r + 1).collect();
+            let got: Vec<usize> = fires.iter().map(|x| x["position"].as_u64().unwrap() as usize).collect();
+            assert_eq!(got, want, "feature {feature} in prompt {p}");
+            for x in fires {
+                let position = x["position"].as_u64().unwrap() as usize;
+                assert!(close(x["activation"].as_f64().unwrap(), column[position - 1] as f64));
+                assert_eq!(x["token"], report["prompts"][p]["tokens"][position]);
+            }
+            assert_eq!(report["prompts"][p]["token_ids"], serde_json::json!(ids));
+        }
+    }
+    assert!(stdout(&out).contains("fire in every prompt"), "{}", stdout(&out));
+    // One prompt is not a comparison.
+    let out = sae(&["features", "compare", "--sae", &f.sae, "--features", &f.features, "--prompt", "Bread"]);
+    assert!(!out.status.success() && stderr(&out).contains("at least two prompts"), "{}", stderr(&out));
+}
+
+/// `sae features export --format neuronpedia`: the files pass the check against SAEDashboard's
+/// and neuronpedia's own classes, and hold the features folder's examples, the model's logit
+/// histogram and the decoder's neuron alignment.
+#[test]
+fn export_writes_neuronpedia_batches_that_the_packages_load() {
+    let f = fixture();
+    let out_dir = scratch("neuronpedia");
+    let out = sae_ok(&[
+        "features",
+        "export",
+        "--features",
+        &f.features,
+        "--format",
+        "neuronpedia",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(stdout(&out).contains("source `15-sae-pipeline-res-1152`"), "{}", stdout(&out));
+    let check = Command::new(testkit::venv::python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/neuronpedia_check.py"))
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "neuronpedia_check failed: {}", stderr(&check));
+    let report = last_json(&check);
+    let (dataset_max, density) = dataset_scales(f);
+    let alive = dataset_max.iter().filter(|&&m| m > 0.0).count() as u64;
+    assert_eq!(report["features"].as_u64(), Some(alive));
+    assert_eq!(report["skipped"].as_u64(), Some(1152 - alive));
+    assert_eq!(report["batches"].as_u64(), Some(alive.div_ceil(128)));
+    assert_eq!(report["uploaded_features"].as_u64(), Some(alive));
+
+    // One feature in detail, against the features folder and the weights.
+    let batch: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("batch-0.json")).unwrap()).unwrap();
+    let feature = &batch["features"][0];
+    let id = feature["feature_index"].as_u64().unwrap() as usize;
+    assert_eq!(batch["layer"].as_u64(), Some(15));
+    assert_eq!(feature["frac_nonzero"].as_f64(), Some(density[id]));
+    let hist: f64 =
+        feature["logits_hist_data_bar_heights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+    assert_eq!(hist as usize, model().tokenizer.vocab_size(), "the logit histogram counts every vocabulary token");
+    let loaded = load_sae(&f.sae);
+    let (values, indices) = loaded.sae.w_dec().get(id as i64).topk(3, 0, true, true);
+    let want: Vec<i64> = Vec::<i64>::try_from(indices).unwrap();
+    let got: Vec<i64> =
+        feature["neuron_alignment_indices"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(got, want);
+    let top = Vec::<f32>::try_from(values).unwrap()[0] as f64;
+    assert!((feature["neuron_alignment_values"][0].as_f64().unwrap() - top).abs() <= 5e-4);
+    let all = examples(f);
+    let mine: Vec<&Ex> = all.iter().filter(|e| e.feature as usize == id).collect();
+    let tops: Vec<&&Ex> = mine.iter().filter(|e| e.kind == "top").collect();
+    let acts = feature["activations"].as_array().unwrap();
+    assert_eq!(acts.len(), mine.len(), "every example of feature {id} is exported");
+    for (a, e) in acts.iter().zip(&tops) {
+        assert_eq!(a["bin_min"].as_f64(), Some(-1.0));
+        assert_eq!(a["qualifying_token_index"].as_u64(), Some(e.center as u64));
+        let values: Vec<f64> = a["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(values.len(), e.token_ids.len());
+        assert!((values[e.center as usize] - e.activation as f64).abs() <= 5e-4);
+    }
+    // A wrong SAE is refused.
+    let out = sae(&[
+        "features",
+        "export",
+        "--features",
+        &f.features,
+        "--format",
+        "neuronpedia",
+        "--sae",
+        &f.data,
+        scratch("np-bad").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+}
+
+/// Features of a multilingual capture: each feature's language shares equal the shares of its
+/// top examples' languages, traced here through the capture library's own window packing.
+#[test]
+fn features_of_a_multilingual_capture_show_the_languages_of_their_top_examples() {
+    let f = fixture();
+    let data = scratch("multilingual-data").display().to_string();
+    let out = sae_with(
+        &["capture", "--out", &data, "--fortune-languages", "en,de,es,zh"],
+        "--max-tokens 3000 --context-len 64 --batch-size 4 --row-group-rows 512",
+    );
+    assert!(out.status.success(), "capture failed: {}", stderr(&out));
+    let features = scratch("multilingual-features").display().to_string();
+    let build =
+        ["features", "build", "--sae", &f.sae, "--data", &data, "--out", &features, "--top-k", "5", "--context", "2"];
+    // The wrong languages name another corpus than the dataset records: refused before the pass.
+    let out = sae(&[&build[..], &["--fortune-languages", "en,de"][..]].concat());
+    assert!(!out.status.success() && stderr(&out).contains("another corpus"), "{}", stderr(&out));
+    let out = sae_ok(&[&build[..], &["--fortune-languages", "en,de,es,zh"][..]].concat());
+    assert!(stdout(&out).contains("features of"), "{}", stdout(&out));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&features).join("features.json")).unwrap()).unwrap();
+    assert_eq!(summary["languages"], serde_json::json!(["en", "de", "es", "zh"]));
+
+    let languages = ["en", "de", "es", "zh"].map(String::from);
+    let spec = capture::corpus::CorpusSpec::multilingual_fortunes(&languages).unwrap();
+    let corpus = capture::corpus::Corpus::open(spec.clone()).unwrap();
+    let mix = spec.mix.as_ref().unwrap();
+    let group_of_file: Vec<usize> = corpus
+        .files()
+        .iter()
+        .map(|file| mix.groups.iter().position(|g| g.inputs.contains(&file.input)).unwrap())
+        .collect();
+    let opts = capture::windows::WindowOptions { end_window: Some(100), ..capture::windows::WindowOptions::new(64) };
+    let windows: Vec<_> =
+        capture::windows::WindowStream::start(corpus, std::sync::Arc::new(model().tokenizer.clone()), opts)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let multilingual = Fixture { data: data.clone(), sae: f.sae.clone(), features: features.clone() };
+    let mut counts: HashMap<u32, [u32; 4]> = HashMap::new();
+    for e in examples(&multilingual).iter().filter(|e| e.kind == "top") {
+        let window = &windows[e.sequence_id as usize];
+        assert_eq!(window.tokens[e.position as usize], e.token_ids[e.center as usize]);
+        let doc = window.document_at(e.position as usize).unwrap();
+        counts.entry(e.feature).or_default()[group_of_file[doc.file as usize]] += 1;
+    }
+    let mut languages_seen = [false; 4];
+    for b in read_parquet(&Path::new(&features).join("features.parquet")) {
+        let shares = col::<ListArray>(&b, "language_shares");
+        for i in 0..b.num_rows() {
+            let feature = col::<UInt32Array>(&b, "feature").value(i);
+            let got = shares.value(i).as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec();
+            match counts.get(&feature) {
+                None => assert!(got.is_empty(), "feature {feature} has no top example but shares {got:?}"),
+                Some(c) => {
+                    let total: u32 = c.iter().sum();
+                    let want: Vec<f32> = c.iter().map(|&n| n as f32 / total as f32).collect();
+                    assert_eq!(got, want, "feature {feature}");
+                    for (seen, &n) in languages_seen.iter_mut().zip(c) {
+                        *seen |= n > 0;
+                    }
+                }
+            }
+        }
+    }
+    // Every language reaches the captured windows; the top examples (of an SAE trained on English
+    // fortunes) need not hold all four, but they hold more than one.
+    let mut languages_in_data = [false; 4];
+    for window in &windows {
+        for position in 0..window.tokens.len() {
+            if let Some(doc) = window.document_at(position) {
+                languages_in_data[group_of_file[doc.file as usize]] = true;
+            }
+        }
+    }
+    assert_eq!(languages_in_data, [true; 4], "some language is missing from the captured windows");
+    assert!(
+        languages_seen.iter().filter(|&&s| s).count() >= 2,
+        "top examples in one language only: {languages_seen:?}"
+    );
+    // The browser shows them.
+    let site = scratch("multilingual-site");
+    sae_ok(&["features", "browse", "--features", &features, "--out", site.to_str().unwrap()]);
+    let index = std::fs::read_to_string(site.join("index.html")).unwrap();
+    assert!(
+        index.contains("languages of top examples") && index.contains("class=\"langs\">"),
+        "no languages on the index"
+    );
 }
 
 #[test]
@@ -320,9 +636,7 @@ fn clamping_a_feature_to_its_own_activation_leaves_the_logits_and_a_large_clamp_
     let f = fixture();
     let sae = load_sae(&f.sae);
     let model = model();
-    let ids = model.tokenizer.encode(PROMPT).unwrap();
-    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
-    let hook = HookPoint::parse(HOOK, 30).unwrap();
+    let (_, tokens, hook) = prompt_on_model(&model, PROMPT);
     let clean = model.network.forward(&tokens, None, &mut Hooks::new(), true).unwrap().logits.unwrap();
     let feature = 5i64;
     let run = |edit: &dyn Fn(&mut Tensor)| -> Tensor {

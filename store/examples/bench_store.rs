@@ -1,8 +1,11 @@
 //! Store benchmark on real activations (see scripts/bench_store.py, which drives it).
 //!
 //!   bench_store write ACTS_DIR DATASET_URL [--zstd-level N] [--row-group-rows N] [--shard-mib N] [--dtype bf16|f16|f32]
+//!                     [--encode-threads N] [--passes N]
 //!       ACTS_DIR holds acts.npy (rows x d float32), tokens.u32 and meta.json (from
-//!       scripts/gen_activations.py). Prints one JSON line: bytes per element, write time.
+//!       scripts/gen_activations.py). Writes the rows --passes times (1), as new sequences each
+//!       time. Prints one JSON line: bytes per element, write time, and the CPU time this
+//!       process spent writing (every thread), from which MB/s per core follows.
 //!   bench_store read DATASET_URL HOOK [--shuffle] [--batch N] [--threads N] [--prefetch N] [--repeat N]
 //!       Reads every row into one (rows, d) float32 array, like the pyarrow snippet in
 //!       docs/format.md. With --repeat N, the best of N reads in this process. Prints one JSON
@@ -40,6 +43,18 @@ fn read_npy_f32(path: &std::path::Path) -> (Vec<f32>, usize, usize) {
     (v, dims[0], dims[1])
 }
 
+/// User plus system CPU time of this process so far, every thread included (from
+/// /proc/self/stat, in the kernel's clock ticks of 1/100 s).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces): state is
+    // field 3, utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("a command name") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -70,8 +85,13 @@ fn write(args: &[String]) {
         zstd_level: arg(args, "--zstd-level").map(|s| s.parse().unwrap()).unwrap_or(1),
         row_group_rows: arg(args, "--row-group-rows").map(|s| s.parse().unwrap()).unwrap_or(4096),
         shard_mib: arg(args, "--shard-mib").map(|s| s.parse().unwrap()).unwrap_or(256),
+        encode_threads: arg(args, "--encode-threads")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or_else(default_encode_threads),
         ..Default::default()
     };
+    let passes: usize = arg(args, "--passes").map(|s| s.parse().unwrap()).unwrap_or(1);
+    let seqs_per_pass = rows.div_ceil(ctx);
     let header = DatasetHeader {
         model: ModelIdentity { name: meta["model"].as_str().unwrap_or("").into(), file_sha256: String::new() },
         tokenizer: TokenizerIdentity::default(),
@@ -84,21 +104,26 @@ fn write(args: &[String]) {
         },
         created: CreatedInfo::from_process(),
     };
+    let cpu_before = process_cpu_seconds();
     let t = Instant::now();
     let mut w = DatasetWriter::create(url, header, opts.clone()).unwrap();
     let chunk = 8 * ctx;
-    for start in (0..rows).step_by(chunk) {
-        let n = chunk.min(rows - start);
-        w.append(RowBatch {
-            sequence_id: (start..start + n).map(|r| (r / ctx) as u64).collect(),
-            position: (start..start + n).map(|r| (r % ctx) as u32).collect(),
-            token_id: tokens[start..start + n].to_vec(),
-            activations: vec![(hook.clone(), acts[start * d..(start + n) * d].to_vec())],
-        })
-        .unwrap();
+    for pass in 0..passes {
+        let first_seq = (pass * seqs_per_pass) as u64;
+        for start in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - start);
+            w.append(RowBatch {
+                sequence_id: (start..start + n).map(|r| first_seq + (r / ctx) as u64).collect(),
+                position: (start..start + n).map(|r| (r % ctx) as u32).collect(),
+                token_id: tokens[start..start + n].to_vec(),
+                activations: vec![(hook.clone(), acts[start * d..(start + n) * d].to_vec())],
+            })
+            .unwrap();
+        }
     }
     let m = w.finish().unwrap();
     let secs = t.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
     let act_bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
     println!(
         "{}",
@@ -106,6 +131,7 @@ fn write(args: &[String]) {
             "rows": m.tokens, "d": d, "dtype": m.dtype, "zstd_level": opts.zstd_level,
             "row_group_rows": opts.row_group_rows, "shards": m.shards.len(), "bytes": act_bytes,
             "bytes_per_element": m.bytes_per_element(), "write_seconds": secs,
+            "encode_threads": opts.encode_threads, "cpu_seconds": cpu_seconds,
         })
     );
 }

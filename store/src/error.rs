@@ -53,6 +53,10 @@ pub enum Error {
     /// The reader's windows did not arrive in the order its plan made them: a bug, not bad data.
     #[error("reader of `{url}` out of step: {detail}")]
     OutOfStep { url: String, detail: String },
+    /// A row group could not be converted or encoded (`row_group` counts the row groups this
+    /// writer was given, from 0).
+    #[error("encoding row group {row_group} of `{url}` failed: {detail}")]
+    Encode { url: String, row_group: u64, detail: String },
     /// A call on a writer whose encoding thread already failed (or that already finished).
     #[error("the writer of `{url}` failed earlier: {detail}")]
     WriterFailed { url: String, detail: String },

@@ -17,6 +17,8 @@
 
 pub mod compare;
 mod error;
+#[cfg(test)]
+mod failpoints;
 mod format;
 mod inspect;
 mod location;
@@ -37,8 +39,10 @@ pub use manifest::{
     ModelIdentity, ShardEntry, TokenizerIdentity, Validate, FORMAT_VERSION,
 };
 pub use objects::{load_manifest, shard_tokens, ObjectDir};
+pub use rng::SplitMix64;
 pub use writer::{
-    finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress, STALE_STAGING_AGE,
+    default_encode_threads, finalize, finalize_at, DatasetWriter, PartRecord, RowBatch, WriterOptions, WriterProgress,
+    STALE_STAGING_AGE,
 };
 
 /// Re-exported so callers can tune retries without depending on `object_store` themselves.

@@ -1,7 +1,7 @@
 //! The test venv's Python and programs (moto_server, torchrun, kubernetes-validate), resolved
-//! one way for every test: `SAE_PYTHON` (which scripts/env.sh exports) names the interpreter,
-//! else `SAE_VENV` the venv, else `$SAE_CACHE/venv`, else `~/.cache/sae-pipeline/venv`, the
-//! venv scripts/setup.sh --test fills.
+//! one way for every test: `SAE_PYTHON` names the interpreter, else `SAE_VENV` the venv, else
+//! `$SAE_CACHE/venv`, else `~/.cache/sae-pipeline/venv`, the venv scripts/setup.sh --test fills.
+//! scripts/env.sh exports `SAE_PYTHON` chosen by the same rule, so sourcing it changes nothing.
 
 use std::path::PathBuf;
 

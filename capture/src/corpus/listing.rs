@@ -2,11 +2,12 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
+use store::StoreFailure;
 
-use super::{block_on, redacted_store_error, CorpusFile, CorpusFormat, SkippedFile, Source};
+use super::{block_on, CorpusFile, CorpusFormat, SkippedFile, Source};
+use crate::error::{Error, Result};
 
 /// Lists a local input: the file itself, or the files under the folder (sorted, symlinks and
 /// `.dat` skipped).
@@ -18,10 +19,10 @@ pub(super) fn list_local(
     skipped: &mut Vec<SkippedFile>,
 ) -> Result<()> {
     let meta = std::fs::symlink_metadata(path)
-        .with_context(|| format!("corpus input {} does not exist or cannot be read", path.display()))?;
+        .map_err(|source| Error::CorpusInputUnreadable { path: path.to_path_buf(), source })?;
     // A named input may be a symlink (the user asked for it): follow it once.
     let meta = if meta.file_type().is_symlink() {
-        std::fs::metadata(path).with_context(|| format!("corpus input {} is a broken symlink", path.display()))?
+        std::fs::metadata(path).map_err(|source| Error::BrokenSymlink { path: path.to_path_buf(), source })?
     } else {
         meta
     };
@@ -38,11 +39,11 @@ pub(super) fn list_local(
         return Ok(());
     }
     if !meta.is_dir() {
-        bail!("corpus input {} is neither a file nor a folder", path.display());
+        return Err(Error::NotFileOrFolder { path: path.to_path_buf() });
     }
     let mut found = Vec::new();
     walk_local(path, path, format, &mut found, skipped)
-        .with_context(|| format!("cannot list corpus folder {}", path.display()))?;
+        .map_err(|source| Error::ListFolder { path: path.to_path_buf(), source })?;
     found.sort_by(|a: &CorpusFile, b: &CorpusFile| a.rel_path.cmp(&b.rel_path));
     files.extend(found.into_iter().map(|f| CorpusFile { input, ..f }));
     Ok(())
@@ -54,7 +55,7 @@ fn walk_local(
     format: CorpusFormat,
     out: &mut Vec<CorpusFile>,
     skipped: &mut Vec<SkippedFile>,
-) -> Result<()> {
+) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         // The root must be listable; a sub-folder that is not is skipped like an unreadable file.
@@ -64,7 +65,7 @@ fn walk_local(
             skipped.push(SkippedFile { location, reason: e.to_string() });
             return Ok(());
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     for entry in entries {
         let entry = entry?;
@@ -111,8 +112,7 @@ pub(super) fn list_object_store(
     let listed: Vec<object_store::ObjectMeta> = {
         let (store, prefix) = (store.clone(), prefix.clone());
         block_on(rt, async move { store.list(Some(&prefix)).try_collect().await })
-            .map_err(redacted_store_error)
-            .with_context(|| format!("cannot list corpus input {}", location.url))?
+            .map_err(|e| Error::ListObjects { url: location.url.clone(), source: StoreFailure::new(&e) })?
     };
     let url = location.url.trim_end_matches('/');
     if listed.is_empty() {
@@ -130,10 +130,8 @@ pub(super) fn list_object_store(
                 });
                 Ok(())
             }
-            Err(object_store::Error::NotFound { .. }) => {
-                bail!("corpus input {url} does not exist (no object there or under it)")
-            }
-            Err(e) => Err(redacted_store_error(e).context(format!("cannot read corpus input {url}"))),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NoObject { url: url.to_string() }),
+            Err(e) => Err(Error::HeadObject { url: url.to_string(), source: StoreFailure::new(&e) }),
         };
     }
     let mut found: Vec<CorpusFile> = listed

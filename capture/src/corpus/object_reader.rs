@@ -7,8 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
+use store::StoreFailure;
 
-use super::{block_on, redacted_store_error, STREAM_BUFFER_BYTES};
+use super::{block_on, STREAM_BUFFER_BYTES};
 
 /// An object read by range requests of [`STREAM_BUFFER_BYTES`], in order.
 pub(super) struct ObjectReader {
@@ -38,7 +39,7 @@ impl BufRead for ObjectReader {
             let range = self.next..self.size.min(self.next + STREAM_BUFFER_BYTES as u64);
             let (store, path) = (self.store.clone(), self.path.clone());
             let fetched = block_on(&self.runtime, async move { store.get_range(&path, range).await })
-                .map_err(|e| std::io::Error::other(redacted_store_error(e).to_string()))?;
+                .map_err(|e| std::io::Error::other(StoreFailure::new(&e).to_string()))?;
             if fetched.is_empty() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,

@@ -9,6 +9,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::file::reader::ChunkReader;
 
 use super::FileError;
+use crate::error::Error;
 
 /// Rows decoded at a time. Does not change the documents, only how much of the column is held.
 pub(super) const PARQUET_BATCH_ROWS: usize = 1024;
@@ -40,24 +41,24 @@ impl ParquetRecords {
         let builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(unreadable)?;
         let fields = builder.schema().fields().clone();
         let Some(index) = fields.iter().position(|f| f.name() == column) else {
-            let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
-            return Err(FileError::Bad(anyhow::anyhow!(
-                "{location}: no column `{column}` (columns: {}); choose one with --text-field",
-                names.join(", ")
-            )));
+            let columns = fields.iter().map(|f| f.name().clone()).collect();
+            return Err(FileError::Bad(Error::NoTextColumn {
+                location: location.into(),
+                column: column.into(),
+                columns,
+            }));
         };
         let data_type = fields[index].data_type().clone();
         if !matches!(data_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-            return Err(FileError::Bad(anyhow::anyhow!(
-                "{location}: column `{column}` holds {data_type}, not strings"
-            )));
+            return Err(FileError::Bad(Error::TextColumnNotStrings {
+                location: location.into(),
+                column: column.into(),
+                data_type,
+            }));
         }
         let rows = builder.metadata().file_metadata().num_rows();
         if rows > i64::from(u32::MAX) {
-            return Err(FileError::Bad(anyhow::anyhow!(
-                "{location}: {rows} rows; document ids allow at most {} per file",
-                u32::MAX
-            )));
+            return Err(FileError::Bad(Error::TooManyRows { location: location.into(), rows }));
         }
         // Top-level fields of an Arrow-written file map one to one onto the Parquet root columns.
         let mask = ProjectionMask::roots(builder.parquet_schema(), [index]);

@@ -9,8 +9,9 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{ChunkReader, Length};
+use store::StoreFailure;
 
-use super::{block_on, redacted_store_error, STREAM_BUFFER_BYTES};
+use super::{block_on, STREAM_BUFFER_BYTES};
 
 /// An object read by ranged GETs. Each GET reads at least [`STREAM_BUFFER_BYTES`] (or to the end
 /// of the object) and the last one is kept, so the many small reads of a page reader (a header,
@@ -52,7 +53,7 @@ impl RangedObject {
         let fetch_end = self.0.size.min(end.max(start + STREAM_BUFFER_BYTES as u64));
         let (store, path) = (self.0.store.clone(), self.0.path.clone());
         let fetched = block_on(&self.0.runtime, async move { store.get_range(&path, start..fetch_end).await })
-            .map_err(|e| ParquetError::General(format!("{:#}", redacted_store_error(e))))?;
+            .map_err(|e| ParquetError::General(StoreFailure::new(&e).to_string()))?;
         if (fetched.len() as u64) < end - start {
             return Err(ParquetError::EOF("the object is shorter than listed".into()));
         }

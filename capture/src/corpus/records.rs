@@ -3,10 +3,9 @@
 
 use std::io::BufRead;
 
-use anyhow::{anyhow, bail, Context, Result};
-
 use super::parquet_text::ParquetRecords;
 use super::redacted_io_error;
+use crate::error::{Error, Result};
 
 /// Reads `reader` to its end, failing as `std::str::from_utf8` would on the whole file (the
 /// same message, with the index counted from the start of the file).
@@ -94,9 +93,6 @@ pub(super) struct FortuneRecords {
 
 impl FortuneRecords {
     fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
-        if self.done {
-            return None;
-        }
         let ends_record = |line: &str, record: &mut String| {
             let separator = line.trim_end_matches(['\n', '\r']) == "%";
             if !separator {
@@ -104,11 +100,26 @@ impl FortuneRecords {
             }
             separator
         };
-        let record = read_record(&mut *self.lines, &mut self.done, ends_record);
-        let index = self.next_record;
-        self.next_record = self.next_record.wrapping_add(1);
-        Some(record.map(|r| (index, r.trim_start_matches(['\n', '\r']).trim_end().to_string())))
+        let record = numbered_record(&mut *self.lines, &mut self.done, &mut self.next_record, ends_record)?;
+        Some(record.map(|(index, r)| (index, r.trim_start_matches(['\n', '\r']).trim_end().to_string())))
     }
+}
+
+/// The next record of `lines` as [`read_record`] cuts it, with its index (`next_record`, then
+/// counted on); `None` once `done`.
+fn numbered_record(
+    lines: &mut dyn BufRead,
+    done: &mut bool,
+    next_record: &mut u32,
+    take: impl FnMut(&str, &mut String) -> bool,
+) -> Option<Result<(u32, String), FileError>> {
+    if *done {
+        return None;
+    }
+    let record = read_record(lines, done, take);
+    let index = *next_record;
+    *next_record = next_record.wrapping_add(1);
+    Some(record.map(|r| (index, r)))
 }
 
 /// Lines of `lines` handed to `take` (which appends what belongs to the record and says whether
@@ -150,19 +161,13 @@ pub(super) struct TextPieces {
 
 impl TextPieces {
     fn next(&mut self) -> Option<Result<(u32, String), FileError>> {
-        if self.done {
-            return None;
-        }
         let piece_bytes = self.piece_bytes;
         let ends_piece = |line: &str, piece: &mut String| {
             piece.push_str(line);
             let paragraph_break = line.trim().is_empty();
             (paragraph_break && piece.len() >= piece_bytes) || piece.len() >= 2 * piece_bytes
         };
-        let piece = read_record(&mut *self.lines, &mut self.done, ends_piece);
-        let index = self.next_record;
-        self.next_record = self.next_record.wrapping_add(1);
-        Some(piece.map(|p| (index, p)))
+        numbered_record(&mut *self.lines, &mut self.done, &mut self.next_record, ends_piece)
     }
 }
 
@@ -200,7 +205,7 @@ impl JsonlRecords {
 /// malformed (always an error).
 pub(super) enum FileError {
     Unreadable(String),
-    Bad(anyhow::Error),
+    Bad(Error),
 }
 
 /// The fortunes of `text`, as (record index, text): records are separated by lines holding only
@@ -244,20 +249,23 @@ fn jsonl_record(line: &str, index: usize, location: &str, field: &str) -> Result
     if line.trim().is_empty() {
         return Ok(None);
     }
-    let line_no = index + 1;
-    let value: serde_json::Value =
-        serde_json::from_str(line).with_context(|| format!("{location}:{line_no}: not a JSON line"))?;
-    let object = value.as_object().ok_or_else(|| anyhow!("{location}:{line_no}: not a JSON object"))?;
+    let (location, line_no) = (location.to_string(), index + 1);
+    let value: serde_json::Value = match serde_json::from_str(line) {
+        Ok(value) => value,
+        Err(source) => return Err(Error::NotAJsonLine { location, line: line_no, source }),
+    };
+    let Some(object) = value.as_object() else {
+        return Err(Error::NotAJsonObject { location, line: line_no });
+    };
     match object.get(field) {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Null) => Ok(None),
-        Some(other) => bail!("{location}:{line_no}: text field `{field}` holds {}, not a string", json_kind(other)),
+        Some(other) => {
+            Err(Error::TextFieldNotAString { location, line: line_no, field: field.into(), kind: json_kind(other) })
+        }
         None => {
-            let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-            bail!(
-                "{location}:{line_no}: no text field `{field}` (fields: {}); choose one with --text-field",
-                keys.join(", ")
-            )
+            let fields = object.keys().cloned().collect();
+            Err(Error::NoTextField { location, line: line_no, field: field.into(), fields })
         }
     }
 }

@@ -29,14 +29,9 @@ pub fn model() -> MutexGuard<'static, Model> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The venv's Python, where `make test` installed transformers.
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SAE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).expect("HOME or SAE_PYTHON must be set");
-    home.join(".cache/sae-pipeline/venv/bin/python3")
-}
+/// The venv's Python, where `make test` installed transformers (found as every test finds it).
+#[allow(unused_imports)] // only the reference tests run Python
+pub use testkit::python;
 
 pub fn ids(tokens: &[u32]) -> tch::Tensor {
     tch::Tensor::from_slice(&tokens.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0)

@@ -1,7 +1,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use capture::Hooks;
+use capture::tokenizer::TextTokenizer;
+use capture::{HookPoint, Hooks, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Kind, Tensor};
 
@@ -44,68 +45,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.context_len < 2 {
         bail!("--context-len must be at least 2 (the first position of each window is not counted)");
     }
-    let windows: Vec<Vec<i64>> = if args.prompt.is_empty() {
-        let text = std::fs::read_to_string(&args.text_file)
-            .with_context(|| format!("cannot read {}", args.text_file.display()))?;
-        // Documents joined by EOS, packed into full windows; the last partial window is dropped.
-        let eos = model.tokenizer.eos_id.map(|e| e as i64);
-        let mut stream = Vec::new();
-        for doc in text.split("\n%\n").map(str::trim).filter(|d| !d.is_empty()) {
-            stream.extend(model.tokenizer.encode(doc)?.into_iter().map(|t| t as i64));
-            stream.extend(eos);
-            if stream.len() >= args.max_tokens {
-                break;
-            }
-        }
-        stream.truncate(args.max_tokens);
-        stream.chunks_exact(args.context_len).map(<[i64]>::to_vec).collect()
-    } else {
-        args.prompt
-            .iter()
-            .map(|p| Ok(model.tokenizer.encode(p)?.into_iter().map(|t| t as i64).collect()))
-            .collect::<Result<_>>()?
-    };
-    if windows.is_empty() {
-        bail!("no window of {} tokens could be made from {}", args.context_len, args.text_file.display());
-    }
-
+    let windows = token_windows(&args, &model.tokenizer)?;
     let total_tokens: usize = windows.iter().map(Vec::len).sum();
-    let bar = ProgressBar::new(total_tokens as u64).with_style(
-        ProgressStyle::with_template("{spinner} forward [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
-            .expect("valid template"),
-    );
     let started = std::time::Instant::now();
-    let mut rows: Vec<Tensor> = Vec::new();
-    // Prompts may differ in length, so only full windows are batched together.
-    let batches: Vec<Vec<Vec<i64>>> = if args.prompt.is_empty() {
-        windows.chunks(args.batch_size).map(<[_]>::to_vec).collect()
-    } else {
-        windows.iter().map(|w| vec![w.clone()]).collect()
-    };
-    for batch in batches {
-        let len = batch[0].len() as i64;
-        let flat: Vec<i64> = batch.concat();
-        let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, len]);
-        let mut hooks = Hooks::new().capture([hook]);
-        let out = model.network.forward(&tokens, None, &mut hooks, args.full_forward)?;
-        let acts = &out.hooks[&hook]; // [batch, seq, d]
-                                      // Position 0 of every window is an attention sink with an outlier norm: leave it out.
-        if len > 1 {
-            rows.push(
-                acts.narrow(1, 1, len - 1)
-                    .reshape([-1, acts.size()[2]])
-                    .to_kind(Kind::Float)
-                    .to_device(tch::Device::Cpu),
-            );
-        }
-        bar.inc(flat.len() as u64);
-    }
-    bar.finish_and_clear();
+    let acts = hook_rows(&args, &model, hook, windows)?;
     let secs = started.elapsed().as_secs_f64();
-    if rows.is_empty() {
-        bail!("every window has a single token, and the first position is not counted");
-    }
-    let acts = Tensor::cat(&rows, 0); // [rows, d]
     let norms = acts.norm_scalaropt_dim(2, [1], false);
     let median_norm = norms.median().double_value(&[]);
     let stats = serde_json::json!({
@@ -125,15 +69,87 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{stats}");
     } else {
-        println!("{} over {} rows (first position of each window left out)", hook, stats["rows"]);
-        for key in ["d_model", "mean", "std", "norm_median", "norm_mean", "norm_max", "outlier_rows", "tokens_per_s"] {
-            let v = &stats[key];
-            match v.as_f64() {
-                Some(f) if !v.is_i64() && !v.is_u64() => println!("  {key:<14} {f:.4}"),
-                _ => println!("  {key:<14} {v}"),
-            }
-        }
-        println!("  (outlier_rows: rows whose norm exceeds 3x the median)");
+        print_table(hook, &stats);
     }
     Ok(())
+}
+
+/// The token windows to run: each `--prompt` as one window, or else `--text-file`'s documents
+/// joined by EOS and packed into full windows of `--context-len` (the last partial one dropped).
+fn token_windows(args: &Args, tokenizer: &TextTokenizer) -> Result<Vec<Vec<i64>>> {
+    let windows: Vec<Vec<i64>> = if args.prompt.is_empty() {
+        let text = std::fs::read_to_string(&args.text_file)
+            .with_context(|| format!("cannot read {}", args.text_file.display()))?;
+        let eos = tokenizer.eos_id.map(|e| e as i64);
+        let mut stream = Vec::new();
+        for doc in text.split("\n%\n").map(str::trim).filter(|d| !d.is_empty()) {
+            stream.extend(tokenizer.encode(doc)?.into_iter().map(|t| t as i64));
+            stream.extend(eos);
+            if stream.len() >= args.max_tokens {
+                break;
+            }
+        }
+        stream.truncate(args.max_tokens);
+        stream.chunks_exact(args.context_len).map(<[i64]>::to_vec).collect()
+    } else {
+        args.prompt
+            .iter()
+            .map(|p| Ok(tokenizer.encode(p)?.into_iter().map(|t| t as i64).collect()))
+            .collect::<Result<_>>()?
+    };
+    if windows.is_empty() {
+        bail!("no window of {} tokens could be made from {}", args.context_len, args.text_file.display());
+    }
+    Ok(windows)
+}
+
+/// The hook's activations over `windows`, as `[rows, d]` f32 rows on the CPU, without position
+/// 0 of any window (an attention sink with an outlier norm), with a progress bar.
+fn hook_rows(args: &Args, model: &Model, hook: HookPoint, windows: Vec<Vec<i64>>) -> Result<Tensor> {
+    let total_tokens: usize = windows.iter().map(Vec::len).sum();
+    let bar = ProgressBar::new(total_tokens as u64).with_style(
+        ProgressStyle::with_template("{spinner} forward [{bar:30}] {pos}/{len} tokens {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    let mut rows: Vec<Tensor> = Vec::new();
+    // Prompts may differ in length, so only full windows are batched together.
+    let batches: Vec<Vec<Vec<i64>>> = if args.prompt.is_empty() {
+        windows.chunks(args.batch_size).map(<[_]>::to_vec).collect()
+    } else {
+        windows.into_iter().map(|w| vec![w]).collect()
+    };
+    for batch in batches {
+        let len = batch[0].len() as i64;
+        let flat: Vec<i64> = batch.concat();
+        let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, len]);
+        let mut hooks = Hooks::new().capture([hook]);
+        let out = model.network.forward(&tokens, None, &mut hooks, args.full_forward)?;
+        let acts = &out.hooks[&hook]; // [batch, seq, d]
+        if len > 1 {
+            rows.push(
+                acts.narrow(1, 1, len - 1)
+                    .reshape([-1, acts.size()[2]])
+                    .to_kind(Kind::Float)
+                    .to_device(tch::Device::Cpu),
+            );
+        }
+        bar.inc(flat.len() as u64);
+    }
+    bar.finish_and_clear();
+    if rows.is_empty() {
+        bail!("every window has a single token, and the first position is not counted");
+    }
+    Ok(Tensor::cat(&rows, 0))
+}
+
+fn print_table(hook: HookPoint, stats: &serde_json::Value) {
+    println!("{} over {} rows (first position of each window left out)", hook, stats["rows"]);
+    for key in ["d_model", "mean", "std", "norm_median", "norm_mean", "norm_max", "outlier_rows", "tokens_per_s"] {
+        let v = &stats[key];
+        match v.as_f64() {
+            Some(f) if !v.is_i64() && !v.is_u64() => println!("  {key:<14} {f:.4}"),
+            _ => println!("  {key:<14} {v}"),
+        }
+    }
+    println!("  (outlier_rows: rows whose norm exceeds 3x the median)");
 }

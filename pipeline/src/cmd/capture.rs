@@ -278,12 +278,12 @@ type WindowBatches = crossbeam_channel::Receiver<Result<Vec<Window>>>;
 /// Packs `windows` into batches of `batch_size` on a thread of its own; a short batch or an
 /// error is the last thing it sends.
 fn spawn_tokenizer(
-    mut windows: impl Iterator<Item = Result<Window>> + Send + 'static,
+    mut windows: impl Iterator<Item = capture::Result<Window>> + Send + 'static,
     batch_size: usize,
 ) -> Result<(WindowBatches, std::thread::JoinHandle<()>)> {
     let (tx, rx) = bounded::<Result<Vec<Window>>>(4);
     let producer = std::thread::Builder::new().name("sae-tokenize".into()).spawn(move || loop {
-        let batch: Result<Vec<Window>> = windows.by_ref().take(batch_size).collect();
+        let batch = windows.by_ref().take(batch_size).collect::<capture::Result<Vec<Window>>>().map_err(Into::into);
         let last = !matches!(&batch, Ok(b) if b.len() == batch_size);
         if matches!(&batch, Ok(b) if b.is_empty()) || tx.send(batch).is_err() || last {
             return;

@@ -49,7 +49,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut printed = 0usize;
     let mut stdout = std::io::stdout().lock();
     let started = std::time::Instant::now();
-    generate(&model, &prompt, &opts, &mut Hooks::new(), |id| {
+    generate(&model, &prompt, &opts, &mut Hooks::new(), |id| -> Result<()> {
         if Some(id) == model.tokenizer.eos_id {
             return Ok(());
         }

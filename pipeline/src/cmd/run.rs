@@ -18,7 +18,8 @@
 //! top_k = 20
 //! ```
 //!
-//! Without a file the defaults are the demo's: SmolLM2-135M, 400k tokens of English fortunes at
+//! Without a file the defaults are the demo's: SmolLM2-135M, 400k tokens of Debian's fortunes in
+//! English, German, Spanish and Chinese, mixed in a fixed cycle (`fortune_languages`), at
 //! `blocks.15.hook_resid_post`, a TopK SAE at 8× with k = 32 over 1.2M tokens (3 passes).
 
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ const DEFAULTS: &str = r#"
 [capture]
 hook = "blocks.15.hook_resid_post"
 max_tokens = 400000
+fortune_languages = "en,de,es,zh"
 [train]
 arch = "topk"
 k = 32
@@ -54,6 +56,12 @@ batch_size = 1024
 lr = 5e-4
 max_tokens = 1200000
 "#;
+
+/// The default `[capture] fortune_languages`.
+fn defaults_fortune_languages() -> Option<toml::Value> {
+    let defaults: toml::Table = DEFAULTS.parse().expect("valid defaults");
+    defaults.get("capture").and_then(|c| c.get("fortune_languages")).cloned()
+}
 
 /// Top-level keys passed to every stage that runs the model.
 const SHARED_MODEL_KEYS: [&str; 4] = ["model", "device", "dtype", "threads"];
@@ -104,6 +112,9 @@ impl Plan {
             }
             None => (toml::Table::new(), "the built-in defaults".into()),
         };
+        // A corpus of one's own replaces the default multilingual fortunes.
+        let own_corpus =
+            table.get("capture").is_some_and(|c| c.get("corpus").is_some() || c.get("corpus_format").is_some());
         let defaults: toml::Table = DEFAULTS.parse().expect("valid defaults");
         // Per key: a file's [train] with only `k` keeps the default width, steps and rate.
         for (stage, settings) in defaults {
@@ -113,6 +124,13 @@ impl Plan {
             {
                 for (key, value) in settings {
                     given.entry(key).or_insert(value);
+                }
+            }
+        }
+        if own_corpus {
+            if let Some(toml::Value::Table(capture)) = table.get_mut("capture") {
+                if capture.get("fortune_languages") == defaults_fortune_languages().as_ref() {
+                    capture.remove("fortune_languages");
                 }
             }
         }
@@ -137,6 +155,11 @@ impl Plan {
         }
         let shared = toml_flags(&shared_table, &source)?;
         Ok(Plan { dir: dir.trim_end_matches('/').to_string(), tables: table, shared, source })
+    }
+
+    /// A string setting of the [capture] table.
+    fn capture_setting(&self, key: &str) -> Option<String> {
+        self.tables.get("capture")?.get(key)?.as_str().map(str::to_string)
     }
 
     fn path(&self, name: &str) -> String {
@@ -191,12 +214,24 @@ pub fn run(args: Args) -> Result<()> {
     crate::cmd::eval::print_report(&report);
 
     println!("== 4/5 features build → {features} ==");
-    let build: BuildArgs =
-        parse_stage("features", plan.flags("features", &["--sae", &sae, "--data", &data, "--out", &features], true)?)?;
+    // The features of a multilingual capture are traced to the languages of their examples.
+    let languages = plan.capture_setting("fortune_languages");
+    let mut fixed: Vec<&str> = vec!["--sae", &sae, "--data", &data, "--out", &features];
+    if let Some(languages) = &languages {
+        fixed.extend(["--fortune-languages", languages.as_str()]);
+    }
+    let build: BuildArgs = parse_stage("features", plan.flags("features", &fixed, true)?)?;
     let summary = run_build(&build, &store)?;
 
     println!("== 5/5 browse → {browser} ==");
-    let index = browse(&BrowseArgs { features: features.clone(), out: PathBuf::from(&browser) }, &store)?;
+    let index = browse(
+        &BrowseArgs {
+            features: features.clone(),
+            out: PathBuf::from(&browser),
+            max_density: crate::features::ranking::DEFAULT_MAX_DENSITY,
+        },
+        &store,
+    )?;
 
     let (manifest, _) = store::load_manifest(&data, &store)?;
     let r = &report.reconstruction;

@@ -84,9 +84,9 @@ pub fn steering_hooks<'a>(sae: &'a Sae, hook: HookPoint, edits: &'a [FeatureEdit
 }
 
 fn continuation(model: &Model, prompt: &[u32], opts: &GenerateOptions, mut hooks: Hooks) -> Result<String> {
-    let mut ids = generate(model, prompt, opts, &mut hooks, |_| Ok(()))?;
+    let mut ids = generate(model, prompt, opts, &mut hooks, |_| Ok::<_, anyhow::Error>(()))?;
     ids.retain(|&id| Some(id) != model.tokenizer.eos_id);
-    model.tokenizer.decode(&ids)
+    Ok(model.tokenizer.decode(&ids)?)
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -4,14 +4,16 @@
 //!
 //! | file | contents |
 //! | --- | --- |
-//! | `index.html` | the summary (SAE, hook, model, rows) and a table of every feature: id (a link to its page), times fired, frequency, max activation, top logit tokens, the centre token of its top example, a "dead" marker; a search box filters the rows |
-//! | `features/NNNNN.html` | one page per feature (ids zero-padded to the width of `d_sae - 1`, at least 5 digits): stats, activation histogram (inline SVG), logit effects, neighbours (links), top examples, then quantile samples by band |
+//! | `index.html` | the summary (SAE, hook, model, rows) and a table of every feature: id (a link to its page), times fired, frequency (density), max activation, top logit tokens, the centre token of its top example, a "dead" or "dense" marker (denser than `--max-density`), and the languages of its top examples when the features have them; a search box and a density limit filter the rows |
+//! | `features/NNNNN.html` | one page per feature (ids zero-padded to the width of `d_sae - 1`, at least 5 digits): stats (with the languages of its top examples), activation histogram (inline SVG), logit effects, neighbours (links), top examples, then quantile samples by band |
 //! | `style.css` | the shared style sheet |
 //!
 //! Every page is rendered here, in full, so the site opens from `file://` without a server and
 //! shows without JavaScript. The one script, inline on the index, only filters and sorts the rows
 //! already there: the search box matches a feature id exactly, or any part of a row's top logit
-//! tokens or top-example token (case-insensitive), and `index.html#q=...` starts it with a query.
+//! tokens or top-example token (case-insensitive); the density box hides features firing on more
+//! than that percentage of tokens; the frequency and max headers sort. The state is kept in the
+//! URL, so `index.html#q=TEXT&max-density=2&sort=freq&dir=asc` opens filtered and sorted.
 //!
 //! Escaping: corpus and token text is untrusted. Every string reaches the markup through `html`,
 //! which escapes `& < > " '`, in text and attribute values alike. No data is written inside a
@@ -23,10 +25,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::ranking::is_dense;
 use super::set::{Example, ExampleKind, FeatureSet, FeatureStats};
 
 /// Writes the site into `out` (a local directory, created if needed); returns the path of `index.html`.
-pub fn write_site(set: &FeatureSet, out: &Path) -> Result<PathBuf> {
+pub fn write_site(set: &FeatureSet, out: &Path, max_density: f64) -> Result<PathBuf> {
     let pages = out.join("features");
     std::fs::create_dir_all(&pages).with_context(|| format!("cannot create `{}`", pages.display()))?;
     let width = id_width(set.summary.d_sae.max(set.features.len()));
@@ -36,7 +39,7 @@ pub fn write_site(set: &FeatureSet, out: &Path) -> Result<PathBuf> {
     }
     // The index last: its presence means the pages it links to are there.
     let index = out.join("index.html");
-    write(&index, &index_page(set, width))?;
+    write(&index, &index_page(set, width, max_density))?;
     Ok(index)
 }
 
@@ -120,7 +123,7 @@ fn summary_line(set: &FeatureSet) -> String {
     format!("{} · {} · {} · {} rows", s.sae, s.hook, s.model_name, s.rows)
 }
 
-fn index_page(set: &FeatureSet, width: usize) -> String {
+fn index_page(set: &FeatureSet, width: usize, max_density: f64) -> String {
     let s = &set.summary;
     let mut body = String::new();
     let _ = write!(
@@ -136,30 +139,54 @@ fn index_page(set: &FeatureSet, width: usize) -> String {
         s.dead.len()
     );
     body.push_str(
-        "<p><input id=\"search\" type=\"search\" placeholder=\"feature id or token\" autofocus> <span id=\"count\"></span></p>\n\
+        "<p><input id=\"search\" type=\"search\" placeholder=\"feature id or token\" autofocus> \
+         <label>density at most <input id=\"max-density\" type=\"number\" min=\"0\" max=\"100\" step=\"any\" placeholder=\"any\">%</label> \
+         <span id=\"count\"></span></p>\n\
          <table id=\"features\">\n<thead><tr><th>feature</th><th>fired</th><th data-sort=\"freq\" title=\"sort\">frequency&nbsp;⇅</th>\
-         <th data-sort=\"max\" title=\"sort\">max&nbsp;⇅</th><th>top logit tokens</th><th>top example</th></tr></thead>\n<tbody>\n",
+         <th data-sort=\"max\" title=\"sort\">max&nbsp;⇅</th><th>top logit tokens</th><th>top example</th>",
+    );
+    if !set.summary.languages.is_empty() {
+        body.push_str("<th>languages of top examples</th>");
+    }
+    body.push_str("</tr></thead>\n<tbody>\n");
+    let _ = writeln!(
+        body,
+        "<p class=\"sub\">Features firing on more than {} of tokens are marked <span class=\"dense-mark\">dense</span>.</p>",
+        percent(max_density)
     );
     for f in &set.features {
+        let dense = is_dense(f.frequency, max_density);
         let top = set.top_tokens(f.feature).first().copied();
         let search: Vec<&str> = f.top_logit_tokens.iter().map(String::as_str).chain(top).collect();
         let _ = writeln!(
             body,
-            "<tr class=\"feature-row{}\" data-id=\"{}\" data-freq=\"{}\" data-max=\"{}\" data-tokens=\"{}\">\
-             <td><a href=\"features/{}\">{}</a>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"toks\">{}</td><td class=\"toks\">{}</td></tr>",
+            "<tr class=\"feature-row{}{}\" data-id=\"{}\" data-freq=\"{}\" data-max=\"{}\" data-tokens=\"{}\">\
+             <td><a href=\"features/{}\">{}</a>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"toks\">{}</td><td class=\"toks\">{}</td>{}</tr>",
             if f.dead { " dead" } else { "" },
+            if dense { " dense" } else { "" },
             f.feature,
             f.frequency,
             f.max_activation,
             html(&search.join("\n")),
             page_name(f.feature, width),
             f.feature,
-            if f.dead { " <span class=\"dead-mark\">dead</span>" } else { "" },
+            if f.dead {
+                " <span class=\"dead-mark\">dead</span>"
+            } else if dense {
+                " <span class=\"dense-mark\">dense</span>"
+            } else {
+                ""
+            },
             f.fired,
             percent(f.frequency),
             num(f.max_activation),
             f.top_logit_tokens.iter().take(6).map(|t| tok(t, "", "")).collect::<String>(),
             top.map(|t| tok(t, "", "")).unwrap_or_default(),
+            if set.summary.languages.is_empty() {
+                String::new()
+            } else {
+                format!("<td class=\"langs\">{}</td>", html(&set.language_summary(f.feature)))
+            },
         );
     }
     body.push_str("</tbody>\n</table>\n<script>\n");
@@ -197,13 +224,21 @@ fn nav_and_title(b: &mut String, set: &FeatureSet, f: &FeatureStats, width: usiz
     );
 }
 
-/// Firing counts and the activation histogram.
+/// Firing counts, languages and the activation histogram.
 fn stats_section(b: &mut String, set: &FeatureSet, f: &FeatureStats) {
+    let languages = if set.summary.languages.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<tr><th>languages of top examples</th><td id=\"languages\">{}</td></tr>",
+            html(&set.language_summary(f.feature))
+        )
+    };
     let _ = writeln!(
         b,
         "<section id=\"stats\"><h2>Stats</h2><table>\
          <tr><th>fired</th><td>{} of {} rows</td></tr><tr><th>frequency</th><td>{}</td></tr>\
-         <tr><th>max activation</th><td>{}</td></tr><tr><th>mean activation (when firing)</th><td>{}</td></tr></table></section>",
+         <tr><th>max activation</th><td>{}</td></tr><tr><th>mean activation (when firing)</th><td>{}</td></tr>{languages}</table></section>",
         f.fired,
         set.summary.rows,
         percent(f.frequency),
@@ -367,66 +402,11 @@ fn histogram_svg(f: &FeatureStats) -> String {
     s
 }
 
-const STYLE: &str = "\
-body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
-a { color: #0550ae; }
-h1 { margin: 0.3em 0 0.1em; } h2 { font-size: 1.1em; margin: 1em 0 0.4em; } h3 { font-size: 1em; margin: 0.8em 0 0.3em; }
-.sub { color: #666; font-weight: normal; }
-table { border-collapse: collapse; }
-th, td { padding: 2px 8px; text-align: left; vertical-align: top; border-bottom: 1px solid #eee; }
-th[data-sort] { cursor: pointer; }
-td.num { text-align: right; font-family: ui-monospace, monospace; }
-#search { font-size: 15px; padding: 4px 8px; width: 24em; }
-#count { color: #666; }
-tr.dead { color: #999; }
-.dead-mark { color: #b00; font-weight: bold; font-size: 0.85em; }
-.cols { display: flex; flex-wrap: wrap; gap: 0 2.5em; align-items: flex-start; }
-.tok { white-space: pre; font-family: ui-monospace, monospace; font-size: 13px; border-radius: 2px; }
-.toks .tok, .logit-table .tok, #neighbors .tok { background: #eef1f6; margin-right: 4px; padding: 0 2px; }
-.logit-table .tok.pos { background: #dcefff; } .logit-table .tok.neg { background: #ffe1e1; }
-.tok.center { outline: 2px solid #c0392b; outline-offset: -1px; font-weight: bold; }
-.example { display: flex; gap: 1em; margin: 3px 0; }
-.example .act { min-width: 4.5em; text-align: right; color: #666; font-family: ui-monospace, monospace; }
-#histogram text { font-size: 11px; fill: #444; }
-#histogram .bar { fill: #e8772e; } #histogram .axis { stroke: #888; }
-.none { color: #999; }
-";
+const STYLE: &str = include_str!("browse/style.css");
 
-/// Filters the index rows by the search box (and `#q=` in the URL); sorts by the marked columns.
-const INDEX_JS: &str = r#"(function () {
-  var input = document.getElementById('search'), count = document.getElementById('count');
-  var body = document.querySelector('#features tbody');
-  var rows = Array.prototype.slice.call(body.querySelectorAll('tr.feature-row'));
-  rows.forEach(function (r) { r.searchText = (r.getAttribute('data-tokens') || '').toLowerCase(); });
-  function filter() {
-    var q = input.value.trim(), lq = q.toLowerCase();
-    var id = /^#?\d+$/.test(q) ? Number(q.replace('#', '')) : -1, shown = 0;
-    rows.forEach(function (r) {
-      var hit = !q || Number(r.getAttribute('data-id')) === id || r.searchText.indexOf(lq) >= 0;
-      r.hidden = !hit;
-      if (hit) shown++;
-    });
-    count.textContent = shown + ' of ' + rows.length + ' features';
-  }
-  var m = /^#q=(.*)$/.exec(location.hash);
-  if (m) { try { input.value = decodeURIComponent(m[1]); } catch (e) { input.value = m[1]; } }
-  input.addEventListener('input', function () {
-    filter();
-    try { history.replaceState(null, '', input.value ? '#q=' + encodeURIComponent(input.value) : location.href.split('#')[0]); } catch (e) {}
-  });
-  document.querySelectorAll('#features th[data-sort]').forEach(function (th) {
-    th.addEventListener('click', function () {
-      var key = 'data-' + th.getAttribute('data-sort'), desc = th.getAttribute('data-dir') !== 'desc';
-      th.setAttribute('data-dir', desc ? 'desc' : 'asc');
-      rows.sort(function (a, b) { return (Number(a.getAttribute(key)) - Number(b.getAttribute(key))) * (desc ? -1 : 1); });
-      var frag = document.createDocumentFragment();
-      rows.forEach(function (r) { frag.appendChild(r); });
-      body.appendChild(frag);
-    });
-  });
-  filter();
-})();
-"#;
+/// Filters the index rows by the search box, the density limit and the URL; sorts by the
+/// marked columns.
+const INDEX_JS: &str = include_str!("browse/index.js");
 
 #[cfg(test)]
 mod tests {
@@ -466,7 +446,7 @@ mod tests {
     fn writes_every_page_with_escaped_text() {
         let set = sample_set();
         let dir = tempfile::tempdir().unwrap();
-        let index = write_site(&set, &dir.path().join("site")).unwrap();
+        let index = write_site(&set, &dir.path().join("site"), 0.02).unwrap();
         assert_eq!(index, dir.path().join("site/index.html"));
         for f in ["style.css", "features/00000.html", "features/00001.html"] {
             assert!(dir.path().join("site").join(f).is_file(), "{f} is missing");
@@ -499,7 +479,7 @@ mod tests {
     fn chromium_renders_the_site_without_running_injected_code() {
         let set = sample_set();
         let dir = tempfile::tempdir().unwrap();
-        let index = write_site(&set, dir.path()).unwrap();
+        let index = write_site(&set, dir.path(), 0.02).unwrap();
         let url = format!("file://{}", index.canonicalize().unwrap().display());
 
         let dom = chromium_dom(&url);
@@ -548,5 +528,56 @@ mod tests {
         assert!(dom.contains("&lt;script&gt;document.body.setAttribute('data-pwned','2')&lt;/script&gt;"));
         assert!(dom.contains(" ok &amp; done"));
         assert!(dom.contains("Band 1 of 2"));
+        assert!(dom.contains("<td id=\"languages\">en 50% · de 50%</td>"), "no languages on the page");
+    }
+
+    /// The ids of the index rows in document order, and of those hidden.
+    fn row_order(dom: &str) -> (Vec<u32>, Vec<u32>) {
+        let (mut order, mut hidden) = (Vec::new(), Vec::new());
+        for part in dom.split("<tr class=\"feature-row").skip(1) {
+            let tag = &part[..part.find('>').unwrap()];
+            let id = tag.split("data-id=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+            order.push(id);
+            if tag.contains("hidden") {
+                hidden.push(id);
+            }
+        }
+        (order, hidden)
+    }
+
+    #[test]
+    fn chromium_sorts_and_filters_the_index_by_density() {
+        let mut set = sample_set();
+        // Densities 10% (dense), 0 (dead), 2% (exactly at the 2% limit: not dense), 0.5%.
+        for (id, frequency) in [(2u32, 0.02), (3, 0.005)] {
+            let mut f = set.features[0].clone();
+            (f.feature, f.frequency) = (id, frequency);
+            set.features.push(f);
+        }
+        set.summary.d_sae = 4;
+        let dir = tempfile::tempdir().unwrap();
+        let index = write_site(&set, dir.path(), 0.02).unwrap();
+        let url = format!("file://{}", index.canonicalize().unwrap().display());
+
+        let dom = chromium_dom(&url);
+        assert!(row_tag(&dom, 0).contains("feature-row dense"), "{}", row_tag(&dom, 0));
+        assert!(!row_tag(&dom, 2).contains("dense"), "a feature at the limit is not dense");
+        assert_eq!(row_order(&dom), (vec![0, 1, 2, 3], vec![]));
+
+        let dom = chromium_dom(&format!("{url}#sort=freq&dir=asc"));
+        assert_eq!(row_order(&dom).0, vec![1, 3, 2, 0]);
+        let dom = chromium_dom(&format!("{url}#sort=freq"));
+        assert_eq!(row_order(&dom).0, vec![0, 2, 3, 1]);
+
+        // At most 2%: the 10% feature goes, the one at exactly 2% stays.
+        let dom = chromium_dom(&format!("{url}#max-density=2&sort=freq&dir=asc"));
+        assert_eq!(row_order(&dom), (vec![1, 3, 2, 0], vec![0]));
+        assert!(dom.contains("3 of 4 features"));
+        let dom = chromium_dom(&format!("{url}#max-density=1"));
+        assert_eq!(row_order(&dom).1, vec![0, 2]);
+        // Combined with a token query.
+        let dom = chromium_dom(&format!("{url}#q=pwned&max-density=1"));
+        assert_eq!(row_order(&dom).1, vec![0, 1, 2]);
+        assert!(dom.contains("1 of 4 features"));
     }
 }

@@ -351,6 +351,7 @@ impl Totals {
             bottom_logits: vec![],
             neighbors: vec![],
             neighbor_cosines: vec![],
+            language_shares: vec![],
         }
     }
 }

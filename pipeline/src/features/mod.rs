@@ -3,5 +3,8 @@
 
 pub mod browse;
 pub mod build;
+pub mod languages;
 pub mod neighbors;
+pub mod neuronpedia;
+pub mod ranking;
 pub mod set;

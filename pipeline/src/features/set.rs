@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use arrow_array::builder::{Float32Builder, ListBuilder, StringBuilder, UInt32Builder};
+use arrow_array::builder::{ListBuilder, PrimitiveBuilder, StringBuilder};
+use arrow_array::types::{ArrowPrimitiveType, Float32Type, UInt32Type};
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float32Array, Float64Array, ListArray, RecordBatch, StringArray, UInt32Array,
     UInt64Array,
@@ -62,6 +63,10 @@ pub struct Summary {
     /// Features that never fired over the rows.
     pub dead: Vec<u32>,
     pub seconds: f64,
+    /// The languages (mix groups) of the corpus, when the dataset was captured from a mixed
+    /// corpus and `build` traced its examples to them (`--fortune-languages`); else empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
 }
 
 /// One row of `features.parquet`.
@@ -87,6 +92,10 @@ pub struct FeatureStats {
     /// Nearest features by decoder cosine similarity, nearest first.
     pub neighbors: Vec<u32>,
     pub neighbor_cosines: Vec<f32>,
+    /// Share of the feature's top examples per language of [`Summary::languages`] (empty
+    /// without languages, or when it has no top example). Optional in the file: folders built
+    /// before it read as empty.
+    pub language_shares: Vec<f32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +204,18 @@ impl FeatureSet {
         tokens
     }
 
+    /// The languages of a feature's top examples, most frequent first: "en 60% · de 40%"
+    /// (empty without languages).
+    pub fn language_summary(&self, feature: u32) -> String {
+        let Some(f) = self.features.get(feature as usize) else { return String::new() };
+        let mut shares: Vec<(&String, f32)> =
+            self.summary.languages.iter().zip(f.language_shares.iter().copied()).collect();
+        shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let parts: Vec<String> =
+            shares.iter().filter(|(_, s)| *s > 0.0).map(|(l, s)| format!("{l} {:.0}%", s * 100.0)).collect();
+        parts.join(" · ")
+    }
+
     /// Writes the Parquet files, then `features.json`. An older `features.json` is removed first,
     /// so a rewrite cut short leaves a folder that reads as unfinished, never as a mix.
     pub fn write(&self, dir: &ObjectDir) -> Result<()> {
@@ -253,6 +274,18 @@ impl FeatureSet {
         if features.len() != summary.d_sae || features.iter().enumerate().any(|(i, f)| f.feature as usize != i) {
             bail!("`{}` does not hold features 0..{} in order", dir.display(FEATURES_FILE), summary.d_sae);
         }
+        if let Some(f) = features
+            .iter()
+            .find(|f| !f.language_shares.is_empty() && f.language_shares.len() != summary.languages.len())
+        {
+            bail!(
+                "`{}` gives feature {} shares of {} languages, but the summary lists {}",
+                dir.display(FEATURES_FILE),
+                f.feature,
+                f.language_shares.len(),
+                summary.languages.len()
+            );
+        }
         Ok(FeatureSet { summary, features, examples })
     }
 }
@@ -281,17 +314,9 @@ fn strings<'a>(rows: impl Iterator<Item = &'a Vec<String>>) -> ArrayRef {
     Arc::new(b.finish())
 }
 
-fn floats<'a>(rows: impl Iterator<Item = &'a Vec<f32>>) -> ArrayRef {
-    let mut b = ListBuilder::new(Float32Builder::new());
-    for row in rows {
-        b.values().append_slice(row);
-        b.append(true);
-    }
-    Arc::new(b.finish())
-}
-
-fn uints<'a>(rows: impl Iterator<Item = &'a Vec<u32>>) -> ArrayRef {
-    let mut b = ListBuilder::new(UInt32Builder::new());
+/// A list column of numbers of Arrow type `T` (`Float32Type`, `UInt32Type`), a list per row.
+fn numbers<'a, T: ArrowPrimitiveType>(rows: impl Iterator<Item = &'a Vec<T::Native>>) -> ArrayRef {
+    let mut b = ListBuilder::new(PrimitiveBuilder::<T>::new());
     for row in rows {
         b.values().append_slice(row);
         b.append(true);
@@ -314,6 +339,7 @@ fn features_batch(f: &[FeatureStats]) -> Result<RecordBatch> {
         list_field("bottom_logits", DataType::Float32),
         list_field("neighbors", DataType::UInt32),
         list_field("neighbor_cosines", DataType::Float32),
+        list_field("language_shares", DataType::Float32),
     ]);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(f.iter().map(|x| x.feature))),
@@ -322,13 +348,14 @@ fn features_batch(f: &[FeatureStats]) -> Result<RecordBatch> {
         Arc::new(Float32Array::from_iter_values(f.iter().map(|x| x.max_activation))),
         Arc::new(Float32Array::from_iter_values(f.iter().map(|x| x.mean_activation))),
         Arc::new(BooleanArray::from(f.iter().map(|x| x.dead).collect::<Vec<_>>())),
-        uints(f.iter().map(|x| &x.histogram)),
+        numbers::<UInt32Type>(f.iter().map(|x| &x.histogram)),
         strings(f.iter().map(|x| &x.top_logit_tokens)),
-        floats(f.iter().map(|x| &x.top_logits)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.top_logits)),
         strings(f.iter().map(|x| &x.bottom_logit_tokens)),
-        floats(f.iter().map(|x| &x.bottom_logits)),
-        uints(f.iter().map(|x| &x.neighbors)),
-        floats(f.iter().map(|x| &x.neighbor_cosines)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.bottom_logits)),
+        numbers::<UInt32Type>(f.iter().map(|x| &x.neighbors)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.neighbor_cosines)),
+        numbers::<Float32Type>(f.iter().map(|x| &x.language_shares)),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
 }
@@ -356,9 +383,9 @@ fn examples_batch(e: &[Example]) -> Result<RecordBatch> {
         Arc::new(UInt64Array::from_iter_values(e.iter().map(|x| x.sequence_id))),
         Arc::new(UInt32Array::from_iter_values(e.iter().map(|x| x.position))),
         Arc::new(UInt32Array::from_iter_values(e.iter().map(|x| x.center))),
-        uints(e.iter().map(|x| &x.token_ids)),
+        numbers::<UInt32Type>(e.iter().map(|x| &x.token_ids)),
         strings(e.iter().map(|x| &x.tokens)),
-        floats(e.iter().map(|x| &x.token_activations)),
+        numbers::<Float32Type>(e.iter().map(|x| &x.token_activations)),
     ];
     Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
 }
@@ -414,6 +441,8 @@ fn features_from_batch(b: &RecordBatch) -> Result<Vec<FeatureStats>> {
     let [histogram, top_tokens, top_logits, bottom_tokens, bottom_logits, neighbors, cosines] = lists;
     let (histogram, top_tokens, top_logits, bottom_tokens, bottom_logits, neighbors, cosines) =
         (histogram?, top_tokens?, top_logits?, bottom_tokens?, bottom_logits?, neighbors?, cosines?);
+    let languages =
+        b.column_by_name("language_shares").map(|_| column::<ListArray>(b, "language_shares")).transpose()?;
     (0..b.num_rows())
         .map(|i| {
             Ok(FeatureStats {
@@ -430,6 +459,7 @@ fn features_from_batch(b: &RecordBatch) -> Result<Vec<FeatureStats>> {
                 bottom_logits: float_list(bottom_logits, i)?,
                 neighbors: uint_list(neighbors, i)?,
                 neighbor_cosines: float_list(cosines, i)?,
+                language_shares: languages.map(|l| float_list(l, i)).transpose()?.unwrap_or_default(),
             })
         })
         .collect()
@@ -496,6 +526,7 @@ pub(crate) mod tests {
             histogram_bins: 4,
             dead: vec![1],
             seconds: 1.5,
+            languages: vec!["en".into(), "de".into()],
         };
         let features = vec![
             FeatureStats {
@@ -515,6 +546,7 @@ pub(crate) mod tests {
                 bottom_logits: vec![-0.5],
                 neighbors: vec![1],
                 neighbor_cosines: vec![0.125],
+                language_shares: vec![0.5, 0.5],
             },
             FeatureStats {
                 feature: 1,
@@ -530,6 +562,7 @@ pub(crate) mod tests {
                 bottom_logits: vec![],
                 neighbors: vec![0],
                 neighbor_cosines: vec![0.125],
+                language_shares: vec![],
             },
         ];
         let example = |kind, rank, activation: f32| Example {

@@ -22,9 +22,9 @@ pub fn campaign_seed() -> u64 {
     env_or("SAE_FAULT_SEED", 13)
 }
 
-/// splitmix64, seeded from the campaign seed and the scenario's name, so that scenarios running
-/// side by side do not share one sequence and each is reproducible alone.
-pub struct Rng(u64);
+/// The store's splitmix64, seeded from the campaign seed and the scenario's name, so that
+/// scenarios running side by side do not share one sequence and each is reproducible alone.
+pub struct Rng(store::SplitMix64);
 
 impl Rng {
     pub fn for_scenario(name: &str) -> Rng {
@@ -32,14 +32,10 @@ impl Rng {
         for b in name.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
-        Rng(h)
+        Rng(store::SplitMix64::from_seed(h))
     }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
     }
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {

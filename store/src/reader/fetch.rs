@@ -152,7 +152,7 @@ impl Ctx {
             // A panic on a rayon thread would abort the process; it is an error of this shard.
             let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 #[cfg(test)]
-                super::failpoints::hit("decode", &ctx.loc.url);
+                crate::failpoints::hit("decode", &ctx.loc.url);
                 ctx.decode(&meta2, rg, chunks, ncols)
             }))
             .unwrap_or_else(|payload| {

@@ -146,7 +146,7 @@ pub(super) async fn produce_follow(
     let mut last_new = tokio::time::Instant::now();
     loop {
         #[cfg(test)]
-        super::failpoints::hit("follow_poll", &ctx.loc.url);
+        crate::failpoints::hit("follow_poll", &ctx.loc.url);
         let (is_final, shards) = match list_shards(&ctx).await {
             Ok(x) => x,
             Err(e) => {

@@ -15,8 +15,6 @@
 
 mod batch;
 mod decode;
-#[cfg(test)]
-pub(crate) mod failpoints;
 mod fetch;
 mod follow;
 mod footer;
@@ -279,6 +277,7 @@ fn _assert_send() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failpoints;
 
     fn small_dataset(url: &str, rows: usize) {
         use crate::manifest::*;

@@ -31,17 +31,17 @@ impl Encoder {
         let shard = self.shard.as_mut().unwrap();
         let key = shard.key.clone();
         let pq = |e| Error::Parquet { key: key.clone(), source: e };
-        shard.arrow.append_key_value_metadata(KeyValue::new(
+        shard.file.append_key_value_metadata(KeyValue::new(
             format::KV_CHUNK_CRC.to_string(),
             serde_json::to_string(&shard.crcs).unwrap(),
         ));
-        shard.arrow.append_key_value_metadata(KeyValue::new(
+        shard.file.append_key_value_metadata(KeyValue::new(
             format::KV_DATASET_ID.to_string(),
             self.header.dataset_id.clone(),
         ));
-        shard.arrow.finish().map_err(pq)?;
-        shard.arrow.sync().map_err(|e| pq(e.into()))?;
-        let tail = std::mem::take(shard.arrow.inner_mut());
+        shard.file.finish().map_err(pq)?;
+        shard.file.flush().map_err(|e| pq(e.into()))?;
+        let tail = std::mem::take(shard.file.inner_mut());
         // The file ends with: metadata, its length (u32 LE), "PAR1".
         if tail.len() < 8 || &tail[tail.len() - 4..] != b"PAR1" {
             return Err(Error::corrupt(&key, "the writer produced no footer"));

@@ -1,41 +1,32 @@
-//! The encoding thread: appended rows, converted to the stored dtype, cut into row groups,
-//! encoded to Parquet and streamed to the shard's multipart upload.
+//! The writer's own thread: appended rows cut into row groups, which the encoding threads
+//! convert and encode several at once; their column chunks are appended to the shard in order
+//! and the shard's bytes streamed to its multipart upload.
 
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, FixedSizeBinaryArray, RecordBatch, UInt32Array, UInt64Array};
-use arrow_buffer::Buffer;
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use object_store::{ObjectStoreExt, WriteMultipart};
+use parquet::arrow::arrow_writer::ArrowRowGroupWriterFactory;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
-use super::planar::encode_rows_planar;
+use super::pool::EncodePool;
+use super::row_group::{EncodedRowGroup, RowGroupEncoder, RowGroupRows};
 use super::{random_hex, Msg, ProgressCounters, RowBatch, WriterOptions};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::location::Location;
 use crate::manifest::{CommitRecord, HeaderFile, HookStats, SHARDS_DIR};
 
-/// Rows waiting to fill a row group, already converted to the stored dtype.
-pub(super) struct Pending {
-    pub(super) sequence_id: Vec<u64>,
-    pub(super) position: Vec<u32>,
-    pub(super) token_id: Vec<u32>,
-    /// Per hook (in header order): stored bytes, byte-planar rows.
-    pub(super) acts: Vec<Vec<u8>>,
-    /// Stats per future row group (slot k covers pending rows k*R..(k+1)*R), per hook.
-    pub(super) stats: std::collections::VecDeque<Vec<HookStats>>,
-}
-
 pub(super) struct Shard {
     pub(super) seq: u64,
     pub(super) key: String,
-    pub(super) arrow: ArrowWriter<Vec<u8>>,
+    pub(super) file: SerializedFileWriter<Vec<u8>>,
     pub(super) upload: WriteMultipart,
     pub(super) sha: Sha256,
     pub(super) written: u64,
@@ -53,8 +44,15 @@ pub(super) struct Encoder {
     pub(super) opts: WriterOptions,
     pub(super) schema: SchemaRef,
     pub(super) props: WriterProperties,
+    /// Column writers for each row group: the same for every shard, as they depend only on the
+    /// schema and properties.
+    pub(super) column_writers: ArrowRowGroupWriterFactory,
+    pub(super) pool: EncodePool,
+    /// Row groups submitted to the pool so far.
+    pub(super) submitted: u64,
     pub(super) next_seq: u64,
-    pub(super) pending: Pending,
+    /// Appended rows that do not fill a row group yet.
+    pub(super) pending: RowGroupRows,
     pub(super) shard: Option<Shard>,
     pub(super) committed: Vec<CommitRecord>,
     pub(super) progress: Arc<ProgressCounters>,
@@ -73,13 +71,12 @@ impl Encoder {
         // One page per row group per column: BYTE_STREAM_SPLIT then sees long streams.
         let rg_bytes = opts.row_group_rows * hooks.iter().map(|h| h.d_model).max().unwrap_or(1) * opts.dtype.size();
         let props = format::writer_properties(hooks, opts.zstd_level, opts.row_group_rows, rg_bytes + 1)?;
-        let pending = Pending {
-            sequence_id: Vec::new(),
-            position: Vec::new(),
-            token_id: Vec::new(),
-            acts: vec![Vec::new(); hooks.len()],
-            stats: Default::default(),
-        };
+        let first_shard = format!("{SHARDS_DIR}/{}-{next_seq:08}", opts.worker);
+        let (_, column_writers) =
+            new_shard_file(&schema, &props).map_err(|e| Error::Parquet { key: first_shard, source: e })?;
+        let encoder = RowGroupEncoder { hooks: hooks.clone(), dtype: opts.dtype, schema: schema.clone() };
+        let pool = EncodePool::new(opts.encode_threads, encoder, &loc.url)?;
+        let pending = RowGroupRows { acts: vec![Vec::new(); hooks.len()], ..Default::default() };
         Ok(Encoder {
             rt,
             loc,
@@ -87,6 +84,9 @@ impl Encoder {
             opts,
             schema,
             props,
+            column_writers,
+            pool,
+            submitted: 0,
             next_seq,
             pending,
             shard: None,
@@ -106,17 +106,33 @@ impl Encoder {
 
     pub(super) fn run_inner(&mut self, rx: &Receiver<Msg>) -> Result<()> {
         loop {
-            match rx.recv() {
+            // New rows first; while none are waiting, write the oldest row group in flight, so
+            // that encoded row groups reach the upload without waiting for more rows.
+            let msg = match rx.try_recv() {
+                Ok(msg) => Ok(msg),
+                Err(TryRecvError::Empty) => match self.pool.next_in_order() {
+                    Some(encoded) => {
+                        self.write_row_group(encoded?)?;
+                        continue;
+                    }
+                    None => rx.recv().map_err(|_| TryRecvError::Disconnected),
+                },
+                Err(e) => Err(e),
+            };
+            match msg {
                 Ok(Msg::Rows(b)) => {
                     self.push(b);
-                    while self.pending.sequence_id.len() >= self.opts.row_group_rows {
-                        self.write_row_group(self.opts.row_group_rows)?;
+                    while self.pending.rows() >= self.opts.row_group_rows {
+                        self.submit(self.opts.row_group_rows)?;
                     }
                 }
                 Ok(Msg::Finish) => {
-                    let n = self.pending.sequence_id.len();
+                    let n = self.pending.rows();
                     if n > 0 {
-                        self.write_row_group(n)?;
+                        self.submit(n)?;
+                    }
+                    while let Some(encoded) = self.pool.next_in_order() {
+                        self.write_row_group(encoded?)?;
                     }
                     if self.shard.is_some() {
                         self.close_shard()?;
@@ -142,31 +158,42 @@ impl Encoder {
     }
 
     pub(super) fn push(&mut self, b: RowBatch) {
-        let dtype = self.opts.dtype;
-        let r = self.opts.row_group_rows;
-        let hooks = &self.header.header.hooks;
         let p = &mut self.pending;
-        let base = p.sequence_id.len();
-        let n = b.rows();
-        let slots_needed = (base + n).div_ceil(r);
-        while p.stats.len() < slots_needed {
-            p.stats.push_back(hooks.iter().map(|h| HookStats::new(h.d_model)).collect());
-        }
-        for (i, spec) in hooks.iter().enumerate() {
+        for (spec, acts) in self.header.header.hooks.iter().zip(&mut p.acts) {
             let (_, v) = b.activations.iter().find(|(n, _)| n == &spec.name).expect("validated");
-            let d = spec.d_model;
-            // Rows in segments that each fall into one future row group's stats slot.
-            let mut row = 0;
-            while row < n {
-                let slot = (base + row) / r;
-                let end = n.min((slot + 1) * r - base);
-                encode_rows_planar(dtype, &v[row * d..end * d], d, &mut p.acts[i], &mut p.stats[slot][i]);
-                row = end;
-            }
+            acts.extend_from_slice(v);
         }
         p.sequence_id.extend_from_slice(&b.sequence_id);
         p.position.extend_from_slice(&b.position);
         p.token_id.extend_from_slice(&b.token_id);
+    }
+
+    /// Hands the first `n` pending rows to the encoding threads as one row group, first writing
+    /// the oldest encoded row group to the shard if as many are in flight as may be.
+    pub(super) fn submit(&mut self, n: usize) -> Result<()> {
+        if self.pool.is_full() {
+            let encoded = self.pool.next_in_order().expect("a full pool has row groups in flight");
+            self.write_row_group(encoded?)?;
+        }
+        let p = &mut self.pending;
+        let mut rows = RowGroupRows {
+            sequence_id: p.sequence_id.drain(..n).collect(),
+            position: p.position.drain(..n).collect(),
+            token_id: p.token_id.drain(..n).collect(),
+            acts: Vec::with_capacity(p.acts.len()),
+        };
+        for (spec, acts) in self.header.header.hooks.iter().zip(&mut p.acts) {
+            let rest = acts.split_off(n * spec.d_model);
+            rows.acts.push(std::mem::replace(acts, rest));
+        }
+        // The column writers hold no state of the shard a row group will land in (no
+        // encryption), so they can be made before it is known which shard that is.
+        let writers = self.column_writers.create_column_writers(self.submitted as usize).map_err(|e| {
+            Error::Encode { url: self.loc.url.clone(), row_group: self.submitted, detail: e.to_string() }
+        })?;
+        self.pool.submit(self.submitted, rows, writers);
+        self.submitted += 1;
+        Ok(())
     }
 
     pub(super) fn open_shard(&mut self) -> Result<Shard> {
@@ -177,12 +204,12 @@ impl Encoder {
             .rt
             .block_on(self.loc.store.put_multipart(&path))
             .map_err(|e| Error::store("start multipart upload", self.loc.display(&key), e))?;
-        let arrow = ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(self.props.clone()))
-            .map_err(|e| Error::Parquet { key: key.clone(), source: e })?;
+        let (file, _) =
+            new_shard_file(&self.schema, &self.props).map_err(|e| Error::Parquet { key: key.clone(), source: e })?;
         Ok(Shard {
             seq,
             key,
-            arrow,
+            file,
             upload: WriteMultipart::new(upload),
             sha: Sha256::new(),
             written: 0,
@@ -194,39 +221,25 @@ impl Encoder {
         })
     }
 
-    /// Encode the first `n` pending rows as one row group and send its bytes to the upload.
-    pub(super) fn write_row_group(&mut self, n: usize) -> Result<()> {
+    /// Appends an encoded row group to the shard (opening one if none is open), sends its bytes
+    /// to the upload, and closes the shard once it has reached its target size.
+    pub(super) fn write_row_group(&mut self, encoded: EncodedRowGroup) -> Result<()> {
         if self.shard.is_none() {
             let s = self.open_shard()?;
             self.shard = Some(s);
         }
-        let hooks = self.header.header.hooks.clone();
-        let dtype = self.opts.dtype;
-        let p = &mut self.pending;
-        let seq_ids: Vec<u64> = p.sequence_id.drain(..n).collect();
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt64Array::from(seq_ids.clone())),
-            Arc::new(UInt32Array::from(p.position.drain(..n).collect::<Vec<_>>())),
-            Arc::new(UInt32Array::from(p.token_id.drain(..n).collect::<Vec<_>>())),
-        ];
-        // Row groups are cut at multiples of R (or take all that is left): slot 0 is theirs.
-        let rg_stats = p.stats.pop_front().expect("a stats slot per pending row group");
-        for (i, h) in hooks.iter().enumerate() {
-            let width = h.d_model * dtype.size();
-            let rest = p.acts[i].split_off(n * width);
-            let mine = std::mem::replace(&mut p.acts[i], rest);
-            cols.push(Arc::new(FixedSizeBinaryArray::new(width as i32, Buffer::from_vec(mine), None)));
-        }
-        let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("schema matches columns");
         let shard = self.shard.as_mut().unwrap();
         let key = shard.key.clone();
         let pq = |e| Error::Parquet { key: key.clone(), source: e };
-        shard.arrow.write(&batch).map_err(pq)?;
-        shard.arrow.flush().map_err(pq)?;
-        shard.arrow.sync().map_err(|e| pq(e.into()))?;
-        let buf = std::mem::take(shard.arrow.inner_mut());
+        let mut row_group = shard.file.next_row_group().map_err(pq)?;
+        for chunk in encoded.chunks {
+            chunk.append_to_row_group(&mut row_group).map_err(pq)?;
+        }
+        row_group.close().map_err(pq)?;
+        shard.file.flush().map_err(|e| pq(e.into()))?;
+        let buf = std::mem::take(shard.file.inner_mut());
         let base = shard.written;
-        let rg = shard.arrow.flushed_row_groups().last().expect("a row group was flushed");
+        let rg = shard.file.flushed_row_groups().last().expect("a row group was flushed");
         let mut crcs = Vec::with_capacity(rg.num_columns());
         for c in rg.columns() {
             let (start, len) = c.byte_range();
@@ -234,11 +247,11 @@ impl Encoder {
             crcs.push(crc32c::crc32c(&buf[lo..lo + len as usize]));
         }
         shard.crcs.push(crcs);
-        shard.row_groups.push(n as u64);
-        shard.rows += n as u64;
-        shard.seq_range[0] = shard.seq_range[0].min(*seq_ids.iter().min().unwrap());
-        shard.seq_range[1] = shard.seq_range[1].max(*seq_ids.iter().max().unwrap());
-        for (a, b) in shard.stats.iter_mut().zip(&rg_stats) {
+        shard.row_groups.push(encoded.rows);
+        shard.rows += encoded.rows;
+        shard.seq_range[0] = shard.seq_range[0].min(encoded.sequence_ids[0]);
+        shard.seq_range[1] = shard.seq_range[1].max(encoded.sequence_ids[1]);
+        for (a, b) in shard.stats.iter_mut().zip(&encoded.stats) {
             a.merge(b);
         }
         self.send(buf)?;
@@ -266,4 +279,13 @@ impl Encoder {
             Ok(())
         })
     }
+}
+
+/// A shard's Parquet file, started in memory as `ArrowWriter` starts one (the Arrow schema in
+/// its key-value metadata), and the factory of column writers for its row groups.
+pub(super) fn new_shard_file(
+    schema: &SchemaRef,
+    props: &WriterProperties,
+) -> parquet::errors::Result<(SerializedFileWriter<Vec<u8>>, ArrowRowGroupWriterFactory)> {
+    ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props.clone()))?.into_serialized_writer()
 }

@@ -17,6 +17,8 @@ mod encoder;
 mod finalize;
 mod options;
 mod planar;
+mod pool;
+mod row_group;
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -30,7 +32,7 @@ use encoder::Encoder;
 pub(crate) use finalize::finalize_async;
 pub use finalize::{finalize, finalize_at, PartRecord, STALE_STAGING_AGE};
 use options::validate;
-pub use options::{RowBatch, WriterOptions};
+pub use options::{default_encode_threads, RowBatch, WriterOptions};
 
 use crate::error::{Error, Result};
 use crate::format;
@@ -71,7 +73,8 @@ enum Msg {
 }
 
 /// Writes one worker's share of a dataset. A blocking API: it owns a small tokio runtime for its
-/// uploads and an encoding thread, so do not call it from inside an async runtime.
+/// uploads, a thread of its own and its encoding threads, so do not call it from inside an async
+/// runtime.
 pub struct DatasetWriter {
     rt: Arc<Runtime>,
     loc: Location,
@@ -166,9 +169,9 @@ impl DatasetWriter {
         let mut enc = Encoder::new(rt.clone(), loc.clone(), header_file.clone(), opts, next_seq)?;
         enc.progress = progress.clone();
         let thread = std::thread::Builder::new()
-            .name("sae-store-encode".into())
+            .name("sae-store-write".into())
             .spawn(move || enc.run(rx))
-            .map_err(|e| Error::Start { what: "the encoding thread", cause: e.to_string() })?;
+            .map_err(|e| Error::Start { what: "the writer thread", cause: e.to_string() })?;
         Ok(DatasetWriter {
             conditional_create,
             rt,

@@ -25,8 +25,12 @@ pub struct WriterOptions {
     pub worker: String,
     /// Multipart parts uploaded concurrently (default 4).
     pub upload_concurrency: usize,
-    /// Appended batches queued for the encoding thread before `append` blocks (default 2).
+    /// Appended batches queued for the writer before `append` blocks (default 2).
     pub queue_batches: usize,
+    /// Threads that convert and encode row groups, several row groups at once (default
+    /// [`default_encode_threads`]). The shards are the same bytes whatever the count: row groups
+    /// are written to the shard in order.
+    pub encode_threads: usize,
     pub store: StoreOptions,
 }
 
@@ -41,9 +45,16 @@ impl Default for WriterOptions {
             worker: "w0".into(),
             upload_concurrency: 4,
             queue_batches: 2,
+            encode_threads: default_encode_threads(),
             store: StoreOptions::default(),
         }
     }
+}
+
+/// The default count of encoding threads: the cores this process may use, at most 4. One core
+/// encodes a few hundred MB/s of bf16 (see BENCHMARKS.md); a CPU model leaves the rest to itself.
+pub fn default_encode_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4)
 }
 
 impl WriterOptions {

@@ -1,22 +1,24 @@
-//! `sae features`: read an SAE's features (build, search, neighbors, browse).
+//! `sae features`: read an SAE's features (build, search, compare, neighbors, browse, export).
+
+mod compare;
+mod export;
+mod search;
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use capture::{HookPoint, Hooks, Model};
-use serde::Serialize;
+use capture::corpus::CorpusSpec;
 use store::{ObjectDir, StoreOptions};
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 use trainer::export::LoadedSae;
-use trainer::sae::Sae;
 
-use crate::cmd::eval::{
-    check_capture_model, load_sae, load_sae_with_sha, sae_fits_model, sae_hook_in_dataset, sae_hook_in_model,
-};
+use crate::cmd::eval::{check_capture_model, load_sae, load_sae_with_sha, sae_hook_in_dataset, sae_hook_in_model};
 use crate::features::build::{build, BuildSettings};
+use crate::features::languages::{check_corpus, example_languages, set_language_shares};
 use crate::features::neighbors::{nearest, unit_rows, Neighbor};
-use crate::features::set::{ExampleKind, FeatureSet, Summary, FORMAT_VERSION};
+use crate::features::ranking::{check_max_density, DEFAULT_MAX_DENSITY};
+use crate::features::set::{FeatureSet, Summary, FORMAT_VERSION};
 use crate::model_args::ModelArgs;
 
 #[derive(clap::Args, Debug)]
@@ -31,7 +33,12 @@ enum Command {
     /// quantile samples, logit effects and neighbours, stored as Parquet and JSON.
     Build(BuildArgs),
     /// The features that fire on a prompt, per token and over the whole prompt.
-    Search(SearchArgs),
+    Search(search::SearchArgs),
+    /// The features that fire on every one of several prompts, ranked by their weakest
+    /// activation relative to the dataset maximum, and where in each prompt they fire.
+    Compare(compare::CompareArgs),
+    /// Write the features in another tool's format: the JSON batches Neuronpedia imports.
+    Export(export::ExportArgs),
     /// Nearest features by the cosine similarity of their decoder rows.
     Neighbors(NeighborArgs),
     /// Write a static HTML feature browser (opens from file://, no server).
@@ -73,32 +80,13 @@ pub struct BuildArgs {
     /// Rebuild even when --out already holds features of this SAE and dataset.
     #[arg(long)]
     pub force: bool,
+    /// The dataset was captured from the multilingual fortunes of these languages (`sae capture
+    /// --fortune-languages`): trace each feature's top examples to their languages (the corpus
+    /// is read again and must be the one the dataset records).
+    #[arg(long, value_delimiter = ',', value_name = "LANGS")]
+    pub fortune_languages: Vec<String>,
     #[command(flatten)]
     pub model: ModelArgs,
-}
-
-#[derive(clap::Args, Debug)]
-struct SearchArgs {
-    /// The SAE's folder, a path or URL.
-    #[arg(long)]
-    sae: String,
-    #[arg(long)]
-    prompt: String,
-    /// A features folder of this SAE (from `sae features build`): shows each feature's top
-    /// logit tokens and top example.
-    #[arg(long)]
-    features: Option<String>,
-    /// Features shown per token.
-    #[arg(long, default_value_t = 5)]
-    per_token: usize,
-    /// Features shown for the whole prompt.
-    #[arg(long, default_value_t = 10)]
-    top: usize,
-    /// Print the result as one JSON object (the last line of stdout).
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    model: ModelArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,12 +116,17 @@ pub struct BrowseArgs {
     /// A local directory for the site; index.html goes at its top.
     #[arg(long)]
     pub out: PathBuf,
+    /// Features firing on more than this share of tokens are marked dense on the index.
+    #[arg(long, default_value_t = DEFAULT_MAX_DENSITY)]
+    pub max_density: f64,
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Build(a) => run_build(&a, &StoreOptions::default()).map(|_| ()),
-        Command::Search(a) => search(a),
+        Command::Search(a) => search::search(a),
+        Command::Compare(a) => compare::compare(a),
+        Command::Export(a) => export::export(a),
         Command::Neighbors(a) => neighbors(a),
         Command::Browse(a) => {
             let index = browse(&a, &StoreOptions::default())?;
@@ -159,6 +152,11 @@ pub fn run_build(a: &BuildArgs, store: &StoreOptions) -> Result<Summary> {
         chunk_rows: a.chunk_rows.max(1),
         ..BuildSettings::default()
     };
+    let corpus = (!a.fortune_languages.is_empty())
+        .then(|| CorpusSpec::multilingual_fortunes(&a.fortune_languages))
+        .transpose()?;
+    let languages: Vec<String> =
+        corpus.iter().flat_map(|c| c.mix.iter().flat_map(|m| m.groups.iter().map(|g| g.name.clone()))).collect();
     let out = ObjectDir::open(&a.out, store)?;
     if !a.force {
         if let Ok(Some(done)) = FeatureSet::read_summary(&out) {
@@ -166,7 +164,8 @@ pub fn run_build(a: &BuildArgs, store: &StoreOptions) -> Result<Summary> {
                 && done.dataset_id == manifest.dataset_id
                 && (done.top_k, done.context, done.quantile_bands, done.samples_per_band, done.histogram_bins)
                     == (a.top_k, a.context, a.quantile_bands, a.samples_per_band, a.histogram_bins)
-                && a.max_rows.is_none_or(|m| m.min(manifest.tokens) == done.rows);
+                && a.max_rows.is_none_or(|m| m.min(manifest.tokens) == done.rows)
+                && done.languages == languages;
             if same {
                 println!("features of {} over {} are already built at {} ({} rows)", a.sae, a.data, a.out, done.rows);
                 return Ok(done);
@@ -174,11 +173,18 @@ pub fn run_build(a: &BuildArgs, store: &StoreOptions) -> Result<Summary> {
         }
     }
 
+    if let Some(spec) = &corpus {
+        check_corpus(spec, &manifest)?;
+    }
     let model = a.model.load()?;
     check_capture_model(&model, &manifest, &a.data)?;
     sae_hook_in_model(&info.hook_name, &model)?;
     let started = Instant::now();
-    let built = build(&sae, &model, &a.data, &manifest, &hook.name, store, &settings)?;
+    let mut built = build(&sae, &model, &a.data, &manifest, &hook.name, store, &settings)?;
+    if let Some(spec) = corpus {
+        let (names, of_example) = example_languages(spec, &model.tokenizer, &manifest, &built.examples)?;
+        set_language_shares(&mut built.features, &built.examples, &of_example, names.len());
+    }
     let dead: Vec<u32> = built.features.iter().filter(|f| f.dead).map(|f| f.feature).collect();
     let summary = Summary {
         format_version: FORMAT_VERSION,
@@ -199,6 +205,7 @@ pub fn run_build(a: &BuildArgs, store: &StoreOptions) -> Result<Summary> {
         histogram_bins: a.histogram_bins,
         dead,
         seconds: started.elapsed().as_secs_f64(),
+        languages,
     };
     let set = FeatureSet { summary, features: built.features, examples: built.examples };
     set.write(&out)?;
@@ -233,149 +240,8 @@ pub fn load_features_for(url: &str, store: &StoreOptions, sae_url: &str, sae_sha
 
 pub fn browse(a: &BrowseArgs, store: &StoreOptions) -> Result<PathBuf> {
     let set = FeatureSet::read(&ObjectDir::open(&a.features, store)?)?;
-    crate::features::browse::write_site(&set, &a.out)
-}
-
-#[derive(Serialize)]
-struct FeatureHit {
-    feature: i64,
-    activation: f64,
-}
-
-#[derive(Serialize)]
-struct TokenHits {
-    position: usize,
-    token_id: u32,
-    token: String,
-    features: Vec<FeatureHit>,
-}
-
-#[derive(Serialize)]
-struct PromptHit {
-    feature: i64,
-    max_activation: f64,
-    /// Position (in the tokenized prompt) of the maximum.
-    max_position: usize,
-    tokens_fired: usize,
-}
-
-fn search(a: SearchArgs) -> Result<()> {
-    let store = StoreOptions::default();
-    let model = a.model.load()?;
-    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.network.device())?;
-    let hook = sae_fits_model(&loaded, &a.sae, &model)?;
-    let sae = &loaded.sae;
-    let features = a.features.as_deref().map(|url| load_features_for(url, &store, &a.sae, &sae_sha)).transpose()?;
-    let ids = model.tokenizer.encode(&a.prompt)?;
-    if ids.len() < 2 {
-        bail!("the prompt has {} token(s); the first position is not encoded, so give at least 2", ids.len());
-    }
-    let _guard = tch::no_grad_guard();
-    let z = encode_prompt(&model, sae, hook, &ids)?;
-    let per_token = token_hits(&z, &ids, a.per_token, &model)?;
-    let prompt_hits = prompt_hits(&z, a.top)?;
-
-    println!("{} on {:?} ({} tokens; position 0 is not encoded)", a.sae, a.prompt, ids.len());
-    println!("per token (feature:activation):");
-    for t in &per_token {
-        let hits: Vec<String> = t.features.iter().map(|h| format!("{}:{:.2}", h.feature, h.activation)).collect();
-        println!("  {:>3} {:<16} {}", t.position, format!("{:?}", t.token), hits.join("  "));
-    }
-    println!("whole prompt (by maximum activation):");
-    for h in &prompt_hits {
-        println!(
-            "  feature {:>6}  max {:>7.3} at {:<14} active on {}/{} tokens{}",
-            h.feature,
-            h.max_activation,
-            format!("{:?}", per_token[h.max_position - 1].token),
-            h.tokens_fired,
-            ids.len() - 1,
-            features.as_ref().map(|set| describe(set, h.feature)).unwrap_or_default()
-        );
-    }
-    if a.json {
-        let out = serde_json::json!({ "sae": a.sae, "prompt": a.prompt, "token_ids": ids, "tokens": per_token, "prompt_features": prompt_hits });
-        println!("{}", serde_json::to_string(&out)?);
-    }
-    Ok(())
-}
-
-/// The prompt's latents `[seq - 1, d_sae]` on the CPU: the model runs to `hook` (early exit) and
-/// every position but the first is encoded, as capture stores them.
-fn encode_prompt(model: &Model, sae: &Sae, hook: HookPoint, ids: &[u32]) -> Result<Tensor> {
-    let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
-    let mut hooks = Hooks::new().capture([hook]);
-    let out = model.network.forward(&tokens, None, &mut hooks, false)?;
-    let acts = out.hooks[&hook].squeeze_dim(0).to_kind(Kind::Float); // [seq, d]
-    Ok(sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1))?.to_device(Device::Cpu))
-}
-
-/// Per encoded position, its `per_token` strongest firing features.
-fn token_hits(z: &Tensor, ids: &[u32], per_token: usize, model: &Model) -> Result<Vec<TokenHits>> {
-    let k = (per_token as i64).min(z.size()[1]);
-    let (values, indices) = z.topk(k, 1, true, true);
-    let values = Vec::<f32>::try_from(values.flatten(0, -1))?;
-    let indices = Vec::<i64>::try_from(indices.flatten(0, -1))?;
-    (1..ids.len())
-        .enumerate()
-        .map(|(row, position)| {
-            let features = (0..k as usize)
-                .map(|j| row * k as usize + j)
-                .filter(|&at| values[at] > 0.0)
-                .map(|at| FeatureHit { feature: indices[at], activation: values[at] as f64 })
-                .collect();
-            let token = model.tokenizer.decode(&[ids[position]])?;
-            Ok(TokenHits { position, token_id: ids[position], token, features })
-        })
-        .collect()
-}
-
-/// The `top` features with the highest maximum over the prompt, among those that fire.
-fn prompt_hits(z: &Tensor, top: usize) -> Result<Vec<PromptHit>> {
-    let (max, argmax) = z.max_dim(0, false);
-    let fired = z.gt(0.0).sum_dim_intlist(0, false, Kind::Int64);
-    let top = (top as i64).min(z.size()[1]);
-    let (best, order) = max.topk(top, 0, true, true);
-    let best = Vec::<f32>::try_from(best)?;
-    let order = Vec::<i64>::try_from(order)?;
-    let argmax = Vec::<i64>::try_from(argmax)?;
-    let fired = Vec::<i64>::try_from(fired)?;
-    Ok(order
-        .iter()
-        .zip(&best)
-        .filter(|(_, &v)| v > 0.0)
-        .map(|(&f, &v)| PromptHit {
-            feature: f,
-            max_activation: v as f64,
-            max_position: argmax[f as usize] as usize + 1,
-            tokens_fired: fired[f as usize] as usize,
-        })
-        .collect())
-}
-
-/// What the features folder says of `feature`: dataset maximum, top tokens, logits, an example.
-fn describe(set: &FeatureSet, feature: i64) -> String {
-    let stats = &set.features[feature as usize];
-    let fires_on: Vec<String> = set.top_tokens(feature as u32).iter().take(5).map(|t| format!("{t:?}")).collect();
-    let logits: Vec<String> = stats.top_logit_tokens.iter().take(5).map(|t| format!("{t:?}")).collect();
-    let example = set
-        .examples_of(feature as u32)
-        .iter()
-        .find(|e| e.kind == ExampleKind::Top)
-        .map(|e| {
-            let c = e.center as usize;
-            let text: String =
-                e.tokens.iter().enumerate().map(|(i, t)| if i == c { format!("[[{t}]]") } else { t.clone() }).collect();
-            format!(" · example {:?}", text.replace('\n', "↵"))
-        })
-        .unwrap_or_default();
-    format!(
-        " · dataset max {:.2} · top tokens {} · logits ↑ {}{}",
-        stats.max_activation,
-        fires_on.join(" "),
-        logits.join(" "),
-        example
-    )
+    check_max_density(a.max_density)?;
+    crate::features::browse::write_site(&set, &a.out, a.max_density)
 }
 
 fn neighbors(a: NeighborArgs) -> Result<()> {
