@@ -62,17 +62,16 @@ impl Architecture {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        let by_type = match model_type {
-            Some(t) => Some(SUPPORTED.iter().find(|(name, _, _)| *name == t).ok_or_else(|| {
-                Error::UnsupportedModelType { path: path.to_path_buf(), model_type: t.to_string() }
-            })?),
-            None => None,
+        let of_type = |t: &str| {
+            let entry = SUPPORTED.iter().find(|(name, _, _)| *name == t);
+            entry.ok_or_else(|| Error::UnsupportedModelType { path: path.to_path_buf(), model_type: t.to_string() })
         };
+        let by_type = model_type.map(of_type).transpose()?;
         for class in &classes {
-            let entry = SUPPORTED.iter().find(|(_, c, _)| c == class).ok_or_else(|| Error::UnsupportedModelClass {
-                path: path.to_path_buf(),
-                class: class.to_string(),
-            })?;
+            let entry = SUPPORTED
+                .iter()
+                .find(|(_, c, _)| c == class)
+                .ok_or_else(|| Error::UnsupportedModelClass { path: path.to_path_buf(), class: class.to_string() })?;
             if let Some(by_type) = by_type {
                 if by_type.2 != entry.2 {
                     return Err(Error::DisagreeingArchitecture {
@@ -112,7 +111,12 @@ pub fn llama_variant(family: LlamaFamily, config: &Value, n_layers: usize, path:
         if act.as_str() != Some("silu") {
             let name = act.as_str().map_or_else(|| act.to_string(), str::to_owned);
             let supported = "\"silu\" (SwiGLU) for this family";
-            return Err(Error::UnsupportedActivation { path: path.to_path_buf(), field: "hidden_act", name, supported });
+            return Err(Error::UnsupportedActivation {
+                path: path.to_path_buf(),
+                field: "hidden_act",
+                name,
+                supported,
+            });
         }
     }
     if let Some(bias) = present("mlp_bias") {

@@ -11,8 +11,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::activation::gelu_approximation;
 use crate::architecture::invalid_field;
-use crate::config::ConfigError;
 use crate::attention::{causal_attention, extend_cache, softcapped_causal_attention, LayerCache};
+use crate::config::ConfigError;
 use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
@@ -89,9 +89,8 @@ mod defaults {
 impl Gemma2Config {
     /// Reads a Gemma 2 `config.json`, refusing settings we do not compute.
     pub fn from_config(config: &serde_json::Value, path: &Path) -> Result<Self> {
-        let mut cfg: Gemma2Config = serde_json::from_value(config.clone()).map_err(|source| {
-            Error::NotFamilyConfig { path: path.to_path_buf(), family: "Gemma 2", source }
-        })?;
+        let mut cfg: Gemma2Config = serde_json::from_value(config.clone())
+            .map_err(|source| Error::NotFamilyConfig { path: path.to_path_buf(), family: "Gemma 2", source })?;
         if gelu_approximation(&cfg.hidden_activation).is_none() {
             return Err(Error::UnsupportedActivation {
                 path: path.to_path_buf(),

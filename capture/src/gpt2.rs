@@ -13,8 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::activation::gelu_approximation;
 use crate::architecture::unsupported_field;
-use crate::config::ConfigError;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
+use crate::config::ConfigError;
 use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
@@ -147,7 +147,12 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Builds the model from CPU tensors named as in transformers' checkpoints (any float
     /// dtype), converting each to `kind` on `device` as it is taken.
-    pub fn from_weights(cfg: Gpt2Config, weights: HashMap<String, Tensor>, device: Device, kind: Kind) -> Result<Self, WeightError> {
+    pub fn from_weights(
+        cfg: Gpt2Config,
+        weights: HashMap<String, Tensor>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, WeightError> {
         let weights = weights
             .into_iter()
             .map(|(name, t)| (name.strip_prefix("transformer.").map(str::to_owned).unwrap_or(name), t))

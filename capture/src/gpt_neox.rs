@@ -11,8 +11,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::activation::gelu_approximation;
 use crate::architecture::unsupported_field;
-use crate::config::ConfigError;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
+use crate::config::ConfigError;
 use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
@@ -70,9 +70,8 @@ mod defaults {
 impl GptNeoXConfig {
     /// Reads a GPT-NeoX `config.json`, refusing settings we do not compute.
     pub fn from_config(config: &serde_json::Value, path: &Path) -> Result<Self> {
-        let mut cfg: GptNeoXConfig = serde_json::from_value(config.clone()).map_err(|source| {
-            Error::NotFamilyConfig { path: path.to_path_buf(), family: "GPT-NeoX", source }
-        })?;
+        let mut cfg: GptNeoXConfig = serde_json::from_value(config.clone())
+            .map_err(|source| Error::NotFamilyConfig { path: path.to_path_buf(), family: "GPT-NeoX", source })?;
         if gelu_approximation(&cfg.hidden_act).is_none() {
             return Err(Error::UnsupportedActivation {
                 path: path.to_path_buf(),

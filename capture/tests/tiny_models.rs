@@ -131,6 +131,8 @@ fn check_family(family: &str) {
 
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
     let mut note = |name: String, err: f64| {
+        // f64::max drops a NaN, which would then pass unseen.
+        assert!(err.is_finite(), "{family}: {name}: relative error {err}");
         let e = worst.entry(name).or_insert(0.0);
         *e = e.max(err);
     };
