@@ -37,8 +37,9 @@ pub trait Decoder: Send {
     fn kind(&self) -> Kind;
     /// The unembedding matrix `[vocab, d]` (the embedding when tied).
     fn unembedding(&self) -> &Tensor;
-    /// The final norm's weight `[d]` (what scales the residual stream before the unembedding).
-    fn final_norm_weight(&self) -> &Tensor;
+    /// The final norm's gain `[d]`: what multiplies the normalized residual stream before the
+    /// unembedding (the weight, or `1 + w` where the norm is stored as an offset, as Gemma's).
+    fn final_norm_gain(&self) -> Tensor;
     /// The rows of the embedding: every token id must be below this.
     fn vocab_rows(&self) -> i64;
     /// Positions the model can see at once, when it has a hard limit (learned positions).

@@ -274,8 +274,9 @@ impl Decoder for Gemma2 {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
     /// The stored offset `w` of the final norm, which scales by `1 + w`.
-    fn final_norm_weight(&self) -> &Tensor {
-        &self.final_norm
+    fn final_norm_gain(&self) -> Tensor {
+        // Gemma's RMSNorm multiplies by `1 + w` (norm.rs).
+        self.final_norm.to_kind(Kind::Float) + 1.0
     }
     fn vocab_rows(&self) -> i64 {
         self.embed.size()[0]

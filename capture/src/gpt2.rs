@@ -222,8 +222,8 @@ impl Decoder for Gpt2 {
     fn unembedding(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
-    fn final_norm_weight(&self) -> &Tensor {
-        &self.ln_f.weight
+    fn final_norm_gain(&self) -> Tensor {
+        self.ln_f.weight.shallow_clone()
     }
     fn vocab_rows(&self) -> i64 {
         self.wte.size()[0]

@@ -229,8 +229,8 @@ impl Decoder for GptNeoX {
     fn unembedding(&self) -> &Tensor {
         &self.unembed
     }
-    fn final_norm_weight(&self) -> &Tensor {
-        &self.final_norm.weight
+    fn final_norm_gain(&self) -> Tensor {
+        self.final_norm.weight.shallow_clone()
     }
     fn vocab_rows(&self) -> i64 {
         self.embed.size()[0]

@@ -152,8 +152,8 @@ impl Decoder for Llama {
     fn unembedding(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
-    fn final_norm_weight(&self) -> &Tensor {
-        &self.final_norm
+    fn final_norm_gain(&self) -> Tensor {
+        self.final_norm.shallow_clone()
     }
     fn vocab_rows(&self) -> i64 {
         self.embed.size()[0]

@@ -155,8 +155,11 @@ fn check_family(family: &str) {
     let batch = Tensor::from_slice(&batch).view([BATCH_WINDOWS as i64, BATCH_LEN as i64]);
     let (logits, hooks) = run_ours(&model, &batch);
     note("logits (batch)".into(), max_relative_error(&logits, reference.tensor("logits.batch"), 2));
-    for (hook, ours) in hooks {
+    for (hook, ours) in &hooks {
         note(format!("{hook} (batch)"), max_relative_error(&ours, reference.tensor(&format!("{hook}.batch")), 2));
+    }
+    if family != "gpt2" && !family.starts_with("gpt_neox") {
+        check_final_norm_gain(family, &model, &dir, &hooks);
     }
     for (name, err) in &worst {
         eprintln!("{family:<8} {name:<40} max relative error {err:.2e}");
@@ -166,6 +169,19 @@ fn check_family(family: &str) {
     }
 
     check_greedy(family, &model, &reference);
+}
+
+/// The gain that features' logit effects multiply decoder rows by is the one the final norm
+/// applies: the RMS-normalized last residual times `final_norm_gain` is the `ln_final` hook
+/// (Gemma stores its norm weights as offsets from 1, so its gain is `1 + w`).
+fn check_final_norm_gain(family: &str, model: &Model, dir: &Path, hooks: &BTreeMap<HookPoint, Tensor>) {
+    let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let eps = config["rms_norm_eps"].as_f64().unwrap_or_else(|| panic!("{family}: no rms_norm_eps"));
+    let last = hooks[&HookPoint::ResidPost(model.network.n_layers() - 1)].to_kind(Kind::Double); // [b, t, d]
+    let normalized = &last / (last.square().mean_dim(-1, true, Kind::Double) + eps).sqrt();
+    let ours = normalized * model.network.final_norm_gain().to_kind(Kind::Double);
+    let err = max_relative_error(&ours, &hooks[&HookPoint::LnFinal], 2);
+    assert!(err < 1e-4, "{family}: the final norm's gain does not give ln_final (relative error {err:.2e})");
 }
 
 /// Our KV-cached greedy decoding gives transformers' tokens, up to a step too close to call.

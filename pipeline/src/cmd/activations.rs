@@ -124,7 +124,8 @@ fn hook_rows(args: &Args, model: &Model, hook: HookPoint, windows: Vec<Vec<i64>>
         let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, len]);
         let mut hooks = Hooks::new().capture([hook]);
         let out = model.network.forward(&tokens, None, &mut hooks, args.full_forward)?;
-        let acts = &out.hooks[&hook]; // [batch, seq, d]
+        // [batch, seq, d]; attn.hook_z's [batch, seq, n_heads, head_dim] becomes one row per token.
+        let acts = out.hooks[&hook].flatten(2, -1);
         if len > 1 {
             rows.push(
                 acts.narrow(1, 1, len - 1)

@@ -111,7 +111,7 @@ pub fn model_views(sae: &Sae, model: &Model) -> Result<Vec<ModelViews>> {
     let _guard = tch::no_grad_guard();
     let network = &model.network;
     let unembed = network.unembedding().to_kind(Kind::Float); // [vocab, d]
-    let gain = network.final_norm_weight().to_kind(Kind::Float);
+    let gain = network.final_norm_gain().to_kind(Kind::Float);
     let w_dec = sae.w_dec().detach().to_kind(Kind::Float).to_device(network.device());
     if w_dec.size()[1] != unembed.size()[1] {
         bail!(
