@@ -1,9 +1,11 @@
-//! The Llama-family configuration, read from a GGUF header or a Hugging Face `config.json`.
+//! The Llama-family configuration (Llama, Mistral, Qwen 2), read from a GGUF header or a Hugging
+//! Face `config.json`.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::architecture::{llama_variant, LlamaFamily, LlamaVariant};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 
@@ -29,6 +31,13 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// Width of each attention head; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// The family's own settings (biases, rotary scaling, sliding windows), read and checked by
+    /// [`crate::architecture`].
+    #[serde(skip)]
+    pub variant: LlamaVariant,
 }
 
 fn default_rope_theta() -> f64 {
@@ -49,7 +58,11 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+    /// The sliding attention window of `layer`, if it has one.
+    pub fn sliding_window(&self, layer: usize) -> Option<usize> {
+        self.variant.sliding_windows.get(layer).copied().flatten()
     }
 
     /// Reads `{arch}.*` keys from a GGUF header. `tied` says whether the file lacks `output.weight`.
@@ -64,6 +77,12 @@ impl LlamaConfig {
             None => file.require("tokenizer.ggml.tokens")?.as_array().map_or(0, |a| a.len()),
         };
         let heads = file.require_u64(&key("attention.head_count"))? as usize;
+        // Llama 3.1 files carry their rotary scaling as a tensor of factors; running without it
+        // would be slightly wrong everywhere, so such files are refused.
+        let scaling = file.get(&key("rope.scaling.type")).and_then(Value::as_str).unwrap_or("none");
+        if scaling != "none" || file.tensor_info("rope_freqs.weight").is_some() {
+            return Err(Error::GgufRopeScaling { path: file.path().to_path_buf(), arch, scaling: scaling.to_string() });
+        }
         let cfg = LlamaConfig {
             vocab_size,
             hidden_size: file.require_u64(&key("embedding_length"))? as usize,
@@ -80,27 +99,34 @@ impl LlamaConfig {
                 .and_then(Value::as_u64)
                 .map_or(default_max_positions(), |n| n as usize),
             tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+            head_dim: None,
+            variant: LlamaVariant::default(),
         };
         cfg.validate().map_err(|source| Error::InvalidModelHeader { path: file.path().to_path_buf(), source })?;
         Ok(cfg)
     }
 
-    /// Reads a Hugging Face `config.json`.
-    pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        let cfg: LlamaConfig =
-            serde_json::from_str(&text).map_err(|source| Error::NotLlamaConfig { path: path.to_path_buf(), source })?;
+    /// Reads the `config.json` (at `path`, parsed as `json`) of a member of the Llama family,
+    /// refusing settings we do not implement.
+    pub fn from_hf_json(family: LlamaFamily, json: &serde_json::Value, path: &Path) -> Result<Self> {
+        let mut cfg: LlamaConfig = serde_json::from_value(json.clone())
+            .map_err(|source| Error::NotLlamaConfig { path: path.to_path_buf(), source })?;
+        cfg.variant = llama_variant(family, json, cfg.num_hidden_layers, path)?;
         cfg.validate().map_err(|source| Error::InvalidModelConfig { path: path.to_path_buf(), source })?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         let (hidden_size, heads, kv_heads) = (self.hidden_size, self.num_attention_heads, self.n_kv_heads());
-        if heads == 0 || !hidden_size.is_multiple_of(heads) {
+        // With an explicit head_dim, hidden_size need not be heads × head_dim.
+        if heads == 0 || (self.head_dim.is_none() && !hidden_size.is_multiple_of(heads)) {
             return Err(ConfigError::HeadsDoNotDivide { hidden_size, heads });
         }
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(ConfigError::KvHeadsDoNotDivide { heads, kv_heads });
+        }
+        if self.head_dim() == 0 {
+            return Err(ConfigError::ZeroHeadDim);
         }
         if !self.head_dim().is_multiple_of(2) {
             return Err(ConfigError::OddHeadDim { head_dim: self.head_dim() });
@@ -119,4 +145,8 @@ pub enum ConfigError {
     KvHeadsDoNotDivide { heads: usize, kv_heads: usize },
     #[error("head dimension {head_dim} must be even for rotary embeddings")]
     OddHeadDim { head_dim: usize },
+    #[error("head dimension is 0")]
+    ZeroHeadDim,
+    #[error("n_embd {n_embd} is not a multiple of n_head {n_head}")]
+    EmbdDoNotDivide { n_embd: usize, n_head: usize },
 }

@@ -5,11 +5,13 @@
 
 use std::path::PathBuf;
 
+use crate::architecture::supported_list;
 use crate::config::ConfigError;
 use crate::corpus::{CorpusFormat, MixError};
+use crate::decoder::TokenInputError;
 use crate::gguf::GgufError;
-use crate::llama::{TokenInputError, WeightError};
 use crate::model::RotaryShapeError;
+use crate::weights::WeightError;
 
 /// Errors of loading a model, tokenizing, generating, and reading a corpus into windows.
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +59,56 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// `family` as people write it: "GPT-2", "GPT-NeoX", "Gemma 2".
+    #[error("{path} is not a valid {family} config.json")]
+    NotFamilyConfig {
+        path: PathBuf,
+        family: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("invalid model config in {path}")]
     InvalidModelConfig {
         path: PathBuf,
         #[source]
         source: ConfigError,
     },
+    #[error(
+        "{path}: rotary scaling ({arch}.rope.scaling.type = {scaling:?} or a rope_freqs.weight tensor) is not \
+         implemented for GGUF files; load the model's Hugging Face folder instead"
+    )]
+    GgufRopeScaling { path: PathBuf, arch: String, scaling: String },
+
+    // --- Which family a Hugging Face config.json describes, and settings we do not compute.
+    #[error("{path}: model_type {model_type:?} is not supported (supported: {})", supported_list())]
+    UnsupportedModelType { path: PathBuf, model_type: String },
+    #[error("{path}: architectures entry {class:?} is not supported (supported: {})", supported_list())]
+    UnsupportedModelClass { path: PathBuf, class: String },
+    #[error("{path}: model_type {model_type:?} disagrees with architectures entry {class:?}")]
+    DisagreeingArchitecture { path: PathBuf, model_type: String, class: String },
+    #[error(
+        "{path}: names neither model_type nor architectures, so its architecture is unknown (supported: {})",
+        supported_list()
+    )]
+    UnnamedArchitecture { path: PathBuf },
+    /// `field` is the config's name for the activation (`hidden_act`, `activation_function`, ...).
+    #[error("{path}: {field} {name:?} is not implemented (only {supported})")]
+    UnsupportedActivation { path: PathBuf, field: &'static str, name: String, supported: &'static str },
+    /// `rope_type` is the `rope_type` (or `type`) that `rope_scaling` names.
+    #[error("{path}: rope_scaling type {rope_type:?} is not implemented (only \"default\" and \"llama3\")")]
+    UnsupportedRopeScaling { path: PathBuf, rope_type: String },
+    #[error("{path}: rope_scaling {value} names no rope_type")]
+    UnnamedRopeScaling { path: PathBuf, value: String },
+    #[error("{path}: rope_scaling of type {rope_type:?} needs a number {key}")]
+    RopeScalingParameter { path: PathBuf, rope_type: &'static str, key: &'static str },
+    /// `value` is the field's JSON.
+    #[error("{path}: field {field} = {value} changes the computation in a way that is not implemented ({why})")]
+    UnsupportedField { path: PathBuf, field: String, value: String, why: &'static str },
+    /// `value` is the field's JSON; `expected` says what it must be ("a positive integer").
+    #[error("{path}: field {field} = {value} must be {expected}")]
+    InvalidField { path: PathBuf, field: String, value: String, expected: &'static str },
+
+    // --- The weights.
     #[error("{path}: tensor {tensor}")]
     RotaryWeight {
         path: PathBuf,

@@ -40,12 +40,12 @@ pub fn generate<E: From<Error>>(
         return Err(Error::BadTemperature { temperature: opts.temperature }.into());
     }
     tch::manual_seed(opts.seed as i64);
-    let llama = &model.llama;
-    let mut cache = llama.new_cache();
+    let network = &model.network;
+    let mut cache = network.new_cache();
     let mut input = Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
     let mut generated = Vec::with_capacity(opts.max_new_tokens);
     for _ in 0..opts.max_new_tokens {
-        let out = llama.forward(&input, Some(&mut cache), hooks, true).map_err(Error::from)?;
+        let out = network.forward(&input, Some(&mut cache), hooks, true).map_err(Error::from)?;
         let logits = out.logits.expect("logits were asked for").select(1, -1).squeeze_dim(0); // [vocab]
         let next = if opts.temperature == 0.0 {
             logits.argmax(0, false)

@@ -10,25 +10,31 @@ use tch::Tensor;
 /// | name | tensor |
 /// | --- | --- |
 /// | `hook_embed` | token embeddings |
+/// | `hook_pos_embed` | learned position embeddings (GPT-2 only) |
 /// | `blocks.{i}.hook_resid_pre` | residual stream entering block i |
+/// | `blocks.{i}.attn.hook_z` | each attention head's output, before `o_proj`: `[batch, seq, n_heads, head_dim]` |
 /// | `blocks.{i}.hook_attn_out` | attention output of block i (after `o_proj`) |
+/// | `blocks.{i}.hook_resid_mid` | residual stream after the attention, before the MLP |
 /// | `blocks.{i}.hook_mlp_out` | MLP output of block i |
 /// | `blocks.{i}.hook_resid_post` | residual stream leaving block i (= resid_pre of block i+1) |
 /// | `ln_final.hook_normalized` | the final RMSNorm's output, before the unembedding |
 ///
-/// All hook tensors have shape `[batch, seq, d_model]`.
+/// Every hook tensor but `attn.hook_z` has shape `[batch, seq, d_model]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
     Embed,
+    PosEmbed,
     ResidPre(usize),
+    AttnZ(usize),
     AttnOut(usize),
+    ResidMid(usize),
     MlpOut(usize),
     ResidPost(usize),
     LnFinal,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown hook {name:?}: valid hooks are hook_embed, blocks.{{i}}.hook_resid_pre, blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_mlp_out, blocks.{{i}}.hook_resid_post with i in 0..={last_block}, and ln_final.hook_normalized")]
+#[error("unknown hook {name:?}: valid hooks are hook_embed, blocks.{{i}}.hook_resid_pre, blocks.{{i}}.attn.hook_z, blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_resid_mid, blocks.{{i}}.hook_mlp_out, blocks.{{i}}.hook_resid_post with i in 0..={last_block}, and ln_final.hook_normalized (and hook_pos_embed for GPT-2); `sae capture --list-hooks` prints a model's hooks")]
 pub struct UnknownHook {
     pub name: String,
     pub last_block: usize,
@@ -40,6 +46,7 @@ impl HookPoint {
         let unknown = || UnknownHook { name: name.to_string(), last_block: n_layers.saturating_sub(1) };
         let hook = match name {
             "hook_embed" => HookPoint::Embed,
+            "hook_pos_embed" => HookPoint::PosEmbed,
             "ln_final.hook_normalized" => HookPoint::LnFinal,
             _ => {
                 let rest = name.strip_prefix("blocks.").ok_or_else(unknown)?;
@@ -57,7 +64,9 @@ impl HookPoint {
                 }
                 match kind {
                     "hook_resid_pre" => HookPoint::ResidPre(i),
+                    "attn.hook_z" => HookPoint::AttnZ(i),
                     "hook_attn_out" => HookPoint::AttnOut(i),
+                    "hook_resid_mid" => HookPoint::ResidMid(i),
                     "hook_mlp_out" => HookPoint::MlpOut(i),
                     "hook_resid_post" => HookPoint::ResidPost(i),
                     _ => return Err(unknown()),
@@ -67,12 +76,32 @@ impl HookPoint {
         Ok(hook)
     }
 
+    /// Every hook of a Llama-family model with `n_layers` blocks, in the order the forward pass
+    /// reaches them (other families add or leave out some: [`crate::decoder::Decoder::hook_points`]).
+    pub fn all(n_layers: usize) -> Vec<HookPoint> {
+        let blocks = (0..n_layers).flat_map(|i| {
+            [
+                HookPoint::ResidPre(i),
+                HookPoint::AttnZ(i),
+                HookPoint::AttnOut(i),
+                HookPoint::ResidMid(i),
+                HookPoint::MlpOut(i),
+                HookPoint::ResidPost(i),
+            ]
+        });
+        std::iter::once(HookPoint::Embed).chain(blocks).chain([HookPoint::LnFinal]).collect()
+    }
+
     /// How many transformer blocks must run before this hook's tensor exists.
     pub fn blocks_needed(self, n_layers: usize) -> usize {
         match self {
-            HookPoint::Embed => 0,
+            HookPoint::Embed | HookPoint::PosEmbed => 0,
             HookPoint::ResidPre(i) => i,
-            HookPoint::AttnOut(i) | HookPoint::MlpOut(i) | HookPoint::ResidPost(i) => i + 1,
+            HookPoint::AttnZ(i)
+            | HookPoint::AttnOut(i)
+            | HookPoint::ResidMid(i)
+            | HookPoint::MlpOut(i)
+            | HookPoint::ResidPost(i) => i + 1,
             HookPoint::LnFinal => n_layers,
         }
     }
@@ -82,8 +111,11 @@ impl fmt::Display for HookPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HookPoint::Embed => write!(f, "hook_embed"),
+            HookPoint::PosEmbed => write!(f, "hook_pos_embed"),
             HookPoint::ResidPre(i) => write!(f, "blocks.{i}.hook_resid_pre"),
+            HookPoint::AttnZ(i) => write!(f, "blocks.{i}.attn.hook_z"),
             HookPoint::AttnOut(i) => write!(f, "blocks.{i}.hook_attn_out"),
+            HookPoint::ResidMid(i) => write!(f, "blocks.{i}.hook_resid_mid"),
             HookPoint::MlpOut(i) => write!(f, "blocks.{i}.hook_mlp_out"),
             HookPoint::ResidPost(i) => write!(f, "blocks.{i}.hook_resid_post"),
             HookPoint::LnFinal => write!(f, "ln_final.hook_normalized"),
@@ -159,16 +191,13 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for hook in [
-            HookPoint::Embed,
-            HookPoint::ResidPre(0),
-            HookPoint::AttnOut(3),
-            HookPoint::MlpOut(29),
-            HookPoint::ResidPost(15),
-            HookPoint::LnFinal,
-        ] {
+        let all = HookPoint::all(30);
+        assert_eq!(all.len(), 2 + 6 * 30);
+        for hook in all {
             assert_eq!(HookPoint::parse(&hook.to_string(), 30).unwrap(), hook);
         }
+        assert_eq!(HookPoint::parse("blocks.3.attn.hook_z", 30).unwrap(), HookPoint::AttnZ(3));
+        assert_eq!(HookPoint::parse("blocks.3.hook_resid_mid", 30).unwrap(), HookPoint::ResidMid(3));
     }
 
     #[test]

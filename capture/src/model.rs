@@ -5,11 +5,17 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::architecture::Architecture;
 use crate::config::LlamaConfig;
+use crate::decoder::Decoder;
 use crate::error::{Error, Result};
+use crate::gemma2::{Gemma2, Gemma2Config};
 use crate::gguf::{GgufFile, Value};
+use crate::gpt2::{Gpt2, Gpt2Config};
+use crate::gpt_neox::{GptNeoX, GptNeoXConfig};
 use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
+use crate::weights::WeightError;
 
 /// The default model: SmolLM2-135M-Instruct, as `make` installs it.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -36,7 +42,8 @@ pub enum ModelFormat {
 
 /// A loaded language model with its tokenizer.
 pub struct Model {
-    pub llama: Llama,
+    /// The network of whichever architecture the file describes.
+    pub network: Box<dyn Decoder>,
     pub tokenizer: TextTokenizer,
     /// `general.name` from a GGUF header, else the file or folder name.
     pub name: String,
@@ -93,23 +100,50 @@ impl Model {
             .map_err(|source| Error::BuildModel { path: path.to_path_buf(), source })?;
         let name =
             file.get("general.name").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| file_stem(path));
-        Ok(Model { llama, tokenizer, name, path: path.to_path_buf(), format: ModelFormat::Gguf })
+        Ok(Model { network: Box::new(llama), tokenizer, name, path: path.to_path_buf(), format: ModelFormat::Gguf })
     }
 
     fn load_hf(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let cfg = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config: serde_json::Value = serde_json::from_str(&read_small_file(&config_path, MAX_CONFIG_BYTES)?)
+            .map_err(|source| Error::NotJson { path: config_path.clone(), source })?;
+        let arch = Architecture::of_config(&config, &config_path)?;
+        tracing::debug!(?arch, dir = %dir.display(), "model family");
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
         let mut weights = HashMap::new();
         for file in safetensors_files(dir)? {
+            // Kept in their stored dtype (bf16 or f16 weights are not widened to f32 here); each
+            // tensor is converted to the compute dtype as the model takes it.
             let tensors = Tensor::read_safetensors(&file)
                 .map_err(|source| Error::ReadSafetensors { path: file.clone(), source })?;
-            for (name, tensor) in tensors {
-                weights.insert(name, tensor.to_kind(Kind::Float));
-            }
+            weights.extend(tensors);
         }
-        let llama = Llama::from_weights(cfg, weights, device, kind)
-            .map_err(|source| Error::BuildModel { path: dir.to_path_buf(), source })?;
-        Ok(Model { llama, tokenizer, name: file_stem(dir), path: dir.to_path_buf(), format: ModelFormat::HuggingFace })
+        let built: Result<Box<dyn Decoder>, WeightError> = match arch {
+            Architecture::Llama(family) => {
+                let cfg = LlamaConfig::from_hf_json(family, &config, &config_path)?;
+                Llama::from_weights(cfg, weights, device, kind).map(|m| Box::new(m) as Box<dyn Decoder>)
+            }
+            Architecture::Gpt2 => {
+                let cfg = Gpt2Config::from_config(&config, &config_path)?;
+                Gpt2::from_weights(cfg, weights, device, kind).map(|m| Box::new(m) as Box<dyn Decoder>)
+            }
+            Architecture::Gemma2 => {
+                let cfg = Gemma2Config::from_config(&config, &config_path)?;
+                Gemma2::from_weights(cfg, weights, device, kind).map(|m| Box::new(m) as Box<dyn Decoder>)
+            }
+            Architecture::GptNeoX => {
+                let cfg = GptNeoXConfig::from_config(&config, &config_path)?;
+                GptNeoX::from_weights(cfg, weights, device, kind).map(|m| Box::new(m) as Box<dyn Decoder>)
+            }
+        };
+        let network = built.map_err(|source| Error::BuildModel { path: dir.to_path_buf(), source })?;
+        Ok(Model {
+            network,
+            tokenizer,
+            name: file_stem(dir),
+            path: dir.to_path_buf(),
+            format: ModelFormat::HuggingFace,
+        })
     }
 
     /// SHA-256 (lowercase hex) of the model's weights: the GGUF file, or a Hugging Face folder's
@@ -152,6 +186,9 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let text = read_small_file(&index_path, MAX_INDEX_BYTES)?;
     shard_files_of_index(dir, &index_path, &text)
 }
+
+/// A `config.json` is a few KB; anything far larger is not one.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// `model.safetensors.index.json` maps tensor names to file names: a few hundred KB for the
 /// largest models. Anything far larger is not an index.

@@ -115,7 +115,7 @@ fn logits_match_transformers_at_every_position() {
         let ids = model.tokenizer.encode(prompt).unwrap();
         assert_eq!(ids, as_ids(&reference().json["logits"][i]), "tokenization differs for {prompt:?}");
         let ours = model
-            .llama
+            .network
             .forward(&common::ids(&ids), None, &mut Hooks::new(), true)
             .unwrap()
             .logits
@@ -142,7 +142,7 @@ fn greedy_tokens_match_where_the_margin_is_clear() {
         // Teacher-forced over their sequence, so every step is compared.
         let sequence: Vec<u32> = prompt_ids.iter().chain(&theirs).copied().collect();
         let logits =
-            model.llama.forward(&common::ids(&sequence), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
+            model.network.forward(&common::ids(&sequence), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
         for (step, (&token, &margin)) in theirs.iter().zip(&margins).enumerate() {
             let ours = logits.get(0).get((prompt_ids.len() + step - 1) as i64).argmax(0, false).int64_value(&[]) as u32;
             if margin > 0.05 {
@@ -171,10 +171,10 @@ fn hugging_face_folder_loads_the_same_model() {
     let folder = &reference().hf_folder;
     assert!(folder.join("model.safetensors.index.json").exists(), "the export should be sharded");
     let hf = Model::load(folder, Device::Cpu, Kind::Float).unwrap();
-    assert_eq!(hf.llama.config().num_hidden_layers, 30);
+    assert_eq!(hf.network.n_layers(), 30);
     let ids = gguf.tokenizer.encode(LOGIT_PROMPTS[1]).unwrap();
-    let a = gguf.llama.forward(&common::ids(&ids), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
-    let b = hf.llama.forward(&common::ids(&ids), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
+    let a = gguf.network.forward(&common::ids(&ids), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
+    let b = hf.network.forward(&common::ids(&ids), None, &mut Hooks::new(), true).unwrap().logits.unwrap();
     let err = max_relative_error(&a, &b);
     assert!(err <= 1e-5, "GGUF and safetensors loads differ: {err:.3e}");
     // The exported tokenizer.json is transformers' own, which prepends BOS; otherwise the ids agree.

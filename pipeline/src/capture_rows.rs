@@ -20,7 +20,7 @@ pub fn rows_of_batch(
     let flat: Vec<i64> = windows.iter().flat_map(|w| w.tokens.iter().map(|&t| t as i64)).collect();
     let tokens = Tensor::from_slice(&flat).view([windows.len() as i64, len as i64]);
     let mut request = Hooks::new().capture(hooks.iter().copied());
-    let out = model.llama.forward(&tokens, None, &mut request, false)?;
+    let out = model.network.forward(&tokens, None, &mut request, false)?;
 
     let kept = len - first_position;
     let mut batch = RowBatch {
@@ -37,7 +37,8 @@ pub fn rows_of_batch(
         }
     }
     for hook in hooks {
-        let acts = &out.hooks[hook]; // [windows, len, d]
+        // [windows, len, d]; attn.hook_z's [windows, len, n_heads, head_dim] is stored flat.
+        let acts = out.hooks[hook].flatten(2, -1);
         let d = acts.size()[2];
         let kept_acts = acts.narrow(1, first_position as i64, kept as i64).reshape([-1, d]); // [rows, d]
         let kept_acts = kept_acts.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();

@@ -88,7 +88,7 @@ pub fn ce_loss_score(
         for chunk in group.chunks(batch.max(1)) {
             let len = chunk[0].len() as i64;
             let flat: Vec<i64> = chunk.iter().flat_map(|w| w.iter().map(|&t| t as i64)).collect();
-            let ids = Tensor::from_slice(&flat).view([chunk.len() as i64, len]).to_device(model.llama.device());
+            let ids = Tensor::from_slice(&flat).view([chunk.len() as i64, len]).to_device(model.network.device());
             tokens += flat.len() as u64;
             let (c, n) = summed_ce(model, &ids, None)?;
             clean += c;
@@ -128,7 +128,7 @@ fn summed_ce(model: &Model, ids: &Tensor, splice: Option<Splice>) -> Result<(f64
             Some(Tensor::cat(&[x.narrow(1, 0, 1), replaced], 1))
         });
     }
-    let out = model.llama.forward(ids, None, &mut hooks, true)?;
+    let out = model.network.forward(ids, None, &mut hooks, true)?;
     let logits = out.logits.expect("logits were asked for"); // [batch, len, vocab]
     let len = logits.size()[1];
     // Predictions made at positions 1..len-2 of targets 2..len-1.
@@ -157,7 +157,7 @@ mod tests {
     fn identity_scores_exactly_one_and_zeros_exactly_zero() {
         tch::set_num_threads(2);
         let model = Model::load(&capture::model::default_model_path(), Device::Cpu, Kind::Float).unwrap();
-        let hook = HookPoint::parse("blocks.15.hook_resid_post", model.llama.config().num_hidden_layers).unwrap();
+        let hook = HookPoint::parse("blocks.15.hook_resid_post", model.network.n_layers()).unwrap();
         let windows = windows(&model);
         let identity = |x: &Tensor| x.copy();
         let score = ce_loss_score(&model, hook, &windows, 2, &identity).unwrap();

@@ -67,7 +67,7 @@ fn captured_rows_equal_the_models_own_hooks_bitwise() {
         for batch in windows.chunks(4) {
             let flat: Vec<i64> = batch.iter().flat_map(|w| w.tokens.iter().map(|&t| t as i64)).collect();
             let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, 64]);
-            let out = model.llama.forward(&tokens, None, &mut Hooks::new().capture([hook]), false).unwrap();
+            let out = model.network.forward(&tokens, None, &mut Hooks::new().capture([hook]), false).unwrap();
             expected.push(out.hooks[&hook].narrow(1, 1, 63).reshape([-1, 576]));
             for w in batch {
                 expected_rows.extend((1..64).map(|p| (w.sequence_id, p as u32, w.tokens[p])));

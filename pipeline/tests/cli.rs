@@ -97,6 +97,18 @@ fn activations_json_reports_the_hook_statistics() {
     assert_eq!(stats["early_exit"], true);
 }
 
+/// `attn.hook_z` is `[batch, seq, heads, head_dim]`: one row per token of heads × head_dim values.
+#[test]
+fn activations_of_hook_z_are_one_row_per_token() {
+    let prompt = "The capital of France is Paris.";
+    let out = sae(&["activations", "--hook", "blocks.3.attn.hook_z", "--prompt", prompt, "--json", "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stats: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(stats["hook"], "blocks.3.attn.hook_z");
+    assert_eq!(stats["d_model"], 9 * 64, "{stats}");
+    assert_eq!(stats["rows"], 6, "{stats}");
+}
+
 #[test]
 fn bad_device_and_dtype_are_refused() {
     let out = sae(&["generate", "--prompt", "hi", "--device", "tpu"]);
@@ -105,4 +117,17 @@ fn bad_device_and_dtype_are_refused() {
     let out = sae(&["generate", "--prompt", "hi", "--device", "cpu", "--dtype", "f8"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown dtype \"f8\""), "{}", stderr(&out));
+}
+
+#[test]
+fn capture_list_hooks_prints_every_hook_of_the_loaded_model_in_order() {
+    let out = sae(&["capture", "--list-hooks", "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let hooks: Vec<&str> = stdout.lines().collect();
+    // SmolLM2-135M: 30 blocks of six hooks, between the embedding and the final norm.
+    assert_eq!(hooks.len(), 2 + 6 * 30, "{stdout}");
+    assert_eq!(hooks[..4], ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out"]);
+    assert!(hooks.contains(&"blocks.15.hook_resid_mid"));
+    assert_eq!(hooks.last(), Some(&"ln_final.hook_normalized"));
 }

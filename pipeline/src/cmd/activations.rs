@@ -41,8 +41,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
-    let n_layers = model.llama.config().num_hidden_layers;
-    let hook = HookPoint::parse(&args.hook, n_layers)?;
+    let hook = model.network.parse_hook(&args.hook)?;
     if args.context_len < 2 {
         bail!("--context-len must be at least 2 (the first position of each window is not counted)");
     }
@@ -124,8 +123,9 @@ fn hook_rows(args: &Args, model: &Model, hook: HookPoint, windows: Vec<Vec<i64>>
         let flat: Vec<i64> = batch.concat();
         let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, len]);
         let mut hooks = Hooks::new().capture([hook]);
-        let out = model.llama.forward(&tokens, None, &mut hooks, args.full_forward)?;
-        let acts = &out.hooks[&hook]; // [batch, seq, d]
+        let out = model.network.forward(&tokens, None, &mut hooks, args.full_forward)?;
+        // [batch, seq, d]; attn.hook_z's [batch, seq, n_heads, head_dim] becomes one row per token.
+        let acts = out.hooks[&hook].flatten(2, -1);
         if len > 1 {
             rows.push(
                 acts.narrow(1, 1, len - 1)

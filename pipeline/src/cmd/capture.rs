@@ -40,8 +40,11 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     max_tokens: u64,
     /// Where to write the dataset: a path, file://, s3://bucket/prefix or memory://.
+    #[arg(long, required_unless_present = "list_hooks")]
+    out: Option<String>,
+    /// Print the loaded model's hook names (one per line, in forward order) and exit.
     #[arg(long)]
-    out: String,
+    list_hooks: bool,
     /// Tokens per window.
     #[arg(long, default_value_t = 256)]
     context_len: usize,
@@ -74,6 +77,13 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     model: ModelArgs,
+}
+
+impl Args {
+    /// The dataset URL; clap requires `--out` unless `--list-hooks` is given, which returns early.
+    fn out(&self) -> &str {
+        self.out.as_deref().expect("clap requires --out unless --list-hooks")
+    }
 }
 
 /// What makes two captures the same dataset; stored in the header so that resuming with other
@@ -124,14 +134,19 @@ pub fn run(args: Args) -> Result<()> {
     }
     let store_dtype = Dtype::parse(&args.store_dtype).context("--store-dtype")?;
     let model = args.model.load()?;
-    let n_layers = model.llama.config().num_hidden_layers;
-    let mut hooks = args.hooks.iter().map(|h| HookPoint::parse(h, n_layers)).collect::<Result<Vec<_>, _>>()?;
+    if args.list_hooks {
+        for hook in model.network.hook_points() {
+            println!("{hook}");
+        }
+        return Ok(());
+    }
+    let mut hooks = args.hooks.iter().map(|h| model.network.parse_hook(h)).collect::<Result<Vec<_>, _>>()?;
     hooks.sort();
     hooks.dedup();
     let plan = RowPlan::new(&args, &slot);
     let source = WindowSource::open(&args.corpus, &model.tokenizer, args.context_len)?;
     let header = dataset_header(&args, &model, &hooks, &source, plan.first_position)?;
-    if let Some(done) = already_finished_or_different(&args.out, &header)? {
+    if let Some(done) = already_finished_or_different(args.out(), &header)? {
         return report(&args, &done, started, None);
     }
     let opts = WriterOptions {
@@ -142,8 +157,8 @@ pub fn run(args: Args) -> Result<()> {
         worker: slot.store_id(),
         ..WriterOptions::default()
     };
-    let mut writer = DatasetWriter::create(&args.out, header, opts)
-        .with_context(|| format!("cannot write the dataset at {}", args.out))?;
+    let mut writer = DatasetWriter::create(args.out(), header, opts)
+        .with_context(|| format!("cannot write the dataset at {}", args.out()))?;
     let resume_row = plan.first_row + writer.committed_rows();
     if writer.committed_rows() > 0 {
         tracing::info!(rows = writer.committed_rows(), "resuming after the rows this worker already committed");
@@ -164,14 +179,14 @@ pub fn run(args: Args) -> Result<()> {
             slot.index,
             slot.count,
             records.len(),
-            args.out
+            args.out()
         );
         return Ok(());
     }
     let manifest = writer.finish()?;
     let capture_seconds = loop_started.elapsed().as_secs_f64();
     tracing::debug!(seconds = capture_seconds, shards = manifest.shards.len(), "manifest committed");
-    let info = store::info(&args.out, &store::StoreOptions::default())?;
+    let info = store::info(args.out(), &store::StoreOptions::default())?;
     let captured = written.saturating_sub(resume_row);
     report(&args, &info, started, Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds }))
 }
@@ -191,15 +206,12 @@ fn dataset_header(
         max_tokens: args.max_tokens,
         batch_size: args.batch_size,
         first_position,
-        compute_dtype: format!("{:?}", model.llama.kind()),
+        compute_dtype: format!("{:?}", model.network.kind()),
     };
     Ok(DatasetHeader {
         model: ModelIdentity { name: model.name.clone(), file_sha256: model.file_sha256()? },
         tokenizer: TokenizerIdentity { name: model.name.clone(), sha256: model.tokenizer.digest()? },
-        hooks: hooks
-            .iter()
-            .map(|h| HookSpec { name: h.to_string(), d_model: model.llama.config().d_model() })
-            .collect(),
+        hooks: hooks.iter().map(|&h| HookSpec { name: h.to_string(), d_model: model.network.hook_width(h) }).collect(),
         context_len: args.context_len,
         corpus: CorpusIdentity { detail: serde_json::to_string(&config)?, ..source.identity().clone() },
         created: CreatedInfo::from_process(),
@@ -321,7 +333,7 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
     let per_s = |n: u64| if t.seconds > 0.0 { n as f64 / t.seconds } else { 0.0 };
     let tokens_per_s = per_s(t.rows);
     let summary = serde_json::json!({
-        "url": args.out,
+        "url": args.out(),
         "already_finished": was_finished,
         "captured_tokens": t.rows,
         "capture_seconds": t.seconds,
@@ -338,7 +350,7 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
         println!("{summary}");
     } else {
         if was_finished {
-            println!("{} is already a finished dataset; nothing to capture", args.out);
+            println!("{} is already a finished dataset; nothing to capture", args.out());
         }
         println!("tokens      {}", info.tokens);
         println!("hooks       {}", info.hooks.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "));

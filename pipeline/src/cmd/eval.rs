@@ -141,7 +141,7 @@ pub fn check_capture_model(model: &capture::Model, manifest: &Manifest, data_url
 /// before they run the model with the SAE.
 pub fn sae_fits_model(loaded: &LoadedSae, sae_url: &str, model: &capture::Model) -> Result<HookPoint> {
     let hook = sae_hook_in_model(&loaded.info.hook_name, model)?;
-    let (d_in, hidden) = (loaded.sae.config().d_in, model.llama.config().hidden_size);
+    let (d_in, hidden) = (loaded.sae.config().d_in, model.network.d_model());
     if hidden != d_in {
         bail!("the SAE at `{sae_url}` takes d_in {d_in} but model `{}` has hidden size {hidden}", model.name);
     }
@@ -150,8 +150,9 @@ pub fn sae_fits_model(loaded: &LoadedSae, sae_url: &str, model: &capture::Model)
 
 /// The SAE's hook in `model`, or an error naming both.
 pub fn sae_hook_in_model(hook_name: &str, model: &capture::Model) -> Result<HookPoint> {
-    let n_layers = model.llama.config().num_hidden_layers;
-    HookPoint::parse(hook_name, n_layers)
+    model
+        .network
+        .parse_hook(hook_name)
         .with_context(|| format!("the SAE's hook `{hook_name}` does not exist in model `{}`", model.name))
 }
 
@@ -193,7 +194,7 @@ pub fn evaluate(
         manifest.shards.len().checked_sub(1).with_context(|| format!("dataset `{data_url}` has no shards"))?;
     let tokens = store::shard_tokens(data_url, store, last_shard)?;
     let windows = windows_from_tokens(&tokens, eval.eval_tokens);
-    let model_kind = model.llama.kind();
+    let model_kind = model.network.kind();
     let reconstruct = |x: &Tensor| -> Tensor {
         let x32 = x.to_kind(Kind::Float);
         let x_hat = sae.encode(&x32).and_then(|z| sae.decode(&z)).expect("shapes were checked");

@@ -92,7 +92,7 @@ fn continuation(model: &Model, prompt: &[u32], opts: &GenerateOptions, mut hooks
 pub fn run(a: Args) -> Result<()> {
     let store = StoreOptions::default();
     let model = a.model.load()?;
-    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.llama.device())?;
+    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.network.device())?;
     let hook = sae_fits_model(&loaded, &a.sae, &model)?;
     let sae = &loaded.sae;
     let d_sae = sae.config().d_sae as i64;

@@ -442,10 +442,10 @@ impl<'a> TokenText<'a> {
 #[allow(clippy::type_complexity)]
 pub fn logit_effects(sae: &Sae, model: &Model, n: usize) -> Result<(Vec<Vec<(String, f32)>>, Vec<Vec<(String, f32)>>)> {
     let _guard = tch::no_grad_guard();
-    let llama = &model.llama;
-    let device = llama.device();
-    let unembed = llama.unembedding().to_kind(Kind::Float); // [vocab, d]
-    let gain = llama.final_norm_weight().to_kind(Kind::Float); // [d]
+    let network = &model.network;
+    let device = network.device();
+    let unembed = network.unembedding().to_kind(Kind::Float); // [vocab, d]
+    let gain = network.final_norm_gain().to_kind(Kind::Float); // [d]
     let w_dec = sae.w_dec().detach().to_kind(Kind::Float).to_device(device); // [d_sae, d]
     if w_dec.size()[1] != unembed.size()[1] {
         bail!(

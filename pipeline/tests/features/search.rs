@@ -7,7 +7,7 @@ fn encode_directly(sae: &LoadedSae, prompt: &str) -> (Vec<u32>, Tensor) {
     let model = model();
     let (ids, tokens, hook) = prompt_on_model(&model, prompt);
     let mut hooks = Hooks::new().capture([hook]);
-    let acts = model.llama.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
+    let acts = model.network.forward(&tokens, None, &mut hooks, false).unwrap().hooks[&hook].squeeze_dim(0);
     let z = sae.sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1)).unwrap();
     (ids, z)
 }

@@ -8,14 +8,14 @@ fn clamping_a_feature_to_its_own_activation_leaves_the_logits_and_a_large_clamp_
     let sae = load_sae(&f.sae);
     let model = model();
     let (_, tokens, hook) = prompt_on_model(&model, PROMPT);
-    let clean = model.llama.forward(&tokens, None, &mut Hooks::new(), true).unwrap().logits.unwrap();
+    let clean = model.network.forward(&tokens, None, &mut Hooks::new(), true).unwrap().logits.unwrap();
     let feature = 5i64;
     let run = |edit: &dyn Fn(&mut Tensor)| -> Tensor {
         let mut hooks = Hooks::new().intervene(hook, |x: &Tensor| {
             let (b, t, d) = x.size3().unwrap();
             Some(trainer::steer::splice(&sae.sae, &x.reshape([b * t, d]), |z| edit(z)).unwrap().reshape([b, t, d]))
         });
-        model.llama.forward(&tokens, None, &mut hooks, true).unwrap().logits.unwrap()
+        model.network.forward(&tokens, None, &mut hooks, true).unwrap().logits.unwrap()
     };
     // Clamp to its own current activation at every position.
     let same = run(&|z: &mut Tensor| {

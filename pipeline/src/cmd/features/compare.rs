@@ -146,7 +146,7 @@ pub(super) fn compare(a: CompareArgs) -> Result<()> {
     }
     let store = StoreOptions::default();
     let model = a.model.load()?;
-    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.llama.device())?;
+    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.network.device())?;
     let hook = sae_fits_model(&loaded, &a.sae, &model)?;
     let set = load_features_for(&a.features, &store, &a.sae, &sae_sha)?;
     let scales = scales(&set.features, a.max_density);

@@ -75,7 +75,7 @@ pub(super) fn export(a: ExportArgs) -> Result<()> {
     let s = &set.summary;
     let sae_url = a.sae.clone().unwrap_or_else(|| s.sae.clone());
     let model = a.model.load()?;
-    let (loaded, sae_sha) = load_sae_with_sha(&sae_url, &store, model.llama.device())?;
+    let (loaded, sae_sha) = load_sae_with_sha(&sae_url, &store, model.network.device())?;
     if sae_sha != s.sae_weights_sha256 {
         bail!("the features at `{}` were built from another SAE ({}), not from `{sae_url}`", a.features, s.sae);
     }
@@ -109,10 +109,10 @@ pub(super) fn export(a: ExportArgs) -> Result<()> {
 /// and its decoder row's largest entries with their share of the row's L1 norm.
 pub fn model_views(sae: &Sae, model: &Model) -> Result<Vec<ModelViews>> {
     let _guard = tch::no_grad_guard();
-    let llama = &model.llama;
-    let unembed = llama.unembedding().to_kind(Kind::Float); // [vocab, d]
-    let gain = llama.final_norm_weight().to_kind(Kind::Float);
-    let w_dec = sae.w_dec().detach().to_kind(Kind::Float).to_device(llama.device());
+    let network = &model.network;
+    let unembed = network.unembedding().to_kind(Kind::Float); // [vocab, d]
+    let gain = network.final_norm_gain().to_kind(Kind::Float);
+    let w_dec = sae.w_dec().detach().to_kind(Kind::Float).to_device(network.device());
     if w_dec.size()[1] != unembed.size()[1] {
         bail!(
             "the SAE's decoder rows have width {} but the model's residual stream {}",

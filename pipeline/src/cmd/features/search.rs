@@ -69,7 +69,7 @@ impl EncodedPrompt {
         let _guard = tch::no_grad_guard();
         let tokens = Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).unsqueeze(0);
         let mut hooks = Hooks::new().capture([hook]);
-        let out = model.llama.forward(&tokens, None, &mut hooks, false)?;
+        let out = model.network.forward(&tokens, None, &mut hooks, false)?;
         let acts = out.hooks[&hook].squeeze_dim(0).to_kind(Kind::Float); // [seq, d]
         let z = sae.encode(&acts.narrow(0, 1, ids.len() as i64 - 1))?.to_device(Device::Cpu);
         let d_sae = z.size()[1] as usize;
@@ -210,7 +210,7 @@ pub(super) fn search(a: SearchArgs) -> Result<()> {
     check_max_density(a.max_density)?;
     let store = StoreOptions::default();
     let model = a.model.load()?;
-    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.llama.device())?;
+    let (loaded, sae_sha) = load_sae_with_sha(&a.sae, &store, model.network.device())?;
     let hook = sae_fits_model(&loaded, &a.sae, &model)?;
     let features = a.features.as_deref().map(|url| load_features_for(url, &store, &a.sae, &sae_sha)).transpose()?;
     let scales = features.as_ref().map(|set| scales(&set.features, a.max_density));
