@@ -156,7 +156,7 @@ fn check_family(family: &str) {
     let (logits, hooks) = run_ours(&model, &batch);
     note("logits (batch)".into(), max_relative_error(&logits, reference.tensor("logits.batch"), 2));
     for (hook, ours) in &hooks {
-        note(format!("{hook} (batch)"), max_relative_error(&ours, reference.tensor(&format!("{hook}.batch")), 2));
+        note(format!("{hook} (batch)"), max_relative_error(ours, reference.tensor(&format!("{hook}.batch")), 2));
     }
     if family != "gpt2" && !family.starts_with("gpt_neox") {
         check_final_norm_gain(family, &model, &dir, &hooks);
