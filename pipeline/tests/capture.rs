@@ -181,6 +181,39 @@ fn two_workers_and_finalize_equal_one_worker() {
     assert_eq!(values_a, values_b);
 }
 
+/// The shards' bytes, in the order of their names (`<worker>-<sequence>-<random>.parquet`), with
+/// the dataset's id (random per dataset, in each shard's footer) blanked out.
+fn shards(dataset: &str) -> Vec<Vec<u8>> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(dataset).join("manifest.json")).unwrap()).unwrap();
+    let id = manifest["dataset_id"].as_str().unwrap().as_bytes().to_vec();
+    let mut paths: Vec<_> =
+        std::fs::read_dir(Path::new(dataset).join("shards")).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    let blank = |mut bytes: Vec<u8>| {
+        let at = bytes.windows(id.len()).position(|w| w == id).expect("the shard's footer names its dataset");
+        bytes[at..at + id.len()].fill(b'-');
+        bytes
+    };
+    paths.iter().map(|p| blank(std::fs::read(p).unwrap())).collect()
+}
+
+#[test]
+fn encode_threads_change_nothing_in_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n).display().to_string();
+    let (one, three) = (path("one"), path("three"));
+    for (out, threads) in [(&one, "1"), (&three, "3")] {
+        let out = capture(out, &["--max-tokens", "1200", "--encode-threads", threads]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (a, b) = (shards(&one), shards(&three));
+    assert!(!a.is_empty() && a.iter().all(|bytes| !bytes.is_empty()));
+    assert!(a == b, "the shards differ between 1 and 3 encoding threads");
+    let out = capture(&path("zero"), &["--max-tokens", "100", "--encode-threads", "0"]);
+    assert!(!out.status.success() && stderr(&out).contains("--encode-threads"), "{}", stderr(&out));
+}
+
 #[test]
 fn capture_to_a_real_s3_server() {
     let server = S3Server::moto("acts");

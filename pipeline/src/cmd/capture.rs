@@ -66,6 +66,10 @@ pub struct Args {
     /// Rows per Parquet row group (the reader's unit of work).
     #[arg(long, default_value_t = 4096)]
     row_group_rows: usize,
+    /// Threads that encode row groups (zstd and the byte-planar split); the shards are the same
+    /// bytes whatever the count. Default: the cores, at most 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    encode_threads: Option<u16>,
     /// This worker's index (0-based); default from SLURM_ARRAY_TASK_ID, JOB_COMPLETION_INDEX or RANK.
     #[arg(long)]
     worker: Option<usize>,
@@ -155,6 +159,7 @@ pub fn run(args: Args) -> Result<()> {
         shard_mib: args.shard_mib,
         row_group_rows: args.row_group_rows,
         worker: slot.store_id(),
+        encode_threads: args.encode_threads.map_or_else(store::default_encode_threads, usize::from),
         ..WriterOptions::default()
     };
     let mut writer = DatasetWriter::create(args.out(), header, opts)
