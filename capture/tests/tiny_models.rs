@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use capture::generate::{generate, GenerateOptions};
 use capture::{HookPoint, Hooks, Model};
@@ -37,32 +36,16 @@ const TOLERANCE: f64 = 1e-4;
 /// Greedy steps whose top-2 logit margin is below this are too close to call in f32.
 const MIN_MARGIN: f64 = 1e-3;
 
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("SAE_CACHE") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME or SAE_CACHE must be set")).join(".cache/sae-pipeline")
-        }
-    }
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tiny_models.py")
-}
-
 /// Makes (or reuses) the family's folder; with `requests`, also transformers' outputs in `out`.
 fn run_script(family: &str, requests: Option<(&Value, &Path)>) -> PathBuf {
-    let model_dir = cache_dir().join("tiny-models").join(family);
-    let mut cmd = Command::new(common::python());
-    cmd.arg(script()).args(["--family", family, "--model-dir"]).arg(&model_dir);
+    let mut cmd = testkit::tiny_models_script(family);
     if let Some((requests, out)) = requests {
         let path = out.join("requests.json");
         std::fs::write(&path, requests.to_string()).unwrap();
         cmd.arg("--requests").arg(&path).arg("--out").arg(out);
     }
-    let output = cmd.output().expect("cannot run the venv's python (run `make setup`)");
-    assert!(output.status.success(), "tiny_models.py failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    model_dir
+    testkit::run_tiny_models_script(cmd);
+    testkit::tiny_model_dir(family)
 }
 
 struct Reference {

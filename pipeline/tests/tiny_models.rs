@@ -3,35 +3,17 @@
 //! (capture's `tiny_models` test checks their numbers against transformers; this checks that
 //! every stage of the pipeline runs on them and reports what it did).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 use common::{last_json, sae, sae_with, scratch, stderr};
+use testkit::tiny_model;
 
 /// Families with a tiny model, one per implementation file (llama.rs covers llama3 and qwen2).
 const FAMILIES: &[&str] = &["gpt2", "gpt_neox", "gemma2", "qwen2", "llama3"];
 /// The tiny models have 3 blocks of width 64.
 const HOOK: &str = "blocks.1.hook_resid_post";
 const D_MODEL: u64 = 64;
-
-/// The family's folder in the cache, made by the script if it is not there yet.
-fn tiny_model(family: &str) -> PathBuf {
-    let cache = match std::env::var_os("SAE_CACHE") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME or SAE_CACHE")).join(".cache/sae-pipeline"),
-    };
-    let dir = cache.join("tiny-models").join(family);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tiny_models.py");
-    let out = Command::new(testkit::python())
-        .arg(script)
-        .args(["--family", family, "--model-dir"])
-        .arg(&dir)
-        .output()
-        .expect("cannot run the venv's python (run `make setup-test`)");
-    assert!(out.status.success(), "tiny_models.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    dir
-}
 
 fn ok(what: &str, out: Output) -> Output {
     assert!(out.status.success(), "{what} failed: {}", stderr(&out));

@@ -9,13 +9,15 @@ fn var(name: &str) -> Option<PathBuf> {
     std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
+/// The set-up's cache folder: `SAE_CACHE`, else `~/.cache/sae-pipeline`.
+pub fn cache_dir() -> PathBuf {
+    var("SAE_CACHE")
+        .unwrap_or_else(|| var("HOME").unwrap_or_else(|| PathBuf::from("/root")).join(".cache/sae-pipeline"))
+}
+
 /// The venv folder: `SAE_VENV`, else `$SAE_CACHE/venv`, else `~/.cache/sae-pipeline/venv`.
 pub fn venv() -> PathBuf {
-    var("SAE_VENV").unwrap_or_else(|| {
-        let cache = var("SAE_CACHE")
-            .unwrap_or_else(|| var("HOME").unwrap_or_else(|| PathBuf::from("/root")).join(".cache/sae-pipeline"));
-        cache.join("venv")
-    })
+    var("SAE_VENV").unwrap_or_else(|| cache_dir().join("venv"))
 }
 
 /// The venv's Python: `SAE_PYTHON`, else `python3` in [`venv`]'s `bin`.
