@@ -8,6 +8,16 @@ use tch::{Device, Kind, Tensor};
 use crate::attention::LayerCache;
 use crate::hooks::{HookPoint, Hooks, UnknownHook};
 
+/// How many blocks a forward pass runs: every one for logits or with a cache (whose every layer
+/// must stay whole), else up to the deepest hook that `hooks` reads or changes (early exit).
+pub(crate) fn blocks_to_run(n_layers: usize, hooks: &Hooks, want_logits: bool, cached: bool) -> usize {
+    if want_logits || cached {
+        n_layers
+    } else {
+        hooks.deepest(n_layers).unwrap_or(0)
+    }
+}
+
 /// A decoder-only language model (one implementation per architecture).
 pub trait Decoder: Send {
     /// Runs the model on `tokens` `[batch, seq]` (i64), after [`Decoder::check_tokens`].

@@ -15,7 +15,7 @@ use crate::activation::gelu_approximation;
 use crate::architecture::unsupported_field;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::config::ConfigError;
-use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::decoder::{blocks_to_run, Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::LayerNorm;
@@ -247,8 +247,7 @@ impl Decoder for Gpt2 {
         let _guard = tch::no_grad_guard();
         let n_layers = self.blocks.len();
         let (batch, seq) = (tokens.size()[0], tokens.size()[1]);
-        let blocks_to_run =
-            if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
+        let blocks_to_run = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
 
         let embed = Tensor::embedding(&self.wte, &tokens.to_device(self.device), -1, false, false); // [b, t, d]
         let embed = hooks.apply(HookPoint::Embed, embed);

@@ -13,7 +13,7 @@ use crate::activation::gelu_approximation;
 use crate::architecture::unsupported_field;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::config::ConfigError;
-use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::decoder::{blocks_to_run, Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::LayerNorm;
@@ -251,8 +251,7 @@ impl Decoder for GptNeoX {
         let _guard = tch::no_grad_guard();
         let n_layers = self.blocks.len();
         let seq = tokens.size()[1];
-        let blocks_to_run =
-            if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
+        let blocks_to_run = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
         let (cos, sin) = self.rotary.cos_sin(start, seq, self.kind); // [seq, rotary_dim]
 
         let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.device), -1, false, false); // [b, t, d]

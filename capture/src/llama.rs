@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::config::LlamaConfig;
-use crate::decoder::{Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::decoder::{blocks_to_run, Decoder, ForwardOutput, KvCache, TokenInputError};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::rms_norm;
 use crate::rope::{apply_rotary, Rotary};
@@ -174,8 +174,7 @@ impl Decoder for Llama {
         let _guard = tch::no_grad_guard();
         let n_layers = self.blocks.len();
         let seq = tokens.size()[1];
-        let blocks_to_run =
-            if want_logits || cache.is_some() { n_layers } else { hooks.deepest(n_layers).unwrap_or(0) };
+        let blocks_to_run = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
         let (cos, sin) = self.rotary.cos_sin(start, seq, self.kind); // [seq, head_dim]
         let eps = self.cfg.rms_norm_eps;
 
