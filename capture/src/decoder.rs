@@ -25,13 +25,54 @@ pub trait Decoder: Send {
     /// With a cache, `tokens` continue the sequence it holds, and the cache is extended.
     /// Without logits, the pass stops after the deepest hook that `hooks` reads or changes
     /// (early exit); with a cache, early exit is off so that every layer's cache stays whole.
+    /// The families differ only in [`Decoder::run_blocks`], [`Decoder::final_norm`] and
+    /// [`Decoder::logits`]; this is the one place that checks, counts and exits early.
     fn forward(
         &self,
         tokens: &Tensor,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
         want_logits: bool,
-    ) -> Result<ForwardOutput, TokenInputError>;
+    ) -> Result<ForwardOutput, TokenInputError> {
+        let start = cache.as_ref().map_or(0, |c| c.seen);
+        self.check_tokens(tokens, start)?;
+        let _guard = tch::no_grad_guard();
+        let n_layers = self.n_layers();
+        let blocks = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
+        let x = self.run_blocks(tokens, start, blocks, cache.as_deref_mut(), hooks); // [batch, seq, d]
+        if let Some(c) = cache {
+            c.seen += tokens.size()[1];
+        }
+        let mut logits = None;
+        if blocks == n_layers && (want_logits || hooks.wants(HookPoint::LnFinal)) {
+            let normed = hooks.apply(HookPoint::LnFinal, self.final_norm(&x));
+            if want_logits {
+                logits = Some(self.logits(&normed).to_kind(Kind::Float)); // [batch, seq, vocab]
+            }
+        }
+        Ok(ForwardOutput { logits, hooks: hooks.take_captured() })
+    }
+
+    /// Embeds `tokens` (checked, under no_grad) at positions from `start` and runs the first
+    /// `blocks` blocks, applying `hooks` on the way; returns the residual stream
+    /// `[batch, seq, d]`. It extends each layer's cache but leaves the position count to
+    /// [`Decoder::forward`].
+    fn run_blocks(
+        &self,
+        tokens: &Tensor,
+        start: i64,
+        blocks: usize,
+        cache: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+    ) -> Tensor;
+
+    /// The final norm of the residual stream `[batch, seq, d]`.
+    fn final_norm(&self, x: &Tensor) -> Tensor;
+
+    /// Logits `[batch, seq, vocab]` in the compute dtype from the final-normed residual stream.
+    fn logits(&self, normed: &Tensor) -> Tensor {
+        normed.linear::<Tensor>(self.unembedding(), None)
+    }
 
     /// Transformer blocks.
     fn n_layers(&self) -> usize;

@@ -13,7 +13,7 @@ use crate::activation::gelu_approximation;
 use crate::architecture::invalid_field;
 use crate::attention::{causal_attention, extend_cache, softcapped_causal_attention, LayerCache};
 use crate::config::ConfigError;
-use crate::decoder::{blocks_to_run, Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::decoder::{Decoder, KvCache};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::rms_norm_one_plus;
@@ -285,19 +285,15 @@ impl Decoder for Gemma2 {
     // `x = x + y` makes a new tensor where `x += y` would add in place: hooks keep the residual
     // tensors they were given, which must not change afterwards.
     #[allow(clippy::assign_op_pattern)]
-    fn forward(
+    fn run_blocks(
         &self,
         tokens: &Tensor,
+        start: i64,
+        blocks: usize,
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
-        want_logits: bool,
-    ) -> Result<ForwardOutput, TokenInputError> {
-        let start = cache.as_ref().map_or(0, |c| c.seen);
-        self.check_tokens(tokens, start)?;
-        let _guard = tch::no_grad_guard();
-        let n_layers = self.blocks.len();
+    ) -> Tensor {
         let seq = tokens.size()[1];
-        let blocks_to_run = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
         let (cos, sin) = self.rotary.cos_sin(start, seq, self.kind); // [seq, head_dim]
 
         // transformers rounds sqrt(d) to the compute dtype before multiplying.
@@ -305,7 +301,7 @@ impl Decoder for Gemma2 {
         let embed = Tensor::embedding(&self.embed, &tokens.to_device(self.device), -1, false, false); // [b, t, d]
         let mut x = hooks.apply(HookPoint::Embed, embed * normalizer);
         let mut cache = cache;
-        for (i, block) in self.blocks.iter().take(blocks_to_run).enumerate() {
+        for (i, block) in self.blocks.iter().take(blocks).enumerate() {
             if hooks.wants(HookPoint::ResidPre(i)) {
                 x = hooks.apply(HookPoint::ResidPre(i), x);
             }
@@ -323,20 +319,18 @@ impl Decoder for Gemma2 {
             x = x + hooks.apply(HookPoint::MlpOut(i), self.norm(&mlp, &block.post_mlp_norm));
             x = hooks.apply(HookPoint::ResidPost(i), x);
         }
-        if let Some(c) = cache {
-            c.seen += seq;
+        x
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm(x, &self.final_norm)
+    }
+
+    fn logits(&self, normed: &Tensor) -> Tensor {
+        let logits = normed.linear::<Tensor>(self.unembedding(), None); // [b, t, vocab]
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
         }
-        let mut logits = None;
-        if blocks_to_run == n_layers && (want_logits || hooks.wants(HookPoint::LnFinal)) {
-            let normed = hooks.apply(HookPoint::LnFinal, self.norm(&x, &self.final_norm));
-            if want_logits {
-                let mut out = normed.linear::<Tensor>(self.unembedding(), None); // [b, t, vocab]
-                if let Some(cap) = self.cfg.final_logit_softcapping {
-                    out = (out / cap).tanh() * cap;
-                }
-                logits = Some(out.to_kind(Kind::Float));
-            }
-        }
-        Ok(ForwardOutput { logits, hooks: hooks.take_captured() })
     }
 }

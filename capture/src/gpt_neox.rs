@@ -13,7 +13,7 @@ use crate::activation::gelu_approximation;
 use crate::architecture::unsupported_field;
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::config::ConfigError;
-use crate::decoder::{blocks_to_run, Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::decoder::{Decoder, KvCache};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::LayerNorm;
@@ -239,25 +239,21 @@ impl Decoder for GptNeoX {
     // `x = x + y` makes a new tensor where `x += y` would add in place: hooks keep the residual
     // tensors they were given, which must not change afterwards.
     #[allow(clippy::assign_op_pattern)]
-    fn forward(
+    fn run_blocks(
         &self,
         tokens: &Tensor,
+        start: i64,
+        blocks: usize,
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
-        want_logits: bool,
-    ) -> Result<ForwardOutput, TokenInputError> {
-        let start = cache.as_ref().map_or(0, |c| c.seen);
-        self.check_tokens(tokens, start)?;
-        let _guard = tch::no_grad_guard();
-        let n_layers = self.blocks.len();
+    ) -> Tensor {
         let seq = tokens.size()[1];
-        let blocks_to_run = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
         let (cos, sin) = self.rotary.cos_sin(start, seq, self.kind); // [seq, rotary_dim]
 
         let mut x = Tensor::embedding(&self.embed, &tokens.to_device(self.device), -1, false, false); // [b, t, d]
         x = hooks.apply(HookPoint::Embed, x);
         let mut cache = cache;
-        for (i, block) in self.blocks.iter().take(blocks_to_run).enumerate() {
+        for (i, block) in self.blocks.iter().take(blocks).enumerate() {
             if hooks.wants(HookPoint::ResidPre(i)) {
                 x = hooks.apply(HookPoint::ResidPre(i), x);
             }
@@ -280,17 +276,10 @@ impl Decoder for GptNeoX {
             }
             x = hooks.apply(HookPoint::ResidPost(i), x);
         }
-        if let Some(c) = cache {
-            c.seen += seq;
-        }
-        let mut logits = None;
-        if blocks_to_run == n_layers && (want_logits || hooks.wants(HookPoint::LnFinal)) {
-            let normed = hooks.apply(HookPoint::LnFinal, self.final_norm.forward(&x));
-            if want_logits {
-                logits = Some(normed.linear::<Tensor>(&self.unembed, None).to_kind(Kind::Float));
-                // [b, t, vocab]
-            }
-        }
-        Ok(ForwardOutput { logits, hooks: hooks.take_captured() })
+        x
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.final_norm.forward(x)
     }
 }

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::attention::{causal_attention, extend_cache, LayerCache};
 use crate::config::LlamaConfig;
-use crate::decoder::{blocks_to_run, Decoder, ForwardOutput, KvCache, TokenInputError};
+use crate::decoder::{Decoder, KvCache};
 use crate::hooks::{HookPoint, Hooks};
 use crate::norm::rms_norm;
 use crate::rope::{apply_rotary, Rotary};
@@ -162,19 +162,15 @@ impl Decoder for Llama {
     // `x = x + y` makes a new tensor where `x += y` would add in place: hooks keep the residual
     // tensors they were given, which must not change afterwards.
     #[allow(clippy::assign_op_pattern)]
-    fn forward(
+    fn run_blocks(
         &self,
         tokens: &Tensor,
+        start: i64,
+        blocks: usize,
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
-        want_logits: bool,
-    ) -> Result<ForwardOutput, TokenInputError> {
-        let start = cache.as_ref().map_or(0, |c| c.seen);
-        self.check_tokens(tokens, start)?;
-        let _guard = tch::no_grad_guard();
-        let n_layers = self.blocks.len();
+    ) -> Tensor {
         let seq = tokens.size()[1];
-        let blocks_to_run = blocks_to_run(n_layers, hooks, want_logits, cache.is_some());
         let (cos, sin) = self.rotary.cos_sin(start, seq, self.kind); // [seq, head_dim]
         let eps = self.cfg.rms_norm_eps;
 
@@ -182,7 +178,7 @@ impl Decoder for Llama {
         x = hooks.apply(HookPoint::Embed, x);
 
         let mut cache = cache;
-        for (i, block) in self.blocks.iter().take(blocks_to_run).enumerate() {
+        for (i, block) in self.blocks.iter().take(blocks).enumerate() {
             if hooks.wants(HookPoint::ResidPre(i)) {
                 x = hooks.apply(HookPoint::ResidPre(i), x);
             }
@@ -202,25 +198,18 @@ impl Decoder for Llama {
             x = x + mlp;
             x = hooks.apply(HookPoint::ResidPost(i), x);
         }
-        if let Some(c) = cache {
-            c.seen += seq;
-        }
+        x
+    }
 
-        let mut logits = None;
-        if blocks_to_run == n_layers && (want_logits || hooks.wants(HookPoint::LnFinal)) {
-            let normed = hooks.apply(HookPoint::LnFinal, rms_norm(&x, &self.final_norm, eps));
-            if want_logits {
-                logits = Some(normed.linear::<Tensor>(self.unembedding(), None).to_kind(Kind::Float));
-                // [batch, seq, vocab]
-            }
-        }
-        Ok(ForwardOutput { logits, hooks: hooks.take_captured() })
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.final_norm, self.cfg.rms_norm_eps)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decoder::TokenInputError;
 
     /// A one-block model of 8 tokens, 4 dimensions and 2 heads, with random weights.
     fn tiny_model() -> Llama {
