@@ -9,10 +9,19 @@ MODEL=${SAE_MODEL:-${SAE_MODEL_DIR:-${SAE_CACHE:-$HOME/.cache/sae-pipeline}/mode
 THREADS=${BENCH_THREADS:-2}
 TOKENS=${BENCH_TOKENS:-8192}
 ROUNDS=${BENCH_ROUNDS:-3}
+# BENCH_KEEP=1 keeps the work folder (datasets, SAEs) and says where it is.
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "${BENCH_KEEP:-}" ]; then echo "work folder: $WORK (kept)"; else trap 'rm -rf "$WORK"' EXIT; fi
 last_field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])['$1'])"; }
 
+# BENCH_SECTIONS picks sections by name (default: all of them, in this order):
+#   forward stopped store encode train features scaling quality
+SECTIONS=${BENCH_SECTIONS:-forward stopped store encode train features scaling quality}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# The training benchmark's data and SAE serve the features section too.
+train_data() { [ -d "$WORK/train-ds" ] || $SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "${BENCH_TRAIN_DATA_TOKENS:-50000}" --out "$WORK/train-ds" >/dev/null 2>&1; }
+
+if want forward; then
 echo "== model and capture throughput (f32 model, CPU, $THREADS threads, batch 8, ctx 256, $TOKENS tokens of English fortunes, $ROUNDS rounds) =="
 results=()
 for round in $(seq "$ROUNDS"); do
@@ -36,20 +45,56 @@ show("ours early exit at blocks.15 / ours full forward", [e / f for f, _, e, _ i
 show("capture at blocks.15 / our forward alone to blocks.15", [c / e for _, _, e, c in rows])
 show("capture at blocks.15 / transformers full forward", [c / t for _, t, _, c in rows])
 PY
+fi
 
+if want stopped; then
+echo
+echo "== capture vs transformers stopped at the same block (blocks.15.hook_resid_post), same dtype, and the matrix-product limit (CPU, $THREADS threads, batch 8, ctx 256, $TOKENS tokens, $ROUNDS rounds) =="
+# transformers stops at block 15 by a forward hook that raises; both sides load the same GGUF and
+# compute in the same dtype. The limit is the same shapes' matrix products alone (bench_matmul.py).
+for dtype in ${BENCH_DTYPES:-f32 bf16}; do
+  results=()
+  for round in $(seq "$ROUNDS"); do
+    rm -rf "$WORK/ds"
+    ours=$($SAE activations --model "$MODEL" --threads "$THREADS" --dtype "$dtype" --max-tokens "$TOKENS" --hook blocks.15.hook_resid_post --json 2>/dev/null | last_field tokens_per_s)
+    capture=$($SAE capture --model "$MODEL" --threads "$THREADS" --dtype "$dtype" --max-tokens "$TOKENS" --hook blocks.15.hook_resid_post --out "$WORK/ds" --json 2>/dev/null | last_field model_tokens_per_s)
+    theirs=$("$SAE_PYTHON" scripts/bench_forward.py --gguf "$MODEL" --threads "$THREADS" --dtype "$dtype" --max-tokens "$TOKENS" --stop-at-block 15 2>/dev/null | last_field tokens_per_s)
+    limit=$("$SAE_PYTHON" scripts/bench_matmul.py --threads "$THREADS" --dtype "$dtype" --tokens "$TOKENS" --blocks 16 2>/dev/null | last_field tokens_per_s)
+    echo "round $round ($dtype): ours forward $ours, ours capture $capture, transformers stopped $theirs, matrix products alone $limit tokens/s"
+    results+=("$ours,$capture,$theirs,$limit")
+  done
+  python3 - "$dtype" "${results[@]}" <<'PY'
+import statistics, sys
+dtype, rows = sys.argv[1], [tuple(map(float, r.split(","))) for r in sys.argv[2:]]
+def show(name, xs, pct=False):
+    fmt = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.2f}x")
+    print(f"{name + ' (' + dtype + ')':<64} median {fmt(statistics.median(xs))}  (rounds: {', '.join(fmt(x) for x in xs)})")
+show("capture / transformers stopped at blocks.15", [c / t for _, c, t, _ in rows])
+show("our forward to blocks.15 / transformers stopped there", [o / t for o, _, t, _ in rows])
+show("our forward to blocks.15, share of the matrix-product limit", [o / m for o, _, _, m in rows], pct=True)
+show("transformers stopped, share of the matrix-product limit", [t / m for _, _, t, m in rows], pct=True)
+PY
+done
+fi
+
+if want store; then
 echo
 echo "== store: bytes per element, and our reader vs pyarrow into a (rows, d) f32 array =="
 "$SAE_PYTHON" scripts/bench_store.py --rounds "${BENCH_STORE_ROUNDS:-5}"
+fi
 
+if want encode; then
 echo
 echo "== store encoding: MB/s of bf16 per core and 1 -> 2 encoding threads (the store benchmark's activations, memory://, $ROUNDS rounds) =="
 "$SAE_PYTHON" scripts/bench_encode.py --rounds "$ROUNDS" --passes "${BENCH_ENCODE_PASSES:-4}"
+fi
 
+if want train; then
 echo
 TRAIN_TOKENS=${BENCH_TRAIN_TOKENS:-200000}
 echo "== training: sae train vs a plain-PyTorch eager TopK SAE (4608 latents, k 32, batch 4096, $TRAIN_TOKENS tokens, CPU, $THREADS threads, $ROUNDS rounds) =="
 # Both sides read the same shards: ours through the store reader, theirs with pyarrow.
-$SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "${BENCH_TRAIN_DATA_TOKENS:-50000}" --out "$WORK/train-ds" >/dev/null 2>&1
+train_data
 same=(--latents 4608 --k 32 --batch-size 4096 --max-tokens "$TRAIN_TOKENS" --lr 4e-4 --warmup-steps 100 --threads "$THREADS")
 results=()
 for round in $(seq "$ROUNDS"); do
@@ -71,10 +116,15 @@ print(f"{'training tokens/s, ours / PyTorch eager':<58} median {statistics.media
 waits = [w for _, _, w in rows]
 print(f"{'share of our step time spent waiting for data':<58} median {100 * statistics.median(waits):.2f}%  (rounds: {', '.join(f'{100 * w:.2f}%' for w in waits)})")
 PY
+fi
 
+if want features; then
 echo
 echo "== features: the statistics pass of sae features build vs a plain-PyTorch dense pass (the SAE and data of the training benchmark, CPU, $THREADS threads, $ROUNDS rounds) =="
 # Same work on both sides: per-feature counts, sums, maxima, histogram, top-20 and 20 sampled rows.
+train_data
+[ -d "$WORK/sae" ] || $SAE train --data "$WORK/train-ds" --out "$WORK/sae" --latents 4608 --k 32 --batch-size 4096 \
+  --max-tokens "${BENCH_TRAIN_TOKENS:-200000}" --lr 4e-4 --warmup-steps 100 --threads "$THREADS" --no-eval --quiet >/dev/null 2>&1
 results=()
 for round in $(seq "$ROUNDS"); do
   rm -rf "$WORK/feats"
@@ -93,10 +143,13 @@ rows = [tuple(map(float, r.split(","))) for r in sys.argv[1:]]
 ratios = [o / t for o, t in rows]
 print(f"{'features statistics pass rows/s, ours / PyTorch dense':<58} median {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 PY
+fi
 
+if want scaling; then
 echo
 echo "== data-parallel scaling on CPU: 2 processes x 1 thread (torchrun, Gloo) vs 1 process x 1 thread, same data, $ROUNDS rounds =="
 # Same global batch (4096 rows: 2 x 2048 vs 1 x 4096) and the same 4608-latent TopK SAE.
+train_data
 scale_same=(--latents 4608 --k 32 --max-tokens "${BENCH_SCALING_TOKENS:-122880}" --threads 1 --no-eval --quiet --json)
 results=()
 for round in $(seq "$ROUNDS"); do
@@ -112,3 +165,47 @@ rows = [tuple(map(float, r.split(","))) for r in sys.argv[1:]]
 eff = [t / (2 * o) for o, t in rows]
 print(f"{'scaling efficiency, 2 ranks / (2 x 1 rank)':<58} median {100 * statistics.median(eff):.0f}%  (rounds: {', '.join(f'{100 * e:.0f}%' for e in eff)})")
 PY
+fi
+
+if want quality; then
+echo
+# The quality protocol of issue 16: our capture of the default corpus for training, held-out rows
+# from other fortune files, both trainers on the same rows with the same token budget (TopK, 4608
+# latents, k 32, batch 4096), each with its own defaults but for the learning rate, and the same
+# evaluators for both SAEs: SAELens loading each (FVU, inlier FVU, L0, dead) and `sae eval` (the
+# same figures plus the CE-loss score through our model).
+Q_TRAIN=${BENCH_QUALITY_TRAIN_TOKENS:-300000}
+Q_HELDOUT=${BENCH_QUALITY_HELDOUT_TOKENS:-30000}
+Q_BUDGET=${BENCH_QUALITY_TOKENS:-2400000}
+Q_LRS=${BENCH_QUALITY_LRS:-3e-4 1e-3 3e-3}
+FORTUNES=/usr/share/games/fortunes
+echo "== SAE quality vs SAELens on the same rows: $Q_TRAIN training rows, $Q_HELDOUT held-out rows (wisdom, work, zippy), $Q_BUDGET training tokens, learning rates $Q_LRS, CPU, $THREADS threads =="
+$SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "$Q_TRAIN" --out "$WORK/q-train" >/dev/null 2>&1
+$SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "$Q_HELDOUT" --out "$WORK/q-heldout" \
+  --corpus "$FORTUNES/wisdom" "$FORTUNES/work" "$FORTUNES/zippy" >/dev/null 2>&1
+q_same=(--latents 4608 --k 32 --batch-size 4096 --threads "$THREADS")
+saes=()
+for lr in $Q_LRS; do
+  ours=$($SAE train --data "$WORK/q-train" --out "$WORK/q-ours-$lr" "${q_same[@]}" --max-tokens "$Q_BUDGET" --lr "$lr" --no-eval --quiet --json 2>/dev/null | last_field tokens_per_s)
+  theirs=$("$SAE_PYTHON" scripts/bench_quality.py train-saelens --data "$WORK/q-train" --like "$WORK/q-ours-$lr" --out "$WORK/q-saelens-$lr" \
+    --latents 4608 --k 32 --batch-size 4096 --threads "$THREADS" --tokens "$Q_BUDGET" --lr "$lr" 2>/dev/null | last_field tokens_per_s)
+  echo "lr $lr: trained, ours $ours tokens/s, SAELens $theirs tokens/s"
+  saes+=("$WORK/q-ours-$lr" "$WORK/q-saelens-$lr")
+done
+"$SAE_PYTHON" scripts/bench_quality.py evaluate --data "$WORK/q-heldout" --threads "$THREADS" "${saes[@]}" 2>/dev/null > "$WORK/q-saelens-eval.jsonl"
+: > "$WORK/q-sae-eval.jsonl"
+for sae in "${saes[@]}"; do
+  $SAE eval --sae "$sae" --data "$WORK/q-heldout" --model "$MODEL" --threads "$THREADS" --json 2>/dev/null | tail -1 >> "$WORK/q-sae-eval.jsonl"
+done
+python3 - "$WORK/q-saelens-eval.jsonl" "$WORK/q-sae-eval.jsonl" <<'PY'
+import json, os, sys
+theirs = [json.loads(l) for l in open(sys.argv[1])]
+ours = [json.loads(l) for l in open(sys.argv[2])]
+cols = [(os.path.basename(t["sae"]).removeprefix("q-").replace("-", ", lr "), t, o) for t, o in zip(theirs, ours)]
+print(f"{'held-out rows, scored by SAELens (sae eval in brackets)':<38}" + "".join(f"{c[0]:>24}" for c in cols))
+for name, key, fmt in [("FVU, inliers (norm <= 3 x median)", "fvu_inliers", "{:.4f}"), ("FVU, all rows", "fvu", "{:.4f}"),
+                       ("L0", "l0", "{:.1f}"), ("dead latents", "dead_fraction", "{:.2%}")]:
+    print(f"{name:<38}" + "".join(f"{(fmt.format(t[key]) + ' (' + fmt.format(o[key]) + ')'):>24}" for _, t, o in cols))
+print(f"{'CE-loss score (sae eval)':<38}" + "".join(f"{o['ce_loss_score']:>24.4f}" for _, _, o in cols))
+PY
+fi

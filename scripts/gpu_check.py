@@ -177,11 +177,11 @@ def saelens_steps(a, data):
     steps = a.tokens // a.batch_size
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d_in, d_sae=a.latents, k=a.k, device=a.device, dtype="float32"))
     cfg = SAETrainerConfig(total_training_samples=steps * a.batch_size, train_batch_size_samples=a.batch_size,
-                           device=a.device, autocast=a.autocast, lr=a.lr)
+                           device=a.device, autocast=a.autocast, lr=a.lr, lr_end=a.lr / 10)
     # The first steps (allocations, kernel choice) are not timed: a short run first.
     warm = SAETrainer(cfg=SAETrainerConfig(total_training_samples=5 * a.batch_size,
                                            train_batch_size_samples=a.batch_size, device=a.device,
-                                           autocast=a.autocast, lr=a.lr), sae=sae, data_provider=data)
+                                           autocast=a.autocast, lr=a.lr, lr_end=a.lr / 10), sae=sae, data_provider=data)
     warm.fit()
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
     sync(a.device)
