@@ -1,6 +1,7 @@
 //! `sae train` and `sae eval` on real activations of the real model: every architecture learns,
 //! sweeps equal separate runs bit for bit, SIGTERM/SIGKILL plus resume equals an uninterrupted
-//! run bit for bit, SAELens loads what we export, S3 outputs work, and bad inputs are clear errors.
+//! run bit for bit (also with the norm filter), SAELens loads what we export, S3 outputs work, and
+//! bad inputs are clear errors.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -193,6 +194,36 @@ fn sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run_bitwise() {
     let again = last_json(&again);
     assert_eq!(again["already_finished"], true);
     assert_eq!(again["fvu"], summary["fvu"]);
+}
+
+/// The norm filter is a mode of training: it changes what is trained on, a killed run resumes to
+/// the uninterrupted run's bits, it is part of the configuration, and a multiple below 1 is refused.
+#[test]
+fn a_norm_filtered_run_resumes_bitwise_and_is_part_of_the_configuration() {
+    let filter = ["--max-norm-multiple", "3"];
+    let whole = scratch("norm-filter-whole");
+    let out = train(whole.to_str().unwrap(), &filter);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The real activations have attention-sink rows far above 3 × the median: leaving them out
+    // changes the SAE.
+    assert_ne!(weights(&whole), weights(topk_alone()), "the filter left every row in");
+
+    let dir = scratch("norm-filter-killed");
+    interrupt_with(&dir, &filter, None, "-KILL");
+    let out = train(dir.to_str().unwrap(), &filter);
+    assert!(out.status.success(), "resume failed: {}", stderr(&out));
+    assert!(last_json(&out)["resumed_from_step"].as_u64().unwrap() >= 5);
+    assert_eq!(weights(&dir), weights(&whole), "resumed weights differ from the uninterrupted run's");
+
+    let unfiltered = train(dir.to_str().unwrap(), &[]);
+    assert!(!unfiltered.status.success());
+    let err = stderr(&unfiltered);
+    assert!(err.contains("another configuration") && err.contains("max_norm_multiple"), "{err}");
+
+    let below_one = train(scratch("norm-filter-bad").to_str().unwrap(), &["--max-norm-multiple", "0.5"]);
+    assert!(!below_one.status.success());
+    let err = stderr(&below_one);
+    assert!(err.contains("--max-norm-multiple must be at least 1") && err.contains("0.5"), "{err}");
 }
 
 #[test]

@@ -104,6 +104,10 @@ pub struct Args {
     /// tensor cores; on most CPUs it is slower).
     #[arg(long)]
     bf16_autocast: bool,
+    /// Leave out of training the rows whose norm exceeds this multiple of their batch's median
+    /// norm (outliers such as attention sinks, which otherwise dominate the loss); off by default.
+    #[arg(long, value_name = "MULTIPLE")]
+    max_norm_multiple: Option<f64>,
     /// A TOML file with any of these flags as keys (`latents = 4608`, `[sweep] k = [16, 32]`);
     /// flags given on the command line win.
     #[arg(long, value_name = "FILE")]
@@ -280,6 +284,7 @@ fn run_settings(args: &Args, max_tokens: u64, world_size: usize) -> RunSettings 
         follow: args.follow,
         shuffle: !args.no_shuffle,
         bf16_autocast: args.bf16_autocast,
+        max_norm_multiple: args.max_norm_multiple,
     }
 }
 

@@ -26,6 +26,10 @@ pub enum TrainError {
     ZeroBatchSize,
     #[error("--max-tokens must be at least 1")]
     ZeroMaxTokens,
+    #[error(
+        "--max-norm-multiple must be at least 1 (it keeps the rows up to that multiple of the median norm), not {0}"
+    )]
+    MaxNormMultipleBelowOne(f64),
     #[error("the run is configured for a world of {configured} but the process group has {group} ranks")]
     WorldMismatch { configured: usize, group: usize },
     #[error("two SAEs of the sweep share the name `{name}`")]

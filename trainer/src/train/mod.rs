@@ -38,7 +38,7 @@ use crate::adam::Adam;
 use crate::checkpoint::Normalization;
 use crate::dead::DeadLatents;
 use crate::dist::ProcessGroup;
-use crate::loader::Loader;
+use crate::loader::{Loader, Preparation};
 use crate::metrics::{MetricsRow, StepAccumulator};
 use crate::sae::{Architecture, AuxK, Sae, SaeConfig, DEFAULT_AUXK_COEFF};
 use crate::schedule::LrSchedule;
@@ -90,6 +90,11 @@ pub struct RunSettings {
     /// changes the numerics, so it is part of the configuration.
     #[serde(default)]
     pub bf16_autocast: bool,
+    /// Leave out of training the rows whose norm exceeds this multiple of their batch's median
+    /// (None: train on every row). Absent from the configuration when off, so runs from before
+    /// the flag resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_norm_multiple: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -211,6 +216,9 @@ fn check_request(req: &TrainRequest) -> Result<(), TrainError> {
     if s.batch_size == 0 {
         return Err(TrainError::ZeroBatchSize);
     }
+    if let Some(multiple) = s.max_norm_multiple.filter(|m| m.is_nan() || *m < 1.0) {
+        return Err(TrainError::MaxNormMultipleBelowOne(multiple));
+    }
     let group_size = req.group.as_ref().map_or(1, |g| g.world_size());
     if s.world_size != group_size {
         return Err(TrainError::WorldMismatch { configured: s.world_size, group: group_size });
@@ -265,7 +273,8 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
 
     let replay = resumed_state.map(|s| s.follow_shards).unwrap_or_default();
     let reader = Reader::open(&req.data_url, data::reader_options(req, &settings, d_in, rank, at.cursor, replay))?;
-    let mut loader = Loader::start(reader, stats.scale, req.device, 4);
+    let prep = Preparation { scale: stats.scale, max_norm_multiple: settings.max_norm_multiple };
+    let mut loader = Loader::start(reader, prep, req.device, 4);
     let schedule = LrSchedule {
         lr: settings.lr,
         warmup_steps: settings.warmup_steps,

@@ -68,6 +68,7 @@ fn request(data_url: String, out_url: String, stop: bool) -> TrainRequest {
             follow: false,
             shuffle: true,
             bf16_autocast: false,
+            max_norm_multiple: None,
         },
         members: vec![Member { d_sae: 32, arch: Architecture::TopK { k: 4 }, ..Member::default() }],
         device: Device::Cpu,
