@@ -47,8 +47,8 @@ pub struct Loader {
 pub struct Preparation {
     /// Every row is multiplied by this (the activation scale).
     pub scale: f64,
-    /// Rows whose L2 norm exceeds this multiple of their batch's median norm are left out of
-    /// training (dictionary_learning's `max_activation_norm_multiple`); None keeps every row.
+    /// Rows whose L2 norm exceeds this multiple of their batch's median norm (the batch this
+    /// loader reads: one rank's share in a data-parallel run) are left out of training (dictionary_learning's `max_activation_norm_multiple`); None keeps every row.
     pub max_norm_multiple: Option<f64>,
 }
 

@@ -91,7 +91,7 @@ pub struct RunSettings {
     #[serde(default)]
     pub bf16_autocast: bool,
     /// Leave out of training the rows whose norm exceeds this multiple of their batch's median
-    /// (None: train on every row). Absent from the configuration when off, so runs from before
+    /// (each rank's share of it in a data-parallel run; None: train on every row). Absent from the configuration when off, so runs from before
     /// the flag resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_norm_multiple: Option<f64>,
