@@ -240,6 +240,29 @@ fn a_budget_of_one_window_still_streams() {
 }
 
 #[test]
+fn a_window_larger_than_the_dataset_shuffles_each_epoch_whole() {
+    let url = dataset("whole-epoch");
+    let mut o = opts(40);
+    o.window_row_groups = 1000;
+    // The budget must hold the dataset's 11 row groups (50 rows of 8 bf16 values, each counted
+    // as at least one KiB), not 1000.
+    o.max_bytes_in_flight = 10 << 10;
+    let e = Reader::open(&url, o.clone()).err().expect("a budget one KiB short of a window would wait for itself");
+    assert!(e.to_string().contains("cannot hold a window"), "{e}");
+    o.max_bytes_in_flight = 11 << 10;
+    let r = Reader::open(&url, o).unwrap();
+    let n = r.batches_per_epoch().unwrap() as usize;
+    let batches: Vec<Batch> = r.take(n).map(|b| b.unwrap()).collect();
+    let rows: Vec<(u64, u32)> = batches.iter().flat_map(ids).collect();
+    assert_eq!(rows.iter().collect::<HashSet<_>>().len(), rows.len(), "a row read twice in one epoch");
+    // Stored order puts rows of 2 sequences in a row group; a window of 3 row groups (the
+    // `opts` default) could not put rows of more than 3 of them in one batch.
+    let row_groups =
+        |b: &Batch| ids(b).iter().map(|&(seq, pos)| (seq * CTX as u64 + pos as u64) / 50).collect::<HashSet<_>>();
+    assert!(row_groups(&batches[0]).len() > 6, "{:?}", row_groups(&batches[0]));
+}
+
+#[test]
 fn follow_mode_splits_ranks_by_row_group_identity() {
     let url = dataset("follow-ranks");
     let mut seen = HashSet::new();

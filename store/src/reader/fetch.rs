@@ -114,7 +114,7 @@ impl Ctx {
 
     pub(super) async fn fetch(self: Arc<Self>, job: Job, sem: Arc<Semaphore>) -> Result<Decoded> {
         let out_size = self.out_dtype.size();
-        let kib = ((job.rg.rows as usize * self.d * out_size) >> 10).max(1) as u32;
+        let kib = kib_permits(job.rg.rows as usize * self.d * out_size) as u32;
         let permit = sem.acquire_many_owned(kib).await.expect("semaphore never closed");
         let meta = self.meta(job.rg.shard).await?;
         let rg_meta = meta.arrow.metadata().row_group(job.rg.rg as usize);
@@ -208,4 +208,10 @@ pub(super) async fn pump(
         }
     }
     true
+}
+
+/// The semaphore permits (KiB, at least one) that `bytes` of decoded rows hold while in flight:
+/// the one unit in which the reader's budget is both checked and spent.
+pub(super) fn kib_permits(bytes: usize) -> usize {
+    (bytes >> 10).max(1)
 }

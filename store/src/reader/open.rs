@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, Semaphore};
 
-use super::fetch::{produce_final, BufPool, Ctx};
+use super::fetch::{kib_permits, produce_final, BufPool, Ctx};
 use super::follow::produce_follow;
 use super::plan::{Plan, RgRef};
 use super::{Fetched, OutputDtype, Reader, ReaderOptions, Source};
@@ -137,10 +137,15 @@ fn decoding_pool(threads: usize) -> Result<rayon::ThreadPool> {
 /// The bytes-in-flight budget must hold one window of the largest row groups, or the reader
 /// would wait for itself.
 fn check_window_fits(manifest: Option<&Manifest>, row_bytes: usize, opts: &ReaderOptions) -> Result<()> {
-    let max_rg =
-        manifest.iter().flat_map(|m| &m.shards).flat_map(|s| s.row_groups.iter().copied()).max().unwrap_or(0) as usize;
-    let window_bytes = max_rg * row_bytes * opts.window_row_groups.max(1);
-    if window_bytes > opts.max_bytes_in_flight {
+    let row_groups = || manifest.iter().flat_map(|m| &m.shards).flat_map(|s| s.row_groups.iter().copied());
+    let max_rg = row_groups().max().unwrap_or(0) as usize;
+    // A window never holds more row groups than the dataset has (follow mode: not yet known).
+    let window = match manifest {
+        Some(_) => opts.window_row_groups.clamp(1, row_groups().count().max(1)),
+        None => opts.window_row_groups.max(1),
+    };
+    let window_bytes = max_rg * row_bytes * window;
+    if window * kib_permits(max_rg * row_bytes) > kib_permits(opts.max_bytes_in_flight) {
         return Err(Error::invalid(format!(
             "max_bytes_in_flight {} cannot hold a window of {} row groups ({} bytes); raise it or lower window_row_groups",
             opts.max_bytes_in_flight, opts.window_row_groups, window_bytes
@@ -180,7 +185,7 @@ type FetchTask = (mpsc::Receiver<Result<Fetched>>, tokio::task::JoinHandle<()>);
 /// Spawns the task that fetches and decodes row groups ahead of the reader.
 fn start_fetching(rt: &Runtime, ctx: &Arc<Ctx>, source: &Arc<Source>, opts: &ReaderOptions) -> FetchTask {
     let (tx, rx) = mpsc::channel(2);
-    let sem = Arc::new(Semaphore::new((opts.max_bytes_in_flight >> 10).max(1)));
+    let sem = Arc::new(Semaphore::new(kib_permits(opts.max_bytes_in_flight)));
     let producer = match &**source {
         Source::Final(_) => {
             let (ctx2, src2, o2) = (ctx.clone(), source.clone(), opts.clone());

@@ -5,6 +5,9 @@ use std::time::Duration;
 use super::Cursor;
 use crate::location::StoreOptions;
 
+/// Row groups whose rows are shuffled together by default: 8 × 4096 rows of a default capture.
+pub const DEFAULT_WINDOW_ROW_GROUPS: usize = 8;
+
 /// The element type of [`Batch::bytes`](super::Batch::bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OutputDtype {
@@ -44,7 +47,9 @@ pub struct ReaderOptions {
     pub batch_rows: usize,
     pub shuffle: bool,
     pub seed: u64,
-    /// Rows are permuted within windows of this many consecutive row groups (default 8).
+    /// Rows are permuted within windows of this many consecutive row groups (default
+    /// [`DEFAULT_WINDOW_ROW_GROUPS`]); a window as large as the rank's row groups shuffles the
+    /// whole epoch at once.
     pub window_row_groups: usize,
     pub rank: usize,
     pub world: usize,
@@ -76,7 +81,7 @@ impl ReaderOptions {
             batch_rows,
             shuffle: true,
             seed: 0,
-            window_row_groups: 8,
+            window_row_groups: DEFAULT_WINDOW_ROW_GROUPS,
             rank: 0,
             world: 1,
             start: Cursor::default(),
