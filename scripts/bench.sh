@@ -179,7 +179,7 @@ Q_HELDOUT=${BENCH_QUALITY_HELDOUT_TOKENS:-30000}
 Q_BUDGET=${BENCH_QUALITY_TOKENS:-2400000}
 Q_LRS=${BENCH_QUALITY_LRS:-3e-4 1e-3 3e-3}
 FORTUNES=/usr/share/games/fortunes
-echo "== SAE quality vs SAELens on the same rows: $Q_TRAIN training rows, $Q_HELDOUT held-out rows (wisdom, work, zippy), $Q_BUDGET training tokens, learning rates $Q_LRS, CPU, $THREADS threads =="
+echo "== SAE quality vs SAELens on the same rows: $Q_TRAIN training rows, $Q_HELDOUT held-out rows (wisdom, work, zippy), $Q_BUDGET training tokens, learning rates $Q_LRS (our default at 4608 latents: 1e-3), CPU, $THREADS threads =="
 $SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "$Q_TRAIN" --out "$WORK/q-train" >/dev/null 2>&1
 $SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "$Q_HELDOUT" --out "$WORK/q-heldout" \
   --corpus "$FORTUNES/wisdom" "$FORTUNES/work" "$FORTUNES/zippy" >/dev/null 2>&1

@@ -1,6 +1,6 @@
 //! `sae train` and `sae eval` on real activations of the real model: every architecture learns,
 //! sweeps equal separate runs bit for bit, SIGTERM/SIGKILL plus resume equals an uninterrupted
-//! run bit for bit (also with the norm filter), SAELens loads what we export, S3 outputs work, and
+//! run bit for bit (also with the norm filter and a whole-epoch shuffle), SAELens loads what we export, S3 outputs work, and
 //! bad inputs are clear errors.
 
 use std::path::{Path, PathBuf};
@@ -224,6 +224,32 @@ fn a_norm_filtered_run_resumes_bitwise_and_is_part_of_the_configuration() {
     assert!(!below_one.status.success());
     let err = stderr(&below_one);
     assert!(err.contains("--max-norm-multiple must be at least 1") && err.contains("0.5"), "{err}");
+}
+
+#[test]
+fn a_whole_epoch_shuffle_resumes_bitwise_and_is_part_of_the_configuration() {
+    // The dataset has 32 row groups of 512 rows: a window of 1000 shuffles each epoch whole.
+    let whole_epoch = ["--shuffle-window", "1000"];
+    let whole = scratch("shuffle-window-whole");
+    let out = train(whole.to_str().unwrap(), &whole_epoch);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(weights(&whole), weights(topk_alone()), "the window did not change the data order");
+
+    let dir = scratch("shuffle-window-killed");
+    interrupt_with(&dir, &whole_epoch, None, "-KILL");
+    let out = train(dir.to_str().unwrap(), &whole_epoch);
+    assert!(out.status.success(), "resume failed: {}", stderr(&out));
+    assert!(last_json(&out)["resumed_from_step"].as_u64().unwrap() >= 5);
+    assert_eq!(weights(&dir), weights(&whole), "resumed weights differ from the uninterrupted run's");
+
+    let default_window = train(dir.to_str().unwrap(), &[]);
+    assert!(!default_window.status.success());
+    let err = stderr(&default_window);
+    assert!(err.contains("another configuration") && err.contains("shuffle_window: there 1000, here 8"), "{err}");
+
+    let zero = train(scratch("shuffle-window-zero").to_str().unwrap(), &["--shuffle-window", "0"]);
+    assert!(!zero.status.success());
+    assert!(stderr(&zero).contains("--shuffle-window must be at least 1"), "{}", stderr(&zero));
 }
 
 #[test]

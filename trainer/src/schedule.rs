@@ -1,6 +1,20 @@
 //! Learning-rate and coefficient schedules, as pure functions of the step (so resume needs no
 //! schedule state).
 
+/// The SAE width at which [`default_lr`] was measured best, and that rate: the quality benchmark
+/// (BENCHMARKS.md) trained TopK with 4608 latents at 3e-4, 1e-3 and 3e-3; 1e-3 gave the lowest
+/// FVU over all rows with under 1% dead latents (3e-3 lowered the inliers' FVU a little but doubled
+/// the all-rows FVU and killed 10% of the latents).
+pub const REFERENCE_LATENTS: usize = 4608;
+pub const REFERENCE_LR: f64 = 1e-3;
+
+/// Adam's default peak rate for an SAE of `latents` latents: [`REFERENCE_LR`] scaled by
+/// 1/√(latents / [`REFERENCE_LATENTS`]), the width scaling of sparsify's default (after OpenAI's
+/// "Scaling and evaluating sparse autoencoders"), so wider dictionaries take smaller steps.
+pub fn default_lr(latents: usize) -> f64 {
+    REFERENCE_LR * (REFERENCE_LATENTS as f64 / latents.max(1) as f64).sqrt()
+}
+
 /// Linear warm-up over `warmup_steps`, constant, then a linear decay to zero over the last
 /// `decay_fraction` of `total_steps` (the SAELens / Anthropic schedule).
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +57,13 @@ pub fn warmed_up(value: f64, step: u64, warmup_steps: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_rate_falls_as_one_over_the_root_of_the_width() {
+        assert_eq!(default_lr(4608), 1e-3);
+        assert!((default_lr(4 * 4608) - 5e-4).abs() < 1e-15);
+        assert!((default_lr(1152) - 2e-3).abs() < 1e-15);
+    }
 
     #[test]
     fn warms_up_holds_then_decays_to_zero() {

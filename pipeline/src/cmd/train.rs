@@ -58,9 +58,10 @@ pub struct Args {
     /// Rows per step on each rank.
     #[arg(long, default_value_t = 4096)]
     batch_size: usize,
-    /// Peak learning rate (Adam).
-    #[arg(long, default_value_t = 3e-4)]
-    lr: f64,
+    /// Peak learning rate (Adam) (default: 1e-3 × √(4608 / latents), for the widest SAE of the
+    /// run: the rate measured best at 4608 latents, scaled with width as sparsify scales it).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Learning-rate warm-up steps (default: 5% of the steps, at most 1000).
     #[arg(long)]
     warmup_steps: Option<u64>,
@@ -97,6 +98,12 @@ pub struct Args {
     /// Seconds a rank waits for the others in a collective before failing (data-parallel runs).
     #[arg(long, default_value_t = 600)]
     dist_timeout: u64,
+    /// Shuffle rows within windows of this many row groups of the dataset (4096 rows each in a
+    /// default capture); a number as large as the dataset's row groups shuffles each epoch whole,
+    /// holding it in memory as f32. With --follow, each window is read once capture has
+    /// committed it.
+    #[arg(long, value_name = "ROW_GROUPS", default_value_t = store::reader::DEFAULT_WINDOW_ROW_GROUPS)]
+    shuffle_window: usize,
     /// Read the dataset in stored order (for tests that pin the data order).
     #[arg(long, hide = true)]
     no_shuffle: bool,
@@ -211,13 +218,15 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--follow needs --max-tokens: the dataset's size is not known while it is being written");
     }
     let world_size = group.as_ref().map_or(1, |g| g.world_size());
-    let settings = run_settings(&args, args.max_tokens.unwrap_or(manifest.tokens), world_size);
+    let members = members(&args, d_model)?;
+    let widest = members.iter().map(|m| m.d_sae).max().unwrap_or(1);
+    let settings = run_settings(&args, args.max_tokens.unwrap_or(manifest.tokens), world_size, widest);
     let request = TrainRequest {
         data_url: args.data.clone(),
         out_url: args.out.clone(),
         hook: args.hook.clone(),
         settings,
-        members: members(&args, d_model)?,
+        members,
         device,
         store: store.clone(),
         group,
@@ -263,8 +272,9 @@ fn join_group(args: &Args, device: Device) -> Result<(Device, Option<ProcessGrou
     })
 }
 
-/// The run's settings from the flags, with the warm-ups defaulting to 5% of the steps.
-fn run_settings(args: &Args, max_tokens: u64, world_size: usize) -> RunSettings {
+/// The run's settings from the flags: the warm-ups default to 5% of the steps, the learning rate
+/// to [`trainer::schedule::default_lr`] of the widest SAE.
+fn run_settings(args: &Args, max_tokens: u64, world_size: usize, widest_latents: usize) -> RunSettings {
     let total_steps = max_tokens.div_ceil((args.batch_size.max(1) * world_size) as u64);
     let five_percent = (total_steps / 20).min(1000);
     RunSettings {
@@ -272,7 +282,7 @@ fn run_settings(args: &Args, max_tokens: u64, world_size: usize) -> RunSettings 
         max_tokens,
         batch_size: args.batch_size,
         world_size,
-        lr: args.lr,
+        lr: args.lr.unwrap_or_else(|| trainer::schedule::default_lr(widest_latents)),
         warmup_steps: args.warmup_steps.unwrap_or(five_percent),
         lr_decay_fraction: args.lr_decay_fraction,
         sparsity_warmup_steps: args.sparsity_warmup_steps.unwrap_or(five_percent),
@@ -283,6 +293,7 @@ fn run_settings(args: &Args, max_tokens: u64, world_size: usize) -> RunSettings 
         dead_window: args.dead_window,
         follow: args.follow,
         shuffle: !args.no_shuffle,
+        shuffle_window: args.shuffle_window,
         bf16_autocast: args.bf16_autocast,
         max_norm_multiple: args.max_norm_multiple,
     }

@@ -66,16 +66,18 @@ pub(super) fn data_stats(req: &TrainRequest) -> Result<DataStats, TrainError> {
 pub(super) fn reader_options(
     req: &TrainRequest,
     settings: &RunSettings,
-    d_in: usize,
+    stats: &DataStats,
     rank: usize,
     start: Cursor,
     replay: Vec<String>,
 ) -> ReaderOptions {
     let mut opts = ReaderOptions::new(&settings.hook, settings.batch_size);
-    opts.d_model = Some(d_in);
+    opts.d_model = Some(stats.hook.d_model);
     opts.seed = settings.seed;
     opts.rank = rank;
     opts.shuffle = settings.shuffle;
+    opts.window_row_groups = settings.shuffle_window;
+    opts.max_bytes_in_flight = opts.max_bytes_in_flight.max(window_bytes(&opts, stats));
     opts.world = settings.world_size;
     opts.start = start;
     opts.output = OutputDtype::F32;
@@ -85,4 +87,13 @@ pub(super) fn reader_options(
             Some(FollowOptions { poll: Duration::from_secs(2), idle_timeout: Some(Duration::from_secs(600)), replay });
     }
     opts
+}
+
+/// Decoded f32 bytes of one shuffle window of the largest row groups plus the row groups fetched
+/// ahead of it: what the reader must be allowed to hold for a large `--shuffle-window`.
+fn window_bytes(opts: &ReaderOptions, stats: &DataStats) -> usize {
+    let row_groups = || stats.manifest.shards.iter().flat_map(|s| s.row_groups.iter().copied());
+    let largest = row_groups().max().unwrap_or(0) as usize;
+    let window = opts.window_row_groups.min(row_groups().count());
+    (window + opts.prefetch_row_groups) * largest * stats.hook.d_model * std::mem::size_of::<f32>()
 }

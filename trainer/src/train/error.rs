@@ -24,6 +24,8 @@ pub enum TrainError {
     NoMembers,
     #[error("--batch-size must be at least 1")]
     ZeroBatchSize,
+    #[error("--shuffle-window must be at least 1 row group")]
+    ZeroShuffleWindow,
     #[error("--max-tokens must be at least 1")]
     ZeroMaxTokens,
     #[error(

@@ -86,6 +86,11 @@ pub struct RunSettings {
     /// with one process on the concatenated batches).
     #[serde(default = "default_true")]
     pub shuffle: bool,
+    /// Rows are shuffled within windows of this many consecutive row groups of each rank's share
+    /// of an epoch (as many as the dataset has: the whole epoch at once). Runs from before the
+    /// setting used the reader's default window.
+    #[serde(default = "default_shuffle_window")]
+    pub shuffle_window: usize,
     /// Run the SAE's large matrix products in bf16 (f32 master weights). Meant for GPUs; it
     /// changes the numerics, so it is part of the configuration.
     #[serde(default)]
@@ -99,6 +104,10 @@ pub struct RunSettings {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_shuffle_window() -> usize {
+    store::reader::DEFAULT_WINDOW_ROW_GROUPS
 }
 
 /// One SAE of a run: where it goes and what it is.
@@ -216,6 +225,9 @@ fn check_request(req: &TrainRequest) -> Result<(), TrainError> {
     if s.batch_size == 0 {
         return Err(TrainError::ZeroBatchSize);
     }
+    if s.shuffle_window == 0 {
+        return Err(TrainError::ZeroShuffleWindow);
+    }
     if let Some(multiple) = s.max_norm_multiple.filter(|m| m.is_nan() || *m < 1.0) {
         return Err(TrainError::MaxNormMultipleBelowOne(multiple));
     }
@@ -235,7 +247,6 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     let leader = rank == 0;
     let collectives = Collectives { group: req.group.as_ref(), device: req.device };
     let stats = data::data_stats(req)?;
-    let d_in = stats.hook.d_model;
     let settings = RunSettings { hook: stats.hook.name.clone(), ..req.settings.clone() };
     let tokens_per_step = (settings.batch_size * settings.world_size) as u64;
     let total_steps = settings.max_tokens.div_ceil(tokens_per_step);
@@ -272,7 +283,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     }
 
     let replay = resumed_state.map(|s| s.follow_shards).unwrap_or_default();
-    let reader = Reader::open(&req.data_url, data::reader_options(req, &settings, d_in, rank, at.cursor, replay))?;
+    let reader = Reader::open(&req.data_url, data::reader_options(req, &settings, &stats, rank, at.cursor, replay))?;
     let prep = Preparation { scale: stats.scale, max_norm_multiple: settings.max_norm_multiple };
     let mut loader = Loader::start(reader, prep, req.device, 4);
     let schedule = LrSchedule {

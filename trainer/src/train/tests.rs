@@ -67,6 +67,7 @@ fn request(data_url: String, out_url: String, stop: bool) -> TrainRequest {
             dead_window: 1000,
             follow: false,
             shuffle: true,
+            shuffle_window: 8,
             bf16_autocast: false,
             max_norm_multiple: None,
         },
