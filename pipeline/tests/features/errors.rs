@@ -35,6 +35,10 @@ fn bad_inputs_are_clear_errors() {
         "--latents 1152 --k 16 --batch-size 256 --max-tokens 1024 --seed 9 --no-eval --quiet",
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    // Trained without --lr: the default rate of 1152 latents, 1e-3 × √(4608 / 1152).
+    let result = std::fs::read_to_string(Path::new(&other).join("result.json")).unwrap();
+    let result: serde_json::Value = serde_json::from_str(&result).unwrap();
+    assert_eq!(result["config"]["settings"]["lr"].as_f64(), Some(2e-3), "{result}");
     let out = sae(&[
         "steer",
         "--sae",
