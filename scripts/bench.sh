@@ -15,8 +15,8 @@ if [ -n "${BENCH_KEEP:-}" ]; then echo "work folder: $WORK (kept)"; else trap 'r
 last_field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])['$1'])"; }
 
 # BENCH_SECTIONS picks sections by name (default: all of them, in this order):
-#   forward stopped store encode train features scaling quality
-SECTIONS=${BENCH_SECTIONS:-forward stopped store encode train features scaling quality}
+#   forward stopped sizing store encode train features scaling quality
+SECTIONS=${BENCH_SECTIONS:-forward stopped sizing store encode train features scaling quality}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # The training benchmark's data and SAE serve the features section too.
 train_data() { [ -d "$WORK/train-ds" ] || $SAE capture --model "$MODEL" --threads "$THREADS" --max-tokens "${BENCH_TRAIN_DATA_TOKENS:-50000}" --out "$WORK/train-ds" >/dev/null 2>&1; }
@@ -75,6 +75,41 @@ show("our forward to blocks.15, share of the matrix-product limit", [o / m for o
 show("transformers stopped, share of the matrix-product limit", [t / m for _, _, t, m in rows], pct=True)
 PY
 done
+fi
+
+if want sizing; then
+echo
+# Capture's levers (issue 16 §3): windows per forward pass, tokens per window, and the encoder
+# threads kept off the model's cores, each against the defaults (batch 8, ctx 256, model threads =
+# encode threads = THREADS), in one dtype, with the matrix-product limit of each shape.
+SIZING_DTYPE=${BENCH_SIZING_DTYPE:-bf16}
+SIZINGS=${BENCH_SIZINGS:-8,256,$THREADS,$THREADS 4,256,$THREADS,$THREADS 16,256,$THREADS,$THREADS 16,128,$THREADS,$THREADS 4,512,$THREADS,$THREADS 8,256,$THREADS,1 8,256,1,1}
+echo "== capture sizing: batch,ctx,model threads,encode threads in {$SIZINGS}, $SIZING_DTYPE, $TOKENS tokens, $ROUNDS rounds =="
+results=()
+for round in $(seq "$ROUNDS"); do
+  for sizing in $SIZINGS; do
+    IFS=, read -r batch ctx model_threads encode_threads <<< "$sizing"
+    rm -rf "$WORK/ds"
+    capture=$($SAE capture --model "$MODEL" --threads "$model_threads" --encode-threads "$encode_threads" --dtype "$SIZING_DTYPE" --batch-size "$batch" --context-len "$ctx" --max-tokens "$TOKENS" --out "$WORK/ds" --json 2>/dev/null | last_field model_tokens_per_s)
+    limit=$("$SAE_PYTHON" scripts/bench_matmul.py --threads "$THREADS" --dtype "$SIZING_DTYPE" --tokens "$TOKENS" --batch-size "$batch" --context-len "$ctx" --blocks 16 2>/dev/null | last_field tokens_per_s)
+    echo "round $round, $sizing: capture $capture, matrix products alone ($THREADS threads) $limit tokens/s"
+    results+=("$round,$sizing,$capture,$limit")
+  done
+done
+python3 - "${results[@]}" <<'PY'
+import statistics, sys
+from collections import defaultdict
+rows = [r.split(",") for r in sys.argv[1:]]
+base = rows[0][1:5]
+capture, limit = defaultdict(dict), defaultdict(dict)
+for rnd, *sizing, c, m in rows:
+    capture[tuple(sizing)][rnd], limit[tuple(sizing)][rnd] = float(c), float(m)
+print(f"{'batch, ctx, model threads, encode threads':<44}{'tokens/s':>10}{'vs defaults':>13}{'share of limit':>16}")
+for sizing, by_round in capture.items():
+    ratio = statistics.median(by_round[r] / capture[tuple(base)][r] for r in by_round)
+    share = statistics.median(by_round[r] / limit[sizing][r] for r in by_round)
+    print(f"{', '.join(sizing):<44}{statistics.median(by_round.values()):>10.0f}{ratio:>12.2f}x{100 * share:>15.0f}%")
+PY
 fi
 
 if want store; then

@@ -1,7 +1,7 @@
 //! `sae train` and `sae eval` on real activations of the real model: every architecture learns,
 //! sweeps equal separate runs bit for bit, SIGTERM/SIGKILL plus resume equals an uninterrupted
-//! run bit for bit (also with the norm filter and a whole-epoch shuffle), SAELens loads what we export, S3 outputs work, and
-//! bad inputs are clear errors.
+//! run bit for bit (also with the norm filter and another shuffle window, in plain and follow
+//! mode), SAELens loads what we export, S3 outputs work, and bad inputs are clear errors.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -447,6 +447,27 @@ fn follow_resumes_past_its_first_window_and_a_damaged_checkpoint_falls_back() {
     assert_eq!(summary["resumed_from_step"].as_u64().unwrap(), checkpoint_step(&newest) - 5, "{summary}");
     assert_eq!(weights(&dir), weights(&whole), "resumed follow run differs from the uninterrupted one");
     assert_eq!(without_timing(metrics(&dir)), without_timing(metrics(&whole)));
+}
+
+#[test]
+fn a_follow_run_with_the_norm_filter_and_its_own_window_resumes_bitwise() {
+    // Both data settings in follow mode: windows of 3 row groups of 512 rows (6 steps) read in
+    // commit order, and the filter's per-batch median.
+    let follow: &[&str] = &["--follow", "--max-tokens", "12800", "--shuffle-window", "3", "--max-norm-multiple", "3"];
+    let whole = scratch("follow-filtered-whole");
+    let out = train(whole.to_str().unwrap(), follow);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let dir = scratch("follow-filtered-killed");
+    let mut newest = None;
+    while newest.as_deref().map_or(0, checkpoint_step) < 15 {
+        interrupt_with(&dir, follow, newest.clone(), "-KILL");
+        newest = newest_checkpoint(&dir);
+    }
+    let out = train(dir.to_str().unwrap(), follow);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(last_json(&out)["resumed_from_step"].as_u64().unwrap() >= 15);
+    assert_eq!(weights(&dir), weights(&whole), "resumed follow run differs from the uninterrupted one");
 }
 
 #[test]
