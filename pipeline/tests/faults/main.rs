@@ -39,7 +39,7 @@ use s3::{S3S_ACCESS_KEY, S3S_SECRET_KEY};
 use store_common::{moto, Fault, Proxy, TestStoreOptions};
 use training::CHECKPOINT_EVERY;
 use training::{
-    checkpoint_step, kill_launcher_and_ranks, launch, metrics_without_timing, same_run, train_args, Launch,
+    checkpoint_step, kill_launcher_and_ranks, launch, metrics_without_timing, run_difference, train_args, Launch,
 };
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
@@ -180,7 +180,24 @@ fn train_with_kills(scenario: &'static str, how: Launch, settings: &[&str], tota
     let f = run(launch(how, &args), &logs, "final");
     tally.saw(&f);
     assert!(f.success(), "the resumed run failed: {}", f.stderr);
-    tally.compared(same_run(&whole, &out));
+    let difference = run_difference(&whole, &out);
+    if let Some(difference) = &difference {
+        // Say what differs and where the interruptions stopped, so a failure can be read from the
+        // log alone (the scratch folder is overwritten by the next run).
+        let stops: Vec<String> = std::fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|text| {
+                text.lines().filter(|l| l.contains("interrupted at step")).map(String::from).collect::<Vec<_>>()
+            })
+            .collect();
+        println!(
+            "faults: {scenario}: the resumed run differs from the uninterrupted one: {difference}; stops: {stops:?}"
+        );
+    }
+    tally.compared(difference.is_none());
     println!("faults: {scenario:<34} | deepest kill after checkpoint step {deepest_kill} of {total_steps}");
     tally
 }

@@ -85,10 +85,22 @@ pub fn metrics_without_timing(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Same weights file, byte for byte, and the same metrics but for timing.
-pub fn same_run(a: &Path, b: &Path) -> bool {
+/// What differs between two runs' results (None: the same weights file, byte for byte, and the
+/// same metrics but for timing): the weights, and the first metrics row that differs, both
+/// versions, for the report of a scenario whose runs should be identical.
+pub fn run_difference(a: &Path, b: &Path) -> Option<String> {
     let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
-    read(a, "sae_weights.safetensors") == read(b, "sae_weights.safetensors")
-        && metrics_without_timing(&String::from_utf8(read(a, "metrics.jsonl")).unwrap())
-            == metrics_without_timing(&String::from_utf8(read(b, "metrics.jsonl")).unwrap())
+    let mut found = Vec::new();
+    if read(a, "sae_weights.safetensors") != read(b, "sae_weights.safetensors") {
+        found.push("the weights differ".to_string());
+    }
+    let rows = |d: &Path| metrics_without_timing(&String::from_utf8(read(d, "metrics.jsonl")).unwrap());
+    let (rows_a, rows_b) = (rows(a), rows(b));
+    if rows_a.len() != rows_b.len() {
+        found.push(format!("{} metrics rows against {}", rows_a.len(), rows_b.len()));
+    }
+    if let Some((x, y)) = rows_a.iter().zip(&rows_b).find(|(x, y)| x != y) {
+        found.push(format!("first differing metrics row: {x} against {y}"));
+    }
+    (!found.is_empty()).then(|| found.join("; "))
 }
