@@ -1,6 +1,7 @@
 //! Checkpoints: one object per checkpoint, `checkpoints/step-<step>.safetensors`, holding the
 //! SAE's tensors (`sae.*`), Adam's moments (`adam.m.*`, `adam.v.*`), the dead-latent counters
-//! (`dead.tokens_since_fired`), the loss sums not yet logged (`metrics.pending`), and, as JSON in the safetensors metadata under `checkpoint`,
+//! (`dead.tokens_since_fired`), the loss sums not yet logged (`metrics.pending`: [5], or [world, 5]
+//! with each rank's own sums in a data-parallel run), and, as JSON in the safetensors metadata under `checkpoint`,
 //! the [`CheckpointState`]. A single object put is atomic on every store, so a checkpoint is
 //! either complete or invisible; a torn local write never has the final name. Damage after the
 //! write (a flipped bit, a truncated copy) is caught by a checksum over the tensors and the state,

@@ -60,6 +60,19 @@ impl Collectives<'_> {
         Ok(())
     }
 
+    /// Every rank's unlogged metric sums for a checkpoint, stacked [world, 5] (rank r's in row r;
+    /// one process: its own [5]). Each rank resumes its own sums, so the next row's all-rank mean
+    /// is computed in the same order as in a run never interrupted; averaging them here instead
+    /// changed that row's last bits. Adding the other ranks' zeros is exact.
+    pub(super) fn gather_pending_metrics(&self, run: &MemberRun) -> Result<Option<Tensor>, TrainError> {
+        let (Some(sums), _) = run.acc.pending() else { return Ok(None) };
+        let Some(group) = self.group else { return Ok(Some(sums)) };
+        let stacked = Tensor::zeros([group.world_size() as i64, sums.size()[0]], (sums.kind(), sums.device()));
+        stacked.get(group.rank() as i64).copy_(&sums);
+        group.all_reduce_sum(&[&stacked])?;
+        Ok(Some(stacked))
+    }
+
     /// Averages the unlogged metric sums over ranks, so the logged means cover every rank's rows.
     pub(super) fn mean_pending_metrics(&self, run: &mut MemberRun) -> Result<(), TrainError> {
         if let (Some(_), (Some(sums), _)) = (self.group, run.acc.pending()) {

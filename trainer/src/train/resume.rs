@@ -215,7 +215,10 @@ pub(super) fn restore_member(
             .map_err(|detail| TrainError::Checkpoint(CheckpointError::Bad { location: location(), detail }))?;
         dead = DeadLatents::from_counters(saved.dead_counters, setup.dead_window, req.device);
         rows = saved.state.metrics;
-        acc = StepAccumulator::restore(saved.pending_metrics, saved.state.pending_metric_steps, req.device);
+        // [world, 5]: each rank's own sums; [5] (one process, or checkpoints from before): as is.
+        let rank = req.group.as_ref().map_or(0, |g| g.rank()) as i64;
+        let pending = saved.pending_metrics.map(|p| if p.dim() == 2 { p.get(rank) } else { p });
+        acc = StepAccumulator::restore(pending, saved.state.pending_metric_steps, req.device);
         let (step, tokens) = (setup.start_step, saved.state.tokens);
         tracing::info!("{name}: resuming from step {step} ({tokens} tokens)");
     }

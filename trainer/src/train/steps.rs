@@ -138,14 +138,13 @@ impl Loop<'_> {
 
     /// Checkpoints every member at `at` (rank 0 writes).
     fn checkpoint(&self, runs: &mut [MemberRun], at: &Progress, loader: &Loader) -> Result<(), TrainError> {
-        // The unlogged sums are averaged first, so the checkpoint holds every rank's share.
-        for run in runs.iter_mut() {
-            self.collectives.mean_pending_metrics(run)?;
-        }
+        // Every rank's unlogged sums go into the checkpoint, each rank's own.
+        let pending =
+            runs.iter().map(|run| self.collectives.gather_pending_metrics(run)).collect::<Result<Vec<_>, _>>()?;
         if self.leader {
             let follow_shards = if self.settings.follow { loader.shard_order() } else { Vec::new() };
             let position = Position { at: *at, normalization: self.normalization, follow_shards };
-            save_checkpoints(runs, self.settings, &position)?;
+            save_checkpoints(runs, &pending, self.settings, &position)?;
         }
         Ok(())
     }
@@ -236,9 +235,15 @@ struct Position {
     follow_shards: Vec<String>,
 }
 
-fn save_checkpoints(runs: &[MemberRun], settings: &RunSettings, position: &Position) -> Result<(), TrainError> {
-    for run in runs {
-        let (pending, pending_metric_steps) = run.acc.pending();
+/// `pending`: each run's unlogged metric sums of every rank (see `gather_pending_metrics`).
+fn save_checkpoints(
+    runs: &[MemberRun],
+    pending: &[Option<Tensor>],
+    settings: &RunSettings,
+    position: &Position,
+) -> Result<(), TrainError> {
+    for (run, pending) in runs.iter().zip(pending) {
+        let (_, pending_metric_steps) = run.acc.pending();
         let state = CheckpointState {
             format_version: checkpoint::FORMAT_VERSION,
             step: position.at.step,
