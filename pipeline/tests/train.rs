@@ -196,29 +196,46 @@ fn sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run_bitwise() {
     assert_eq!(again["fvu"], summary["fvu"]);
 }
 
-/// The norm filter is a mode of training: it changes what is trained on, a killed run resumes to
-/// the uninterrupted run's bits, it is part of the configuration, and a multiple below 1 is refused.
-#[test]
-fn a_norm_filtered_run_resumes_bitwise_and_is_part_of_the_configuration() {
-    let filter = ["--max-norm-multiple", "3"];
-    let whole = scratch("norm-filter-whole");
-    let out = train(whole.to_str().unwrap(), &filter);
+/// A run with `flags` changes the SAE from the default run's (`unchanged`: what it would mean if
+/// not), SIGKILL plus resume gives the uninterrupted run's bits, and resuming without the flags is
+/// refused naming `config_difference`. `name` keeps the scratch folders apart.
+fn assert_setting_resumes_bitwise_and_is_configured(
+    name: &str,
+    flags: &[&str],
+    unchanged: &str,
+    config_difference: &str,
+) {
+    let whole = scratch(&format!("{name}-whole"));
+    let out = train(whole.to_str().unwrap(), flags);
     assert!(out.status.success(), "{}", stderr(&out));
-    // The real activations have attention-sink rows far above 3 × the median: leaving them out
-    // changes the SAE.
-    assert_ne!(weights(&whole), weights(topk_alone()), "the filter left every row in");
+    assert_ne!(weights(&whole), weights(topk_alone()), "{unchanged}");
 
-    let dir = scratch("norm-filter-killed");
-    interrupt_with(&dir, &filter, None, "-KILL");
-    let out = train(dir.to_str().unwrap(), &filter);
+    let dir = scratch(&format!("{name}-killed"));
+    interrupt_with(&dir, flags, None, "-KILL");
+    let out = train(dir.to_str().unwrap(), flags);
     assert!(out.status.success(), "resume failed: {}", stderr(&out));
     assert!(last_json(&out)["resumed_from_step"].as_u64().unwrap() >= 5);
     assert_eq!(weights(&dir), weights(&whole), "resumed weights differ from the uninterrupted run's");
 
-    let unfiltered = train(dir.to_str().unwrap(), &[]);
-    assert!(!unfiltered.status.success());
-    let err = stderr(&unfiltered);
-    assert!(err.contains("another configuration") && err.contains("max_norm_multiple"), "{err}");
+    let without = train(dir.to_str().unwrap(), &[]);
+    assert!(!without.status.success());
+    let err = stderr(&without);
+    assert!(err.contains("another configuration") && err.contains(config_difference), "{err}");
+}
+
+/// The norm filter is a mode of training: it changes what is trained on, a killed run resumes to
+/// the uninterrupted run's bits, it is part of the configuration, and a multiple below 1 is refused.
+#[test]
+fn a_norm_filtered_run_resumes_bitwise_and_is_part_of_the_configuration() {
+    // The real activations have attention-sink rows far above 3 × the median: leaving them out
+    // changes the SAE.
+    let filter = ["--max-norm-multiple", "3"];
+    assert_setting_resumes_bitwise_and_is_configured(
+        "norm-filter",
+        &filter,
+        "the filter left every row in",
+        "max_norm_multiple",
+    );
 
     let below_one = train(scratch("norm-filter-bad").to_str().unwrap(), &["--max-norm-multiple", "0.5"]);
     assert!(!below_one.status.success());
@@ -230,22 +247,13 @@ fn a_norm_filtered_run_resumes_bitwise_and_is_part_of_the_configuration() {
 fn a_whole_epoch_shuffle_resumes_bitwise_and_is_part_of_the_configuration() {
     // The dataset has 32 row groups of 512 rows: a window of 1000 shuffles each epoch whole.
     let whole_epoch = ["--shuffle-window", "1000"];
-    let whole = scratch("shuffle-window-whole");
-    let out = train(whole.to_str().unwrap(), &whole_epoch);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_ne!(weights(&whole), weights(topk_alone()), "the window did not change the data order");
-
-    let dir = scratch("shuffle-window-killed");
-    interrupt_with(&dir, &whole_epoch, None, "-KILL");
-    let out = train(dir.to_str().unwrap(), &whole_epoch);
-    assert!(out.status.success(), "resume failed: {}", stderr(&out));
-    assert!(last_json(&out)["resumed_from_step"].as_u64().unwrap() >= 5);
-    assert_eq!(weights(&dir), weights(&whole), "resumed weights differ from the uninterrupted run's");
-
-    let default_window = train(dir.to_str().unwrap(), &[]);
-    assert!(!default_window.status.success());
-    let err = stderr(&default_window);
-    assert!(err.contains("another configuration") && err.contains("shuffle_window: there 1000, here 8"), "{err}");
+    let unchanged = "the window did not change the data order";
+    assert_setting_resumes_bitwise_and_is_configured(
+        "shuffle-window",
+        &whole_epoch,
+        unchanged,
+        "shuffle_window: there 1000, here 8",
+    );
 
     let zero = train(scratch("shuffle-window-zero").to_str().unwrap(), &["--shuffle-window", "0"]);
     assert!(!zero.status.success());
