@@ -12,7 +12,7 @@ use store::reader::{Reader, ReaderOptions};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{model, sae, spawn_sae, stderr, wait_while_running, S3Server};
+use common::{last_json, model, sae, spawn_sae, stderr, wait_while_running, S3Server};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 /// Small windows and batches keep the captures short on 2 cores.
@@ -68,7 +68,7 @@ fn captured_rows_equal_the_models_own_hooks_bitwise() {
             let flat: Vec<i64> = batch.iter().flat_map(|w| w.tokens.iter().map(|&t| t as i64)).collect();
             let tokens = Tensor::from_slice(&flat).view([batch.len() as i64, 64]);
             let out = model.network.forward(&tokens, None, &mut Hooks::new().capture([hook]), false).unwrap();
-            expected.push(out.hooks[&hook].narrow(1, 1, 63).reshape([-1, 576]));
+            expected.push(out.hooks[&hook].narrow(1, 1, 63).reshape([-1, 576]).to_kind(Kind::Float));
             for w in batch {
                 expected_rows.extend((1..64).map(|p| (w.sequence_id, p as u32, w.tokens[p])));
             }
@@ -79,7 +79,7 @@ fn captured_rows_equal_the_models_own_hooks_bitwise() {
         let (rows, values) = read_all(&f32_url, hook_name);
         assert_eq!(rows, expected_rows, "{hook_name}: token columns differ");
         let stored = Tensor::from_slice(&values).view([-1, 576]);
-        assert!(stored.equal(&expected), "{hook_name}: f32 rows are not bit-for-bit the model's");
+        assert!(stored.equal(&expected), "{hook_name}: f32-stored rows are not bit-for-bit the model's");
 
         let (rows, values) = read_all(&bf16_url, hook_name);
         assert_eq!(rows, expected_rows);
@@ -432,4 +432,25 @@ fn multilingual_capture_mixes_the_languages_in_a_fixed_cycle() {
     let first_cycle: Vec<usize> = documents.iter().take(37).map(|&(file, _)| group_of_file[file as usize]).collect();
     let want: Vec<usize> = [(0, 16), (1, 8), (2, 12), (3, 1)].iter().flat_map(|&(g, n)| vec![g; n]).collect();
     assert_eq!(first_cycle, want);
+}
+
+/// The compute dtype a capture ran in is reported, defaults to the CPU's (bf16 where it is
+/// native), and belongs to the capture's configuration: the same dataset asked for in another
+/// dtype is refused, naming it, and what was committed stays readable.
+#[test]
+fn the_compute_dtype_is_reported_and_part_of_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("ds").display().to_string();
+    let default = capture::device::dtype_name(capture::device::parse_dtype(None, tch::Device::Cpu).unwrap());
+    let out = capture(&url, &["--max-tokens", "300", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_json(&out)["compute_dtype"], default.as_str());
+
+    let other = if default == "f32" { "bf16" } else { "f32" };
+    let refused = capture(&url, &["--max-tokens", "300", "--dtype", other]);
+    assert!(!refused.status.success(), "a capture in {other} over a {default} dataset was accepted");
+    let err = stderr(&refused);
+    assert!(err.contains("compute_dtype") && err.contains(&url), "{err}");
+    let verify = sae(&["dataset", "verify", &url]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
 }

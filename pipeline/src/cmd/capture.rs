@@ -193,7 +193,13 @@ pub fn run(args: Args) -> Result<()> {
     tracing::debug!(seconds = capture_seconds, shards = manifest.shards.len(), "manifest committed");
     let info = store::info(args.out(), &store::StoreOptions::default())?;
     let captured = written.saturating_sub(resume_row);
-    report(&args, &info, started, Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds }))
+    let compute_dtype = capture::device::dtype_name(model.network.kind());
+    report(
+        &args,
+        &info,
+        started,
+        Some(Throughput { rows: captured, model_tokens, seconds: capture_seconds, compute_dtype }),
+    )
 }
 
 /// The header that names this capture: model, tokenizer, hooks, corpus and the settings that
@@ -328,6 +334,8 @@ struct Throughput {
     rows: u64,
     model_tokens: u64,
     seconds: f64,
+    /// The model's compute dtype (`f32`, `bf16`, `f16`).
+    compute_dtype: String,
 }
 
 /// The summary; `captured` is `None` when the dataset was already finished.
@@ -344,6 +352,7 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
         "capture_seconds": t.seconds,
         "tokens_per_s": tokens_per_s,
         "model_tokens_per_s": per_s(t.model_tokens),
+        "compute_dtype": (!was_finished).then_some(&t.compute_dtype),
         "tokens": info.tokens,
         "hooks": info.hooks.iter().map(|h| &h.name).collect::<Vec<_>>(),
         "shards": info.shards,
@@ -362,7 +371,8 @@ fn report(args: &Args, info: &store::DatasetInfo, started: Instant, captured: Op
         println!("shards      {}", info.shards);
         println!("bytes       {} ({:.3} B/elem, {})", info.bytes, info.bytes_per_element, info.dtype.name());
         if !was_finished {
-            println!("throughput  {tokens_per_s:.1} stored tokens/s (model, encoding and upload, after loading)");
+            let model = format!("{} model", t.compute_dtype);
+            println!("throughput  {tokens_per_s:.1} stored tokens/s ({model}, encoding and upload, after loading)");
         }
         println!("wall time   {secs:.1} s");
     }

@@ -23,14 +23,16 @@ pub fn last_json(out: &Output) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
-/// The default model (f32, CPU, 2 threads), loaded once per test binary and shared.
+/// The default model on the CPU in the CLI's default compute dtype there (bf16 where the CPU has
+/// native bf16, else f32), 2 threads, loaded once per test binary and shared.
 pub fn model() -> std::sync::MutexGuard<'static, capture::Model> {
     static MODEL: std::sync::OnceLock<std::sync::Mutex<capture::Model>> = std::sync::OnceLock::new();
     MODEL
         .get_or_init(|| {
             tch::set_num_threads(2);
             let path = capture::model::default_model_path();
-            std::sync::Mutex::new(capture::Model::load(&path, tch::Device::Cpu, tch::Kind::Float).unwrap())
+            let kind = capture::device::parse_dtype(None, tch::Device::Cpu).unwrap();
+            std::sync::Mutex::new(capture::Model::load(&path, tch::Device::Cpu, kind).unwrap())
         })
         .lock()
         .unwrap_or_else(|p| p.into_inner())
