@@ -250,7 +250,11 @@ fn a_window_larger_than_the_dataset_shuffles_each_epoch_whole() {
     let e = Reader::open(&url, o.clone()).err().expect("a budget one KiB short of a window would wait for itself");
     assert!(e.to_string().contains("cannot hold a window"), "{e}");
     o.max_bytes_in_flight = 11 << 10;
-    let r = Reader::open(&url, o).unwrap();
+    let r = Reader::open(&url, o.clone()).unwrap();
+    // The budget a caller asks the store for covers that window plus the row groups fetched ahead.
+    let row_bytes = r.d_model() * 2; // stored bf16
+    let budget = store::reader::window_budget(r.manifest(), row_bytes, &o);
+    assert_eq!(budget, (11 + o.prefetch_row_groups) << 10);
     let n = r.batches_per_epoch().unwrap() as usize;
     let batches: Vec<Batch> = r.take(n).map(|b| b.unwrap()).collect();
     let rows: Vec<(u64, u32)> = batches.iter().flat_map(ids).collect();

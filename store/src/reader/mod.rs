@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 pub use batch::{Batch, Cursor, TokenColumns};
 use fetch::{Ctx, Decoded};
 pub(crate) use footer::{check_schema, chunk_crcs, parse_footer};
+pub use open::window_budget;
 pub use options::{FollowOptions, OutputDtype, ReaderOptions, DEFAULT_WINDOW_ROW_GROUPS};
 use plan::Plan;
 use window::{copy_rows, Window};

@@ -137,21 +137,37 @@ fn decoding_pool(threads: usize) -> Result<rayon::ThreadPool> {
 /// The bytes-in-flight budget must hold one window of the largest row groups, or the reader
 /// would wait for itself.
 fn check_window_fits(manifest: Option<&Manifest>, row_bytes: usize, opts: &ReaderOptions) -> Result<()> {
+    let (largest, window) = window_shape(manifest, opts);
+    if window * kib_permits(largest * row_bytes) > kib_permits(opts.max_bytes_in_flight) {
+        return Err(Error::invalid(format!(
+            "max_bytes_in_flight {} cannot hold a window of {} row groups ({} bytes); raise it or lower window_row_groups",
+            opts.max_bytes_in_flight,
+            opts.window_row_groups,
+            largest * row_bytes * window
+        )));
+    }
+    Ok(())
+}
+
+/// The least `max_bytes_in_flight` with which a reader holds one shuffle window of `manifest`'s
+/// largest row groups and still fetches `prefetch_row_groups` more ahead of it, counted as the
+/// fetcher counts (whole KiB per row group of `row_bytes`-byte decoded rows). A caller that
+/// raises `window_row_groups` raises the budget to at least this.
+pub fn window_budget(manifest: Option<&Manifest>, row_bytes: usize, opts: &ReaderOptions) -> usize {
+    let (largest, window) = window_shape(manifest, opts);
+    (window + opts.prefetch_row_groups) * kib_permits(largest * row_bytes) * 1024
+}
+
+/// The rows of the largest row group and the row groups in one window: never more than the
+/// dataset has (in follow mode, with no final manifest, not yet known).
+fn window_shape(manifest: Option<&Manifest>, opts: &ReaderOptions) -> (usize, usize) {
     let row_groups = || manifest.iter().flat_map(|m| &m.shards).flat_map(|s| s.row_groups.iter().copied());
-    let max_rg = row_groups().max().unwrap_or(0) as usize;
-    // A window never holds more row groups than the dataset has (follow mode: not yet known).
+    let largest = row_groups().max().unwrap_or(0) as usize;
     let window = match manifest {
         Some(_) => opts.window_row_groups.clamp(1, row_groups().count().max(1)),
         None => opts.window_row_groups.max(1),
     };
-    let window_bytes = max_rg * row_bytes * window;
-    if window * kib_permits(max_rg * row_bytes) > kib_permits(opts.max_bytes_in_flight) {
-        return Err(Error::invalid(format!(
-            "max_bytes_in_flight {} cannot hold a window of {} row groups ({} bytes); raise it or lower window_row_groups",
-            opts.max_bytes_in_flight, opts.window_row_groups, window_bytes
-        )));
-    }
-    Ok(())
+    (largest, window)
 }
 
 /// A plan of the manifest's row groups when reading a final dataset, follow mode otherwise.

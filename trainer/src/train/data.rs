@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use store::reader::{Cursor, FollowOptions, OutputDtype, ReaderOptions};
+use store::reader::{window_budget, Cursor, FollowOptions, OutputDtype, ReaderOptions};
 use store::{HookSummary, Manifest};
 
 use super::{RunSettings, TrainError, TrainRequest};
@@ -77,7 +77,8 @@ pub(super) fn reader_options(
     opts.rank = rank;
     opts.shuffle = settings.shuffle;
     opts.window_row_groups = settings.shuffle_window;
-    opts.max_bytes_in_flight = opts.max_bytes_in_flight.max(window_bytes(&opts, stats));
+    let row_bytes = stats.hook.d_model * std::mem::size_of::<f32>();
+    opts.max_bytes_in_flight = opts.max_bytes_in_flight.max(window_budget(Some(&stats.manifest), row_bytes, &opts));
     opts.world = settings.world_size;
     opts.start = start;
     opts.output = OutputDtype::F32;
@@ -87,13 +88,4 @@ pub(super) fn reader_options(
             Some(FollowOptions { poll: Duration::from_secs(2), idle_timeout: Some(Duration::from_secs(600)), replay });
     }
     opts
-}
-
-/// Decoded f32 bytes of one shuffle window of the largest row groups plus the row groups fetched
-/// ahead of it: what the reader must be allowed to hold for a large `--shuffle-window`.
-fn window_bytes(opts: &ReaderOptions, stats: &DataStats) -> usize {
-    let row_groups = || stats.manifest.shards.iter().flat_map(|s| s.row_groups.iter().copied());
-    let largest = row_groups().max().unwrap_or(0) as usize;
-    let window = opts.window_row_groups.min(row_groups().count());
-    (window + opts.prefetch_row_groups) * largest * stats.hook.d_model * std::mem::size_of::<f32>()
 }
