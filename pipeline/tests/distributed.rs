@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{free_port, newest_checkpoint, scratch, stderr, venv_bin};
+use common::{alive, descendants, free_port, metrics_without_timing, newest_checkpoint, scratch, stderr, venv_bin};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 
@@ -128,44 +128,97 @@ fn two_ranks_equal_one_process_on_the_concatenated_batches() {
     }
 }
 
-fn torchrun(args: &[&str]) -> Command {
+fn torchrun<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut cmd = Command::new(venv_bin("torchrun"));
     cmd.args(["--no-python", "--nproc-per-node", "2", "--master-port", &free_port().to_string(), SAE]).args(args);
     cmd.env("RUST_LOG", "warn");
     cmd
 }
 
-#[test]
-fn a_torchrun_run_interrupted_and_resumed_equals_an_uninterrupted_one_bitwise() {
-    let whole = scratch("torchrun-whole");
-    let args = train_args(whole.to_str().unwrap(), "topk", "256", "15360");
-    let out = torchrun(&args).output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+/// The resume tests' torchrun run: 30 steps of 2 × 256 rows, a metrics row every 4 steps and a
+/// checkpoint every 3, so an interruption at a checkpoint mostly falls between metrics rows.
+fn resume_args(out: &Path) -> Vec<String> {
+    let mut args: Vec<String> =
+        train_args(out.to_str().unwrap(), "topk", "256", "15360").into_iter().map(String::from).collect();
+    let log_every = args.iter().position(|a| a == "--log-every").unwrap() + 1;
+    args[log_every] = "4".into();
+    args.extend(["--checkpoint-every".into(), "3".into()]);
+    args
+}
 
-    let resumed = scratch("torchrun-resumed");
-    let mut args = train_args(resumed.to_str().unwrap(), "topk", "256", "15360");
-    args.extend(["--checkpoint-every", "3"]);
-    let mut child = torchrun(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+/// The uninterrupted torchrun run the resume tests compare with, trained once.
+fn torchrun_whole() -> &'static Path {
+    static WHOLE: OnceLock<std::path::PathBuf> = OnceLock::new();
+    WHOLE.get_or_init(|| {
+        let whole = scratch("torchrun-whole");
+        let out = torchrun(&resume_args(&whole)).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        whole
+    })
+}
+
+/// Starts the run and waits for its first checkpoint.
+fn start_until_first_checkpoint(args: &[String], out: &Path) -> Child {
+    let mut child = torchrun(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
-    while newest_checkpoint(&resumed).is_none() {
+    while newest_checkpoint(out).is_none() {
         assert!(child.try_wait().unwrap().is_none(), "training ended before its first checkpoint");
         assert!(Instant::now() < deadline, "no checkpoint after 300 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    // torchrun passes SIGTERM on to its workers, which checkpoint and stop at the same step.
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    assert!(!child.wait().unwrap().success());
+    child
+}
+
+/// Runs the interrupted run to its end and checks it against [`torchrun_whole`]: the same
+/// weights file and the same metrics rows but for timing. Returns the step it resumed from.
+fn resume_and_compare(args: &[String], resumed: &Path) -> u64 {
     assert!(!resumed.join("result.json").exists(), "the run finished before it was interrupted");
-    let out = torchrun(&args).output().unwrap();
+    let out = torchrun(args).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
-    assert!(summary["resumed_from_step"].as_u64().unwrap() >= 3, "{summary}");
-    assert_eq!(
-        std::fs::read(resumed.join("sae_weights.safetensors")).unwrap(),
-        std::fs::read(whole.join("sae_weights.safetensors")).unwrap(),
-        "the resumed torchrun run differs from the uninterrupted one"
+    let from = summary["resumed_from_step"].as_u64().unwrap_or_else(|| panic!("not resumed: {summary}"));
+    let whole = torchrun_whole();
+    assert!(
+        std::fs::read(resumed.join("sae_weights.safetensors")).unwrap()
+            == std::fs::read(whole.join("sae_weights.safetensors")).unwrap(),
+        "the torchrun run resumed from step {from} has other weights than the uninterrupted one"
     );
+    assert_eq!(metrics_without_timing(resumed), metrics_without_timing(whole), "resumed from step {from}");
+    from
+}
+
+#[test]
+fn a_torchrun_run_interrupted_and_resumed_equals_an_uninterrupted_one_bitwise() {
+    let resumed = scratch("torchrun-resumed");
+    let args = resume_args(&resumed);
+    let mut child = start_until_first_checkpoint(&args, &resumed);
+    // torchrun passes SIGTERM on to its workers, which checkpoint and stop at the same step.
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(!child.wait().unwrap().success());
+    assert!(resume_and_compare(&args, &resumed) >= 3);
+}
+
+/// Killed outright right after a checkpoint between two metrics rows, every rank resumes its own
+/// unlogged metric sums, so the next row has the bits an uninterrupted run logs.
+#[test]
+fn a_torchrun_run_killed_between_metrics_rows_logs_the_same_rows_when_resumed() {
+    let resumed = scratch("torchrun-killed");
+    let args = resume_args(&resumed);
+    let mut child = start_until_first_checkpoint(&args, &resumed);
+    // torchrun starts its workers in sessions of their own, so each is killed by pid.
+    let ranks = descendants(child.id());
+    for pid in std::iter::once(child.id()).chain(ranks.iter().copied()) {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+    }
+    assert!(!child.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ranks.iter().any(|&pid| alive(pid)) {
+        assert!(Instant::now() < deadline, "ranks outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let from = resume_and_compare(&args, &resumed);
+    assert!(from % 4 != 0, "resumed from step {from}, on a metrics row: this test covers the steps between rows");
 }
 
 #[test]

@@ -13,7 +13,8 @@ use tch::{Device, Tensor};
 
 mod common;
 use common::{
-    last_json, newest_checkpoint, sae, sae_with, scratch, spawn_sae, stderr, venv_bin, wait_while_running, S3Server,
+    last_json, metrics_without_timing, newest_checkpoint, sae, sae_with, scratch, spawn_sae, stderr, venv_bin,
+    wait_while_running, S3Server,
 };
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
@@ -87,18 +88,6 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Metrics rows without the fields that measure time, which differ between any two runs.
-fn without_timing(rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
-    rows.into_iter()
-        .map(|mut r| {
-            for key in ["data_wait_fraction", "tokens_per_s"] {
-                r[key] = serde_json::Value::Null;
-            }
-            r
-        })
         .collect()
 }
 
@@ -186,7 +175,7 @@ fn sigterm_then_sigkill_then_resume_equals_the_uninterrupted_run_bitwise() {
     let summary = last_json(&out);
     assert!(summary["resumed_from_step"].as_u64().unwrap() >= 10, "{summary}");
     assert_eq!(weights(&dir), weights(topk_alone()), "resumed weights differ from the uninterrupted run's");
-    assert_eq!(without_timing(metrics(&dir)), without_timing(metrics(topk_alone())));
+    assert_eq!(metrics_without_timing(&dir), metrics_without_timing(topk_alone()));
 
     // A finished run reports again without training.
     let again = train(dir.to_str().unwrap(), &[]);
@@ -454,7 +443,7 @@ fn follow_resumes_past_its_first_window_and_a_damaged_checkpoint_falls_back() {
     assert_eq!(summary["tokens"], 12800, "{summary}");
     assert_eq!(summary["resumed_from_step"].as_u64().unwrap(), checkpoint_step(&newest) - 5, "{summary}");
     assert_eq!(weights(&dir), weights(&whole), "resumed follow run differs from the uninterrupted one");
-    assert_eq!(without_timing(metrics(&dir)), without_timing(metrics(&whole)));
+    assert_eq!(metrics_without_timing(&dir), metrics_without_timing(&whole));
 }
 
 #[test]

@@ -83,6 +83,25 @@ pub fn wait_while_running(child: &mut Child, what: &str, mut ready: impl FnMut()
 }
 
 /// The file name of the newest checkpoint in an SAE's output folder, if any.
+/// The rows of a run's `dir/metrics.jsonl` without the fields that measure time, which differ
+/// between any two runs.
+pub fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
+    metrics_text_without_timing(&std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap())
+}
+
+/// [`metrics_without_timing`] of the text of a `metrics.jsonl`.
+pub fn metrics_text_without_timing(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            for key in ["data_wait_fraction", "tokens_per_s"] {
+                row[key] = serde_json::Value::Null;
+            }
+            row
+        })
+        .collect()
+}
+
 pub fn newest_checkpoint(dir: &Path) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
         .ok()?
@@ -128,4 +147,28 @@ pub fn dataset_rows(url: &str, hook: &str, store: &store::StoreOptions) -> (Vec<
         values.extend(batch.to_f32());
     }
     (rows, values)
+}
+
+/// Every live descendant of `pid` (children first listed, then theirs), from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(c);
+                queue.push(c);
+            }
+        }
+    }
+    found
+}
+
+/// Alive and not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"))
+        .unwrap_or(false)
 }

@@ -31,16 +31,14 @@ mod store_common;
 mod training;
 
 use campaign::{faults_per_scenario, Rng, Tally};
-use common::newest_checkpoint;
+use common::{metrics_text_without_timing, newest_checkpoint};
 use process::{assert_clear_failure, run, start};
 use reference::{base, capture_args, commits_of, small, verify};
 use s3::{drops, nothing_torn, run_with_fault, s3_env, storm, with_env, RestartableS3, S3S_BUCKET};
 use s3::{S3S_ACCESS_KEY, S3S_SECRET_KEY};
 use store_common::{moto, Fault, Proxy, TestStoreOptions};
 use training::CHECKPOINT_EVERY;
-use training::{
-    checkpoint_step, kill_launcher_and_ranks, launch, metrics_without_timing, run_difference, train_args, Launch,
-};
+use training::{checkpoint_step, kill_launcher_and_ranks, launch, run_difference, train_args, Launch};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 const HOOK: &str = "blocks.15.hook_resid_post";
@@ -383,8 +381,8 @@ fn s3_training_faults(scenario: &'static str, fault_for: fn(usize, &mut Rng) -> 
         let get = |name: &str| objects.get(name).unwrap().unwrap_or_else(|| panic!("{out}: no {name}"));
         let read = |name: &str| std::fs::read(whole.join(name)).unwrap();
         let identical = get("sae_weights.safetensors")[..] == read("sae_weights.safetensors")[..]
-            && metrics_without_timing(std::str::from_utf8(&get("metrics.jsonl")).unwrap())
-                == metrics_without_timing(std::str::from_utf8(&read("metrics.jsonl")).unwrap());
+            && metrics_text_without_timing(std::str::from_utf8(&get("metrics.jsonl")).unwrap())
+                == metrics_text_without_timing(std::str::from_utf8(&read("metrics.jsonl")).unwrap());
         tally.compared(identical);
     }
     tally.report();
@@ -437,7 +435,7 @@ fn training_after_a_failed_checkpoint_upload(log_every: &str, failing_step: u64)
     let get = |name: &str| objects.get(name).unwrap().unwrap_or_else(|| panic!("{out}: no {name}"));
     let read = |name: &str| std::fs::read(whole.join(name)).unwrap();
     assert!(get("sae_weights.safetensors")[..] == read("sae_weights.safetensors")[..], "{scenario}: weights differ");
-    let text = |bytes: &[u8]| metrics_without_timing(std::str::from_utf8(bytes).unwrap());
+    let text = |bytes: &[u8]| metrics_text_without_timing(std::str::from_utf8(bytes).unwrap());
     assert_eq!(text(&get("metrics.jsonl")), text(&read("metrics.jsonl")), "{scenario}: metrics differ");
 }
 

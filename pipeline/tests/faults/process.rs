@@ -110,30 +110,6 @@ pub fn send_signal(pid: u32, signal: &str) {
     let _ = Command::new("kill").args([signal, &pid.to_string()]).stderr(Stdio::null()).status();
 }
 
-/// Every live descendant of `pid` (children first listed, then theirs), from /proc.
-pub fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(p) = queue.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
-        for task in tasks.flatten() {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                found.push(c);
-                queue.push(c);
-            }
-        }
-    }
-    found
-}
-
-/// Alive and not a zombie.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"))
-        .unwrap_or(false)
-}
-
 /// The last line of stderr that is not empty: where `sae` prints its error.
 pub fn error_line(run: &Finished) -> String {
     run.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()

@@ -6,7 +6,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::campaign::Rng;
-use crate::process::{descendants, send_signal, Finished, Process};
+use crate::common::descendants;
+use crate::process::{send_signal, Finished, Process};
 use crate::reference::verify;
 use crate::store_common::{s3_options, Fault, Proxy};
 

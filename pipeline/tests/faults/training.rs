@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{free_port, venv_bin};
-use crate::process::{alive, descendants, send_signal, Finished, Process};
+use crate::common::{alive, descendants, free_port, metrics_without_timing, venv_bin};
+use crate::process::{send_signal, Finished, Process};
 use crate::{sae_command, strings, SAE};
 
 /// Steps between checkpoints in every training scenario.
@@ -72,19 +72,6 @@ pub fn checkpoint_step(name: &str) -> u64 {
     name.trim_start_matches("step-").trim_end_matches(".safetensors").parse().unwrap()
 }
 
-/// Metrics rows without the fields that measure time, which differ between any two runs.
-pub fn metrics_without_timing(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .map(|l| {
-            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
-            for key in ["data_wait_fraction", "tokens_per_s"] {
-                row[key] = serde_json::Value::Null;
-            }
-            row
-        })
-        .collect()
-}
-
 /// What differs between two runs' results (None: the same weights file, byte for byte, and the
 /// same metrics but for timing): the weights, and the first metrics row that differs, both
 /// versions, for the report of a scenario whose runs should be identical.
@@ -94,7 +81,7 @@ pub fn run_difference(a: &Path, b: &Path) -> Option<String> {
     if read(a, "sae_weights.safetensors") != read(b, "sae_weights.safetensors") {
         found.push("the weights differ".to_string());
     }
-    let rows = |d: &Path| metrics_without_timing(&String::from_utf8(read(d, "metrics.jsonl")).unwrap());
+    let rows = |d: &Path| metrics_without_timing(d);
     let (rows_a, rows_b) = (rows(a), rows(b));
     if rows_a.len() != rows_b.len() {
         found.push(format!("{} metrics rows against {}", rows_a.len(), rows_b.len()));
