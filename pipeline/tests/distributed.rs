@@ -218,7 +218,10 @@ fn a_torchrun_run_killed_between_metrics_rows_logs_the_same_rows_when_resumed() 
         std::thread::sleep(Duration::from_millis(10));
     }
     let from = resume_and_compare(&args, &resumed);
-    assert!(from % 4 != 0, "resumed from step {from}, on a metrics row: this test covers the steps between rows");
+    assert!(
+        !from.is_multiple_of(4),
+        "resumed from step {from}, on a metrics row: this test covers the steps between rows"
+    );
 }
 
 #[test]
