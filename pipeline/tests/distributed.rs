@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 mod common;
-use common::{alive, descendants, free_port, metrics_without_timing, newest_checkpoint, scratch, stderr, venv_bin};
+use common::{
+    free_port, metrics_without_timing, newest_checkpoint, scratch, sigkill_tree, stderr, venv_bin, wait_until_gone,
+};
 
 const SAE: &str = env!("CARGO_BIN_EXE_sae");
 
@@ -209,17 +211,9 @@ fn a_torchrun_run_killed_between_metrics_rows_logs_the_same_rows_when_resumed() 
     let resumed = scratch("torchrun-killed");
     let args = resume_args(&resumed);
     let mut child = start_until_first_checkpoint(&args, &resumed);
-    // torchrun starts its workers in sessions of their own, so each is killed by pid.
-    let ranks = descendants(child.id());
-    for pid in std::iter::once(child.id()).chain(ranks.iter().copied()) {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
-    }
+    let ranks = sigkill_tree(child.id());
     assert!(!child.wait().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ranks.iter().any(|&pid| alive(pid)) {
-        assert!(Instant::now() < deadline, "ranks outlived SIGKILL");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_gone(&ranks);
     let from = resume_and_compare(&args, &resumed);
     assert!(
         !from.is_multiple_of(4),

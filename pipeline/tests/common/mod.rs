@@ -82,7 +82,6 @@ pub fn wait_while_running(child: &mut Child, what: &str, mut ready: impl FnMut()
     }
 }
 
-/// The file name of the newest checkpoint in an SAE's output folder, if any.
 /// The rows of a run's `dir/metrics.jsonl` without the fields that measure time, which differ
 /// between any two runs.
 pub fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
@@ -102,6 +101,7 @@ pub fn metrics_text_without_timing(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The file name of the newest checkpoint in an SAE's output folder, if any.
 pub fn newest_checkpoint(dir: &Path) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
         .ok()?
@@ -164,6 +164,27 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     found
+}
+
+/// SIGKILLs `pid` and every descendant at once, as a lost node or a batch system's hard kill
+/// would (torchrun starts its ranks in sessions of their own, so a process group would miss
+/// them); returns the descendants, for [`wait_until_gone`]. The caller reaps `pid` itself.
+pub fn sigkill_tree(pid: u32) -> Vec<u32> {
+    let descendants = descendants(pid);
+    for p in std::iter::once(pid).chain(descendants.iter().copied()) {
+        // A process may have ended a moment ago; `wait_until_gone` is the check.
+        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).stderr(Stdio::null()).status();
+    }
+    descendants
+}
+
+/// Waits until none of `pids` is alive, failing after 30 s.
+pub fn wait_until_gone(pids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(|&pid| alive(pid)) {
+        assert!(Instant::now() < deadline, "processes {pids:?} outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Alive and not a zombie.

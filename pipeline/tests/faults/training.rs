@@ -2,10 +2,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use crate::common::{alive, descendants, free_port, metrics_without_timing, venv_bin};
-use crate::process::{send_signal, Finished, Process};
+use crate::common::{free_port, metrics_without_timing, sigkill_tree, venv_bin, wait_until_gone};
+use crate::process::{Finished, Process};
 use crate::{sae_command, strings, SAE};
 
 /// Steps between checkpoints in every training scenario.
@@ -33,17 +32,9 @@ pub fn train_args(data: &str, out: &str, settings: &[&str]) -> Vec<String> {
 /// kill would (the ranks run in their own session, so killing torchrun alone would orphan
 /// them), and waits until every rank is gone.
 pub fn kill_launcher_and_ranks(p: Process) -> Finished {
-    let ranks = descendants(p.child.id());
-    p.signal("-KILL");
-    for pid in &ranks {
-        send_signal(*pid, "-KILL");
-    }
+    let ranks = sigkill_tree(p.child.id());
     let f = p.wait();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ranks.iter().any(|&pid| alive(pid)) {
-        assert!(Instant::now() < deadline, "ranks outlived SIGKILL");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_gone(&ranks);
     f
 }
 
@@ -81,8 +72,7 @@ pub fn run_difference(a: &Path, b: &Path) -> Option<String> {
     if read(a, "sae_weights.safetensors") != read(b, "sae_weights.safetensors") {
         found.push("the weights differ".to_string());
     }
-    let rows = |d: &Path| metrics_without_timing(d);
-    let (rows_a, rows_b) = (rows(a), rows(b));
+    let (rows_a, rows_b) = (metrics_without_timing(a), metrics_without_timing(b));
     if rows_a.len() != rows_b.len() {
         found.push(format!("{} metrics rows against {}", rows_a.len(), rows_b.len()));
     }
