@@ -137,6 +137,20 @@ fn a_sweep_member_equals_a_separate_run_bitwise() {
     assert_eq!(metrics(&member).last().unwrap()["fvu"], metrics(topk_alone()).last().unwrap()["fvu"]);
 }
 
+/// A narrower member of a width sweep starts from the same data rows as a run of it alone (the
+/// sweep reads rows for its widest member, each member uses the first rows its own width needs).
+#[test]
+fn a_narrower_member_of_a_width_sweep_equals_a_separate_run_bitwise() {
+    let sweep = scratch("width-sweep");
+    let out = train(sweep.to_str().unwrap(), &["--sweep", "latents=576,1152"]);
+    assert!(out.status.success(), "sweep failed: {}", stderr(&out));
+    let alone = scratch("narrow-alone");
+    let out = train(alone.to_str().unwrap(), &["--latents", "576"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(weights(&sweep.join("topk-l576-k16")), weights(&alone), "sweep member and separate run differ");
+    assert_eq!(weights(&sweep.join("topk-l1152-k16")), weights(topk_alone()), "the widest member differs");
+}
+
 /// Starts a run that checkpoints every 5 steps and waits until a checkpoint newer than `after`
 /// exists, then sends `signal`. Returns the exit status.
 fn interrupt(dir: &Path, after: Option<String>, signal: &str) -> std::process::ExitStatus {
@@ -615,4 +629,20 @@ fn feature_neighbors_are_sorted_exclude_the_feature_and_find_it_in_a_copy() {
     let out = sae(&["features", "neighbors", "--sae", sae_dir, "--feature", "1152"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("feature 1152 is out of range"), "{}", stderr(&out));
+}
+
+/// The random decoder start (the data start is the default, so every other resume test runs it).
+#[test]
+fn a_random_decoder_start_resumes_bitwise_and_is_part_of_the_configuration() {
+    assert_setting_resumes_bitwise_and_is_configured(
+        "decoder-init-random",
+        &["--decoder-init", "random"],
+        "the decoder started at the same directions either way",
+        "decoder_init: there random, here data",
+    );
+
+    let bad = train(scratch("decoder-init-bad").to_str().unwrap(), &["--decoder-init", "zeros"]);
+    assert!(!bad.status.success());
+    let err = stderr(&bad);
+    assert!(err.contains("`zeros` is not a decoder initialization (data or random)"), "{err}");
 }

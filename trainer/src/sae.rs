@@ -18,9 +18,13 @@
 //! warm-up likewise belongs to the loop: [`ForwardOutput`] exposes the unweighted terms so the
 //! loop can weight them itself.
 
+mod data_init;
+
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+
+pub use data_init::{rows_to_read, MAX_COSINE};
 
 /// Default AuxK coefficient, from Gao et al. 2024 (appendix A.2).
 pub const DEFAULT_AUXK_COEFF: f64 = 1.0 / 32.0;

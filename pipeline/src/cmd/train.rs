@@ -115,6 +115,11 @@ pub struct Args {
     /// norm (outliers such as attention sinks, which otherwise dominate the loss); off by default.
     #[arg(long, value_name = "MULTIPLE")]
     max_norm_multiple: Option<f64>,
+    /// How a new TopK or BatchTopK SAE's decoder starts: `data` (directions of distinct dataset
+    /// rows, read before the first step; better at a fixed budget) or `random` (unit directions,
+    /// as releases before 2026-12 did: pass it to resume a run those began).
+    #[arg(long, value_name = "data|random", default_value = "data")]
+    decoder_init: trainer::train::DecoderInit,
     /// A TOML file with any of these flags as keys (`latents = 4608`, `[sweep] k = [16, 32]`);
     /// flags given on the command line win.
     #[arg(long, value_name = "FILE")]
@@ -296,6 +301,7 @@ fn run_settings(args: &Args, max_tokens: u64, world_size: usize, widest_latents:
         shuffle_window: args.shuffle_window,
         bf16_autocast: args.bf16_autocast,
         max_norm_multiple: args.max_norm_multiple,
+        decoder_init: args.decoder_init,
     }
 }
 

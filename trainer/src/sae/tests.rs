@@ -493,3 +493,76 @@ fn sparse_encode_lists_the_dense_codes_non_zeros() {
         assert!(rebuilt.equal(&sae.encode(&x).unwrap()));
     }
 }
+
+/// `per_cluster` noisy copies of each of the first `clusters` unit axes times 3, moved by `mean`:
+/// rows [clusters × per_cluster, d_in] in a shuffled order.
+fn clustered_rows(d_in: i64, clusters: i64, per_cluster: i64, mean: &Tensor) -> Tensor {
+    let axes = Tensor::eye(d_in, (Kind::Float, Device::Cpu)).narrow(0, 0, clusters) * 3.0;
+    let copies = axes.repeat([per_cluster, 1]);
+    let noisy = &copies + Tensor::randn(copies.size(), (Kind::Float, Device::Cpu)) * 0.05;
+    let order = Tensor::randperm(clusters * per_cluster, (Kind::Int64, Device::Cpu));
+    noisy.index_select(0, &order) + mean
+}
+
+#[test]
+fn a_fresh_topk_sae_starts_at_distinct_data_directions() {
+    let _torch = setup(11);
+    let mean = Tensor::from_slice(&[1.0f32, -1.0, 0.5, 0.0, 2.0, 0.0, 0.0, -0.5]);
+    // 240 rows: 180 candidates, 60 probe rows.
+    let rows = clustered_rows(8, 5, 48, &mean);
+    // k = 1: a row's own cluster direction beats every random one, so the first reconstruction
+    // is all data directions.
+    for arch in [topk(1), batch_topk(1)] {
+        let mut sae = sae(8, 12, arch.clone());
+        sae.set_decoder_bias(&mean).unwrap();
+        let random_rows = values(&sae.w_dec().narrow(0, 5, 7));
+        // Near-copies are refused, so each cluster gives one direction and 7 latents stay random.
+        assert_eq!(sae.init_from_rows(&rows).unwrap(), 5, "{arch:?}");
+        let picked = sae.w_dec().narrow(0, 0, 5);
+        let axis_of_each = picked.abs().argmax(1, false);
+        let mut axes = Vec::<i64>::try_from(&axis_of_each).unwrap();
+        axes.sort();
+        assert_eq!(axes, [0, 1, 2, 3, 4], "one direction per cluster");
+        let cosines = picked.matmul(&picked.tr()) - Tensor::eye(5, (Kind::Float, Device::Cpu));
+        assert!(scalar(&cosines.max()) <= MAX_COSINE, "{cosines}");
+        for norm in decoder_row_norms(&sae) {
+            assert!((norm - 1.0).abs() < 1e-5, "decoder row norm {norm}");
+        }
+        assert_close(&values(&sae.w_dec().narrow(0, 5, 7)), &random_rows);
+        // W_enc = c · W_decᵀ with one c > 0, b_enc = 0.
+        let ratio = sae.w_enc() / sae.w_dec().tr();
+        let c = scalar(&ratio.get(0).get(0));
+        assert!(c > 0.0 && ((ratio - c).abs().max().double_value(&[])) < 1e-4 * c, "not one scale");
+        assert!(values(sae.b_enc()).iter().all(|&v| v == 0.0));
+        // The very first reconstruction already explains most of these rows' variance.
+        let latents = Tensor::zeros([240, 12], (Kind::Float, Device::Cpu));
+        let pre = sae.pre_activations(&rows).unwrap();
+        let (top, index) = pre.topk(1, 1, true, false);
+        let latents = latents.scatter(1, &index, &top.relu());
+        let error = (sae.decode(&latents).unwrap() - &rows).square().sum(Kind::Float);
+        let variance = (&rows - rows.mean_dim([0i64].as_slice(), true, Kind::Float)).square().sum(Kind::Float);
+        assert!(scalar(&(error / variance)) < 0.05, "{arch:?}: initial FVU too high");
+    }
+}
+
+#[test]
+fn relu_and_jumprelu_keep_their_random_start() {
+    let _torch = setup(12);
+    let rows = clustered_rows(8, 5, 48, &Tensor::zeros([8], (Kind::Float, Device::Cpu)));
+    for arch in [Architecture::Relu { l1: 1e-3 }, jump_relu()] {
+        assert!(!arch.starts_from_data());
+        let mut sae = sae(8, 12, arch.clone());
+        let before: Vec<Vec<f32>> = [sae.w_dec(), sae.w_enc(), sae.b_enc()].iter().map(|t| values(t)).collect();
+        assert_eq!(sae.init_from_rows(&rows).unwrap(), 0, "{arch:?}");
+        let after: Vec<Vec<f32>> = [sae.w_dec(), sae.w_enc(), sae.b_enc()].iter().map(|t| values(t)).collect();
+        assert_eq!(before, after, "{arch:?}");
+    }
+}
+
+#[test]
+fn initialization_rows_of_another_width_are_refused() {
+    let _torch = setup(13);
+    let mut sae = sae(8, 12, topk(2));
+    let err = sae.init_from_rows(&Tensor::zeros([40, 6], (Kind::Float, Device::Cpu))).unwrap_err();
+    assert!(err.to_string().contains("initialization rows"), "{err}");
+}

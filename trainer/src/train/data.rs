@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use store::reader::{window_budget, Cursor, FollowOptions, OutputDtype, ReaderOptions};
+use store::reader::{window_budget, Cursor, FollowOptions, OutputDtype, Reader, ReaderOptions};
 use store::{HookSummary, Manifest};
+
+use tch::Tensor;
 
 use super::{RunSettings, TrainError, TrainRequest};
 
@@ -88,4 +90,25 @@ pub(super) fn reader_options(
             Some(FollowOptions { poll: Duration::from_secs(2), idle_timeout: Some(Duration::from_secs(600)), replay });
     }
     opts
+}
+
+/// The first `rows` rows of the data in a one-process order of the run's seed, scaled as
+/// training scales them [≤ rows, d]: what fresh SAEs start from (`--decoder-init data`). Every
+/// rank reads the same rows, and the first n of them are the same for any `rows` ≥ n, so a
+/// sweep member starts as a separate run of it would.
+pub(super) fn init_rows(
+    req: &TrainRequest,
+    settings: &RunSettings,
+    stats: &DataStats,
+    rows: usize,
+) -> Result<Tensor, TrainError> {
+    let mut opts = reader_options(req, settings, stats, 0, Cursor::default(), Vec::new());
+    opts.world = 1;
+    opts.batch_rows = rows;
+    opts.epochs = Some(1);
+    opts.drop_last = false;
+    let mut reader = Reader::open(&req.data_url, opts)?;
+    let batch = reader.next().transpose()?.ok_or_else(|| TrainError::NoTokens { url: req.data_url.clone() })?;
+    let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]);
+    Ok(x * stats.scale)
 }

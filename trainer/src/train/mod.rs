@@ -35,12 +35,12 @@ use store::{ObjectDir, StoreOptions};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
-use crate::checkpoint::Normalization;
+use crate::checkpoint::{self, Normalization};
 use crate::dead::DeadLatents;
 use crate::dist::ProcessGroup;
 use crate::loader::{Loader, Preparation};
 use crate::metrics::{MetricsRow, StepAccumulator};
-use crate::sae::{Architecture, AuxK, Sae, SaeConfig, DEFAULT_AUXK_COEFF};
+use crate::sae::{self, Architecture, AuxK, Sae, SaeConfig, DEFAULT_AUXK_COEFF};
 use crate::schedule::LrSchedule;
 use collectives::Collectives;
 use data::DataStats;
@@ -100,6 +100,36 @@ pub struct RunSettings {
     /// the flag resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_norm_multiple: Option<f64>,
+    /// How a fresh TopK or BatchTopK SAE's decoder starts (ReLU and JumpReLU always start at
+    /// random directions). Runs from before the setting started at random directions.
+    #[serde(default = "random_directions")]
+    pub decoder_init: DecoderInit,
+}
+
+/// How a fresh SAE's decoder rows start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderInit {
+    /// Random unit directions, W_enc = W_decᵀ (OpenAI's and sparsify's start).
+    Random,
+    /// Directions of distinct dataset rows, read before the first step (see
+    /// [`Sae::init_from_rows`]).
+    Data,
+}
+
+fn random_directions() -> DecoderInit {
+    DecoderInit::Random
+}
+
+impl std::str::FromStr for DecoderInit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(DecoderInit::Random),
+            "data" => Ok(DecoderInit::Data),
+            _ => Err(format!("`{s}` is not a decoder initialization (data or random)")),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -270,8 +300,19 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     let stats = DataStats { scale: normalization.scale, variance: normalization.variance, ..stats };
 
     let mean = Tensor::from_slice(&stats.hook.mean).to_kind(Kind::Float) * stats.scale;
-    let setup =
-        resume::MemberSetup { req, settings: &settings, mean: &mean, dead_window, start_step: start.step, collectives };
+    let init_rows = match first_from_data(&settings, &plans, &start.saved) {
+        Some(widest) => Some(data::init_rows(req, &settings, &stats, sae::rows_to_read(widest))?),
+        None => None,
+    };
+    let setup = resume::MemberSetup {
+        req,
+        settings: &settings,
+        mean: &mean,
+        init_rows: init_rows.as_ref(),
+        dead_window,
+        start_step: start.step,
+        collectives,
+    };
     let mut runs = Vec::new();
     let mut at = Progress { step: start.step, tokens: 0, cursor: Cursor::default() };
     for (plan, saved) in plans.into_iter().zip(start.saved) {
@@ -318,6 +359,19 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     }
     summaries.extend(finished);
     Ok(summaries)
+}
+
+/// The widest of the members that start fresh from data rows, if any does.
+fn first_from_data(
+    settings: &RunSettings,
+    plans: &[resume::Planned],
+    saved: &[Option<checkpoint::Checkpoint>],
+) -> Option<usize> {
+    if settings.decoder_init != DecoderInit::Data {
+        return None;
+    }
+    let fresh = plans.iter().zip(saved).filter(|(plan, saved)| saved.is_none() && plan.config.arch.starts_from_data());
+    fresh.map(|(plan, _)| plan.config.d_sae).max()
 }
 
 fn display_name(name: &str) -> String {

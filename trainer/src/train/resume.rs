@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use serde::Deserialize;
 use store::ObjectDir;
 use tch::Tensor;
 
@@ -15,7 +16,7 @@ use crate::adam::Adam;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, RngState};
 use crate::dead::DeadLatents;
 use crate::metrics::StepAccumulator;
-use crate::sae::{Sae, SaeConfig};
+use crate::sae::{self, Sae, SaeConfig};
 
 /// A member of the run and what its output folder holds.
 pub(super) struct Planned<'a> {
@@ -34,6 +35,22 @@ pub(super) enum Found {
 
 fn config_json(dataset_id: &str, settings: &RunSettings, sae: &SaeConfig) -> serde_json::Value {
     serde_json::json!({ "dataset_id": dataset_id, "settings": settings, "sae": sae })
+}
+
+/// A saved configuration as this version writes it: settings added since it was saved take the
+/// values that runs had before them (their serde defaults), so an older run resumes when given
+/// those values. One this version cannot read is returned as it is (and then differs).
+fn as_written_now(saved: &serde_json::Value) -> serde_json::Value {
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        dataset_id: String,
+        settings: RunSettings,
+        sae: SaeConfig,
+    }
+    match Saved::deserialize(saved) {
+        Ok(s) => config_json(&s.dataset_id, &s.settings, &s.sae),
+        Err(_) => saved.clone(),
+    }
 }
 
 /// Every member of `req`, with its configuration and what its output folder holds.
@@ -85,8 +102,8 @@ fn inspect_output(dir: &ObjectDir, config: &serde_json::Value) -> Result<Found, 
     if let Some(bytes) = dir.get(RESULT_FILE)? {
         let result: ResultFile = serde_json::from_slice(&bytes)
             .map_err(|e| TrainError::DamagedResult { location: dir.display(RESULT_FILE), detail: e.to_string() })?;
-        if &result.config != config {
-            return Err(differs("finished run", &result.config));
+        if &as_written_now(&result.config) != config {
+            return Err(differs("finished run", &as_written_now(&result.config)));
         }
         return Ok(Found::Finished(result.summary));
     }
@@ -98,7 +115,9 @@ fn inspect_output(dir: &ObjectDir, config: &serde_json::Value) -> Result<Found, 
     // reported when the run picks the checkpoint to resume from.
     for &step in steps.iter().rev() {
         match checkpoint::load_state(dir, step) {
-            Ok(state) if &state.config != config => return Err(differs("checkpoint", &state.config)),
+            Ok(state) if &as_written_now(&state.config) != config => {
+                return Err(differs("checkpoint", &as_written_now(&state.config)))
+            }
             Ok(_) => return Ok(Found::Checkpoints(steps)),
             Err(e) if e.is_damage() => continue,
             Err(e) => return Err(e.into()),
@@ -180,6 +199,9 @@ pub(super) struct MemberSetup<'a> {
     pub(super) settings: &'a RunSettings,
     /// The scaled dataset mean: the decoder bias of a fresh SAE.
     pub(super) mean: &'a Tensor,
+    /// Scaled data rows that fresh SAEs start from (`--decoder-init data`; see
+    /// [`super::data::init_rows`]).
+    pub(super) init_rows: Option<&'a Tensor>,
     pub(super) dead_window: u64,
     /// The step the run resumes from (for the log).
     pub(super) start_step: u64,
@@ -200,6 +222,14 @@ pub(super) fn restore_member(
     tch::manual_seed(settings.seed as i64);
     let mut sae = Sae::new(config.clone(), req.device).map_err(sae_error)?;
     sae.set_decoder_bias(setup.mean).map_err(sae_error)?;
+    if let (None, Some(rows)) = (&saved, setup.init_rows) {
+        if config.arch.starts_from_data() {
+            // The first rows a separate run of this SAE would read: a sweep member is that run.
+            let own = rows.narrow(0, 0, rows.size()[0].min(sae::rows_to_read(config.d_sae) as i64));
+            let from_data = sae.init_from_rows(&own).map_err(sae_error)?;
+            tracing::info!("{name}: {from_data} of {} latents start from data rows", config.d_sae);
+        }
+    }
     sae.set_bf16_autocast(settings.bf16_autocast);
     let mut adam = Adam::new(settings.adam_betas.0, settings.adam_betas.1, settings.adam_eps);
     let mut dead = DeadLatents::new(config.d_sae, setup.dead_window, req.device);

@@ -70,6 +70,7 @@ fn request(data_url: String, out_url: String, stop: bool) -> TrainRequest {
             shuffle_window: 8,
             bf16_autocast: false,
             max_norm_multiple: None,
+            decoder_init: DecoderInit::Data,
         },
         members: vec![Member { d_sae: 32, arch: Architecture::TopK { k: 4 }, ..Member::default() }],
         device: Device::Cpu,
@@ -111,5 +112,45 @@ fn a_checkpoint_whose_seeds_are_not_the_runs_is_refused() {
     let err = train(&request(data, out, false)).unwrap_err();
     assert!(matches!(err, TrainError::SeedMismatch { seed: 7, .. }), "{err}");
     assert!(err.to_string().contains("this run's seed is 7"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_begun_before_the_decoder_init_setting_resumes_with_random_and_only_with_it() {
+    let dir = scratch("before-decoder-init");
+    let data = dataset(&dir);
+    let out = dir.join("out").display().to_string();
+    let with_init = |decoder_init, stop| {
+        let mut req = request(data.clone(), out.clone(), stop);
+        req.settings.decoder_init = decoder_init;
+        req
+    };
+    let interrupted = train(&with_init(DecoderInit::Random, true));
+    assert!(matches!(interrupted, Err(TrainError::Interrupted { step: 0 })), "{interrupted:?}");
+
+    // The checkpoint as an older release wrote it: no decoder_init in its configuration.
+    let out_dir = ObjectDir::open(&out, &StoreOptions::default()).unwrap();
+    let mut saved = checkpoint::load(&out_dir, 0).unwrap();
+    let removed = saved.state.config["settings"].as_object_mut().unwrap().remove("decoder_init");
+    assert_eq!(removed, Some(serde_json::json!("random")));
+    let named = |m: &std::collections::BTreeMap<String, tch::Tensor>| {
+        m.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>()
+    };
+    checkpoint::save(
+        &out_dir,
+        &saved.state,
+        &named(&saved.sae),
+        &named(&saved.adam),
+        &saved.dead_counters,
+        saved.pending_metrics.as_ref(),
+    )
+    .unwrap();
+
+    let err = train(&with_init(DecoderInit::Data, false)).unwrap_err();
+    assert!(matches!(err, TrainError::OtherConfiguration { .. }), "{err}");
+    assert!(err.to_string().contains("decoder_init"), "{err}");
+    // Accepted: the older configuration reads as decoder_init = random.
+    let summaries = train(&with_init(DecoderInit::Random, false)).unwrap();
+    assert_eq!(summaries[0].tokens, 256);
     let _ = std::fs::remove_dir_all(&dir);
 }
