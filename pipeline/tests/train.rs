@@ -103,13 +103,17 @@ fn every_architecture_lowers_its_loss_and_topk_keeps_its_l0() {
         let rows = metrics(&dir);
         assert_eq!(rows.len(), 16, "{name}: 80 steps logged every 5");
         // Rare outlier rows (norms 100x the median) make single intervals spike, so compare the
-        // median of the last four intervals with the second (the first after the sparsity
-        // coefficients' warm-up, 4 steps here).
-        let first = rows[1]["loss"].as_f64().unwrap();
+        // median of the last four intervals with an early one: for relu and jumprelu the second
+        // (the first after the sparsity coefficients' warm-up, 4 steps here); the TopK family
+        // starts from data rows (FVU about 0.07 in its first interval, not about 1), so its first
+        // interval, and it has less left to gain.
+        let from_data = name.contains("topk");
+        let first = rows[usize::from(!from_data)]["loss"].as_f64().unwrap();
         let mut tail: Vec<f64> = rows[rows.len() - 4..].iter().map(|r| r["loss"].as_f64().unwrap()).collect();
         tail.sort_by(f64::total_cmp);
         let last = (tail[1] + tail[2]) / 2.0;
-        assert!(last < 0.8 * first, "{name}: loss went from {first} to {last}");
+        let factor = if from_data { 0.85 } else { 0.8 };
+        assert!(last < factor * first, "{name}: loss went from {first} to {last}");
         for row in &rows {
             let l0 = row["l0"].as_f64().unwrap();
             match name {
@@ -638,7 +642,7 @@ fn a_random_decoder_start_resumes_bitwise_and_is_part_of_the_configuration() {
         "decoder-init-random",
         &["--decoder-init", "random"],
         "the decoder started at the same directions either way",
-        "decoder_init: there random, here data",
+        r#"decoder_init: there "random", here "data""#,
     );
 
     let bad = train(scratch("decoder-init-bad").to_str().unwrap(), &["--decoder-init", "zeros"]);

@@ -59,6 +59,9 @@ impl Sae {
         let _guard = tch::no_grad_guard();
         let rows = rows.to_kind(Kind::Float).to_device(self.vs.device());
         let n = rows.size()[0];
+        if n == 0 {
+            return Ok(0);
+        }
         let probe_rows = (PROBE_ROWS as i64).min(n / 4);
         let centred = &rows - &self.b_dec;
         let picked = pick_directions(&centred.narrow(0, 0, n - probe_rows), self.config.d_sae as i64, MAX_COSINE);

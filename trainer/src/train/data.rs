@@ -95,7 +95,8 @@ pub(super) fn reader_options(
 /// The first `rows` rows of the data in a one-process order of the run's seed, scaled as
 /// training scales them [≤ rows, d]: what fresh SAEs start from (`--decoder-init data`). Every
 /// rank reads the same rows, and the first n of them are the same for any `rows` ≥ n, so a
-/// sweep member starts as a separate run of it would.
+/// sweep member starts as a separate run of it would. In follow mode only the rows committed by
+/// now are read (the rest may come much later, e.g. from a capture worker not yet started).
 pub(super) fn init_rows(
     req: &TrainRequest,
     settings: &RunSettings,
@@ -104,11 +105,29 @@ pub(super) fn init_rows(
 ) -> Result<Tensor, TrainError> {
     let mut opts = reader_options(req, settings, stats, 0, Cursor::default(), Vec::new());
     opts.world = 1;
-    opts.batch_rows = rows;
     opts.epochs = Some(1);
     opts.drop_last = false;
-    let mut reader = Reader::open(&req.data_url, opts)?;
-    let batch = reader.next().transpose()?.ok_or_else(|| TrainError::NoTokens { url: req.data_url.clone() })?;
-    let x = Tensor::from_slice(&batch.to_f32()).view([batch.rows as i64, batch.d as i64]);
-    Ok(x * stats.scale)
+    opts.batch_rows = rows;
+    if let Some(follow) = &mut opts.follow {
+        // Stop at the first poll that finds nothing new; read row group by row group so that
+        // what was committed is not held back in a window or a batch that never fills.
+        follow.idle_timeout = Some(Duration::ZERO);
+        follow.poll = Duration::from_millis(50);
+        opts.window_row_groups = 1;
+        opts.batch_rows = rows.min(256);
+    }
+    let d = stats.hook.d_model;
+    let mut values = Vec::with_capacity(rows * d);
+    for batch in Reader::open(&req.data_url, opts)? {
+        match batch {
+            Ok(batch) => values.extend(batch.to_f32()),
+            Err(store::Error::FollowIdle { .. }) => break,
+            Err(e) => return Err(e.into()),
+        }
+        if values.len() >= rows * d {
+            break;
+        }
+    }
+    values.truncate(rows * d);
+    Ok(Tensor::from_slice(&values).view([(values.len() / d) as i64, d as i64]) * stats.scale)
 }
