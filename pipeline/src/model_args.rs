@@ -16,7 +16,8 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
     /// Compute dtype: f32, bf16 or f16. Default: bf16 on CUDA and on CPUs with native bf16
-    /// (x86 AVX512-BF16, where it is about 2× f32), else f32.
+    /// (x86 AVX512-BF16, where it is about 2× f32), else f32; for `sae capture`, the dtype of the
+    /// capture that --out already holds, if it holds one.
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
     /// libtorch intra-op threads (default: libtorch's choice).

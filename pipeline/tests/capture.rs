@@ -454,3 +454,39 @@ fn the_compute_dtype_is_reported_and_part_of_the_configuration() {
     let verify = sae(&["dataset", "verify", &url]);
     assert!(verify.status.success(), "{}", stderr(&verify));
 }
+
+/// Without `--dtype`, a capture continues in the dtype its dataset was computed in (a job
+/// requeued onto a CPU whose default differs): a finished dataset is reported, and a second
+/// worker joins a capture that the first ran in the other dtype.
+#[test]
+fn without_dtype_a_capture_continues_in_the_dtype_it_was_begun_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let default = capture::device::dtype_name(capture::device::parse_dtype(None, tch::Device::Cpu).unwrap());
+    let other = if default == "f32" { "bf16" } else { "f32" };
+
+    let finished = dir.path().join("finished").display().to_string();
+    let out = capture(&finished, &["--max-tokens", "300", "--dtype", other]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = capture(&finished, &["--max-tokens", "300", "--json"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(last_json(&again)["already_finished"], true, "{}", String::from_utf8_lossy(&again.stdout));
+
+    let workers = dir.path().join("workers").display().to_string();
+    let worker = |index: &str, extra: &[&str]| {
+        let mut args = vec!["--max-tokens", "600", "--workers", "2", "--worker", index];
+        args.extend_from_slice(extra);
+        let out = capture(&workers, &args);
+        assert!(out.status.success(), "worker {index}: {}", stderr(&out));
+    };
+    worker("0", &["--dtype", other]);
+    worker("1", &[]);
+    let finalize = sae(&["dataset", "finalize", &workers, "--workers", "2"]);
+    assert!(finalize.status.success(), "{}", stderr(&finalize));
+    let verify = sae(&["dataset", "verify", &workers]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("workers/manifest.json")).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(manifest["corpus"]["detail"].as_str().unwrap()).unwrap();
+    let kind = if other == "f32" { "Float" } else { "BFloat16" };
+    assert_eq!(config["compute_dtype"], kind, "{config}");
+}

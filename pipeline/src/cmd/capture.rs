@@ -127,7 +127,7 @@ impl RowPlan {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
     let started = Instant::now();
     let slot = WorkerSlot::resolve(args.worker, args.workers)?;
     if args.context_len < 2 {
@@ -137,6 +137,12 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--batch-size and --max-tokens must be positive");
     }
     let store_dtype = Dtype::parse(&args.store_dtype).context("--store-dtype")?;
+    if args.model.dtype.is_none() && !args.list_hooks {
+        if let Some(dtype) = dtype_of_existing_capture(args.out())? {
+            tracing::info!("{} holds a capture computed in {dtype}: continuing in {dtype}", args.out());
+            args.model.dtype = Some(dtype);
+        }
+    }
     let model = args.model.load()?;
     if args.list_hooks {
         for hook in model.network.hook_points() {
@@ -325,6 +331,25 @@ fn already_finished_or_different(out: &str, header: &DatasetHeader) -> Result<Op
         );
     }
     Ok(info.is_final.then_some(info))
+}
+
+/// The compute dtype (as `--dtype` spells it) of the capture that `out` already holds, finished
+/// or in progress; None when it holds none. Without `--dtype`, a capture continues in it, so a job
+/// requeued onto a CPU of another kind (whose default differs) resumes instead of being refused.
+fn dtype_of_existing_capture(out: &str) -> Result<Option<String>> {
+    let info = match store::info(out, &store::StoreOptions::default()) {
+        Ok(info) => info,
+        Err(store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let config: serde_json::Value = serde_json::from_str(&info.corpus.detail).unwrap_or_default();
+    let dtype = match config["compute_dtype"].as_str() {
+        Some("Float") => "f32",
+        Some("BFloat16") => "bf16",
+        Some("Half") => "f16",
+        _ => return Ok(None),
+    };
+    Ok(Some(dtype.to_string()))
 }
 
 /// What this run captured: stored rows, tokens the model ran over (position 0 of each window
