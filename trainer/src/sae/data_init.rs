@@ -76,8 +76,10 @@ impl Sae {
         let _ = b_enc.zero_();
         if probe_rows > 0 {
             let probe = centred.narrow(0, n - probe_rows, probe_rows);
-            let sum = row_topk(&probe.matmul(&w_enc), k).matmul(&w_dec); // [probe, d_in]
-            let scale = (&probe * &sum).sum(Kind::Float) / (&sum * &sum).sum(Kind::Float);
+            // Each row's own top k, for BatchTopK too (its batch-wide k·batch is the same on
+            // average); with b_enc = 0 the reconstruction is linear in the encoder's scale.
+            let unscaled = row_topk(&probe.matmul(&w_enc), k).matmul(&w_dec); // [probe, d_in]
+            let scale = (&probe * &unscaled).sum(Kind::Float) / (&unscaled * &unscaled).sum(Kind::Float);
             let scale = scale.double_value(&[]);
             if scale.is_finite() && scale > 0.0 {
                 let _ = w_enc.g_mul_scalar_(scale);
