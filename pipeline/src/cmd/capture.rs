@@ -343,13 +343,10 @@ fn dtype_of_existing_capture(out: &str) -> Result<Option<String>> {
         Err(e) => return Err(e.into()),
     };
     let config: serde_json::Value = serde_json::from_str(&info.corpus.detail).unwrap_or_default();
-    let dtype = match config["compute_dtype"].as_str() {
-        Some("Float") => "f32",
-        Some("BFloat16") => "bf16",
-        Some("Half") => "f16",
-        _ => return Ok(None),
-    };
-    Ok(Some(dtype.to_string()))
+    let Some(saved) = config["compute_dtype"].as_str() else { return Ok(None) };
+    // The header spells the kind as `dataset_header` writes it.
+    let kinds = [tch::Kind::Float, tch::Kind::BFloat16, tch::Kind::Half];
+    Ok(kinds.into_iter().find(|kind| format!("{kind:?}") == saved).map(capture::device::dtype_name))
 }
 
 /// What this run captured: stored rows, tokens the model ran over (position 0 of each window

@@ -134,9 +134,5 @@ fn pick_directions(centred: &Tensor, count: i64, max_cosine: f64) -> Tensor {
 
 /// A float tensor's values on the host, flattened in row-major order.
 fn host_values(t: &Tensor) -> Vec<f32> {
-    let flat = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
-    let len = flat.numel();
-    let mut values = vec![0f32; len];
-    flat.copy_data(&mut values, len);
-    values
+    Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).expect("f32 values")
 }

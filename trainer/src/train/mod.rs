@@ -300,7 +300,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
     let stats = DataStats { scale: normalization.scale, variance: normalization.variance, ..stats };
 
     let mean = Tensor::from_slice(&stats.hook.mean).to_kind(Kind::Float) * stats.scale;
-    let init_rows = match first_from_data(&settings, &plans, &start.saved) {
+    let init_rows = match widest_fresh_from_data(&settings, &plans, &start.saved) {
         Some(widest) => Some(data::init_rows(req, &settings, &stats, sae::rows_to_read(widest))?),
         None => None,
     };
@@ -362,7 +362,7 @@ pub fn train(req: &TrainRequest) -> Result<Vec<TrainSummary>, TrainError> {
 }
 
 /// The widest of the members that start fresh from data rows, if any does.
-fn first_from_data(
+fn widest_fresh_from_data(
     settings: &RunSettings,
     plans: &[resume::Planned],
     saved: &[Option<checkpoint::Checkpoint>],

@@ -94,17 +94,22 @@ pub(super) fn split_finished(plans: Vec<Planned>) -> (Vec<TrainSummary>, Vec<Pla
 
 /// What `dir` holds for a run of `config`; any run of another configuration is an error.
 fn inspect_output(dir: &ObjectDir, config: &serde_json::Value) -> Result<Found, TrainError> {
-    let differs = |what: &'static str, theirs: &serde_json::Value| TrainError::OtherConfiguration {
-        url: dir.url().to_string(),
-        what,
-        differences: store::compare::differences(theirs, config).join("; "),
+    // Saved configurations are read as this version writes them before they are compared.
+    let same_or_refused = |what: &'static str, saved: &serde_json::Value| {
+        let theirs = as_written_now(saved);
+        if &theirs == config {
+            return Ok(());
+        }
+        Err(TrainError::OtherConfiguration {
+            url: dir.url().to_string(),
+            what,
+            differences: store::compare::differences(&theirs, config).join("; "),
+        })
     };
     if let Some(bytes) = dir.get(RESULT_FILE)? {
         let result: ResultFile = serde_json::from_slice(&bytes)
             .map_err(|e| TrainError::DamagedResult { location: dir.display(RESULT_FILE), detail: e.to_string() })?;
-        if &as_written_now(&result.config) != config {
-            return Err(differs("finished run", &as_written_now(&result.config)));
-        }
+        same_or_refused("finished run", &result.config)?;
         return Ok(Found::Finished(result.summary));
     }
     let steps = checkpoint::list_steps(dir)?;
@@ -115,10 +120,10 @@ fn inspect_output(dir: &ObjectDir, config: &serde_json::Value) -> Result<Found, 
     // reported when the run picks the checkpoint to resume from.
     for &step in steps.iter().rev() {
         match checkpoint::load_state(dir, step) {
-            Ok(state) if &as_written_now(&state.config) != config => {
-                return Err(differs("checkpoint", &as_written_now(&state.config)))
+            Ok(state) => {
+                same_or_refused("checkpoint", &state.config)?;
+                return Ok(Found::Checkpoints(steps));
             }
-            Ok(_) => return Ok(Found::Checkpoints(steps)),
             Err(e) if e.is_damage() => continue,
             Err(e) => return Err(e.into()),
         }

@@ -83,6 +83,22 @@ fn request(data_url: String, out_url: String, stop: bool) -> TrainRequest {
     }
 }
 
+/// Writes `saved` back as the checkpoint of its step (after a test has edited its state).
+fn save_again(out_dir: &ObjectDir, saved: &checkpoint::Checkpoint) {
+    let named = |m: &std::collections::BTreeMap<String, tch::Tensor>| {
+        m.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>()
+    };
+    checkpoint::save(
+        out_dir,
+        &saved.state,
+        &named(&saved.sae),
+        &named(&saved.adam),
+        &saved.dead_counters,
+        saved.pending_metrics.as_ref(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_checkpoint_whose_seeds_are_not_the_runs_is_refused() {
     let dir = scratch("seed");
@@ -96,18 +112,7 @@ fn a_checkpoint_whose_seeds_are_not_the_runs_is_refused() {
     let out_dir = ObjectDir::open(&out, &StoreOptions::default()).unwrap();
     let mut saved = checkpoint::load(&out_dir, 0).unwrap();
     saved.state.rng = RngState { torch_seed: 8, reader_seed: 7 };
-    let named = |m: &std::collections::BTreeMap<String, tch::Tensor>| {
-        m.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>()
-    };
-    checkpoint::save(
-        &out_dir,
-        &saved.state,
-        &named(&saved.sae),
-        &named(&saved.adam),
-        &saved.dead_counters,
-        saved.pending_metrics.as_ref(),
-    )
-    .unwrap();
+    save_again(&out_dir, &saved);
 
     let err = train(&request(data, out, false)).unwrap_err();
     assert!(matches!(err, TrainError::SeedMismatch { seed: 7, .. }), "{err}");
@@ -133,18 +138,7 @@ fn a_run_begun_before_the_decoder_init_setting_resumes_with_random_and_only_with
     let mut saved = checkpoint::load(&out_dir, 0).unwrap();
     let removed = saved.state.config["settings"].as_object_mut().unwrap().remove("decoder_init");
     assert_eq!(removed, Some(serde_json::json!("random")));
-    let named = |m: &std::collections::BTreeMap<String, tch::Tensor>| {
-        m.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>()
-    };
-    checkpoint::save(
-        &out_dir,
-        &saved.state,
-        &named(&saved.sae),
-        &named(&saved.adam),
-        &saved.dead_counters,
-        saved.pending_metrics.as_ref(),
-    )
-    .unwrap();
+    save_again(&out_dir, &saved);
 
     let err = train(&with_init(DecoderInit::Data, false)).unwrap_err();
     assert!(matches!(err, TrainError::OtherConfiguration { .. }), "{err}");
