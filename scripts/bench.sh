@@ -60,8 +60,12 @@ for dtype in ${BENCH_DTYPES:-f32 bf16}; do
     capture=$($SAE capture --model "$MODEL" --threads "$THREADS" --dtype "$dtype" --max-tokens "$TOKENS" --hook blocks.15.hook_resid_post --out "$WORK/ds" --json 2>/dev/null | last_field model_tokens_per_s)
     theirs=$("$SAE_PYTHON" scripts/bench_forward.py --gguf "$MODEL" --threads "$THREADS" --dtype "$dtype" --max-tokens "$TOKENS" --stop-at-block 15 2>/dev/null | last_field tokens_per_s)
     limit=$("$SAE_PYTHON" scripts/bench_matmul.py --threads "$THREADS" --dtype "$dtype" --tokens "$TOKENS" --blocks 16 2>/dev/null | last_field tokens_per_s)
-    echo "round $round ($dtype): ours forward $ours, ours capture $capture, transformers stopped $theirs, matrix products alone $limit tokens/s"
-    results+=("$ours,$capture,$theirs,$limit")
+    # What the attention kernel costs beyond the two products the limit counts for it.
+    attention=$("$SAE_PYTHON" scripts/bench_attention.py --threads "$THREADS" --dtype "$dtype" --blocks 16 2>/dev/null | tail -1)
+    kernel_ratio=$(echo "$attention" | last_field kernel_over_products)
+    excess=$(echo "$attention" | last_field excess_s_per_token)
+    echo "round $round ($dtype): ours forward $ours, ours capture $capture, transformers stopped $theirs, matrix products alone $limit tokens/s; attention kernel ${kernel_ratio}x its products"
+    results+=("$ours,$capture,$theirs,$limit,$kernel_ratio,$excess")
   done
   python3 - "$dtype" "${results[@]}" <<'PY'
 import statistics, sys
@@ -69,10 +73,14 @@ dtype, rows = sys.argv[1], [tuple(map(float, r.split(","))) for r in sys.argv[2:
 def show(name, xs, pct=False):
     fmt = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.2f}x")
     print(f"{name + ' (' + dtype + ')':<64} median {fmt(statistics.median(xs))}  (rounds: {', '.join(fmt(x) for x in xs)})")
-show("capture / transformers stopped at blocks.15", [c / t for _, c, t, _ in rows])
-show("our forward to blocks.15 / transformers stopped there", [o / t for o, _, t, _ in rows])
-show("our forward to blocks.15, share of the matrix-product limit", [o / m for o, _, _, m in rows], pct=True)
-show("transformers stopped, share of the matrix-product limit", [t / m for _, _, t, m in rows], pct=True)
+show("capture / transformers stopped at blocks.15", [c / t for _, c, t, *_ in rows])
+show("our forward to blocks.15 / transformers stopped there", [o / t for o, _, t, *_ in rows])
+show("our forward to blocks.15, share of the matrix-product limit", [o / m for o, _, _, m, *_ in rows], pct=True)
+show("transformers stopped, share of the matrix-product limit", [t / m for _, _, t, m, *_ in rows], pct=True)
+show("attention kernel (SDPA) / its two matrix products", [r for *_, r, _ in rows])
+# The kernel's time beyond its products, per token, over our forward's time per token beyond the limit's.
+show("attention kernel's excess, share of our gap to the limit",
+     [x / (1 / o - 1 / m) if o < m else float("nan") for o, _, _, m, _, x in rows], pct=True)
 PY
 done
 fi
