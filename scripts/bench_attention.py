@@ -9,25 +9,20 @@ costs beyond the products that bench_matmul.py counts in the limit. Prints one J
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--context-len", type=int, default=256)
-ap.add_argument("--batch-size", type=int, default=8)
-ap.add_argument("--d-model", type=int, default=576)
-ap.add_argument("--heads", type=int, default=9)
-ap.add_argument("--kv-heads", type=int, default=3)
-ap.add_argument("--blocks", type=int, default=16, help="blocks per forward, for the per-token figure")
-ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
-ap.add_argument("--rounds", type=int, default=20, help="best of this many calls")
-a = ap.parse_args()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shapes import parse, shape_args  # noqa: E402
 
-torch.set_num_threads(a.threads)
-dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+ap = argparse.ArgumentParser()
+shape_args(ap)  # --blocks: blocks per forward, for the per-token figure
+ap.add_argument("--rounds", type=int, default=20, help="best of this many calls")
+a, dtype = parse(ap)
 b, t, h, kvh = a.batch_size, a.context_len, a.heads, a.kv_heads
 hd = a.d_model // h
 group = h // kvh

@@ -11,26 +11,21 @@ JSON line: seconds and tokens/s of the products alone.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--tokens", type=int, default=8192)
-ap.add_argument("--context-len", type=int, default=256)
-ap.add_argument("--batch-size", type=int, default=8)
-ap.add_argument("--blocks", type=int, default=16)
-ap.add_argument("--d-model", type=int, default=576)
-ap.add_argument("--d-ff", type=int, default=1536)
-ap.add_argument("--heads", type=int, default=9)
-ap.add_argument("--kv-heads", type=int, default=3)
-ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
-ap.add_argument("--rounds", type=int, default=3, help="best of this many passes")
-a = ap.parse_args()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shapes import parse, shape_args  # noqa: E402
 
-torch.set_num_threads(a.threads)
-dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+ap = argparse.ArgumentParser()
+shape_args(ap)
+ap.add_argument("--tokens", type=int, default=8192)
+ap.add_argument("--d-ff", type=int, default=1536)
+ap.add_argument("--rounds", type=int, default=3, help="best of this many passes")
+a, dtype = parse(ap)
 hd = a.d_model // a.heads
 rows = a.batch_size * a.context_len
 w_qkv = torch.randn(a.d_model + 2 * a.kv_heads * hd, a.d_model, dtype=dtype)
