@@ -61,7 +61,7 @@ for dtype in ${BENCH_DTYPES:-f32 bf16}; do
     theirs=$("$SAE_PYTHON" scripts/bench_forward.py --gguf "$MODEL" --threads "$THREADS" --dtype "$dtype" --max-tokens "$TOKENS" --stop-at-block 15 2>/dev/null | last_field tokens_per_s)
     limit=$("$SAE_PYTHON" scripts/bench_matmul.py --threads "$THREADS" --dtype "$dtype" --tokens "$TOKENS" --blocks 16 2>/dev/null | last_field tokens_per_s)
     # What the attention kernel costs beyond the two products the limit counts for it.
-    attention=$("$SAE_PYTHON" scripts/bench_attention.py --threads "$THREADS" --dtype "$dtype" --blocks 16 2>/dev/null | tail -1)
+    attention=$("$SAE_PYTHON" scripts/bench_attention.py --threads "$THREADS" --dtype "$dtype" --blocks 16 2>/dev/null)
     kernel_ratio=$(echo "$attention" | last_field kernel_over_products)
     excess=$(echo "$attention" | last_field excess_s_per_token)
     echo "round $round ($dtype): ours forward $ours, ours capture $capture, transformers stopped $theirs, matrix products alone $limit tokens/s; attention kernel ${kernel_ratio}x its products"
